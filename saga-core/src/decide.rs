@@ -1,0 +1,431 @@
+//! `decide(definition, state, input) -> decision`: what a saga does next.
+//!
+//! Pure: no I/O. The clock reading and fresh ids come in through [`Env`]; whatever the decision
+//! depends on is written into its events, so replaying the log gives the same state.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::definition::{Definition, RawContext, StepKind};
+use crate::event::{Direction, Event};
+use crate::message::{Command, Outcome, Reply};
+use crate::state::{Current, ReplayError, SagaState, StepProgress};
+
+/// Something that happened to a saga, for the engine to act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The saga was just started: dispatch its first step.
+    Start,
+    /// A participant's result arrived.
+    Reply(Reply),
+    /// A durable timer came due.
+    Timer(Timer),
+}
+
+/// A durable timer's purpose. Its [`Timer::key`] is unique within a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Timer {
+    /// Dispatch `attempt` of a step once its backoff has passed.
+    Retry {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt to dispatch.
+        attempt: u32,
+    },
+    /// The attempt's time is up.
+    Timeout {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt that is timed.
+        attempt: u32,
+    },
+}
+
+impl Timer {
+    /// The timer's key within its saga, e.g. `retry:1:forward:2`.
+    pub fn key(&self) -> String {
+        match self {
+            Timer::Retry {
+                step,
+                direction,
+                attempt,
+            } => format!("retry:{step}:{direction}:{attempt}"),
+            Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            } => format!("timeout:{step}:{direction}:{attempt}"),
+        }
+    }
+}
+
+/// What the engine must do besides appending events, in the same transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Write this command to the outbox.
+    Dispatch(Command),
+    /// Set a durable timer.
+    SetTimer {
+        /// What it is for.
+        timer: Timer,
+        /// When it fires.
+        due_at: DateTime<Utc>,
+    },
+    /// Remove a pending timer that no longer matters.
+    CancelTimer(Timer),
+}
+
+/// Whether an input changed the saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The input was applied.
+    Applied,
+    /// A duplicate or stale input: acknowledge it and drop it.
+    Ignored(String),
+    /// The input names nothing the saga sent: dead-letter it with this reason.
+    Rejected(String),
+    /// The saga's definition version is not registered in this process: hand the input back
+    /// for a process that knows it. Never produced by [`decide`] itself.
+    Deferred(String),
+}
+
+/// The outcome of [`decide`]: events to append, effects to perform, and the verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Events to append, in order.
+    pub events: Vec<Event>,
+    /// Outbox rows and timers to write with them.
+    pub effects: Vec<Effect>,
+    /// Whether the input was applied.
+    pub verdict: Verdict,
+    /// The state after the events.
+    pub state: SagaState,
+}
+
+/// What [`decide`] needs from outside: the saga id, the time, and fresh ids.
+pub struct Env<'a> {
+    /// The saga instance.
+    pub saga_id: Uuid,
+    /// The current time, recorded in the events that need it.
+    pub now: DateTime<Utc>,
+    /// Makes a fresh, unpredictable command id.
+    pub new_id: &'a mut dyn FnMut() -> Uuid,
+}
+
+/// Decides what `input` does to a saga in `state`.
+///
+/// Returns an error only if the state and the definition disagree (see [`ReplayError`]).
+pub fn decide(
+    definition: &Definition,
+    state: &SagaState,
+    input: &Input,
+    env: &mut Env<'_>,
+) -> Result<Decision, ReplayError> {
+    let mut d = Decider {
+        definition,
+        state: state.clone(),
+        events: Vec::new(),
+        effects: Vec::new(),
+        env,
+    };
+    let verdict = match input {
+        Input::Start => d.start()?,
+        Input::Reply(reply) => d.reply(reply)?,
+        Input::Timer(timer) => d.timer(*timer)?,
+    };
+    Ok(Decision {
+        events: d.events,
+        effects: d.effects,
+        verdict,
+        state: d.state,
+    })
+}
+
+struct Decider<'d, 'e> {
+    definition: &'d Definition,
+    state: SagaState,
+    events: Vec<Event>,
+    effects: Vec<Effect>,
+    env: &'d mut Env<'e>,
+}
+
+impl Decider<'_, '_> {
+    fn emit(&mut self, event: Event) -> Result<(), ReplayError> {
+        self.state.apply(self.definition, &event)?;
+        self.events.push(event);
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<Verdict, ReplayError> {
+        if self.state.events > 1 {
+            return Ok(Verdict::Ignored("the saga has already started".into()));
+        }
+        self.dispatch(0, Direction::Forward, 1)?;
+        Ok(Verdict::Applied)
+    }
+
+    fn reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
+        let Some(sent) = self.state.sent.get(&reply.command_id).copied() else {
+            return Ok(Verdict::Rejected(format!(
+                "saga {} sent no command {}",
+                self.env.saga_id, reply.command_id
+            )));
+        };
+        if (sent.step, sent.direction, sent.attempt) != (reply.step, reply.direction, reply.attempt)
+        {
+            return Ok(Verdict::Rejected(format!(
+                "result for command {} names step {} {} attempt {}, but the command was step {} {} attempt {}",
+                reply.command_id,
+                reply.step,
+                reply.direction,
+                reply.attempt,
+                sent.step,
+                sent.direction,
+                sent.attempt
+            )));
+        }
+        let outstanding = self.state.current.and_then(|c| c.command_id);
+        if outstanding != Some(reply.command_id) {
+            return Ok(Verdict::Ignored(format!(
+                "duplicate or stale result for step {} {} attempt {}",
+                reply.step, reply.direction, reply.attempt
+            )));
+        }
+        let (step, direction, attempt) = (reply.step, reply.direction, reply.attempt);
+        if self.timeout_of(step).is_some() {
+            self.effects.push(Effect::CancelTimer(Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            }));
+        }
+        match &reply.outcome {
+            Outcome::Success { output } => {
+                self.emit(Event::Succeeded {
+                    step,
+                    direction,
+                    attempt,
+                    output: output.clone(),
+                })?;
+                self.after_success(step, direction)?;
+            }
+            Outcome::Failure { error, retryable } => {
+                self.emit(Event::Failed {
+                    step,
+                    direction,
+                    attempt,
+                    error: error.clone(),
+                    retryable: *retryable,
+                })?;
+                self.after_failure(step, direction, attempt, *retryable, error, reply.command_id)?;
+            }
+        }
+        Ok(Verdict::Applied)
+    }
+
+    fn timer(&mut self, timer: Timer) -> Result<Verdict, ReplayError> {
+        let current = self.state.current;
+        match timer {
+            Timer::Retry {
+                step,
+                direction,
+                attempt,
+            } => {
+                let due = Current {
+                    step,
+                    direction,
+                    attempt,
+                    command_id: None,
+                };
+                if current != Some(due) || !self.state.status.is_active() {
+                    return Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+                }
+                self.dispatch(step, direction, attempt)?;
+            }
+            Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            } => {
+                let Some(Current {
+                    command_id: Some(command_id),
+                    ..
+                }) = current.filter(|c| {
+                    (c.step, c.direction, c.attempt) == (step, direction, attempt)
+                })
+                else {
+                    return Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+                };
+                self.emit(Event::TimedOut {
+                    step,
+                    direction,
+                    attempt,
+                })?;
+                let timeout = self.timeout_of(step).unwrap_or_default();
+                let error = format!("attempt {attempt} timed out after {timeout:?}");
+                self.after_failure(step, direction, attempt, true, &error, command_id)?;
+            }
+        }
+        Ok(Verdict::Applied)
+    }
+
+    fn timeout_of(&self, step: u32) -> Option<std::time::Duration> {
+        self.definition.steps()[step as usize].timeout
+    }
+
+    fn dispatch(&mut self, step: u32, direction: Direction, attempt: u32) -> Result<(), ReplayError> {
+        let def = &self.definition.steps()[step as usize];
+        let action = match direction {
+            Direction::Forward => &def.action,
+            Direction::Compensation => def.compensation.as_ref().expect("checked by the caller"),
+        };
+        let ctx = RawContext {
+            definition: self.definition,
+            input: &self.state.input,
+            outputs: &self.state.outputs,
+        };
+        let payload = match action.build_input(&ctx) {
+            Ok(payload) => payload,
+            Err(e) => {
+                let error = format!("cannot build the input of step `{}`: {e}", def.name);
+                self.emit(Event::Failed {
+                    step,
+                    direction,
+                    attempt,
+                    error: error.clone(),
+                    retryable: false,
+                })?;
+                return self.failed_for_good(step, direction, error);
+            }
+        };
+        let command_id = (self.env.new_id)();
+        let command = Command {
+            command_id,
+            saga_id: self.env.saga_id,
+            saga: self.definition.name().to_owned(),
+            step,
+            step_name: def.name.clone(),
+            direction,
+            attempt,
+            service: action.service.clone(),
+            command: action.command.clone(),
+            idempotency_key: Command::idempotency_key_for(self.env.saga_id, step, direction),
+            timeout_ms: def.timeout.map(|t| t.as_millis() as u64),
+            payload: payload.clone(),
+        };
+        self.emit(Event::Dispatched {
+            step,
+            direction,
+            attempt,
+            command_id,
+            payload,
+        })?;
+        if let Some(timeout) = def.timeout {
+            self.effects.push(Effect::SetTimer {
+                timer: Timer::Timeout {
+                    step,
+                    direction,
+                    attempt,
+                },
+                due_at: self.env.now + timeout,
+            });
+        }
+        self.effects.push(Effect::Dispatch(command));
+        Ok(())
+    }
+
+    fn after_success(&mut self, step: u32, direction: Direction) -> Result<(), ReplayError> {
+        match direction {
+            Direction::Forward if (step as usize) + 1 < self.definition.steps().len() => {
+                self.dispatch(step + 1, Direction::Forward, 1)
+            }
+            Direction::Forward => self.emit(Event::Completed),
+            Direction::Compensation => self.compensate_below(step),
+        }
+    }
+
+    fn after_failure(
+        &mut self,
+        step: u32,
+        direction: Direction,
+        attempt: u32,
+        retryable: bool,
+        error: &str,
+        command_id: Uuid,
+    ) -> Result<(), ReplayError> {
+        let def = &self.definition.steps()[step as usize];
+        let (policy, unbounded) = match direction {
+            Direction::Forward => (&def.retry, def.kind == StepKind::Retriable),
+            Direction::Compensation => (&def.compensation_retry, false),
+        };
+        if retryable && (unbounded || attempt < policy.max_attempts) {
+            let delay = policy.delay(attempt, unit_draw(command_id));
+            let due_at = self.env.now + delay;
+            let next = attempt + 1;
+            self.emit(Event::RetryScheduled {
+                step,
+                direction,
+                attempt: next,
+                delay_ms: delay.as_millis() as u64,
+                due_at,
+            })?;
+            self.effects.push(Effect::SetTimer {
+                timer: Timer::Retry {
+                    step,
+                    direction,
+                    attempt: next,
+                },
+                due_at,
+            });
+            return Ok(());
+        }
+        let reason = if retryable {
+            format!("step `{}` {direction} failed after {attempt} attempts: {error}", def.name)
+        } else {
+            format!("step `{}` {direction} failed: {error}", def.name)
+        };
+        self.failed_for_good(step, direction, reason)
+    }
+
+    fn failed_for_good(&mut self, step: u32, direction: Direction, reason: String) -> Result<(), ReplayError> {
+        let kind = self.definition.steps()[step as usize].kind;
+        if direction == Direction::Compensation || kind == StepKind::Retriable {
+            return self.emit(Event::Stuck {
+                step,
+                direction,
+                reason,
+            });
+        }
+        self.emit(Event::CompensationStarted { step, reason })?;
+        // A step whose last attempt timed out may have been applied: it is compensated too.
+        self.compensate_below(step + 1)
+    }
+
+    /// Dispatches the compensation of the highest step below `bound` that needs undoing.
+    fn compensate_below(&mut self, bound: u32) -> Result<(), ReplayError> {
+        let next = (0..bound).rev().find(|&j| {
+            let i = j as usize;
+            matches!(
+                self.state.progress[i],
+                StepProgress::Succeeded | StepProgress::PossiblyApplied
+            ) && !self.state.compensated[i]
+                && self.definition.steps()[i].compensation.is_some()
+        });
+        match next {
+            Some(j) => self.dispatch(j, Direction::Compensation, 1),
+            None => self.emit(Event::Compensated),
+        }
+    }
+}
+
+/// A number in `0.0..1.0` drawn from a command id's random bits.
+fn unit_draw(id: Uuid) -> f64 {
+    let bits = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}

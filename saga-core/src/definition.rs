@@ -1,0 +1,243 @@
+//! Saga definitions: a named, versioned list of steps, built and validated in code.
+//!
+//! Names are part of your durable contract: a saga's name and version, its step names, and the
+//! service and command names of every action are written to the event log and to messages.
+//! Renaming one strands the instances that were started under the old name; publish a new
+//! version instead.
+
+mod builder;
+mod error;
+mod retry;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub use builder::{SagaBuilder, StepBuilder};
+pub use error::{DefinitionError, InputError};
+pub use retry::RetryPolicy;
+
+/// Where a step stands relative to the pivot, which decides what happens when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepKind {
+    /// May be undone by its compensation (the default). Stands before the pivot.
+    #[default]
+    Compensatable,
+    /// The point of no return: once it has succeeded the saga only goes forward.
+    Pivot,
+    /// Comes after the pivot; retried until it succeeds (a terminal failure parks the saga).
+    Retriable,
+}
+
+/// Builds a step's command payload from what the saga knows so far.
+pub(crate) type BuildFn = Arc<dyn Fn(&RawContext<'_>) -> Result<Value, InputError> + Send + Sync>;
+
+/// A command sent to a participant: which service runs it, its name, and how its input is made.
+#[derive(Clone)]
+pub struct Action {
+    /// The participant service (the routing key of its queue).
+    pub service: String,
+    /// The command's name, which selects the handler inside the service.
+    pub command: String,
+    pub(crate) build: BuildFn,
+}
+
+impl fmt::Debug for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Action")
+            .field("service", &self.service)
+            .field("command", &self.command)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One step of a definition, after validation.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The step's name, unique in its saga.
+    pub name: String,
+    /// Compensatable, pivot or retriable.
+    pub kind: StepKind,
+    /// The forward command.
+    pub action: Action,
+    /// The command that undoes the action, if any.
+    pub compensation: Option<Action>,
+    /// How the action is retried.
+    pub retry: RetryPolicy,
+    /// How the compensation is retried.
+    pub compensation_retry: RetryPolicy,
+    /// How long one attempt may take before it counts as failed.
+    pub timeout: Option<Duration>,
+}
+
+/// A validated definition with its types erased, as the engine and the registry hold it.
+#[derive(Debug)]
+pub struct Definition {
+    name: String,
+    version: u32,
+    steps: Vec<Step>,
+}
+
+impl Definition {
+    /// The saga's durable name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The definition's version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The steps, in order.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The position of the step with this name.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The services that this saga sends commands to, each once.
+    pub fn services(&self) -> Vec<&str> {
+        let mut services: Vec<&str> = self
+            .steps
+            .iter()
+            .flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref()))
+            .map(|a| a.service.as_str())
+            .collect();
+        services.sort_unstable();
+        services.dedup();
+        services
+    }
+}
+
+/// A validated saga definition whose input is `I`.
+///
+/// Cheap to clone. Build one with [`SagaDefinition::builder`].
+pub struct SagaDefinition<I> {
+    inner: Arc<Definition>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> Clone for SagaDefinition<I> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<I> fmt::Debug for SagaDefinition<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<I> SagaDefinition<I>
+where
+    I: serde::Serialize + DeserializeOwned + 'static,
+{
+    /// Starts a definition named `name` at `version`.
+    ///
+    /// ```
+    /// use saga_core::{SagaDefinition, StepContext};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order { sku: String, qty: u32 }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Reserved { reservation: String }
+    ///
+    /// let saga = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step("reserve", |s| {
+    ///         s.action("inventory", "reserve", |ctx: &StepContext<'_, Order>| {
+    ///             Ok(serde_json::json!({ "sku": ctx.input().sku, "qty": ctx.input().qty }))
+    ///         })
+    ///         .compensation("inventory", "release", |ctx| {
+    ///             Ok(ctx.output::<Reserved>("reserve")?.reservation)
+    ///         })
+    ///     })
+    ///     .step("ship", |s| s.pivot().action("shipping", "ship", |ctx| Ok(ctx.input().sku.clone())))
+    ///     .build()
+    ///     .expect("a valid definition");
+    /// assert_eq!(saga.definition().steps().len(), 2);
+    /// ```
+    pub fn builder(name: impl Into<String>, version: u32) -> SagaBuilder<I> {
+        SagaBuilder::new(name.into(), version)
+    }
+}
+
+impl<I> SagaDefinition<I> {
+    /// The erased definition, as registered with an orchestrator.
+    pub fn definition(&self) -> &Arc<Definition> {
+        &self.inner
+    }
+
+    /// The saga's durable name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The definition's version.
+    pub fn version(&self) -> u32 {
+        self.inner.version
+    }
+}
+
+/// What an input builder sees, with the types erased.
+pub(crate) struct RawContext<'a> {
+    pub(crate) definition: &'a Definition,
+    pub(crate) input: &'a Value,
+    pub(crate) outputs: &'a [Option<Value>],
+}
+
+/// What a step's input builder sees: the saga input and the outputs of earlier steps.
+pub struct StepContext<'a, I> {
+    input: &'a I,
+    raw: &'a RawContext<'a>,
+}
+
+impl<'a, I> StepContext<'a, I> {
+    pub(crate) fn new(input: &'a I, raw: &'a RawContext<'a>) -> Self {
+        Self { input, raw }
+    }
+
+    /// The saga's input.
+    pub fn input(&self) -> &I {
+        self.input
+    }
+
+    /// The output of step `step`, which must have succeeded.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, InputError> {
+        self.try_output(step)?
+            .ok_or_else(|| InputError::new(format!("step `{step}` has no output")))
+    }
+
+    /// The output of step `step`, or `None` if it has none (not run yet, or timed out).
+    pub fn try_output<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>, InputError> {
+        let index = self
+            .raw
+            .definition
+            .step_index(step)
+            .ok_or_else(|| InputError::new(format!("no step named `{step}`")))?;
+        match self.raw.outputs.get(index).and_then(Option::as_ref) {
+            Some(value) => serde_json::from_value(value.clone())
+                .map(Some)
+                .map_err(|e| InputError::new(format!("output of step `{step}`: {e}"))),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Action {
+    pub(crate) fn build_input(&self, ctx: &RawContext<'_>) -> Result<Value, InputError> {
+        (self.build)(ctx)
+    }
+}

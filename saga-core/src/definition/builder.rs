@@ -1,0 +1,345 @@
+//! The typed builder of saga definitions.
+
+use std::collections::HashSet;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    Action, BuildFn, Definition, DefinitionError, InputError, RawContext, RetryPolicy,
+    SagaDefinition, Step, StepContext, StepKind,
+};
+
+/// Builds a [`SagaDefinition`]; see [`SagaDefinition::builder`].
+pub struct SagaBuilder<I> {
+    name: String,
+    version: u32,
+    steps: Vec<StepBuilder<I>>,
+}
+
+impl<I> SagaBuilder<I>
+where
+    I: Serialize + DeserializeOwned + 'static,
+{
+    pub(super) fn new(name: String, version: u32) -> Self {
+        Self {
+            name,
+            version,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Appends a step named `name`, configured by `configure`.
+    pub fn step(
+        mut self,
+        name: impl Into<String>,
+        configure: impl FnOnce(StepBuilder<I>) -> StepBuilder<I>,
+    ) -> Self {
+        self.steps.push(configure(StepBuilder::new(name.into())));
+        self
+    }
+
+    /// Validates the definition; the error names the offending step.
+    pub fn build(self) -> Result<SagaDefinition<I>, DefinitionError> {
+        let saga = self.name;
+        if saga.trim().is_empty() {
+            return Err(DefinitionError::EmptyName);
+        }
+        if self.steps.is_empty() {
+            return Err(DefinitionError::NoSteps { saga });
+        }
+        let mut seen = HashSet::new();
+        let mut pivot: Option<String> = None;
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for (index, b) in self.steps.into_iter().enumerate() {
+            let step = b.name.clone();
+            if step.trim().is_empty() {
+                return Err(DefinitionError::EmptyStepName { saga, index });
+            }
+            if !seen.insert(step.clone()) {
+                return Err(DefinitionError::DuplicateStep { saga, step });
+            }
+            let Some(action) = b.action else {
+                return Err(DefinitionError::MissingAction { saga, step });
+            };
+            for (what, value) in [("service", &action.service), ("command", &action.command)]
+                .into_iter()
+                .chain(
+                    b.compensation
+                        .iter()
+                        .flat_map(|c| [("compensation service", &c.service), ("compensation command", &c.command)]),
+                )
+            {
+                if value.trim().is_empty() {
+                    return Err(DefinitionError::EmptyRoute { saga, step, what });
+                }
+            }
+            match (b.kind, &pivot) {
+                (StepKind::Pivot, Some(first)) => {
+                    let pivot = first.clone();
+                    return Err(DefinitionError::SecondPivot { saga, step, pivot });
+                }
+                (StepKind::Pivot, None) if b.compensation.is_some() => {
+                    return Err(DefinitionError::CompensatedPivot { saga, step });
+                }
+                (StepKind::Pivot, None) => pivot = Some(step.clone()),
+                (StepKind::Retriable, None) => {
+                    return Err(DefinitionError::RetriableBeforePivot { saga, step });
+                }
+                (StepKind::Retriable, Some(pivot)) if b.compensation.is_some() => {
+                    let pivot = pivot.clone();
+                    return Err(DefinitionError::CompensationAfterPivot { saga, step, pivot });
+                }
+                (StepKind::Compensatable, Some(pivot)) => {
+                    let pivot = pivot.clone();
+                    if b.compensation.is_some() {
+                        return Err(DefinitionError::CompensationAfterPivot { saga, step, pivot });
+                    }
+                    return Err(DefinitionError::CompensatableAfterPivot { saga, step, pivot });
+                }
+                _ => {}
+            }
+            for policy in [&b.retry, &b.compensation_retry] {
+                if let Err(reason) = policy.validate() {
+                    return Err(DefinitionError::InvalidRetry { saga, step, reason });
+                }
+            }
+            if b.timeout == Some(Duration::ZERO) {
+                return Err(DefinitionError::ZeroTimeout { saga, step });
+            }
+            let compensation_retry = b.compensation_retry;
+            steps.push(Step {
+                name: step,
+                kind: b.kind,
+                action,
+                compensation: b.compensation,
+                retry: b.retry,
+                compensation_retry,
+                timeout: b.timeout,
+            });
+        }
+        Ok(SagaDefinition {
+            inner: Arc::new(Definition {
+                name: saga,
+                version: self.version,
+                steps,
+            }),
+            _input: PhantomData,
+        })
+    }
+}
+
+/// Configures one step; see [`SagaBuilder::step`].
+pub struct StepBuilder<I> {
+    name: String,
+    kind: StepKind,
+    action: Option<Action>,
+    compensation: Option<Action>,
+    retry: RetryPolicy,
+    compensation_retry: RetryPolicy,
+    timeout: Option<Duration>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> StepBuilder<I>
+where
+    I: Serialize + DeserializeOwned + 'static,
+{
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            kind: StepKind::Compensatable,
+            action: None,
+            compensation: None,
+            retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::default(),
+            timeout: None,
+            _input: PhantomData,
+        }
+    }
+
+    /// The forward command: `command` on `service`, its input built by `input`.
+    pub fn action<C, F>(mut self, service: &str, command: &str, input: F) -> Self
+    where
+        C: Serialize,
+        F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
+    {
+        self.action = Some(typed_action(service, command, input));
+        self
+    }
+
+    /// The command that undoes the action. Its input builder also sees this step's output.
+    pub fn compensation<C, F>(mut self, service: &str, command: &str, input: F) -> Self
+    where
+        C: Serialize,
+        F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
+    {
+        self.compensation = Some(typed_action(service, command, input));
+        self
+    }
+
+    /// Marks this step as the pivot.
+    pub fn pivot(mut self) -> Self {
+        self.kind = StepKind::Pivot;
+        self
+    }
+
+    /// Marks this step as retriable: it comes after the pivot and is retried until it succeeds.
+    pub fn retriable(mut self) -> Self {
+        self.kind = StepKind::Retriable;
+        self
+    }
+
+    /// How the action is retried (and the compensation too, unless set apart).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy.clone();
+        self.retry = policy;
+        self
+    }
+
+    /// How the compensation is retried.
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// How long one attempt may take before it counts as a failed attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+fn typed_action<I, C, F>(service: &str, command: &str, input: F) -> Action
+where
+    I: DeserializeOwned + 'static,
+    C: Serialize,
+    F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
+{
+    let build: BuildFn = Arc::new(move |raw: &RawContext<'_>| {
+        let saga_input: I = serde_json::from_value(raw.input.clone())
+            .map_err(|e| InputError::new(format!("saga input: {e}")))?;
+        let payload = input(&StepContext::new(&saga_input, raw))?;
+        Ok(serde_json::to_value(payload)?)
+    });
+    Action {
+        service: service.to_owned(),
+        command: command.to_owned(),
+        build,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn noop(ctx: &StepContext<'_, Value>) -> Result<Value, InputError> {
+        Ok(ctx.input().clone())
+    }
+
+    fn err(builder: SagaBuilder<Value>) -> String {
+        builder.build().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_saga_is_rejected() {
+        assert_eq!(err(SagaDefinition::builder("order", 1)), "saga `order` has no steps");
+    }
+
+    #[test]
+    fn duplicate_step_is_named() {
+        let b = SagaDefinition::builder("order", 1)
+            .step("reserve", |s| s.action("inv", "reserve", noop))
+            .step("reserve", |s| s.action("inv", "reserve", noop));
+        assert_eq!(err(b), "saga `order`: step `reserve` is defined twice");
+    }
+
+    #[test]
+    fn missing_action_is_named() {
+        let b = SagaDefinition::builder("order", 1).step("charge", |s| s);
+        assert_eq!(err(b), "saga `order`: step `charge` has no action");
+    }
+
+    #[test]
+    fn compensation_after_pivot_is_named() {
+        let b = SagaDefinition::builder("order", 1)
+            .step("ship", |s| s.pivot().action("ship", "ship", noop))
+            .step("notify", |s| {
+                s.retriable()
+                    .action("mail", "send", noop)
+                    .compensation("mail", "unsend", noop)
+            });
+        assert_eq!(
+            err(b),
+            "saga `order`: step `notify` comes after the pivot `ship` and cannot have a compensation"
+        );
+    }
+
+    #[test]
+    fn retriable_before_pivot_is_named() {
+        let b = SagaDefinition::builder("order", 1)
+            .step("notify", |s| s.retriable().action("mail", "send", noop));
+        assert_eq!(err(b), "saga `order`: retriable step `notify` must come after a pivot step");
+    }
+
+    #[test]
+    fn plain_step_after_pivot_is_named() {
+        let b = SagaDefinition::builder("order", 1)
+            .step("ship", |s| s.pivot().action("ship", "ship", noop))
+            .step("bill", |s| s.action("pay", "bill", noop));
+        assert_eq!(
+            err(b),
+            "saga `order`: step `bill` comes after the pivot `ship` and must be retriable"
+        );
+    }
+
+    #[test]
+    fn second_pivot_and_compensated_pivot_are_named() {
+        let b = SagaDefinition::builder("order", 1)
+            .step("a", |s| s.pivot().action("x", "a", noop))
+            .step("b", |s| s.pivot().action("x", "b", noop));
+        assert_eq!(err(b), "saga `order`: step `b` is a second pivot (the pivot is `a`)");
+        let b = SagaDefinition::builder("order", 1)
+            .step("a", |s| s.pivot().action("x", "a", noop).compensation("x", "undo", noop));
+        assert_eq!(err(b), "saga `order`: pivot step `a` cannot have a compensation");
+    }
+
+    #[test]
+    fn bad_retry_and_timeout_are_named() {
+        let b = SagaDefinition::builder("order", 1).step("a", |s| {
+            s.action("x", "a", noop).retry(RetryPolicy {
+                max_attempts: 0,
+                ..RetryPolicy::default()
+            })
+        });
+        assert_eq!(
+            err(b),
+            "saga `order`: step `a` has an invalid retry policy: max_attempts must be at least 1"
+        );
+        let b = SagaDefinition::builder("order", 1)
+            .step("a", |s| s.action("x", "a", noop).timeout(Duration::ZERO));
+        assert_eq!(err(b), "saga `order`: step `a` has a zero timeout");
+        let b = SagaDefinition::builder("order", 1).step("a", |s| s.action("", "a", noop));
+        assert_eq!(err(b), "saga `order`: step `a` has an empty service");
+    }
+
+    #[test]
+    fn valid_definition_lists_services() {
+        let saga = SagaDefinition::builder("order", 2)
+            .step("reserve", |s| s.action("inventory", "reserve", noop).compensation("inventory", "release", noop))
+            .step("charge", |s| s.action("payment", "charge", noop))
+            .step("ship", |s| s.pivot().action("shipping", "ship", noop))
+            .step("notify", |s| s.retriable().action("mail", "send", noop))
+            .build()
+            .unwrap();
+        assert_eq!(saga.version(), 2);
+        assert_eq!(
+            saga.definition().services(),
+            vec!["inventory", "mail", "payment", "shipping"]
+        );
+    }
+}

@@ -1,0 +1,61 @@
+//! The crate's error type.
+
+use crate::state::ReplayError;
+use crate::transport::TransportError;
+
+/// What can go wrong in saga-core outside a step.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A database call failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Applying the migrations failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A saga's log disagrees with its definition.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// The message broker failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A value could not be turned into JSON or back.
+    #[error("serialization: {0}")]
+    Serialization(#[from] serde_json::Error),
+    /// The saga's definition is not registered in this process.
+    #[error("saga `{name}` v{version} is not registered in this process")]
+    UnknownDefinition {
+        /// The definition's name.
+        name: String,
+        /// The definition's version.
+        version: u32,
+    },
+    /// Invalid configuration, naming the setting.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed (a lost connection, a deadlock, a broker hiccup).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => {
+                    // serialization failure, deadlock, admin shutdown, cannot connect now
+                    matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "57P03" | "08006" | "08003"))
+                }
+                _ => false,
+            },
+            Error::Transport(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,171 @@
+//! The event vocabulary: every fact the log records about a saga.
+//!
+//! Events are stored as JSON, tagged by `type`; their shape is part of the durable contract.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Whether a command moves a step forward or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The step's action.
+    Forward,
+    /// The step's compensation.
+    Compensation,
+}
+
+impl Direction {
+    /// `forward` or `compensation`, as written in headers and keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Compensation => "compensation",
+        }
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Direction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "forward" => Ok(Direction::Forward),
+            "compensation" => Ok(Direction::Compensation),
+            other => Err(format!("unknown direction `{other}`")),
+        }
+    }
+}
+
+/// One fact in a saga's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The saga was started with this input.
+    Started {
+        /// The definition's name.
+        saga: String,
+        /// The definition's version.
+        version: u32,
+        /// The saga input, as JSON.
+        input: Value,
+        /// The business key that makes the start idempotent, if any.
+        business_key: Option<String>,
+    },
+    /// A command was written to the outbox.
+    Dispatched {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt, from 1.
+        attempt: u32,
+        /// The command's id; a result must carry it.
+        command_id: Uuid,
+        /// The command's input.
+        payload: Value,
+    },
+    /// The participant reported success.
+    Succeeded {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt.
+        attempt: u32,
+        /// The step's output.
+        output: Value,
+    },
+    /// The attempt failed: the participant said so, or its input could not be built.
+    Failed {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+    /// No result came within the step's timeout; the effect may have been applied.
+    TimedOut {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// Another attempt will be dispatched when the timer fires.
+    RetryScheduled {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt that will be dispatched.
+        attempt: u32,
+        /// The backoff chosen, in milliseconds.
+        delay_ms: u64,
+        /// When the attempt is due.
+        due_at: DateTime<Utc>,
+    },
+    /// A step failed for good; completed steps are undone from here.
+    CompensationStarted {
+        /// The step that failed.
+        step: u32,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Every step succeeded.
+    Completed,
+    /// Every compensation that had to run succeeded.
+    Compensated,
+    /// The saga cannot go on without an operator.
+    Stuck {
+        /// The step that could not finish.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The event's `type` tag, as stored in the log's `kind` column.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Started { .. } => "started",
+            Event::Dispatched { .. } => "dispatched",
+            Event::Succeeded { .. } => "succeeded",
+            Event::Failed { .. } => "failed",
+            Event::TimedOut { .. } => "timed_out",
+            Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::CompensationStarted { .. } => "compensation_started",
+            Event::Completed => "completed",
+            Event::Compensated => "compensated",
+            Event::Stuck { .. } => "stuck",
+        }
+    }
+}
+
+/// An event as read back from the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Position in the saga's log, from 1.
+    pub seq: i64,
+    /// When it was appended.
+    pub at: DateTime<Utc>,
+    /// The event.
+    pub event: Event,
+}

@@ -1,0 +1,307 @@
+//! The messages that cross the transport: commands to participants and their results.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::event::Direction;
+
+/// The version of the message schema this crate writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A command for a participant: run one step (or undo it) for one saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per attempt; the result must echo it.
+    pub command_id: Uuid,
+    /// The saga instance.
+    pub saga_id: Uuid,
+    /// The saga definition's name.
+    pub saga: String,
+    /// The step's position.
+    pub step: u32,
+    /// The step's name.
+    pub step_name: String,
+    /// Action or compensation.
+    pub direction: Direction,
+    /// The attempt, from 1.
+    pub attempt: u32,
+    /// The participant service.
+    pub service: String,
+    /// The command's name, which selects the handler.
+    pub command: String,
+    /// The same for every delivery and every retry of this step in this direction.
+    pub idempotency_key: String,
+    /// How long the orchestrator waits for this attempt, if it has a timeout.
+    pub timeout_ms: Option<u64>,
+    /// The command's input.
+    pub payload: Value,
+}
+
+impl Command {
+    /// The idempotency key of a step in a direction: `saga_id:step:direction`.
+    pub fn idempotency_key_for(saga_id: Uuid, step: u32, direction: Direction) -> String {
+        format!("{saga_id}:{step}:{direction}")
+    }
+}
+
+/// What a participant reports about a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The saga instance.
+    pub saga_id: Uuid,
+    /// The step's position.
+    pub step: u32,
+    /// Action or compensation.
+    pub direction: Direction,
+    /// The attempt.
+    pub attempt: u32,
+    /// The command this answers.
+    pub command_id: Uuid,
+    /// Success with an output, or a failure.
+    pub outcome: Outcome,
+}
+
+impl Reply {
+    /// The reply to `command` with `outcome`.
+    pub fn to(command: &Command, outcome: Outcome) -> Self {
+        Self {
+            saga_id: command.saga_id,
+            step: command.step,
+            direction: command.direction,
+            attempt: command.attempt,
+            command_id: command.command_id,
+            outcome,
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The step did its work.
+    Success {
+        /// The handler's output.
+        output: Value,
+    },
+    /// The step did not do its work.
+    Failure {
+        /// Why.
+        error: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+}
+
+/// Header names used on every message; their values are strings.
+pub mod headers {
+    /// The message's id.
+    pub const MESSAGE_ID: &str = "x-saga-message-id";
+    /// The saga instance.
+    pub const SAGA_ID: &str = "x-saga-id";
+    /// The step's position.
+    pub const STEP: &str = "x-saga-step";
+    /// `forward` or `compensation`.
+    pub const DIRECTION: &str = "x-saga-direction";
+    /// The attempt.
+    pub const ATTEMPT: &str = "x-saga-attempt";
+    /// The command id.
+    pub const COMMAND_ID: &str = "x-saga-command-id";
+    /// The command's name.
+    pub const COMMAND: &str = "x-saga-command";
+    /// The idempotency key.
+    pub const IDEMPOTENCY_KEY: &str = "x-saga-idempotency-key";
+    /// Always `application/json`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The message schema version.
+    pub const SCHEMA_VERSION: &str = "x-saga-schema-version";
+    /// Why a message was dead-lettered.
+    pub const REJECT_REASON: &str = "x-saga-reject-reason";
+}
+
+/// Where a message goes: a participant service's queue, or the orchestrators' results queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum Destination {
+    /// The queue of a participant service.
+    Service(String),
+    /// The orchestrators' shared results queue.
+    Results,
+}
+
+impl Destination {
+    /// A compact text form: `service:NAME` or `results`.
+    pub fn encode(&self) -> String {
+        match self {
+            Destination::Service(name) => format!("service:{name}"),
+            Destination::Results => "results".to_owned(),
+        }
+    }
+
+    /// Parses [`Destination::encode`]'s form.
+    pub fn decode(text: &str) -> Option<Self> {
+        match text {
+            "results" => Some(Destination::Results),
+            _ => text
+                .strip_prefix("service:")
+                .map(|name| Destination::Service(name.to_owned())),
+        }
+    }
+}
+
+/// A message as the transport carries it: headers and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Unique per message; used by the transport for confirms and tracing.
+    pub id: Uuid,
+    /// String headers (see [`headers`]).
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body.
+    pub body: Vec<u8>,
+}
+
+/// A message and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Where it goes.
+    pub destination: Destination,
+    /// What it carries.
+    pub message: Message,
+}
+
+/// A message that cannot be accepted; the reason goes into the dead-letter headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+fn common_headers(
+    id: Uuid,
+    saga_id: Uuid,
+    step: u32,
+    direction: Direction,
+    attempt: u32,
+    command_id: Uuid,
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (headers::MESSAGE_ID.to_owned(), id.to_string()),
+        (headers::SAGA_ID.to_owned(), saga_id.to_string()),
+        (headers::STEP.to_owned(), step.to_string()),
+        (headers::DIRECTION.to_owned(), direction.to_string()),
+        (headers::ATTEMPT.to_owned(), attempt.to_string()),
+        (headers::COMMAND_ID.to_owned(), command_id.to_string()),
+        (headers::CONTENT_TYPE.to_owned(), "application/json".to_owned()),
+        (headers::SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_string()),
+    ])
+}
+
+fn check_schema(message: &Message) -> Result<(), Malformed> {
+    match message.headers.get(headers::SCHEMA_VERSION) {
+        None => Ok(()),
+        Some(v) if *v == SCHEMA_VERSION.to_string() => Ok(()),
+        Some(v) => Err(Malformed(format!(
+            "unsupported schema version {v} (this build reads {SCHEMA_VERSION})"
+        ))),
+    }
+}
+
+impl Command {
+    /// The envelope that carries this command to its service.
+    pub fn to_envelope(&self) -> Envelope {
+        let id = self.command_id;
+        let mut headers = common_headers(
+            id,
+            self.saga_id,
+            self.step,
+            self.direction,
+            self.attempt,
+            self.command_id,
+        );
+        headers.insert(headers::COMMAND.to_owned(), self.command.clone());
+        headers.insert(headers::IDEMPOTENCY_KEY.to_owned(), self.idempotency_key.clone());
+        Envelope {
+            destination: Destination::Service(self.service.clone()),
+            message: Message {
+                id,
+                headers,
+                body: serde_json::to_vec(self).expect("a command serializes"),
+            },
+        }
+    }
+
+    /// Reads a command from a message, or says why it cannot.
+    pub fn from_message(message: &Message) -> Result<Self, Malformed> {
+        check_schema(message)?;
+        serde_json::from_slice(&message.body).map_err(|e| Malformed(format!("invalid command: {e}")))
+    }
+}
+
+impl Reply {
+    /// The envelope that carries this reply to the orchestrators.
+    pub fn to_envelope(&self) -> Envelope {
+        let id = Uuid::new_v4();
+        Envelope {
+            destination: Destination::Results,
+            message: Message {
+                id,
+                headers: common_headers(
+                    id,
+                    self.saga_id,
+                    self.step,
+                    self.direction,
+                    self.attempt,
+                    self.command_id,
+                ),
+                body: serde_json::to_vec(self).expect("a reply serializes"),
+            },
+        }
+    }
+
+    /// Reads a reply from a message, or says why it cannot.
+    pub fn from_message(message: &Message) -> Result<Self, Malformed> {
+        check_schema(message)?;
+        serde_json::from_slice(&message.body).map_err(|e| Malformed(format!("invalid result: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_round_trips_through_a_message() {
+        let command = Command {
+            command_id: Uuid::new_v4(),
+            saga_id: Uuid::new_v4(),
+            saga: "order".into(),
+            step: 1,
+            step_name: "charge".into(),
+            direction: Direction::Forward,
+            attempt: 2,
+            service: "payment".into(),
+            command: "charge".into(),
+            idempotency_key: "k".into(),
+            timeout_ms: Some(10),
+            payload: serde_json::json!({"amount": 5}),
+        };
+        let envelope = command.to_envelope();
+        assert_eq!(envelope.destination, Destination::Service("payment".into()));
+        assert_eq!(envelope.message.headers[headers::ATTEMPT], "2");
+        assert_eq!(Command::from_message(&envelope.message).unwrap(), command);
+    }
+
+    #[test]
+    fn unknown_schema_version_is_malformed() {
+        let mut message = Message {
+            id: Uuid::new_v4(),
+            headers: BTreeMap::new(),
+            body: b"{}".to_vec(),
+        };
+        message.headers.insert(headers::SCHEMA_VERSION.into(), "99".into());
+        let err = Reply::from_message(&message).unwrap_err();
+        assert!(err.0.contains("unsupported schema version 99"), "{err}");
+        assert_eq!(Destination::decode(&Destination::Service("a:b".into()).encode()), Some(Destination::Service("a:b".into())));
+    }
+}

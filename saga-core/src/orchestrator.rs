@@ -1,0 +1,328 @@
+//! The orchestrator: consumes results, fires timers, and relays the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::decide::{Input, Verdict};
+use crate::definition::SagaDefinition;
+use crate::error::Result;
+use crate::message::{Destination, Reply};
+use crate::registry::Registry;
+use crate::relay::{Relay, RelayConfig};
+use crate::store::{Applied, OutboxRecord, Store};
+use crate::transport::{Delivery, Transport};
+
+/// Drives saga instances: applies results and due timers to the log, and publishes commands.
+///
+/// Any number of orchestrators may share one database and one results queue.
+///
+/// ```no_run
+/// # async fn demo(def: saga_core::SagaDefinition<u32>) -> saga_core::Result<()> {
+/// use std::sync::Arc;
+/// use saga_core::{InProcessTransport, MemoryStore, Orchestrator};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let orchestrator = Orchestrator::builder(Arc::new(MemoryStore::new()), Arc::new(InProcessTransport::new()))
+///     .register(&def)
+///     .build();
+/// orchestrator.run(CancellationToken::new()).await?;
+/// # Ok(()) }
+/// ```
+pub struct Orchestrator {
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    registry: Registry,
+    config: OrchestratorConfig,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tuning of an [`Orchestrator`].
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// Most results applied in one transaction.
+    pub batch_size: usize,
+    /// How often the outbox and timers are polled when nothing wakes them.
+    pub poll_interval: Duration,
+    /// How long outbox rows claimed by the poller stay claimed.
+    pub outbox_lease: Duration,
+    /// How long to wait before handing back a result this process cannot apply.
+    pub defer_delay: Duration,
+}
+
+impl OrchestratorConfig {
+    /// Default batch size.
+    pub const DEFAULT_BATCH_SIZE: usize = 128;
+    /// Default poll interval.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+    /// Default outbox lease for polled rows.
+    pub const DEFAULT_OUTBOX_LEASE: Duration = Duration::from_secs(10);
+    /// Default delay before handing back a deferred result.
+    pub const DEFAULT_DEFER_DELAY: Duration = Duration::from_secs(1);
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            outbox_lease: Self::DEFAULT_OUTBOX_LEASE,
+            defer_delay: Self::DEFAULT_DEFER_DELAY,
+        }
+    }
+}
+
+/// Builds an [`Orchestrator`].
+pub struct OrchestratorBuilder {
+    inner: Orchestrator,
+}
+
+impl std::fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl OrchestratorBuilder {
+    /// Registers a definition this orchestrator can run.
+    pub fn register<I>(mut self, definition: &SagaDefinition<I>) -> Self {
+        self.inner.registry.register(definition);
+        self
+    }
+
+    /// Replaces the registry.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.inner.registry = registry;
+        self
+    }
+
+    /// Replaces the tuning.
+    pub fn config(mut self, config: OrchestratorConfig) -> Self {
+        self.inner.config = config;
+        self
+    }
+
+    /// Builds the orchestrator; no I/O.
+    pub fn build(self) -> Orchestrator {
+        self.inner
+    }
+}
+
+impl Orchestrator {
+    /// Starts building an orchestrator on `store` and `transport`.
+    pub fn builder(store: Arc<dyn Store>, transport: Arc<dyn Transport>) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            inner: Orchestrator {
+                store,
+                transport,
+                registry: Registry::new(),
+                config: OrchestratorConfig::default(),
+            },
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled: stops consuming, publishes what is committed, and
+    /// returns. Fails only if the queues cannot be declared or consumed at start.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let mut sources = vec![Destination::Results];
+        sources.extend(self.registry.services().into_iter().map(Destination::Service));
+        self.transport.declare(&sources).await?;
+        let results = self.transport.consume(&Destination::Results).await?;
+        info!(sagas = self.registry.iter().count(), "orchestrator running");
+
+        let (relay_tx, relay_rx) = mpsc::unbounded_channel();
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let tracker = TaskTracker::new();
+        let relay = Relay {
+            store: Arc::clone(&self.store),
+            transport: Arc::clone(&self.transport),
+            registry: self.registry.clone(),
+            config: RelayConfig {
+                poll_interval: self.config.poll_interval,
+                batch: self.config.batch_size,
+                lease: self.config.outbox_lease,
+            },
+        };
+        // The relay stops after the loops that feed it, so what they committed is published.
+        let relay_stop = CancellationToken::new();
+        tracker.spawn(relay.run(relay_rx, relay_stop.clone()));
+        let engine = Arc::new(Engine {
+            store: self.store,
+            registry: self.registry,
+            config: self.config,
+            relay: relay_tx,
+            wake: wake_tx,
+        });
+        let feeders = TaskTracker::new();
+        feeders.spawn(Arc::clone(&engine).consume(results, shutdown.clone()));
+        feeders.spawn(Arc::clone(&engine).fire_timers(wake_rx, shutdown.clone()));
+        feeders.close();
+        feeders.wait().await;
+        drop(engine);
+        relay_stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        info!("orchestrator stopped");
+        Ok(())
+    }
+}
+
+const BLOCKED_TIMER_RETRY: Duration = Duration::from_millis(50);
+
+struct Engine {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    config: OrchestratorConfig,
+    relay: mpsc::UnboundedSender<Vec<OutboxRecord>>,
+    wake: mpsc::UnboundedSender<DateTime<Utc>>,
+}
+
+impl Engine {
+    fn hand_over(&self, applied: &mut [Applied]) {
+        let mut records = Vec::new();
+        for a in applied.iter_mut() {
+            records.append(&mut a.outbox);
+            if let Some(at) = a.wake_at {
+                let _ = self.wake.send(at);
+            }
+        }
+        if !records.is_empty() {
+            let _ = self.relay.send(records);
+        }
+    }
+
+    /// Applies results in batches: one transaction per batch, acks after the commit.
+    async fn consume(
+        self: Arc<Self>,
+        results: futures_util::stream::BoxStream<'static, Delivery>,
+        shutdown: CancellationToken,
+    ) {
+        let mut chunks = results.ready_chunks(self.config.batch_size);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                chunk = chunks.next() => match chunk {
+                    Some(chunk) => chunk,
+                    None => break,
+                },
+            };
+            self.apply_results(chunk).await;
+        }
+    }
+
+    async fn apply_results(&self, chunk: Vec<Delivery>) {
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        let mut batch = Vec::with_capacity(chunk.len());
+        for delivery in chunk {
+            match Reply::from_message(&delivery.message) {
+                Ok(reply) => {
+                    batch.push((reply.saga_id, Input::Reply(reply)));
+                    deliveries.push(delivery);
+                }
+                Err(malformed) => {
+                    warn!(reason = %malformed, "dead-lettering a malformed result");
+                    if let Err(e) = delivery.dead_letter(&malformed.0).await {
+                        warn!(error = %e, "dead-lettering failed");
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let mut applied = match self.store.apply(&self.registry, batch.clone()).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                // Nothing was committed; the results go back to the queue and come again.
+                error!(error = %e, count = deliveries.len(), "applying results failed; handing them back");
+                for delivery in deliveries {
+                    let _ = delivery.requeue().await;
+                }
+                if e.is_transient() {
+                    tokio::time::sleep(self.config.defer_delay).await;
+                }
+                return;
+            }
+        };
+        self.hand_over(&mut applied);
+        for ((delivery, (saga_id, _)), a) in deliveries.into_iter().zip(&batch).zip(applied) {
+            let settled = match a.verdict {
+                Verdict::Applied => delivery.ack().await,
+                Verdict::Ignored(reason) => {
+                    info!(saga.id = %saga_id, %reason, "dropping a result");
+                    delivery.ack().await
+                }
+                Verdict::Rejected(reason) => {
+                    warn!(saga.id = %saga_id, %reason, "dead-lettering a result");
+                    delivery.dead_letter(&reason).await
+                }
+                Verdict::Deferred(reason) => {
+                    error!(saga.id = %saga_id, %reason, "cannot apply a result here; handing it back");
+                    let delay = self.config.defer_delay;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = delivery.requeue().await;
+                    });
+                    Ok(())
+                }
+            };
+            if let Err(e) = settled {
+                warn!(saga.id = %saga_id, error = %e, "settling a result failed; it will be redelivered");
+            }
+        }
+    }
+
+    /// Fires due timers; sleeps until the next one is due, a new one is set, or the poll.
+    async fn fire_timers(
+        self: Arc<Self>,
+        mut wake: mpsc::UnboundedReceiver<DateTime<Utc>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let mut next = Utc::now() + self.config.poll_interval;
+            match self.store.fire_due_timers(&self.registry, self.config.batch_size).await {
+                Ok(mut applied) => {
+                    let fired = applied.len();
+                    self.hand_over(&mut applied);
+                    if fired > 0 {
+                        debug!(fired, "fired timers");
+                        continue;
+                    }
+                    match self.store.next_timer_due().await {
+                        // A due timer that did not fire is held by another process (or its
+                        // definition is unknown here): look again shortly, not in a busy loop.
+                        Ok(Some(due)) => next = next.min(due.max(Utc::now() + BLOCKED_TIMER_RETRY)),
+                        Ok(None) => {}
+                        Err(e) => warn!(error = %e, "reading the next timer failed"),
+                    }
+                }
+                Err(e) => warn!(error = %e, "firing timers failed"),
+            }
+            loop {
+                let sleep = (next - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(sleep) => break,
+                    Some(at) = wake.recv() => {
+                        if at < next {
+                            next = at;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The outbox relay: publishes committed outbox rows, then deletes them.
+//!
+//! Rows come two ways: handed over in memory right after the commit that wrote them (fast
+//! path), and claimed by a poller once their lease has lapsed or when nobody holds them (rows
+//! written by `start`, or left behind by a crash). A row is deleted only after the broker
+//! confirmed it, so every logged command is published at least once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::decide::Input;
+use crate::error::Result;
+use crate::message::{Command, Envelope, Outcome, Reply};
+use crate::registry::Registry;
+use crate::store::{OutboxRecord, Store};
+use crate::transport::{PublishError, Transport};
+
+/// Settings of the relay.
+#[derive(Debug, Clone)]
+pub(crate) struct RelayConfig {
+    pub(crate) poll_interval: Duration,
+    pub(crate) batch: usize,
+    pub(crate) lease: Duration,
+}
+
+pub(crate) struct Relay {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) registry: Registry,
+    pub(crate) config: RelayConfig,
+}
+
+impl Relay {
+    /// Runs until `shutdown`; then publishes what was already handed over and returns.
+    pub(crate) async fn run(
+        self,
+        mut handed: mpsc::UnboundedReceiver<Vec<OutboxRecord>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut notifications = match self.store.outbox_notifications().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(error = %e, "outbox notifications unavailable; relying on polling");
+                futures_util::stream::pending().boxed()
+            }
+        };
+        let mut poll = tokio::time::interval(self.config.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                records = handed.recv() => match records {
+                    Some(mut records) => {
+                        while let Ok(more) = handed.try_recv() {
+                            records.extend(more);
+                        }
+                        self.publish(records).await;
+                    }
+                    None => break,
+                },
+                _ = shutdown.cancelled() => break,
+                Some(()) = notifications.next() => self.poll().await,
+                _ = poll.tick() => self.poll().await,
+            }
+        }
+        handed.close();
+        while let Some(records) = handed.recv().await {
+            self.publish(records).await;
+        }
+    }
+
+    /// Publishes rows that nobody holds, until none are left.
+    async fn poll(&self) {
+        loop {
+            match self
+                .store
+                .claim_outbox(self.config.batch, self.config.lease)
+                .await
+            {
+                Ok(records) if records.is_empty() => return,
+                Ok(records) => {
+                    debug!(count = records.len(), "publishing unclaimed outbox rows");
+                    let full = records.len() == self.config.batch;
+                    self.publish(records).await;
+                    if !full {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "claiming outbox rows failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes `records`; deletes those confirmed, fails the steps of unroutable commands,
+    /// and leaves the rest for the poller once their lease lapses.
+    pub(crate) async fn publish(&self, records: Vec<OutboxRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let ids: HashMap<uuid::Uuid, i64> = records
+            .iter()
+            .map(|r| (r.envelope.message.id, r.id))
+            .collect();
+        let envelopes: Vec<Envelope> = records.into_iter().map(|r| r.envelope).collect();
+        let (done, unroutable) = match self.transport.publish(envelopes.clone()).await {
+            Ok(()) => (envelopes, Vec::new()),
+            Err(PublishError::Unroutable(unroutable)) => {
+                let bad: Vec<_> = unroutable.iter().map(|e| e.message.id).collect();
+                let done = envelopes
+                    .into_iter()
+                    .filter(|e| !bad.contains(&e.message.id))
+                    .collect();
+                (done, unroutable)
+            }
+            Err(PublishError::NotConfirmed {
+                reason,
+                envelopes: unconfirmed,
+                unroutable,
+            }) => {
+                warn!(%reason, count = unconfirmed.len(), "publish not confirmed; the poller will retry");
+                let pending: Vec<_> = unconfirmed
+                    .iter()
+                    .chain(&unroutable)
+                    .map(|e| e.message.id)
+                    .collect();
+                let done = envelopes
+                    .into_iter()
+                    .filter(|e| !pending.contains(&e.message.id))
+                    .collect();
+                (done, unroutable)
+            }
+        };
+        let mut confirmed: Vec<i64> = done.iter().map(|e| ids[&e.message.id]).collect();
+        if !unroutable.is_empty() {
+            match self.fail_unroutable(&unroutable).await {
+                Ok(()) => confirmed.extend(unroutable.iter().map(|e| ids[&e.message.id])),
+                Err(e) => warn!(error = %e, "failing unroutable commands failed; will retry"),
+            }
+        }
+        if let Err(e) = self.store.delete_outbox(&confirmed).await {
+            // The rows are published; if they are published again, the results are duplicates.
+            warn!(error = %e, "deleting published outbox rows failed");
+        }
+    }
+
+    /// An unroutable command fails its step for good: no queue means no participant.
+    async fn fail_unroutable(&self, unroutable: &[Envelope]) -> Result<()> {
+        let mut batch = Vec::with_capacity(unroutable.len());
+        for envelope in unroutable {
+            let Ok(command) = Command::from_message(&envelope.message) else {
+                warn!(destination = %envelope.destination.encode(), "dropping an unroutable non-command message");
+                continue;
+            };
+            let error = format!(
+                "no queue is bound for service `{}`; command `{}` cannot be delivered",
+                command.service, command.command
+            );
+            warn!(saga.id = %command.saga_id, step = command.step, %error, "unroutable command");
+            let reply = Reply::to(
+                &command,
+                Outcome::Failure {
+                    error,
+                    retryable: false,
+                },
+            );
+            batch.push((command.saga_id, Input::Reply(reply)));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let applied = self.store.apply(&self.registry, batch).await?;
+        let follow_up: Vec<OutboxRecord> = applied.into_iter().flat_map(|a| a.outbox).collect();
+        Box::pin(self.publish(follow_up)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! The seam to durable storage: the event log, instances, the outbox and timers.
+//!
+//! [`PgStore`] keeps them in PostgreSQL; [`MemoryStore`] keeps them in memory for tests and the
+//! embedded mode. Both decide through the same pure core (`replay` + `decide`).
+
+mod memory;
+mod pg;
+mod transition;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::decide::{Input, Verdict};
+use crate::definition::Definition;
+use crate::error::Result;
+use crate::event::RecordedEvent;
+use crate::message::Envelope;
+use crate::registry::Registry;
+use crate::state::SagaStatus;
+
+pub use memory::MemoryStore;
+pub use pg::{PgStore, PgStoreBuilder};
+
+/// A committed outbox row, ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// The row's id, to delete it once published.
+    pub id: i64,
+    /// What to publish.
+    pub envelope: Envelope,
+}
+
+/// What applying one input did, after the commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// Whether the input was applied, ignored, rejected or deferred.
+    pub verdict: Verdict,
+    /// The outbox rows written, claimed by the caller for publishing.
+    pub outbox: Vec<OutboxRecord>,
+    /// The earliest timer set, if any, so the timer loop can wake in time.
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// What starting a saga did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The saga's id.
+    pub saga_id: Uuid,
+    /// False when a saga with the same business key already existed (its id is returned).
+    pub created: bool,
+}
+
+/// One saga instance, without its log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaSummary {
+    /// The saga's id.
+    pub id: Uuid,
+    /// The definition's name.
+    pub saga: String,
+    /// The definition's version.
+    pub version: u32,
+    /// Where it stands.
+    pub status: SagaStatus,
+    /// Its business key, if any.
+    pub business_key: Option<String>,
+    /// Why it compensated or got stuck, if it did.
+    pub reason: Option<String>,
+    /// When it started.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A request to start a saga.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// The definition to run.
+    pub definition: Arc<Definition>,
+    /// The saga input, as JSON.
+    pub input: Value,
+    /// Makes the start idempotent: the same key (for the same saga name) gives the same id.
+    pub business_key: Option<String>,
+}
+
+/// Durable storage of sagas.
+///
+/// Every method that changes a saga does so in one transaction: it locks the instance, replays
+/// its log, decides, and appends events, outbox rows and timers together.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates the instance, appends `started`, and dispatches the first step.
+    async fn start(&self, request: StartRequest) -> Result<Started>;
+
+    /// Applies a batch of inputs in one transaction; returns one [`Applied`] per input, in order.
+    async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>>;
+
+    /// Claims up to `limit` due timers (skipping those another process holds) and applies them.
+    async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>>;
+
+    /// When the earliest pending timer is due.
+    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>>;
+
+    /// Claims up to `limit` outbox rows that nobody holds, for `lease`.
+    async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>>;
+
+    /// Deletes published outbox rows.
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<()>;
+
+    /// A stream that yields when new outbox rows may have been committed by someone else.
+    async fn outbox_notifications(&self) -> Result<BoxStream<'static, ()>>;
+
+    /// One saga, without its log.
+    async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>>;
+
+    /// A saga's whole log.
+    async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>>;
+
+    /// How many sagas are in each status (statuses with none are left out).
+    async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;
+}

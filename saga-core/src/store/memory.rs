@@ -1,0 +1,345 @@
+//! A store in memory, for tests and the embedded mode. Nothing survives the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::transition::{Loaded, Writes, apply_input};
+use super::{Applied, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use crate::decide::{Input, Timer, Verdict};
+use crate::error::Result;
+use crate::event::{Event, RecordedEvent};
+use crate::message::Envelope;
+use crate::registry::Registry;
+use crate::state::{SagaState, SagaStatus, replay};
+
+struct Instance {
+    summary: SagaSummary,
+    events: Vec<RecordedEvent>,
+}
+
+struct PendingTimer {
+    timer: Timer,
+    due_at: DateTime<Utc>,
+}
+
+#[derive(Default)]
+struct Inner {
+    instances: HashMap<Uuid, Instance>,
+    keys: HashMap<(String, String), Uuid>,
+    outbox: BTreeMap<i64, (Envelope, DateTime<Utc>)>,
+    next_outbox_id: i64,
+    timers: BTreeMap<(Uuid, String), PendingTimer>,
+}
+
+/// Sagas kept in memory, with the same semantics as [`PgStore`](super::PgStore) within one
+/// process. Clones share the same data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+    outbox_signal: Arc<watch::Sender<u64>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            outbox_signal: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("memory store lock")
+    }
+}
+
+impl Inner {
+    fn load(&self, registry: &Registry, saga_id: Uuid) -> Result<std::result::Result<(Arc<crate::Definition>, Loaded), Verdict>> {
+        let Some(instance) = self.instances.get(&saga_id) else {
+            return Ok(Err(Verdict::Rejected(format!("unknown saga {saga_id}"))));
+        };
+        let s = &instance.summary;
+        let Some(definition) = registry.get(&s.saga, s.version) else {
+            return Ok(Err(Verdict::Deferred(format!(
+                "saga `{}` v{} is not registered in this process",
+                s.saga, s.version
+            ))));
+        };
+        let state = replay(definition, instance.events.iter().map(|e| &e.event))?;
+        Ok(Ok((
+            Arc::clone(definition),
+            Loaded {
+                state,
+                last_seq: instance.events.len() as i64,
+            },
+        )))
+    }
+
+    /// Applies inputs under the lock; all or nothing, like a transaction.
+    fn apply(&mut self, registry: &Registry, batch: &[(Uuid, Input)], now: DateTime<Utc>) -> Result<Vec<Applied>> {
+        let mut writes = Writes::default();
+        let mut loaded: HashMap<Uuid, (Arc<crate::Definition>, Loaded)> = HashMap::new();
+        let mut decided = Vec::with_capacity(batch.len());
+        for (saga_id, input) in batch {
+            if !loaded.contains_key(saga_id) {
+                match self.load(registry, *saga_id)? {
+                    Ok(entry) => {
+                        loaded.insert(*saga_id, entry);
+                    }
+                    Err(verdict) => {
+                        decided.push(Err(verdict));
+                        continue;
+                    }
+                }
+            }
+            let (definition, saga) = loaded.get_mut(saga_id).expect("loaded above");
+            decided.push(Ok(apply_input(definition, *saga_id, saga, input, now, &mut writes)?));
+        }
+        Ok(self.write(writes, decided, now))
+    }
+
+    fn write(
+        &mut self,
+        writes: Writes,
+        decided: Vec<std::result::Result<super::transition::Decided, Verdict>>,
+        now: DateTime<Utc>,
+    ) -> Vec<Applied> {
+        for row in writes.events {
+            let instance = self.instances.get_mut(&row.saga_id).expect("locked instance");
+            instance.events.push(RecordedEvent {
+                seq: row.seq,
+                at: row.at,
+                event: row.event,
+            });
+        }
+        for (saga_id, update) in writes.instances {
+            let summary = &mut self.instances.get_mut(&saga_id).expect("locked instance").summary;
+            summary.status = update.status;
+            summary.reason = update.reason;
+            summary.updated_at = now;
+        }
+        for (saga_id, key) in writes.timers_cancelled {
+            self.timers.remove(&(saga_id, key));
+        }
+        for row in writes.timers_set {
+            self.timers.insert(
+                (row.saga_id, row.timer.key()),
+                PendingTimer {
+                    timer: row.timer,
+                    due_at: row.due_at,
+                },
+            );
+        }
+        let claimed_until = now + Duration::from_secs(3600);
+        let ids: Vec<i64> = writes
+            .outbox
+            .into_iter()
+            .map(|(_, envelope)| {
+                self.next_outbox_id += 1;
+                self.outbox.insert(self.next_outbox_id, (envelope, claimed_until));
+                self.next_outbox_id
+            })
+            .collect();
+        decided
+            .into_iter()
+            .map(|d| match d {
+                Err(verdict) => Applied {
+                    verdict,
+                    outbox: Vec::new(),
+                    wake_at: None,
+                },
+                Ok(d) => Applied {
+                    verdict: d.verdict,
+                    outbox: d
+                        .outbox
+                        .into_iter()
+                        .map(|i| OutboxRecord {
+                            id: ids[i],
+                            envelope: self.outbox[&ids[i]].0.clone(),
+                        })
+                        .collect(),
+                    wake_at: d.wake_at,
+                },
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn start(&self, request: StartRequest) -> Result<Started> {
+        let now = Utc::now();
+        let definition = request.definition;
+        let name = definition.name().to_owned();
+        let mut inner = self.lock();
+        if let Some(key) = &request.business_key {
+            if let Some(id) = inner.keys.get(&(name.clone(), key.clone())) {
+                return Ok(Started {
+                    saga_id: *id,
+                    created: false,
+                });
+            }
+        }
+        let saga_id = Uuid::now_v7();
+        let started = Event::Started {
+            saga: name.clone(),
+            version: definition.version(),
+            input: request.input,
+            business_key: request.business_key.clone(),
+        };
+        let state: SagaState = replay(&definition, [&started])?;
+        inner.instances.insert(
+            saga_id,
+            Instance {
+                summary: SagaSummary {
+                    id: saga_id,
+                    saga: name.clone(),
+                    version: definition.version(),
+                    status: state.status,
+                    business_key: request.business_key.clone(),
+                    reason: None,
+                    created_at: now,
+                    updated_at: now,
+                },
+                events: vec![RecordedEvent {
+                    seq: 1,
+                    at: now,
+                    event: started,
+                }],
+            },
+        );
+        if let Some(key) = request.business_key {
+            inner.keys.insert((name, key), saga_id);
+        }
+        let mut registry = Registry::new();
+        registry.insert(definition);
+        let applied = inner.apply(&registry, &[(saga_id, Input::Start)], now)?;
+        // Rows written by a start are left for the relay's poller, as with PostgreSQL.
+        for record in applied.iter().flat_map(|a| &a.outbox) {
+            if let Some(row) = inner.outbox.get_mut(&record.id) {
+                row.1 = now;
+            }
+        }
+        drop(inner);
+        self.outbox_signal.send_modify(|n| *n += 1);
+        Ok(Started {
+            saga_id,
+            created: true,
+        })
+    }
+
+    async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
+        self.lock().apply(registry, &batch, Utc::now())
+    }
+
+    async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
+        let now = Utc::now();
+        let mut inner = self.lock();
+        let mut due: Vec<(DateTime<Utc>, Uuid, String, Timer)> = inner
+            .timers
+            .iter()
+            .filter(|((saga_id, _), t)| {
+                let known = inner.instances.get(saga_id).is_some_and(|i| {
+                    registry.get(&i.summary.saga, i.summary.version).is_some()
+                });
+                t.due_at <= now && known
+            })
+            .map(|((saga_id, key), t)| (t.due_at, *saga_id, key.clone(), t.timer))
+            .collect();
+        due.sort_by_key(|(due_at, ..)| *due_at);
+        due.truncate(limit);
+        let batch: Vec<(Uuid, Input)> = due
+            .iter()
+            .map(|(_, saga_id, _, timer)| (*saga_id, Input::Timer(*timer)))
+            .collect();
+        for (_, saga_id, key, _) in &due {
+            inner.timers.remove(&(*saga_id, key.clone()));
+        }
+        inner.apply(registry, &batch, now)
+    }
+
+    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(self.lock().timers.values().map(|t| t.due_at).min())
+    }
+
+    async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
+        let now = Utc::now();
+        let mut inner = self.lock();
+        let mut claimed = Vec::new();
+        for (id, (envelope, claimed_until)) in inner.outbox.iter_mut() {
+            if claimed.len() >= limit {
+                break;
+            }
+            if *claimed_until <= now {
+                *claimed_until = now + lease;
+                claimed.push(OutboxRecord {
+                    id: *id,
+                    envelope: envelope.clone(),
+                });
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.outbox.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn outbox_notifications(&self) -> Result<BoxStream<'static, ()>> {
+        let rx = self.outbox_signal.subscribe();
+        Ok(tokio_stream_from_watch(rx))
+    }
+
+    async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>> {
+        Ok(self.lock().instances.get(&saga_id).map(|i| i.summary.clone()))
+    }
+
+    async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {
+        Ok(self
+            .lock()
+            .instances
+            .get(&saga_id)
+            .map(|i| i.events.clone())
+            .unwrap_or_default())
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>> {
+        let mut counts = BTreeMap::new();
+        for instance in self.lock().instances.values() {
+            *counts.entry(instance.summary.status).or_default() += 1;
+        }
+        Ok(counts)
+    }
+}
+
+fn tokio_stream_from_watch(rx: watch::Receiver<u64>) -> BoxStream<'static, ()> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+    .boxed()
+}

@@ -1,0 +1,697 @@
+//! The PostgreSQL store: the durable event log, instances, outbox and timers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr, SqlStr};
+use uuid::Uuid;
+
+use super::transition::{Decided, Loaded, Writes, apply_input};
+use super::{Applied, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use crate::decide::{Input, Timer, Verdict};
+use crate::definition::Definition;
+use crate::error::{Error, Result};
+use crate::event::{Event, RecordedEvent};
+use crate::message::{Destination, Envelope, Message};
+use crate::registry::Registry;
+use crate::schema;
+use crate::state::{SagaState, SagaStatus, replay};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
+
+/// Sagas kept in PostgreSQL, in a schema of their own (default `saga`).
+///
+/// ```no_run
+/// # async fn demo() -> saga_core::Result<()> {
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await?;
+/// let store = saga_core::PgStore::builder(pool).schema("saga").build()?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    schema: String,
+    sql: Arc<Sql>,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`PgStore`].
+#[derive(Debug)]
+pub struct PgStoreBuilder {
+    pool: PgPool,
+    schema: String,
+    lease: Duration,
+}
+
+impl PgStoreBuilder {
+    /// The schema that holds the saga tables.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// How long outbox rows handed to this process's relay stay claimed before another
+    /// process's poller may publish them (after a crash, say).
+    pub fn outbox_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Checks the schema name and builds the store; no I/O.
+    pub fn build(self) -> Result<PgStore> {
+        let quoted = schema::quoted(&self.schema)?;
+        Ok(PgStore {
+            pool: self.pool,
+            sql: Arc::new(Sql::new(&quoted)),
+            schema: self.schema,
+            lease: self.lease,
+        })
+    }
+}
+
+impl PgStore {
+    /// The default schema.
+    pub const DEFAULT_SCHEMA: &'static str = "saga";
+    /// The default outbox lease.
+    pub const DEFAULT_OUTBOX_LEASE: Duration = Duration::from_secs(10);
+
+    /// Configures a store on `pool`.
+    pub fn builder(pool: PgPool) -> PgStoreBuilder {
+        PgStoreBuilder {
+            pool,
+            schema: Self::DEFAULT_SCHEMA.to_owned(),
+            lease: Self::DEFAULT_OUTBOX_LEASE,
+        }
+    }
+
+    /// Connects a pool of `max_connections` to `url` and builds a store in the default schema.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect(url)
+            .await?;
+        Self::builder(pool).build()
+    }
+
+    /// Creates or upgrades the saga tables in the configured schema.
+    pub async fn migrate(&self) -> Result<()> {
+        schema::migrate(&self.pool, &self.schema, &MIGRATOR).await
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema this store uses.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Starts a saga inside the caller's transaction, so that it exists exactly when the
+    /// caller's own writes commit (the transactional outbox from the caller's side).
+    ///
+    /// ```no_run
+    /// # async fn demo(store: saga_core::PgStore, def: saga_core::SagaDefinition<u32>) -> saga_core::Result<()> {
+    /// let mut tx = store.pool().begin().await?;
+    /// sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
+    /// let started = store.start_using(&mut tx, &def, &42, Some("order-42".into())).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_using<I: serde::Serialize>(
+        &self,
+        conn: &mut PgConnection,
+        definition: &crate::SagaDefinition<I>,
+        input: &I,
+        business_key: Option<String>,
+    ) -> Result<Started> {
+        let request = StartRequest {
+            definition: Arc::clone(definition.definition()),
+            input: serde_json::to_value(input)?,
+            business_key,
+        };
+        self.start_on(conn, request).await
+    }
+
+    async fn start_on(&self, conn: &mut PgConnection, request: StartRequest) -> Result<Started> {
+        let now = Utc::now();
+        let definition = request.definition;
+        let saga_id = Uuid::now_v7();
+        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.insert_instance.clone())
+            .bind(saga_id)
+            .bind(definition.name())
+            .bind(definition.version() as i32)
+            .bind(SagaStatus::Running.as_str())
+            .bind(&request.business_key)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if inserted.is_none() {
+            let existing: Uuid = sqlx::query_scalar(self.sql.instance_by_key.clone())
+                .bind(definition.name())
+                .bind(&request.business_key)
+                .fetch_one(&mut *conn)
+                .await?;
+            return Ok(Started {
+                saga_id: existing,
+                created: false,
+            });
+        }
+        let started = Event::Started {
+            saga: definition.name().to_owned(),
+            version: definition.version(),
+            input: request.input,
+            business_key: request.business_key,
+        };
+        let mut loaded = Loaded {
+            state: replay(&definition, [&started])?,
+            last_seq: 1,
+        };
+        let mut writes = Writes::default();
+        writes.events.push(super::transition::EventRow {
+            saga_id,
+            seq: 1,
+            event: started,
+            at: now,
+        });
+        apply_input(&definition, saga_id, &mut loaded, &Input::Start, now, &mut writes)?;
+        // Left unclaimed: the relay's poller publishes it, woken by the notification.
+        self.write(conn, writes, now, now).await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.notify_channel())
+            .execute(&mut *conn)
+            .await?;
+        Ok(Started {
+            saga_id,
+            created: true,
+        })
+    }
+
+    fn notify_channel(&self) -> String {
+        format!("{}_outbox", self.schema)
+    }
+
+    /// Locks and loads the sagas of `ids`; those not loaded get the verdict to return instead.
+    async fn load(
+        &self,
+        conn: &mut PgConnection,
+        registry: &Registry,
+        ids: &[Uuid],
+        skip_locked: bool,
+    ) -> Result<HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>> {
+        let sql = if skip_locked {
+            self.sql.lock_instances_skip.clone()
+        } else {
+            self.sql.lock_instances.clone()
+        };
+        let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await?;
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut known = Vec::with_capacity(rows.len());
+        let mut definitions = HashMap::new();
+        for row in rows {
+            let id: Uuid = row.try_get("id")?;
+            let name: String = row.try_get("saga")?;
+            let version = row.try_get::<i32, _>("version")? as u32;
+            match registry.get(&name, version) {
+                Some(def) => {
+                    definitions.insert(id, Arc::clone(def));
+                    known.push(id);
+                }
+                None => {
+                    out.insert(
+                        id,
+                        Err(Verdict::Deferred(
+                            Error::UnknownDefinition { name, version }.to_string(),
+                        )),
+                    );
+                }
+            }
+        }
+        if !skip_locked {
+            for id in ids {
+                if !out.contains_key(id) && !definitions.contains_key(id) {
+                    out.insert(*id, Err(Verdict::Rejected(format!("unknown saga {id}"))));
+                }
+            }
+        }
+        let rows = sqlx::query(self.sql.load_events.clone())
+            .bind(&known)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut logs: HashMap<Uuid, Vec<Event>> = HashMap::new();
+        for row in rows {
+            let id: Uuid = row.try_get("saga_id")?;
+            let Json(event): Json<Event> = row.try_get("data")?;
+            logs.entry(id).or_default().push(event);
+        }
+        for (id, definition) in definitions {
+            let events = logs.remove(&id).unwrap_or_default();
+            let state: SagaState = replay(&definition, &events)?;
+            let last_seq = events.len() as i64;
+            out.insert(id, Ok((definition, Loaded { state, last_seq })));
+        }
+        Ok(out)
+    }
+
+    /// Decides every input of `batch` over the loaded sagas, writes the result, and reports.
+    async fn decide_and_write(
+        &self,
+        conn: &mut PgConnection,
+        mut loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
+        batch: &[(Uuid, Input)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
+        let mut writes = Writes::default();
+        let mut decided: Vec<std::result::Result<Decided, Verdict>> = Vec::with_capacity(batch.len());
+        for (saga_id, input) in batch {
+            match loaded.get_mut(saga_id) {
+                Some(Ok((definition, saga))) => {
+                    decided.push(Ok(apply_input(definition, *saga_id, saga, input, now, &mut writes)?));
+                }
+                Some(Err(verdict)) => decided.push(Err(verdict.clone())),
+                None => decided.push(Err(Verdict::Rejected(format!("unknown saga {saga_id}")))),
+            }
+        }
+        let envelopes: Vec<Envelope> = writes.outbox.iter().map(|(_, e)| e.clone()).collect();
+        let ids = self.write(conn, writes, now, now + self.lease).await?;
+        Ok(decided
+            .into_iter()
+            .map(|d| match d {
+                Err(verdict) => Applied {
+                    verdict,
+                    outbox: Vec::new(),
+                    wake_at: None,
+                },
+                Ok(d) => Applied {
+                    verdict: d.verdict,
+                    outbox: d
+                        .outbox
+                        .into_iter()
+                        .map(|i| OutboxRecord {
+                            id: ids[i],
+                            envelope: envelopes[i].clone(),
+                        })
+                        .collect(),
+                    wake_at: d.wake_at,
+                },
+            })
+            .collect())
+    }
+
+    /// Writes the batch's rows with one multi-row statement per table; returns the outbox ids
+    /// in the order of `writes.outbox`.
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        writes: Writes,
+        now: DateTime<Utc>,
+        claimed_until: DateTime<Utc>,
+    ) -> Result<Vec<i64>> {
+        if !writes.events.is_empty() {
+            let mut ids = Vec::with_capacity(writes.events.len());
+            let mut seqs = Vec::with_capacity(writes.events.len());
+            let mut kinds = Vec::with_capacity(writes.events.len());
+            let mut data = Vec::with_capacity(writes.events.len());
+            let mut ats = Vec::with_capacity(writes.events.len());
+            for row in writes.events {
+                ids.push(row.saga_id);
+                seqs.push(row.seq);
+                kinds.push(row.event.kind());
+                data.push(serde_json::to_value(&row.event)?);
+                ats.push(row.at);
+            }
+            sqlx::query(self.sql.insert_events.clone())
+                .bind(ids)
+                .bind(seqs)
+                .bind(kinds)
+                .bind(data)
+                .bind(ats)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let mut outbox_ids = Vec::new();
+        if !writes.outbox.is_empty() {
+            let n = writes.outbox.len();
+            let (mut sagas, mut destinations, mut message_ids, mut headers, mut bodies) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (saga_id, envelope) in &writes.outbox {
+                sagas.push(*saga_id);
+                destinations.push(envelope.destination.encode());
+                message_ids.push(envelope.message.id);
+                headers.push(serde_json::to_value(&envelope.message.headers)?);
+                bodies.push(envelope.message.body.clone());
+            }
+            let rows = sqlx::query(self.sql.insert_outbox.clone())
+                .bind(sagas)
+                .bind(destinations)
+                .bind(&message_ids)
+                .bind(headers)
+                .bind(bodies)
+                .bind(claimed_until)
+                .fetch_all(&mut *conn)
+                .await?;
+            let mut by_message: HashMap<Uuid, i64> = HashMap::with_capacity(n);
+            for row in rows {
+                by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
+            }
+            outbox_ids = message_ids.iter().map(|m| by_message[m]).collect();
+        }
+        if !writes.timers_cancelled.is_empty() {
+            let (sagas, keys): (Vec<Uuid>, Vec<String>) = writes.timers_cancelled.into_iter().unzip();
+            sqlx::query(self.sql.cancel_timers.clone())
+                .bind(sagas)
+                .bind(keys)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !writes.timers_set.is_empty() {
+            let n = writes.timers_set.len();
+            let (mut sagas, mut keys, mut timers, mut set_ats, mut due_ats) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for row in writes.timers_set {
+                sagas.push(row.saga_id);
+                keys.push(row.timer.key());
+                timers.push(serde_json::to_value(row.timer)?);
+                set_ats.push(row.set_at);
+                due_ats.push(row.due_at);
+            }
+            sqlx::query(self.sql.set_timers.clone())
+                .bind(sagas)
+                .bind(keys)
+                .bind(timers)
+                .bind(set_ats)
+                .bind(due_ats)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !writes.instances.is_empty() {
+            let n = writes.instances.len();
+            let (mut ids, mut statuses, mut seqs, mut reasons) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (id, update) in writes.instances {
+                ids.push(id);
+                statuses.push(update.status.as_str());
+                seqs.push(update.last_seq);
+                reasons.push(update.reason);
+            }
+            sqlx::query(self.sql.update_instances.clone())
+                .bind(ids)
+                .bind(statuses)
+                .bind(seqs)
+                .bind(reasons)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(outbox_ids)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn start(&self, request: StartRequest) -> Result<Started> {
+        let mut tx = self.pool.begin().await?;
+        let started = self.start_on(&mut tx, request).await?;
+        tx.commit().await?;
+        Ok(started)
+    }
+
+    async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
+        let now = Utc::now();
+        let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        let loaded = self.load(&mut tx, registry, &ids, false).await?;
+        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
+        let now = Utc::now();
+        let mut candidates: Vec<Uuid> = sqlx::query_scalar(self.sql.due_timer_sagas.clone())
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut tx = self.pool.begin().await?;
+        // Sagas another process is working on are skipped; their timers stay due.
+        let loaded = self.load(&mut tx, registry, &candidates, true).await?;
+        let locked: Vec<Uuid> = loaded
+            .iter()
+            .filter(|(_, l)| l.is_ok())
+            .map(|(id, _)| *id)
+            .collect();
+        let rows = sqlx::query(self.sql.claim_timers.clone())
+            .bind(&locked)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            let saga_id: Uuid = row.try_get("saga_id")?;
+            let Json(timer): Json<Timer> = row.try_get("timer")?;
+            batch.push((saga_id, Input::Timer(timer)));
+        }
+        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(self.sql.next_timer.clone())
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
+        let now = Utc::now();
+        let rows = sqlx::query(self.sql.claim_outbox.clone())
+            .bind(now)
+            .bind(now + lease)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let destination: String = row.try_get("destination")?;
+                let Json(headers): Json<BTreeMap<String, String>> = row.try_get("headers")?;
+                Ok(OutboxRecord {
+                    id: row.try_get("id")?,
+                    envelope: Envelope {
+                        destination: Destination::decode(&destination).ok_or_else(|| {
+                            Error::Config(format!("outbox row has a bad destination `{destination}`"))
+                        })?,
+                        message: Message {
+                            id: row.try_get("message_id")?,
+                            headers,
+                            body: row.try_get("body")?,
+                        },
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query(self.sql.delete_outbox.clone())
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn outbox_notifications(&self) -> Result<BoxStream<'static, ()>> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(&self.notify_channel()).await?;
+        Ok(listener.into_stream().map(|_| ()).boxed())
+    }
+
+    async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>> {
+        let row = sqlx::query(self.sql.summary.clone())
+            .bind(saga_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            let status: String = row.try_get("status")?;
+            Ok(SagaSummary {
+                id: row.try_get("id")?,
+                saga: row.try_get("saga")?,
+                version: row.try_get::<i32, _>("version")? as u32,
+                status: status.parse().map_err(Error::Config)?,
+                business_key: row.try_get("business_key")?,
+                reason: row.try_get("reason")?,
+                created_at: row.try_get("created_at")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {
+        let rows = sqlx::query(self.sql.history.clone())
+            .bind(saga_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let Json(event): Json<Event> = row.try_get("data")?;
+                Ok(RecordedEvent {
+                    seq: row.try_get("seq")?,
+                    at: row.try_get("recorded_at")?,
+                    event,
+                })
+            })
+            .collect()
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>> {
+        let rows = sqlx::query(self.sql.count_by_status.clone())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            let n: i64 = row.try_get("n")?;
+            counts.insert(status.parse().map_err(Error::Config)?, n as u64);
+        }
+        Ok(counts)
+    }
+}
+
+/// The store's statements, with the schema filled in once.
+struct Sql {
+    insert_instance: SqlStr,
+    instance_by_key: SqlStr,
+    lock_instances: SqlStr,
+    lock_instances_skip: SqlStr,
+    load_events: SqlStr,
+    insert_events: SqlStr,
+    insert_outbox: SqlStr,
+    cancel_timers: SqlStr,
+    set_timers: SqlStr,
+    update_instances: SqlStr,
+    due_timer_sagas: SqlStr,
+    claim_timers: SqlStr,
+    next_timer: SqlStr,
+    claim_outbox: SqlStr,
+    delete_outbox: SqlStr,
+    summary: SqlStr,
+    history: SqlStr,
+    count_by_status: SqlStr,
+}
+
+impl Sql {
+    fn new(s: &str) -> Self {
+        Self {
+            insert_instance: sql(format!(
+                "INSERT INTO {s}.instances (id, saga, version, status, business_key, last_seq, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6, $6) \
+                 ON CONFLICT (saga, business_key) WHERE business_key IS NOT NULL DO NOTHING RETURNING id"
+            )),
+            instance_by_key: sql(format!(
+                "SELECT id FROM {s}.instances WHERE saga = $1 AND business_key = $2"
+            )),
+            lock_instances: sql(format!(
+                "SELECT id, saga, version FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            )),
+            lock_instances_skip: sql(format!(
+                "SELECT id, saga, version FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED"
+            )),
+            load_events: sql(format!(
+                "SELECT saga_id, data FROM {s}.events WHERE saga_id = ANY($1) ORDER BY saga_id, seq"
+            )),
+            insert_events: sql(format!(
+                "INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::timestamptz[])"
+            )),
+            insert_outbox: sql(format!(
+                "INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
+                 SELECT u.*, $6 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::bytea[]) AS u \
+                 RETURNING id, message_id"
+            )),
+            cancel_timers: sql(format!(
+                "DELETE FROM {s}.timers t USING UNNEST($1::uuid[], $2::text[]) AS c(saga_id, key) \
+                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND t.fired_at IS NULL"
+            )),
+            set_timers: sql(format!(
+                "INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[]) \
+                 ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, set_at = EXCLUDED.set_at, \
+                 due_at = EXCLUDED.due_at, fired_at = NULL"
+            )),
+            update_instances: sql(format!(
+                "UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, updated_at = $5 \
+                 FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, last_seq, reason) \
+                 WHERE i.id = u.id"
+            )),
+            due_timer_sagas: sql(format!(
+                "SELECT saga_id FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1 ORDER BY due_at LIMIT $2"
+            )),
+            claim_timers: sql(format!(
+                "UPDATE {s}.timers SET fired_at = $2 \
+                 WHERE saga_id = ANY($1) AND fired_at IS NULL AND due_at <= $2 RETURNING saga_id, timer"
+            )),
+            next_timer: sql(format!("SELECT min(due_at) FROM {s}.timers WHERE fired_at IS NULL")),
+            claim_outbox: sql(format!(
+                "UPDATE {s}.outbox SET claimed_until = $2 WHERE id IN \
+                 (SELECT id FROM {s}.outbox WHERE claimed_until <= $1 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, destination, message_id, headers, body"
+            )),
+            delete_outbox: sql(format!("DELETE FROM {s}.outbox WHERE id = ANY($1)")),
+            summary: sql(format!(
+                "SELECT id, saga, version, status, business_key, reason, created_at, updated_at \
+                 FROM {s}.instances WHERE id = $1"
+            )),
+            history: sql(format!(
+                "SELECT seq, data, recorded_at FROM {s}.events WHERE saga_id = $1 ORDER BY seq"
+            )),
+            count_by_status: sql(format!(
+                "SELECT status, count(*) AS n FROM {s}.instances GROUP BY status"
+            )),
+        }
+    }
+}
+
+fn sql(text: String) -> SqlStr {
+    // Only the schema name is interpolated, and it was checked to be a plain identifier.
+    AssertSqlSafe(text).into_sql_str()
+}

@@ -1,0 +1,163 @@
+//! A transport inside one process: queues in memory, for tests and the embedded mode.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures_util::stream::{self, BoxStream};
+use tokio::sync::Notify;
+
+use super::{Acker, Delivery, PublishError, Source, Transport, TransportError};
+use crate::message::{Envelope, Message};
+
+#[derive(Default)]
+struct Queue {
+    ready: Mutex<VecDeque<(Message, bool)>>,
+    dead: Mutex<Vec<(Message, String)>>,
+    notify: Notify,
+}
+
+impl Queue {
+    fn push(&self, message: Message, redelivered: bool) {
+        let mut ready = self.ready.lock().expect("queue lock");
+        if redelivered {
+            ready.push_front((message, true));
+        } else {
+            ready.push_back((message, false));
+        }
+        drop(ready);
+        self.notify.notify_one();
+    }
+}
+
+/// Queues in memory with the semantics of the broker: competing consumers, explicit acks,
+/// requeue on drop, dead letters with a reason, and unroutable publishes to undeclared queues.
+///
+/// Clones share the same queues.
+#[derive(Clone, Default)]
+pub struct InProcessTransport {
+    queues: Arc<Mutex<HashMap<Source, Arc<Queue>>>>,
+}
+
+impl std::fmt::Debug for InProcessTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessTransport").finish_non_exhaustive()
+    }
+}
+
+impl InProcessTransport {
+    /// A transport with no queues declared.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn queue(&self, source: &Source) -> Option<Arc<Queue>> {
+        self.queues.lock().expect("queues lock").get(source).cloned()
+    }
+
+    fn declared(&self, source: &Source) -> Arc<Queue> {
+        Arc::clone(
+            self.queues
+                .lock()
+                .expect("queues lock")
+                .entry(source.clone())
+                .or_default(),
+        )
+    }
+
+    /// The messages dead-lettered from `source`, with their reasons.
+    pub fn dead_letters(&self, source: &Source) -> Vec<(Message, String)> {
+        self.queue(source)
+            .map(|q| q.dead.lock().expect("dead lock").clone())
+            .unwrap_or_default()
+    }
+
+    /// How many messages wait in `source`, not counting unsettled deliveries.
+    pub fn depth(&self, source: &Source) -> usize {
+        self.queue(source)
+            .map(|q| q.ready.lock().expect("queue lock").len())
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl Transport for InProcessTransport {
+    async fn declare(&self, sources: &[Source]) -> Result<(), TransportError> {
+        for source in sources {
+            self.declared(source);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, batch: Vec<Envelope>) -> Result<(), PublishError> {
+        let mut unroutable = Vec::new();
+        for envelope in batch {
+            match self.queue(&envelope.destination) {
+                Some(queue) => queue.push(envelope.message, false),
+                None => unroutable.push(envelope),
+            }
+        }
+        if unroutable.is_empty() {
+            Ok(())
+        } else {
+            Err(PublishError::Unroutable(unroutable))
+        }
+    }
+
+    async fn consume(&self, source: &Source) -> Result<BoxStream<'static, Delivery>, TransportError> {
+        let queue = self.declared(source);
+        Ok(Box::pin(stream::unfold(queue, |queue| async move {
+            let (message, redelivered) = loop {
+                let notified = queue.notify.notified();
+                if let Some(next) = queue.ready.lock().expect("queue lock").pop_front() {
+                    break next;
+                }
+                notified.await;
+            };
+            let acker = InProcessAcker {
+                queue: Arc::clone(&queue),
+                message: Some(message.clone()),
+            };
+            Some((Delivery::new(message, redelivered, Box::new(acker)), queue))
+        })))
+    }
+}
+
+struct InProcessAcker {
+    queue: Arc<Queue>,
+    message: Option<Message>,
+}
+
+#[async_trait]
+impl Acker for InProcessAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.message = None;
+        Ok(())
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), TransportError> {
+        if let Some(message) = self.message.take() {
+            self.queue.push(message, true);
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), TransportError> {
+        if let Some(message) = self.message.take() {
+            self.queue
+                .dead
+                .lock()
+                .expect("dead lock")
+                .push((message, reason.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InProcessAcker {
+    fn drop(&mut self) {
+        if let Some(message) = self.message.take() {
+            self.queue.push(message, true);
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The participant runtime: consume commands, run handlers, publish results, then ack.
+
+mod handler;
+mod step_error;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::Result;
+use crate::message::{Command, Destination, Outcome, Reply};
+use crate::transport::{Delivery, Transport};
+
+pub use handler::{CommandContext, FnHandler, Handler, handler_fn};
+use handler::{Erased, ErasedHandler};
+pub use step_error::{StepError, StepResultExt};
+
+/// Runs the step handlers of one participant service.
+///
+/// A handler's error, panic or hang (past the attempt's timeout) is reported as a failed
+/// attempt; the command is acknowledged only after its result is confirmed by the transport,
+/// so a crash before that redelivers it.
+///
+/// ```no_run
+/// # async fn demo(transport: std::sync::Arc<saga_core::InProcessTransport>) -> saga_core::Result<()> {
+/// use saga_core::worker::{handler_fn, CommandContext, StepError, Worker};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let worker = Worker::builder("inventory")
+///     .handler("reserve", handler_fn(|qty: u32, _ctx: CommandContext| async move {
+///         Ok::<_, StepError>(qty)
+///     }))
+///     .build();
+/// worker.run(transport, CancellationToken::new()).await?;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    service: String,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    concurrency: usize,
+    default_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut commands: Vec<_> = self.handlers.keys().collect();
+        commands.sort();
+        f.debug_struct("Worker")
+            .field("service", &self.service)
+            .field("commands", &commands)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Worker`].
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    inner: Worker,
+}
+
+impl WorkerBuilder {
+    /// Registers the handler of `command`.
+    pub fn handler<H: Handler>(mut self, command: &str, handler: H) -> Self {
+        self.inner
+            .handlers
+            .insert(command.to_owned(), Arc::new(Erased(handler)));
+        self
+    }
+
+    /// How many commands run at once.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.inner.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How long a handler may run when the command carries no timeout of its own.
+    pub fn default_timeout(mut self, timeout: Duration) -> Self {
+        self.inner.default_timeout = timeout;
+        self
+    }
+
+    /// Builds the worker; no I/O.
+    pub fn build(self) -> Worker {
+        self.inner
+    }
+}
+
+impl Worker {
+    /// Default number of commands run at once.
+    pub const DEFAULT_CONCURRENCY: usize = 32;
+    /// Default handler timeout when the command carries none.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// Starts building the worker of `service` (the routing key of its queue).
+    pub fn builder(service: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder {
+            inner: Worker {
+                service: service.into(),
+                handlers: HashMap::new(),
+                concurrency: Self::DEFAULT_CONCURRENCY,
+                default_timeout: Self::DEFAULT_TIMEOUT,
+            },
+        }
+    }
+
+    /// The service this worker serves.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Consumes the service's queue until `shutdown`; in-flight commands finish first.
+    pub async fn run(self, transport: Arc<dyn Transport>, shutdown: CancellationToken) -> Result<()> {
+        let source = Destination::Service(self.service.clone());
+        transport.declare(&[source.clone(), Destination::Results]).await?;
+        let mut deliveries = transport.consume(&source).await?;
+        info!(service = %self.service, "worker running");
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.concurrency));
+        let tracker = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = Arc::clone(&permits).acquire_owned() => permit.expect("semaphore open"),
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                delivery = deliveries.next() => match delivery {
+                    Some(delivery) => delivery,
+                    None => break,
+                },
+            };
+            let this = Arc::clone(&this);
+            let transport = Arc::clone(&transport);
+            tracker.spawn(async move {
+                this.process(transport.as_ref(), delivery).await;
+                drop(permit);
+            });
+        }
+        drop(deliveries);
+        tracker.close();
+        tracker.wait().await;
+        info!(service = %this.service, "worker stopped");
+        Ok(())
+    }
+
+    async fn process(&self, transport: &dyn Transport, delivery: Delivery) {
+        let command = match Command::from_message(&delivery.message) {
+            Ok(command) => command,
+            Err(malformed) => {
+                warn!(service = %self.service, reason = %malformed, "dead-lettering a malformed command");
+                let _ = delivery.dead_letter(&malformed.0).await;
+                return;
+            }
+        };
+        if command.service != self.service {
+            let reason = format!(
+                "command for service `{}` reached service `{}`",
+                command.service, self.service
+            );
+            warn!(%reason, "dead-lettering a misrouted command");
+            let _ = delivery.dead_letter(&reason).await;
+            return;
+        }
+        let span = info_span!(
+            "step",
+            saga.id = %command.saga_id,
+            saga.name = %command.saga,
+            step = %command.step_name,
+            direction = %command.direction,
+            attempt = command.attempt,
+        );
+        async {
+            let outcome = self.run_handler(&command).await;
+            if let Outcome::Failure { error, retryable } = &outcome {
+                warn!(%error, retryable, "step attempt failed");
+            }
+            let reply = Reply::to(&command, outcome);
+            match transport.publish(vec![reply.to_envelope()]).await {
+                Ok(()) => {
+                    if let Err(e) = delivery.ack().await {
+                        warn!(error = %e, "ack failed; the command will be redelivered");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "publishing the result failed; handing the command back");
+                    let _ = delivery.requeue().await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_handler(&self, command: &Command) -> Outcome {
+        let Some(handler) = self.handlers.get(&command.command) else {
+            return Outcome::Failure {
+                error: format!(
+                    "service `{}` has no handler for command `{}`",
+                    self.service, command.command
+                ),
+                retryable: false,
+            };
+        };
+        let timeout = command
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.default_timeout);
+        let task = tokio::spawn(
+            Arc::clone(handler)
+                .call(command.payload.clone(), CommandContext::of(command))
+                .in_current_span(),
+        );
+        let abort = task.abort_handle();
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Ok(output))) => Outcome::Success { output },
+            Ok(Ok(Err(error))) => Outcome::Failure {
+                error: error.message().to_owned(),
+                retryable: error.is_retryable(),
+            },
+            Ok(Err(join)) => Outcome::Failure {
+                error: format!("handler panicked: {}", panic_message(join)),
+                retryable: true,
+            },
+            Err(_) => {
+                abort.abort();
+                Outcome::Failure {
+                    error: format!("handler did not finish within {timeout:?}"),
+                    retryable: true,
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned()),
+        Err(join) => join.to_string(),
+    }
+}
