@@ -77,7 +77,7 @@ impl Inbox {
 
     /// Creates or upgrades the inbox table.
     pub async fn migrate(&self) -> Result<()> {
-        schema::migrate(&self.pool, &self.schema, &MIGRATOR).await
+        schema::migrate(&self.pool, &self.schema, &MIGRATOR, "_saga_inbox_migrations").await
     }
 
     /// Runs `work` in a transaction and records its result under the command's idempotency

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::decide::Input;
+use crate::decide::{Input, Verdict};
 use crate::error::Result;
 use crate::message::{Command, Envelope, Outcome, Reply};
 use crate::registry::Registry;
@@ -142,7 +142,7 @@ impl Relay {
         let mut confirmed: Vec<i64> = done.iter().map(|e| ids[&e.message.id]).collect();
         if !unroutable.is_empty() {
             match self.fail_unroutable(&unroutable).await {
-                Ok(()) => confirmed.extend(unroutable.iter().map(|e| ids[&e.message.id])),
+                Ok(handled) => confirmed.extend(handled.iter().map(|id| ids[id])),
                 Err(e) => warn!(error = %e, "failing unroutable commands failed; will retry"),
             }
         }
@@ -153,11 +153,15 @@ impl Relay {
     }
 
     /// An unroutable command fails its step for good: no queue means no participant.
-    async fn fail_unroutable(&self, unroutable: &[Envelope]) -> Result<()> {
+    /// Returns the message ids whose failure was recorded (or that need none).
+    async fn fail_unroutable(&self, unroutable: &[Envelope]) -> Result<Vec<uuid::Uuid>> {
+        let mut handled = Vec::with_capacity(unroutable.len());
         let mut batch = Vec::with_capacity(unroutable.len());
+        let mut pending = Vec::with_capacity(unroutable.len());
         for envelope in unroutable {
             let Ok(command) = Command::from_message(&envelope.message) else {
                 warn!(destination = %envelope.destination.encode(), "dropping an unroutable non-command message");
+                handled.push(envelope.message.id);
                 continue;
             };
             let error = format!(
@@ -173,13 +177,21 @@ impl Relay {
                 },
             );
             batch.push((command.saga_id, Input::Reply(reply)));
+            pending.push(envelope.message.id);
         }
         if batch.is_empty() {
-            return Ok(());
+            return Ok(handled);
         }
         let applied = self.store.apply(&self.registry, batch).await?;
-        let follow_up: Vec<OutboxRecord> = applied.into_iter().flat_map(|a| a.outbox).collect();
+        let mut follow_up = Vec::new();
+        for (id, a) in pending.into_iter().zip(applied) {
+            // A deferred failure (unknown definition here) keeps its row for another process.
+            if !matches!(a.verdict, Verdict::Deferred(_)) {
+                handled.push(id);
+            }
+            follow_up.extend(a.outbox);
+        }
         Box::pin(self.publish(follow_up)).await;
-        Ok(())
+        Ok(handled)
     }
 }

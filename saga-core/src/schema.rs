@@ -25,8 +25,13 @@ pub(crate) fn quoted(schema: &str) -> Result<String> {
 /// Runs `migrator` inside `schema` on a dedicated connection, creating the schema if needed.
 ///
 /// A dedicated connection keeps the `search_path` change away from the caller's pool.
-pub(crate) async fn migrate(pool: &PgPool, schema: &str, migrator: &Migrator) -> Result<()> {
+///
+/// Each set of migrations keeps its own history table (`table`), so the saga tables and the
+/// inbox may share a schema.
+pub(crate) async fn migrate(pool: &PgPool, schema: &str, source: &Migrator, table: &'static str) -> Result<()> {
     let quoted = quoted(schema)?;
+    let mut migrator = Migrator::with_migrations(source.iter().cloned().collect());
+    migrator.dangerous_set_table_name(table);
     let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
     // Serializes concurrent first starts, which would race on CREATE SCHEMA.
     sqlx::query("SELECT pg_advisory_lock(hashtext($1))")

@@ -1,1 +1,103 @@
-//! x
+//! Support for saga's end-to-end tests: a fresh schema per test on the real PostgreSQL, and a
+//! small order saga whose participants record their effects through the inbox.
+
+pub mod order;
+
+use std::time::Duration;
+
+use saga_core::PgStore;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+
+/// The database the tests use unless `DATABASE_URL` says otherwise.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A schema of its own on the real PostgreSQL, for one test.
+#[derive(Debug)]
+pub struct TestDb {
+    /// A pool on the test database.
+    pub pool: PgPool,
+    /// The test's own schema, holding the saga tables and the test's tables.
+    pub schema: String,
+}
+
+/// Connects to the test database and creates a fresh schema with the saga tables.
+///
+/// Fails, never skips, when PostgreSQL is not reachable.
+pub async fn database() -> TestDb {
+    init_tracing();
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at DATABASE_URL ({e}). Start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect 15 main start`, or run `scripts/test`, \
+                 which starts it."
+            )
+        });
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let db = TestDb { pool, schema };
+    db.store().migrate().await.expect("migrations apply");
+    db
+}
+
+impl TestDb {
+    /// A store in the test's schema.
+    pub fn store(&self) -> PgStore {
+        self.store_with_lease(PgStore::DEFAULT_OUTBOX_LEASE)
+    }
+
+    /// A store in the test's schema with a given outbox lease.
+    pub fn store_with_lease(&self, lease: Duration) -> PgStore {
+        PgStore::builder(self.pool.clone())
+            .schema(&self.schema)
+            .outbox_lease(lease)
+            .build()
+            .expect("valid schema name")
+    }
+
+    /// Drops the test's schema; call it at the end of a passing test (a failing one keeps its
+    /// schema for a look).
+    pub async fn drop_schema(self) {
+        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{}\" CASCADE", self.schema)))
+            .execute(&self.pool)
+            .await
+            .expect("drop test schema");
+        self.pool.close().await;
+    }
+}
+
+/// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Checks `condition` until it holds or `timeout` passes; returns whether it held.
+///
+/// For conditions only visible in the database (a saga's status), which send no event.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -112,7 +112,7 @@ impl PgStore {
 
     /// Creates or upgrades the saga tables in the configured schema.
     pub async fn migrate(&self) -> Result<()> {
-        schema::migrate(&self.pool, &self.schema, &MIGRATOR).await
+        schema::migrate(&self.pool, &self.schema, &MIGRATOR, "_saga_migrations").await
     }
 
     /// The pool this store uses.
