@@ -39,7 +39,11 @@ impl Client {
     }
 
     /// Starts a saga. Once this returns, the saga runs to its end through any crash.
-    pub async fn start<I: Serialize>(&self, definition: &SagaDefinition<I>, input: &I) -> Result<Started> {
+    pub async fn start<I: Serialize>(
+        &self,
+        definition: &SagaDefinition<I>,
+        input: &I,
+    ) -> Result<Started> {
         self.start_request(definition, input, None).await
     }
 

@@ -223,7 +223,14 @@ impl Decider<'_, '_> {
                     error: error.clone(),
                     retryable: *retryable,
                 })?;
-                self.after_failure(step, direction, attempt, *retryable, error, reply.command_id)?;
+                self.after_failure(
+                    step,
+                    direction,
+                    attempt,
+                    *retryable,
+                    error,
+                    reply.command_id,
+                )?;
             }
         }
         Ok(Verdict::Applied)
@@ -256,9 +263,8 @@ impl Decider<'_, '_> {
                 let Some(Current {
                     command_id: Some(command_id),
                     ..
-                }) = current.filter(|c| {
-                    (c.step, c.direction, c.attempt) == (step, direction, attempt)
-                })
+                }) = current
+                    .filter(|c| (c.step, c.direction, c.attempt) == (step, direction, attempt))
                 else {
                     return Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
                 };
@@ -279,7 +285,12 @@ impl Decider<'_, '_> {
         self.definition.steps()[step as usize].timeout
     }
 
-    fn dispatch(&mut self, step: u32, direction: Direction, attempt: u32) -> Result<(), ReplayError> {
+    fn dispatch(
+        &mut self,
+        step: u32,
+        direction: Direction,
+        attempt: u32,
+    ) -> Result<(), ReplayError> {
         let def = &self.definition.steps()[step as usize];
         let action = match direction {
             Direction::Forward => &def.action,
@@ -386,14 +397,22 @@ impl Decider<'_, '_> {
             return Ok(());
         }
         let reason = if retryable {
-            format!("step `{}` {direction} failed after {attempt} attempts: {error}", def.name)
+            format!(
+                "step `{}` {direction} failed after {attempt} attempts: {error}",
+                def.name
+            )
         } else {
             format!("step `{}` {direction} failed: {error}", def.name)
         };
         self.failed_for_good(step, direction, reason)
     }
 
-    fn failed_for_good(&mut self, step: u32, direction: Direction, reason: String) -> Result<(), ReplayError> {
+    fn failed_for_good(
+        &mut self,
+        step: u32,
+        direction: Direction,
+        reason: String,
+    ) -> Result<(), ReplayError> {
         let kind = self.definition.steps()[step as usize].kind;
         if direction == Direction::Compensation || kind == StepKind::Retriable {
             return self.emit(Event::Stuck {

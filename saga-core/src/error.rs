@@ -47,7 +47,10 @@ impl Error {
                 | sqlx::Error::Protocol(_) => true,
                 sqlx::Error::Database(db) => {
                     // serialization failure, deadlock, admin shutdown, cannot connect now
-                    matches!(db.code().as_deref(), Some("40001" | "40P01" | "57P01" | "57P03" | "08006" | "08003"))
+                    matches!(
+                        db.code().as_deref(),
+                        Some("40001" | "40P01" | "57P01" | "57P03" | "08006" | "08003")
+                    )
                 }
                 _ => false,
             },

@@ -77,7 +77,13 @@ impl Inbox {
 
     /// Creates or upgrades the inbox table.
     pub async fn migrate(&self) -> Result<()> {
-        schema::migrate(&self.pool, &self.schema, &MIGRATOR, "_saga_inbox_migrations").await
+        schema::migrate(
+            &self.pool,
+            &self.schema,
+            &MIGRATOR,
+            "_saga_inbox_migrations",
+        )
+        .await
     }
 
     /// Runs `work` in a transaction and records its result under the command's idempotency
@@ -112,7 +118,9 @@ impl Inbox {
                     .bind(&ctx.idempotency_key)
                     .bind(ctx.saga_id)
                     .bind(&ctx.command)
-                    .bind(Json(json!({ "ok": serde_json::to_value(&value).map_err(StepError::terminal)? })))
+                    .bind(Json(
+                        json!({ "ok": serde_json::to_value(&value).map_err(StepError::terminal)? }),
+                    ))
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -144,9 +152,13 @@ fn decode<T: DeserializeOwned>(outcome: Option<Value>) -> Result<T, StepError> {
                 serde_json::from_value(ok).map_err(StepError::terminal)
             } else {
                 let error = map.remove("error").unwrap_or_default();
-                Err(StepError::terminal(error.as_str().unwrap_or("recorded failure")))
+                Err(StepError::terminal(
+                    error.as_str().unwrap_or("recorded failure"),
+                ))
             }
         }
-        _ => Err(StepError::retryable("the inbox row has no recorded outcome")),
+        _ => Err(StepError::retryable(
+            "the inbox row has no recorded outcome",
+        )),
     }
 }

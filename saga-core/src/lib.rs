@@ -1,5 +1,44 @@
-//! saga-core
-#![doc = "Durable, orchestrated sagas."]
+//! Durable, orchestrated sagas: the engine.
+//!
+//! A saga is a named, versioned list of steps; each step sends a command to a participant
+//! service and may have a compensation that undoes it. The [`Orchestrator`] appends every
+//! transition to an event log (the [`Store`]) in the same transaction as the commands it sends,
+//! publishes them through a [`Transport`], applies the participants' results, and replays the
+//! log ([`replay`] + [`decide`]) to go forward or, after a step failed for good, to compensate
+//! the completed steps in reverse order. Participants run step handlers in a [`Worker`], and
+//! use the [`Inbox`] to apply each effect once.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use saga_core::worker::{handler_fn, StepError};
+//! use saga_core::{Client, CommandContext, InProcessTransport, MemoryStore, Orchestrator, SagaDefinition, Worker};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let saga = SagaDefinition::<u64>::builder("order", 1)
+//!     .step("charge", |s| {
+//!         s.action("payment", "charge", |ctx| Ok(*ctx.input()))
+//!             .compensation("payment", "refund", |ctx| Ok(*ctx.input()))
+//!     })
+//!     .step("ship", |s| s.pivot().action("shipping", "ship", |ctx| Ok(*ctx.input())))
+//!     .build()?;
+//!
+//! // In memory here; `PgStore` and saga-amqp's transport in production.
+//! let store = Arc::new(MemoryStore::new());
+//! let transport = Arc::new(InProcessTransport::new());
+//! let shutdown = CancellationToken::new();
+//! let ok = |n: u64, _: CommandContext| async move { Ok::<_, StepError>(n) };
+//! let payment = Worker::builder("payment").handler("charge", handler_fn(ok)).handler("refund", handler_fn(ok)).build();
+//! let shipping = Worker::builder("shipping").handler("ship", handler_fn(ok)).build();
+//! tokio::spawn(payment.run(transport.clone(), shutdown.clone()));
+//! tokio::spawn(shipping.run(transport.clone(), shutdown.clone()));
+//! tokio::spawn(Orchestrator::builder(store.clone(), transport).register(&saga).build().run(shutdown));
+//!
+//! let started = Client::new(store).start(&saga, &42).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod client;
 pub mod decide;
@@ -33,3 +72,8 @@ pub use state::{ReplayError, SagaState, SagaStatus, replay};
 pub use store::{MemoryStore, PgStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
 pub use worker::{CommandContext, Handler, StepError, StepResultExt, Worker};
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -192,8 +192,14 @@ fn common_headers(
         (headers::DIRECTION.to_owned(), direction.to_string()),
         (headers::ATTEMPT.to_owned(), attempt.to_string()),
         (headers::COMMAND_ID.to_owned(), command_id.to_string()),
-        (headers::CONTENT_TYPE.to_owned(), "application/json".to_owned()),
-        (headers::SCHEMA_VERSION.to_owned(), SCHEMA_VERSION.to_string()),
+        (
+            headers::CONTENT_TYPE.to_owned(),
+            "application/json".to_owned(),
+        ),
+        (
+            headers::SCHEMA_VERSION.to_owned(),
+            SCHEMA_VERSION.to_string(),
+        ),
     ])
 }
 
@@ -220,7 +226,10 @@ impl Command {
             self.command_id,
         );
         headers.insert(headers::COMMAND.to_owned(), self.command.clone());
-        headers.insert(headers::IDEMPOTENCY_KEY.to_owned(), self.idempotency_key.clone());
+        headers.insert(
+            headers::IDEMPOTENCY_KEY.to_owned(),
+            self.idempotency_key.clone(),
+        );
         Envelope {
             destination: Destination::Service(self.service.clone()),
             message: Message {
@@ -234,7 +243,8 @@ impl Command {
     /// Reads a command from a message, or says why it cannot.
     pub fn from_message(message: &Message) -> Result<Self, Malformed> {
         check_schema(message)?;
-        serde_json::from_slice(&message.body).map_err(|e| Malformed(format!("invalid command: {e}")))
+        serde_json::from_slice(&message.body)
+            .map_err(|e| Malformed(format!("invalid command: {e}")))
     }
 }
 
@@ -299,9 +309,14 @@ mod tests {
             headers: BTreeMap::new(),
             body: b"{}".to_vec(),
         };
-        message.headers.insert(headers::SCHEMA_VERSION.into(), "99".into());
+        message
+            .headers
+            .insert(headers::SCHEMA_VERSION.into(), "99".into());
         let err = Reply::from_message(&message).unwrap_err();
         assert!(err.0.contains("unsupported schema version 99"), "{err}");
-        assert_eq!(Destination::decode(&Destination::Service("a:b".into()).encode()), Some(Destination::Service("a:b".into())));
+        assert_eq!(
+            Destination::decode(&Destination::Service("a:b".into()).encode()),
+            Some(Destination::Service("a:b".into()))
+        );
     }
 }

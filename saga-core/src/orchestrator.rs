@@ -138,7 +138,12 @@ impl Orchestrator {
     /// returns. Fails only if the queues cannot be declared or consumed at start.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut sources = vec![Destination::Results];
-        sources.extend(self.registry.services().into_iter().map(Destination::Service));
+        sources.extend(
+            self.registry
+                .services()
+                .into_iter()
+                .map(Destination::Service),
+        );
         self.transport.declare(&sources).await?;
         let results = self.transport.consume(&Destination::Results).await?;
         info!(sagas = self.registry.iter().count(), "orchestrator running");
@@ -293,7 +298,11 @@ impl Engine {
     ) {
         loop {
             let mut next = Utc::now() + self.config.poll_interval;
-            match self.store.fire_due_timers(&self.registry, self.config.batch_size).await {
+            match self
+                .store
+                .fire_due_timers(&self.registry, self.config.batch_size)
+                .await
+            {
                 Ok(mut applied) => {
                     let fired = applied.len();
                     self.hand_over(&mut applied);

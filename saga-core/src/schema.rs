@@ -28,7 +28,12 @@ pub(crate) fn quoted(schema: &str) -> Result<String> {
 ///
 /// Each set of migrations keeps its own history table (`table`), so the saga tables and the
 /// inbox may share a schema.
-pub(crate) async fn migrate(pool: &PgPool, schema: &str, source: &Migrator, table: &'static str) -> Result<()> {
+pub(crate) async fn migrate(
+    pool: &PgPool,
+    schema: &str,
+    source: &Migrator,
+    table: &'static str,
+) -> Result<()> {
     let quoted = quoted(schema)?;
     let mut migrator = Migrator::with_migrations(source.iter().cloned().collect());
     migrator.dangerous_set_table_name(table);
@@ -39,9 +44,11 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str, source: &Migrator, tabl
         .execute(&mut conn)
         .await?;
     let result = async {
-        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {quoted}")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {quoted}"
+        )))
+        .execute(&mut conn)
+        .await?;
         sqlx::query(AssertSqlSafe(format!("SET search_path TO {quoted}")))
             .execute(&mut conn)
             .await?;

@@ -203,7 +203,11 @@ pub fn replay<'e>(
 ) -> Result<SagaState, ReplayError> {
     let mut events = events.into_iter();
     let first = events.next().ok_or_else(|| {
-        ReplayError::new(definition, ReplayError::BAD_START, "the log is empty".into())
+        ReplayError::new(
+            definition,
+            ReplayError::BAD_START,
+            "the log is empty".into(),
+        )
     })?;
     let mut state = SagaState::started(definition, first)?;
     for event in events {
@@ -310,14 +314,18 @@ impl SagaState {
                     Direction::Compensation => self.compensated[i] = true,
                 }
             }
-            Event::Failed { step, direction, .. } => {
+            Event::Failed {
+                step, direction, ..
+            } => {
                 let i = self.check_step(definition, *step, *direction)?;
                 self.current = None;
                 if *direction == Direction::Forward {
                     self.progress[i] = StepProgress::Failed;
                 }
             }
-            Event::TimedOut { step, direction, .. } => {
+            Event::TimedOut {
+                step, direction, ..
+            } => {
                 let i = self.check_step(definition, *step, *direction)?;
                 self.current = None;
                 if *direction == Direction::Forward {
@@ -375,14 +383,20 @@ impl SagaState {
             return Err(ReplayError::new(
                 definition,
                 ReplayError::UNKNOWN_STEP,
-                format!("the log names step #{step}, the definition has {}", definition.steps().len()),
+                format!(
+                    "the log names step #{step}, the definition has {}",
+                    definition.steps().len()
+                ),
             ));
         };
         if direction == Direction::Compensation && def.compensation.is_none() {
             return Err(ReplayError::new(
                 definition,
                 ReplayError::UNKNOWN_STEP,
-                format!("the log compensates step `{}`, which has no compensation", def.name),
+                format!(
+                    "the log compensates step `{}`, which has no compensation",
+                    def.name
+                ),
             ));
         }
         Ok(i)

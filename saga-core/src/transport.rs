@@ -105,5 +105,8 @@ pub trait Transport: Send + Sync + 'static {
     async fn publish(&self, batch: Vec<Envelope>) -> Result<(), PublishError>;
 
     /// Consumes `source`; each delivery must be settled. The stream ends only on shutdown.
-    async fn consume(&self, source: &Source) -> Result<BoxStream<'static, Delivery>, TransportError>;
+    async fn consume(
+        &self,
+        source: &Source,
+    ) -> Result<BoxStream<'static, Delivery>, TransportError>;
 }

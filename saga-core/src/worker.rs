@@ -116,9 +116,15 @@ impl Worker {
     }
 
     /// Consumes the service's queue until `shutdown`; in-flight commands finish first.
-    pub async fn run(self, transport: Arc<dyn Transport>, shutdown: CancellationToken) -> Result<()> {
+    pub async fn run(
+        self,
+        transport: Arc<dyn Transport>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let source = Destination::Service(self.service.clone());
-        transport.declare(&[source.clone(), Destination::Results]).await?;
+        transport
+            .declare(&[source.clone(), Destination::Results])
+            .await?;
         let mut deliveries = transport.consume(&source).await?;
         info!(service = %self.service, "worker running");
         let this = Arc::new(self);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use saga_core::{
-    Decision, Direction, Effect, Env, Event, Input, Outcome, Reply, ReplayError, RetryPolicy,
+    Decision, Direction, Effect, Env, Event, Input, Outcome, ReplayError, Reply, RetryPolicy,
     SagaDefinition, SagaState, SagaStatus, Timer, Verdict, decide, replay,
 };
 use serde_json::{Value, json};
@@ -40,7 +40,11 @@ fn order() -> SagaDefinition<Value> {
                 .retry(retry.clone())
                 .timeout(Duration::from_secs(5))
         })
-        .step("ship", |s| s.pivot().action("shipping", "ship", |_| Ok(json!({}))).retry(retry.clone()))
+        .step("ship", |s| {
+            s.pivot()
+                .action("shipping", "ship", |_| Ok(json!({})))
+                .retry(retry.clone())
+        })
         .build()
         .unwrap()
 }
@@ -92,7 +96,10 @@ impl Run {
         self.events.extend(d.events.iter().cloned());
         self.state = d.state.clone();
         // The log alone rebuilds the same state.
-        assert_eq!(replay(self.def.definition(), &self.events).unwrap(), self.state);
+        assert_eq!(
+            replay(self.def.definition(), &self.events).unwrap(),
+            self.state
+        );
         d
     }
 
@@ -129,7 +136,9 @@ impl Run {
         self.events
             .iter()
             .filter_map(|e| match e {
-                Event::Dispatched { step, direction, .. } => Some((*step, *direction)),
+                Event::Dispatched {
+                    step, direction, ..
+                } => Some((*step, *direction)),
                 _ => None,
             })
             .collect()
@@ -154,16 +163,35 @@ fn dispatch(d: &Decision) -> &saga_core::Command {
 fn happy_path_runs_each_step_once() {
     let (mut run, first) = Run::start(order());
     let command = dispatch(&first);
-    assert_eq!((command.service.as_str(), command.command.as_str()), ("inventory", "reserve"));
+    assert_eq!(
+        (command.service.as_str(), command.command.as_str()),
+        ("inventory", "reserve")
+    );
     assert_eq!(command.payload, json!("A-1"));
-    assert_eq!(command.idempotency_key, format!("{}:0:forward", run.saga_id));
+    assert_eq!(
+        command.idempotency_key,
+        format!("{}:0:forward", run.saga_id)
+    );
     run.ok(json!("R-1"));
     let d = run.ok(json!("C-1"));
-    assert!(d.effects.contains(&Effect::CancelTimer(Timer::Timeout { step: 1, direction: F, attempt: 1 })));
+    assert!(d.effects.contains(&Effect::CancelTimer(Timer::Timeout {
+        step: 1,
+        direction: F,
+        attempt: 1
+    })));
     run.ok(json!({}));
     assert_eq!(
         run.kinds(),
-        ["started", "dispatched", "succeeded", "dispatched", "succeeded", "dispatched", "succeeded", "completed"]
+        [
+            "started",
+            "dispatched",
+            "succeeded",
+            "dispatched",
+            "succeeded",
+            "dispatched",
+            "succeeded",
+            "completed"
+        ]
     );
     assert_eq!(run.dispatched(), [(0, F), (1, F), (2, F)]);
     assert_eq!(run.state.status, SagaStatus::Completed);
@@ -180,11 +208,25 @@ fn terminal_failure_compensates_in_reverse() {
     let refund = dispatch(&d);
     assert_eq!(refund.command, "refund");
     assert_eq!(refund.payload, json!({"charge": "C-1"}));
-    assert_eq!(refund.idempotency_key, format!("{}:1:compensation", run.saga_id));
+    assert_eq!(
+        refund.idempotency_key,
+        format!("{}:1:compensation", run.saga_id)
+    );
     assert_eq!(run.state.status, SagaStatus::Compensating);
     run.ok(json!(null));
     let d = run.ok(json!(null));
-    assert_eq!(d.events, [Event::Succeeded { step: 0, direction: C, attempt: 1, output: json!(null) }, Event::Compensated]);
+    assert_eq!(
+        d.events,
+        [
+            Event::Succeeded {
+                step: 0,
+                direction: C,
+                attempt: 1,
+                output: json!(null)
+            },
+            Event::Compensated
+        ]
+    );
     assert_eq!(run.dispatched(), [(0, F), (1, F), (2, F), (1, C), (0, C)]);
     assert_eq!(run.state.status, SagaStatus::Compensated);
     assert_eq!(run.state.failure.as_ref().unwrap().0, 2);
@@ -199,16 +241,44 @@ fn retryable_failure_backs_off_then_succeeds() {
     let due = t0() + Duration::from_millis(100);
     assert_eq!(
         d.events.last().unwrap(),
-        &Event::RetryScheduled { step: 0, direction: F, attempt: 2, delay_ms: 100, due_at: due }
+        &Event::RetryScheduled {
+            step: 0,
+            direction: F,
+            attempt: 2,
+            delay_ms: 100,
+            due_at: due
+        }
     );
-    assert_eq!(d.effects, [Effect::SetTimer { timer: Timer::Retry { step: 0, direction: F, attempt: 2 }, due_at: due }]);
+    assert_eq!(
+        d.effects,
+        [Effect::SetTimer {
+            timer: Timer::Retry {
+                step: 0,
+                direction: F,
+                attempt: 2
+            },
+            due_at: due
+        }]
+    );
     run.now = due;
-    let d = run.input(Input::Timer(Timer::Retry { step: 0, direction: F, attempt: 2 }));
+    let d = run.input(Input::Timer(Timer::Retry {
+        step: 0,
+        direction: F,
+        attempt: 2,
+    }));
     let second = dispatch(&d);
     assert_eq!(second.attempt, 2);
-    assert_eq!(second.idempotency_key, format!("{}:0:forward", run.saga_id), "same key on retry");
+    assert_eq!(
+        second.idempotency_key,
+        format!("{}:0:forward", run.saga_id),
+        "same key on retry"
+    );
     // The same timer again (a second orchestrator, a redelivery) changes nothing.
-    let again = run.input(Input::Timer(Timer::Retry { step: 0, direction: F, attempt: 2 }));
+    let again = run.input(Input::Timer(Timer::Retry {
+        step: 0,
+        direction: F,
+        attempt: 2,
+    }));
     assert!(matches!(again.verdict, Verdict::Ignored(_)) && again.events.is_empty());
     run.ok(json!("R-1"));
     assert_eq!(run.state.current.unwrap().step, 1);
@@ -223,13 +293,26 @@ fn exhausted_retries_compensate() {
     for attempt in 1..=3 {
         let d = run.fail(true);
         if attempt < 3 {
-            let Event::RetryScheduled { delay_ms, .. } = d.events.last().unwrap() else { panic!() };
+            let Event::RetryScheduled { delay_ms, .. } = d.events.last().unwrap() else {
+                panic!()
+            };
             assert_eq!(*delay_ms, 100 << (attempt - 1));
-            run.input(Input::Timer(Timer::Retry { step: 1, direction: F, attempt: attempt + 1 }));
+            run.input(Input::Timer(Timer::Retry {
+                step: 1,
+                direction: F,
+                attempt: attempt + 1,
+            }));
         }
     }
     assert_eq!(run.dispatched(), [(0, F), (1, F), (1, F), (1, F), (0, C)]);
-    assert!(run.state.failure.as_ref().unwrap().1.contains("after 3 attempts"));
+    assert!(
+        run.state
+            .failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("after 3 attempts")
+    );
 }
 
 /// dispatched(charge) then its timeout fires three times: timed_out counts as a failed attempt
@@ -239,10 +322,25 @@ fn timed_out_step_is_compensated_too() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
     for attempt in 1..=3 {
-        let d = run.input(Input::Timer(Timer::Timeout { step: 1, direction: F, attempt }));
-        assert_eq!(d.events[0], Event::TimedOut { step: 1, direction: F, attempt });
+        let d = run.input(Input::Timer(Timer::Timeout {
+            step: 1,
+            direction: F,
+            attempt,
+        }));
+        assert_eq!(
+            d.events[0],
+            Event::TimedOut {
+                step: 1,
+                direction: F,
+                attempt
+            }
+        );
         if attempt < 3 {
-            run.input(Input::Timer(Timer::Retry { step: 1, direction: F, attempt: attempt + 1 }));
+            run.input(Input::Timer(Timer::Retry {
+                step: 1,
+                direction: F,
+                attempt: attempt + 1,
+            }));
         }
     }
     // charge may have been applied by its last attempt: refund it, then release.
@@ -269,16 +367,31 @@ fn stale_duplicate_and_forged_results() {
         direction: F,
         attempt: 1,
         command_id: first.command_id.unwrap(),
-        outcome: Outcome::Success { output: json!("R-2") },
+        outcome: Outcome::Success {
+            output: json!("R-2"),
+        },
     };
     let d = run.input(Input::Reply(duplicate.clone()));
     assert!(matches!(d.verdict, Verdict::Ignored(_)), "{:?}", d.verdict);
     assert!(d.events.is_empty());
-    let forged = Reply { command_id: Uuid::from_u128(999), ..duplicate.clone() };
+    let forged = Reply {
+        command_id: Uuid::from_u128(999),
+        ..duplicate.clone()
+    };
     let d = run.input(Input::Reply(forged));
-    assert!(matches!(&d.verdict, Verdict::Rejected(r) if r.contains("sent no command")), "{:?}", d.verdict);
-    let mismatched = Reply { attempt: 2, ..duplicate };
-    assert!(matches!(run.input(Input::Reply(mismatched)).verdict, Verdict::Rejected(_)));
+    assert!(
+        matches!(&d.verdict, Verdict::Rejected(r) if r.contains("sent no command")),
+        "{:?}",
+        d.verdict
+    );
+    let mismatched = Reply {
+        attempt: 2,
+        ..duplicate
+    };
+    assert!(matches!(
+        run.input(Input::Reply(mismatched)).verdict,
+        Verdict::Rejected(_)
+    ));
     assert_eq!(run.state.outputs[0], Some(json!("R-1")));
 }
 
@@ -291,11 +404,21 @@ fn failing_compensation_gets_stuck() {
     for attempt in 1..=3 {
         run.fail(true);
         if attempt < 3 {
-            run.input(Input::Timer(Timer::Retry { step: 0, direction: C, attempt: attempt + 1 }));
+            run.input(Input::Timer(Timer::Retry {
+                step: 0,
+                direction: C,
+                attempt: attempt + 1,
+            }));
         }
     }
     assert_eq!(run.state.status, SagaStatus::Stuck);
-    assert!(run.state.stuck_reason.as_ref().unwrap().contains("step `reserve` compensation failed after 3 attempts"));
+    assert!(
+        run.state
+            .stuck_reason
+            .as_ref()
+            .unwrap()
+            .contains("step `reserve` compensation failed after 3 attempts")
+    );
     assert_eq!(run.kinds().last(), Some(&"stuck"));
 }
 
@@ -305,27 +428,63 @@ fn replay_errors_carry_codes() {
     let def = order();
     let err = replay(def.definition(), &[]).unwrap_err();
     assert_eq!(err.code, ReplayError::BAD_START);
-    let started = Event::Started { saga: "order".into(), version: 2, input: json!({}), business_key: None };
-    assert_eq!(replay(def.definition(), [&started]).unwrap_err().code, ReplayError::WRONG_DEFINITION);
-    let started = Event::Started { saga: "order".into(), version: 1, input: json!({}), business_key: None };
-    let bad = Event::Succeeded { step: 9, direction: F, attempt: 1, output: json!(null) };
+    let started = Event::Started {
+        saga: "order".into(),
+        version: 2,
+        input: json!({}),
+        business_key: None,
+    };
+    assert_eq!(
+        replay(def.definition(), [&started]).unwrap_err().code,
+        ReplayError::WRONG_DEFINITION
+    );
+    let started = Event::Started {
+        saga: "order".into(),
+        version: 1,
+        input: json!({}),
+        business_key: None,
+    };
+    let bad = Event::Succeeded {
+        step: 9,
+        direction: F,
+        attempt: 1,
+        output: json!(null),
+    };
     let err = replay(def.definition(), [&started, &bad]).unwrap_err();
     assert_eq!(err.code, ReplayError::UNKNOWN_STEP);
-    assert!(err.to_string().starts_with("[SAGA-R002] saga `order` v1:"), "{err}");
+    assert!(
+        err.to_string().starts_with("[SAGA-R002] saga `order` v1:"),
+        "{err}"
+    );
     let after = [started, Event::Completed, Event::Compensated];
-    assert_eq!(replay(def.definition(), &after).unwrap_err().code, ReplayError::AFTER_END);
+    assert_eq!(
+        replay(def.definition(), &after).unwrap_err().code,
+        ReplayError::AFTER_END
+    );
 }
 
 /// An input builder that fails is a terminal failure of its step.
 #[test]
 fn input_builder_error_fails_the_step() {
     let def = SagaDefinition::<Value>::builder("order", 1)
-        .step("reserve", |s| s.action("inventory", "reserve", |_| Ok(1)).compensation("inventory", "release", |_| Ok(1)))
-        .step("charge", |s| s.action("payment", "charge", |ctx| ctx.output::<String>("missing")))
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(1))
+                .compensation("inventory", "release", |_| Ok(1))
+        })
+        .step("charge", |s| {
+            s.action("payment", "charge", |ctx| ctx.output::<String>("missing"))
+        })
         .build()
         .unwrap();
     let (mut run, _) = Run::start(def);
     run.ok(json!(1));
     assert_eq!(run.dispatched(), [(0, F), (0, C)]);
-    assert!(run.state.failure.as_ref().unwrap().1.contains("cannot build the input of step `charge`"));
+    assert!(
+        run.state
+            .failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("cannot build the input of step `charge`")
+    );
 }

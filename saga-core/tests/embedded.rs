@@ -5,14 +5,23 @@ use std::time::Duration;
 
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::worker::{StepError, Worker, handler_fn};
-use saga_core::{Client, CommandContext, InProcessTransport, MemoryStore, Orchestrator, SagaDefinition, SagaStatus};
+use saga_core::{
+    Client, CommandContext, InProcessTransport, MemoryStore, Orchestrator, SagaDefinition,
+    SagaStatus,
+};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn sagas_complete_and_compensate_in_memory() {
     let def = SagaDefinition::<u32>::builder("double", 1)
-        .step("a", |s| s.action("svc", "a", |ctx| Ok(*ctx.input())).compensation("svc", "undo_a", |ctx| ctx.output::<u32>("a")))
-        .step("b", |s| s.pivot().action("svc", "b", |ctx| Ok(ctx.output::<u32>("a")? * 2)))
+        .step("a", |s| {
+            s.action("svc", "a", |ctx| Ok(*ctx.input()))
+                .compensation("svc", "undo_a", |ctx| ctx.output::<u32>("a"))
+        })
+        .step("b", |s| {
+            s.pivot()
+                .action("svc", "b", |ctx| Ok(ctx.output::<u32>("a")? * 2))
+        })
         .build()
         .unwrap();
     let store = Arc::new(MemoryStore::new());
@@ -20,20 +29,39 @@ async fn sagas_complete_and_compensate_in_memory() {
     let shutdown = CancellationToken::new();
     let (undone_tx, mut undone_rx) = tokio::sync::mpsc::unbounded_channel();
     let worker = Worker::builder("svc")
-        .handler("a", handler_fn(|n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) }))
-        .handler("b", handler_fn(|n: u32, _: CommandContext| async move {
-            if n > 10 { Err(StepError::terminal("too large")) } else { Ok(n) }
-        }))
-        .handler("undo_a", handler_fn(move |n: u32, _: CommandContext| {
-            let undone = undone_tx.clone();
-            async move {
-                undone.send(n).unwrap();
-                Ok::<_, StepError>(())
-            }
-        }))
+        .handler(
+            "a",
+            handler_fn(|n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) }),
+        )
+        .handler(
+            "b",
+            handler_fn(|n: u32, _: CommandContext| async move {
+                if n > 10 {
+                    Err(StepError::terminal("too large"))
+                } else {
+                    Ok(n)
+                }
+            }),
+        )
+        .handler(
+            "undo_a",
+            handler_fn(move |n: u32, _: CommandContext| {
+                let undone = undone_tx.clone();
+                async move {
+                    undone.send(n).unwrap();
+                    Ok::<_, StepError>(())
+                }
+            }),
+        )
         .build();
-    let config = OrchestratorConfig { poll_interval: Duration::from_millis(20), ..OrchestratorConfig::default() };
-    let orchestrator = Orchestrator::builder(store.clone(), transport.clone()).register(&def).config(config).build();
+    let config = OrchestratorConfig {
+        poll_interval: Duration::from_millis(20),
+        ..OrchestratorConfig::default()
+    };
+    let orchestrator = Orchestrator::builder(store.clone(), transport.clone())
+        .register(&def)
+        .config(config)
+        .build();
     let worker_task = tokio::spawn(worker.run(transport.clone(), shutdown.clone()));
     let orchestrator_task = tokio::spawn(orchestrator.run(shutdown.clone()));
     let client = Client::new(store.clone());
@@ -49,8 +77,14 @@ async fn sagas_complete_and_compensate_in_memory() {
         tokio::task::yield_now().await;
     };
     assert_eq!(counts.get(&SagaStatus::Completed), Some(&1));
-    assert_eq!(client.summary(ok).await.unwrap().unwrap().status, SagaStatus::Completed);
-    assert_eq!(client.summary(bad).await.unwrap().unwrap().status, SagaStatus::Compensated);
+    assert_eq!(
+        client.summary(ok).await.unwrap().unwrap().status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        client.summary(bad).await.unwrap().unwrap().status,
+        SagaStatus::Compensated
+    );
     shutdown.cancel();
     worker_task.await.unwrap().unwrap();
     orchestrator_task.await.unwrap().unwrap();

@@ -58,7 +58,9 @@ fn definition(shape: &Shape) -> SagaDefinition<Value> {
         let compensated = shape.compensated[i] && kind == StepKind::Compensatable;
         let timeout = shape.timeouts[i];
         b = b.step(format!("s{i}"), move |s| {
-            let mut s = s.action("svc", &format!("do{i}"), move |_| Ok(i)).retry(retry);
+            let mut s = s
+                .action("svc", &format!("do{i}"), move |_| Ok(i))
+                .retry(retry);
             s = match kind {
                 StepKind::Pivot => s.pivot(),
                 StepKind::Retriable => s.retriable(),
@@ -129,7 +131,10 @@ fn run(shape: &Shape, choices: &[u8]) -> Sim {
         if !sim.state.status.is_active() {
             break;
         }
-        let current = sim.state.current.expect("an active saga works on something");
+        let current = sim
+            .state
+            .current
+            .expect("an active saga works on something");
         let Some(command_id) = current.command_id else {
             let (verdict, _) = sim.feed(Input::Timer(Timer::Retry {
                 step: current.step,
@@ -142,7 +147,9 @@ fn run(shape: &Shape, choices: &[u8]) -> Sim {
         let choice = choices.next().unwrap();
         // Steps after the pivot retry without bound; end the run eventually.
         let choice = if current.attempt > 6 { 0 } else { choice % 8 };
-        let has_timeout = sim.def.definition().steps()[current.step as usize].timeout.is_some();
+        let has_timeout = sim.def.definition().steps()[current.step as usize]
+            .timeout
+            .is_some();
         if choice == 3 && has_timeout {
             sim.feed(Input::Timer(Timer::Timeout {
                 step: current.step,
@@ -152,9 +159,17 @@ fn run(shape: &Shape, choices: &[u8]) -> Sim {
             continue;
         }
         let outcome = match choice {
-            1 => Outcome::Failure { error: "flaky".into(), retryable: true },
-            2 => Outcome::Failure { error: "declined".into(), retryable: false },
-            _ => Outcome::Success { output: json!(current.step) },
+            1 => Outcome::Failure {
+                error: "flaky".into(),
+                retryable: true,
+            },
+            2 => Outcome::Failure {
+                error: "declined".into(),
+                retryable: false,
+            },
+            _ => Outcome::Success {
+                output: json!(current.step),
+            },
         };
         let reply = Reply {
             saga_id: Uuid::nil(),

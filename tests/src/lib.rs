@@ -63,10 +63,13 @@ impl TestDb {
     /// Drops the test's schema; call it at the end of a passing test (a failing one keeps its
     /// schema for a look).
     pub async fn drop_schema(self) {
-        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{}\" CASCADE", self.schema)))
-            .execute(&self.pool)
-            .await
-            .expect("drop test schema");
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA \"{}\" CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await
+        .expect("drop test schema");
         self.pool.close().await;
     }
 }
@@ -75,8 +78,7 @@ impl TestDb {
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();

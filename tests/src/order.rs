@@ -129,7 +129,9 @@ pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
     inbox.migrate().await.expect("inbox migrates");
     let effect = |service: &'static str, action: &'static str| Effect {
         inbox: inbox.clone(),
-        insert: format!("INSERT INTO \"{schema}\".effects (saga_id, service, action) VALUES ($1, $2, $3)"),
+        insert: format!(
+            "INSERT INTO \"{schema}\".effects (saga_id, service, action) VALUES ($1, $2, $3)"
+        ),
         action,
         service,
         runs: Arc::new(AtomicU32::new(0)),

@@ -41,7 +41,11 @@ async fn a_dropped_orchestrator_is_replaced_without_loss_or_double_effects() {
     let def = order::definition();
     let mut ids = Vec::new();
     for id in 0..SAGAS {
-        let order = Order { id, fail_ship: id % 5 == 0, ..Order::default() };
+        let order = Order {
+            id,
+            fail_ship: id % 5 == 0,
+            ..Order::default()
+        };
         ids.push(client.start(&def, &order).await.unwrap().saga_id);
     }
 
@@ -56,7 +60,11 @@ async fn a_dropped_orchestrator_is_replaced_without_loss_or_double_effects() {
     let first_def = def.clone();
     doomed.spawn(async move {
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        let store = PgStore::builder(pool).schema(schema).outbox_lease(Duration::from_millis(500)).build().unwrap();
+        let store = PgStore::builder(pool)
+            .schema(schema)
+            .outbox_lease(Duration::from_millis(500))
+            .build()
+            .unwrap();
         Orchestrator::builder(Arc::new(store), Arc::new(first_transport))
             .register(&first_def)
             .config(config())
@@ -93,8 +101,14 @@ async fn a_dropped_orchestrator_is_replaced_without_loss_or_double_effects() {
     .await;
     let counts = store.count_by_status().await.unwrap();
     assert!(finished, "every saga finished: {counts:?}");
-    assert_eq!(counts.get(&SagaStatus::Completed), Some(&u64::from(SAGAS - SAGAS / 5)));
-    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&u64::from(SAGAS / 5)));
+    assert_eq!(
+        counts.get(&SagaStatus::Completed),
+        Some(&u64::from(SAGAS - SAGAS / 5))
+    );
+    assert_eq!(
+        counts.get(&SagaStatus::Compensated),
+        Some(&u64::from(SAGAS / 5))
+    );
 
     for (n, id) in ids.iter().enumerate() {
         let effects = order::effects(&db.pool, &db.schema, *id).await;
@@ -110,10 +124,13 @@ async fn a_dropped_orchestrator_is_replaced_without_loss_or_double_effects() {
     while let Some(w) = workers.join_next().await {
         w.unwrap().unwrap();
     }
-    let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM \"{}\".outbox", db.schema)))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".outbox",
+        db.schema
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(outbox, 0, "the outbox is drained");
     db.drop_schema().await;
 }

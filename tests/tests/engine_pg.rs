@@ -86,13 +86,20 @@ impl Harness {
     }
 
     fn runs(&self, action: &str) -> u32 {
-        self.runs.iter().find(|(a, _)| *a == action).unwrap().1.load(Ordering::SeqCst)
+        self.runs
+            .iter()
+            .find(|(a, _)| *a == action)
+            .unwrap()
+            .1
+            .load(Ordering::SeqCst)
     }
 
     async fn stop(mut self) {
         self.shutdown.cancel();
         while let Some(result) = self.tasks.join_next().await {
-            result.expect("task did not panic").expect("task ended cleanly");
+            result
+                .expect("task did not panic")
+                .expect("task ended cleanly");
         }
         let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT count(*) FROM \"{}\".outbox",
@@ -111,9 +118,12 @@ fn kinds(history: &[saga_core::RecordedEvent]) -> Vec<(&'static str, Option<(u32
         .iter()
         .map(|r| {
             let at = match &r.event {
-                Event::Dispatched { step, direction, .. } | Event::Succeeded { step, direction, .. } => {
-                    Some((*step, *direction))
+                Event::Dispatched {
+                    step, direction, ..
                 }
+                | Event::Succeeded {
+                    step, direction, ..
+                } => Some((*step, *direction)),
                 _ => None,
             };
             (r.event.kind(), at)
@@ -124,7 +134,12 @@ fn kinds(history: &[saga_core::RecordedEvent]) -> Vec<(&'static str, Option<(u32
 #[tokio::test]
 async fn happy_path_completes_with_each_step_once() {
     let h = harness().await;
-    let id = h.start(Order { id: 1, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 1,
+            ..Order::default()
+        })
+        .await;
     assert_eq!(h.finished(id).await.status, SagaStatus::Completed);
     let history = h.client.history(id).await.unwrap();
     use Direction::Forward as F;
@@ -141,7 +156,10 @@ async fn happy_path_completes_with_each_step_once() {
             ("completed", None),
         ]
     );
-    assert_eq!(history.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(
+        history.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
     assert_eq!(h.effects(id).await, ["reserve", "charge", "ship"]);
     h.stop().await;
 }
@@ -149,11 +167,20 @@ async fn happy_path_completes_with_each_step_once() {
 #[tokio::test]
 async fn terminal_failure_compensates_in_reverse_order() {
     let h = harness().await;
-    let id = h.start(Order { id: 2, fail_ship: true, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 2,
+            fail_ship: true,
+            ..Order::default()
+        })
+        .await;
     let summary = h.finished(id).await;
     assert_eq!(summary.status, SagaStatus::Compensated);
     assert!(summary.reason.unwrap().contains("address undeliverable"));
-    assert_eq!(h.effects(id).await, ["reserve", "charge", "refund", "release"]);
+    assert_eq!(
+        h.effects(id).await,
+        ["reserve", "charge", "refund", "release"]
+    );
     let compensations: Vec<u32> = h
         .client
         .history(id)
@@ -161,7 +188,11 @@ async fn terminal_failure_compensates_in_reverse_order() {
         .unwrap()
         .iter()
         .filter_map(|r| match r.event {
-            Event::Succeeded { step, direction: Direction::Compensation, .. } => Some(step),
+            Event::Succeeded {
+                step,
+                direction: Direction::Compensation,
+                ..
+            } => Some(step),
             _ => None,
         })
         .collect();
@@ -186,7 +217,13 @@ async fn retry_delays(h: &Harness, saga_id: Uuid) -> Vec<(String, Duration)> {
 #[tokio::test]
 async fn retryable_failure_backs_off_by_the_policy_then_succeeds() {
     let h = harness().await;
-    let id = h.start(Order { id: 3, flaky_charge: 2, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 3,
+            flaky_charge: 2,
+            ..Order::default()
+        })
+        .await;
     assert_eq!(h.finished(id).await.status, SagaStatus::Completed);
     let delays = retry_delays(&h, id).await;
     let keys: Vec<&str> = delays.iter().map(|(k, _)| k.as_str()).collect();
@@ -207,7 +244,13 @@ async fn retryable_failure_backs_off_by_the_policy_then_succeeds() {
 #[tokio::test]
 async fn exhausted_retries_compensate() {
     let h = harness().await;
-    let id = h.start(Order { id: 4, flaky_charge: 5, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 4,
+            flaky_charge: 5,
+            ..Order::default()
+        })
+        .await;
     let summary = h.finished(id).await;
     assert_eq!(summary.status, SagaStatus::Compensated);
     assert!(summary.reason.unwrap().contains("failed after 3 attempts"));
@@ -219,13 +262,30 @@ async fn exhausted_retries_compensate() {
 #[tokio::test]
 async fn a_panicking_handler_is_a_failed_attempt() {
     let h = harness().await;
-    let id = h.start(Order { id: 5, panic_reserve: true, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 5,
+            panic_reserve: true,
+            ..Order::default()
+        })
+        .await;
     assert_eq!(h.finished(id).await.status, SagaStatus::Completed);
-    let failed = h.client.history(id).await.unwrap().into_iter().find_map(|r| match r.event {
-        Event::Failed { error, retryable, .. } => Some((error, retryable)),
-        _ => None,
-    });
-    assert_eq!(failed, Some(("handler panicked: inventory handler bug".to_owned(), true)));
+    let failed = h
+        .client
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|r| match r.event {
+            Event::Failed {
+                error, retryable, ..
+            } => Some((error, retryable)),
+            _ => None,
+        });
+    assert_eq!(
+        failed,
+        Some(("handler panicked: inventory handler bug".to_owned(), true))
+    );
     assert_eq!(h.effects(id).await, ["reserve", "charge", "ship"]);
     h.stop().await;
 }
@@ -233,11 +293,21 @@ async fn a_panicking_handler_is_a_failed_attempt() {
 #[tokio::test]
 async fn duplicate_results_are_dropped_and_unknown_ones_dead_lettered() {
     let h = harness().await;
-    let id = h.start(Order { id: 6, ..Order::default() }).await;
+    let id = h
+        .start(Order {
+            id: 6,
+            ..Order::default()
+        })
+        .await;
     h.finished(id).await;
     let history = h.client.history(id).await.unwrap();
     let Some((step, attempt, command_id)) = history.iter().find_map(|r| match r.event {
-        Event::Dispatched { step, attempt, command_id, .. } => Some((step, attempt, command_id)),
+        Event::Dispatched {
+            step,
+            attempt,
+            command_id,
+            ..
+        } => Some((step, attempt, command_id)),
         _ => None,
     }) else {
         panic!("no dispatch in {history:?}")
@@ -248,10 +318,18 @@ async fn duplicate_results_are_dropped_and_unknown_ones_dead_lettered() {
         direction: Direction::Forward,
         attempt,
         command_id,
-        outcome: Outcome::Success { output: serde_json::json!("again") },
+        outcome: Outcome::Success {
+            output: serde_json::json!("again"),
+        },
     };
-    let unknown_saga = Reply { saga_id: Uuid::new_v4(), ..duplicate.clone() };
-    let unknown_command = Reply { command_id: Uuid::new_v4(), ..duplicate.clone() };
+    let unknown_saga = Reply {
+        saga_id: Uuid::new_v4(),
+        ..duplicate.clone()
+    };
+    let unknown_command = Reply {
+        command_id: Uuid::new_v4(),
+        ..duplicate.clone()
+    };
     let mut malformed = duplicate.to_envelope();
     malformed.message.body = b"{not json".to_vec();
     h.transport
@@ -264,15 +342,25 @@ async fn duplicate_results_are_dropped_and_unknown_ones_dead_lettered() {
         .await
         .unwrap();
     let dead = wait_until(Duration::from_secs(10), || async {
-        h.transport.dead_letters(&Destination::Results).len() == 3 && h.transport.depth(&Destination::Results) == 0
+        h.transport.dead_letters(&Destination::Results).len() == 3
+            && h.transport.depth(&Destination::Results) == 0
     })
     .await;
     let letters = h.transport.dead_letters(&Destination::Results);
     assert!(dead, "three results dead-lettered: {letters:?}");
     let reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.starts_with("unknown saga")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("sent no command")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("invalid result")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("unknown saga")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("sent no command")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("invalid result")),
+        "{reasons:?}"
+    );
     // The duplicate was acknowledged and dropped: the log did not change.
     assert_eq!(h.client.history(id).await.unwrap(), history);
     assert_eq!(h.effects(id).await, ["reserve", "charge", "ship"]);
@@ -283,14 +371,39 @@ async fn duplicate_results_are_dropped_and_unknown_ones_dead_lettered() {
 async fn a_business_key_starts_one_saga() {
     let h = harness().await;
     let def = order::definition();
-    let first = h.client.start_with_key(&def, &Order { id: 7, ..Order::default() }, "order-7").await.unwrap();
-    let second = h.client.start_with_key(&def, &Order { id: 7, ..Order::default() }, "order-7").await.unwrap();
+    let first = h
+        .client
+        .start_with_key(
+            &def,
+            &Order {
+                id: 7,
+                ..Order::default()
+            },
+            "order-7",
+        )
+        .await
+        .unwrap();
+    let second = h
+        .client
+        .start_with_key(
+            &def,
+            &Order {
+                id: 7,
+                ..Order::default()
+            },
+            "order-7",
+        )
+        .await
+        .unwrap();
     assert!(first.created && !second.created);
     assert_eq!(first.saga_id, second.saga_id);
     h.finished(first.saga_id).await;
     let counts = h.store.count_by_status().await.unwrap();
     assert_eq!(counts.values().sum::<u64>(), 1);
-    assert_eq!(h.effects(first.saga_id).await, ["reserve", "charge", "ship"]);
+    assert_eq!(
+        h.effects(first.saga_id).await,
+        ["reserve", "charge", "ship"]
+    );
     h.stop().await;
 }
 
@@ -299,14 +412,25 @@ async fn start_joins_the_callers_transaction() {
     let h = harness().await;
     let def = order::definition();
     let mut tx = h.db.pool.begin().await.unwrap();
-    let rolled_back = h.store.start_using(&mut tx, &def, &Order::default(), None).await.unwrap();
+    let rolled_back = h
+        .store
+        .start_using(&mut tx, &def, &Order::default(), None)
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     assert_eq!(h.client.summary(rolled_back.saga_id).await.unwrap(), None);
 
     let mut tx = h.db.pool.begin().await.unwrap();
-    let committed = h.store.start_using(&mut tx, &def, &Order::default(), None).await.unwrap();
+    let committed = h
+        .store
+        .start_using(&mut tx, &def, &Order::default(), None)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(h.finished(committed.saga_id).await.status, SagaStatus::Completed);
+    assert_eq!(
+        h.finished(committed.saga_id).await.status,
+        SagaStatus::Completed
+    );
     h.stop().await;
 }
 
@@ -317,14 +441,17 @@ async fn an_unroutable_command_fails_its_step() {
     let transport = Arc::new(InProcessTransport::new());
     // The transport declares no queue for `nowhere`, so the command cannot be routed.
     let def = saga_core::SagaDefinition::<u32>::builder("lost", 1)
-        .step("call", |s| s.action("nowhere", "call", |ctx| Ok(*ctx.input())))
+        .step("call", |s| {
+            s.action("nowhere", "call", |ctx| Ok(*ctx.input()))
+        })
         .build()
         .unwrap();
     let shutdown = CancellationToken::new();
-    let orchestrator = Orchestrator::builder(store.clone(), Arc::new(UndeclaredTransport(transport)))
-        .register(&def)
-        .config(config())
-        .build();
+    let orchestrator =
+        Orchestrator::builder(store.clone(), Arc::new(UndeclaredTransport(transport)))
+            .register(&def)
+            .config(config())
+            .build();
     let run = tokio::spawn(orchestrator.run(shutdown.clone()));
     let client = Client::new(store.clone());
     let id = client.start(&def, &1).await.unwrap().saga_id;
@@ -334,7 +461,12 @@ async fn an_unroutable_command_fails_its_step() {
     .await;
     let summary = client.summary(id).await.unwrap().unwrap();
     assert!(done, "{summary:?}");
-    assert!(summary.reason.unwrap().contains("no queue is bound for service `nowhere`"));
+    assert!(
+        summary
+            .reason
+            .unwrap()
+            .contains("no queue is bound for service `nowhere`")
+    );
     shutdown.cancel();
     run.await.unwrap().unwrap();
     db.drop_schema().await;
@@ -345,17 +477,30 @@ struct UndeclaredTransport(Arc<InProcessTransport>);
 
 #[async_trait::async_trait]
 impl Transport for UndeclaredTransport {
-    async fn declare(&self, sources: &[Destination]) -> Result<(), saga_core::transport::TransportError> {
-        let results: Vec<_> = sources.iter().filter(|s| **s == Destination::Results).cloned().collect();
+    async fn declare(
+        &self,
+        sources: &[Destination],
+    ) -> Result<(), saga_core::transport::TransportError> {
+        let results: Vec<_> = sources
+            .iter()
+            .filter(|s| **s == Destination::Results)
+            .cloned()
+            .collect();
         self.0.declare(&results).await
     }
-    async fn publish(&self, batch: Vec<saga_core::Envelope>) -> Result<(), saga_core::transport::PublishError> {
+    async fn publish(
+        &self,
+        batch: Vec<saga_core::Envelope>,
+    ) -> Result<(), saga_core::transport::PublishError> {
         self.0.publish(batch).await
     }
     async fn consume(
         &self,
         source: &Destination,
-    ) -> Result<futures_util::stream::BoxStream<'static, saga_core::Delivery>, saga_core::transport::TransportError> {
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, saga_core::Delivery>,
+        saga_core::transport::TransportError,
+    > {
         self.0.consume(source).await
     }
 }
@@ -364,16 +509,27 @@ impl Transport for UndeclaredTransport {
 async fn an_unregistered_version_is_left_untouched() {
     let h = harness().await;
     let v2 = saga_core::SagaDefinition::<Order>::builder("order", 2)
-        .step("reserve", |s| s.action("inventory", "reserve", |ctx| Ok(ctx.input().clone())))
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |ctx| Ok(ctx.input().clone()))
+        })
         .build()
         .unwrap();
-    let id = h.client.start(&v2, &Order::default()).await.unwrap().saga_id;
+    let id = h
+        .client
+        .start(&v2, &Order::default())
+        .await
+        .unwrap()
+        .saga_id;
     // Its first command runs; its result cannot be applied by an orchestrator that only knows v1.
     let ran = wait_until(Duration::from_secs(10), || async { h.runs("reserve") == 1 }).await;
     assert!(ran);
     let summary = h.client.summary(id).await.unwrap().unwrap();
     assert_eq!(summary.status, SagaStatus::Running);
-    assert_eq!(h.client.history(id).await.unwrap().len(), 2, "started and dispatched only");
+    assert_eq!(
+        h.client.history(id).await.unwrap().len(),
+        2,
+        "started and dispatched only"
+    );
     h.shutdown.cancel();
     let mut h = h;
     while let Some(result) = h.tasks.join_next().await {

@@ -27,14 +27,22 @@ async fn setup() -> (saga_tests::TestDb, Inbox, String) {
     let inbox = Inbox::new(db.pool.clone(), &db.schema).unwrap();
     inbox.migrate().await.unwrap();
     let table = format!("\"{}\".ledger", db.schema);
-    sqlx::query(AssertSqlSafe(format!("CREATE TABLE {table} (amount int NOT NULL)")))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {table} (amount int NOT NULL)"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
     (db, inbox, table)
 }
 
-async fn charge(inbox: &Inbox, ctx: &CommandContext, table: &str, runs: &Arc<AtomicU32>, result: Result<i32, StepError>) -> Result<i32, StepError> {
+async fn charge(
+    inbox: &Inbox,
+    ctx: &CommandContext,
+    table: &str,
+    runs: &Arc<AtomicU32>,
+    result: Result<i32, StepError>,
+) -> Result<i32, StepError> {
     let insert = format!("INSERT INTO {table} (amount) VALUES (10)");
     let runs = Arc::clone(runs);
     inbox
@@ -62,7 +70,11 @@ async fn a_redelivery_returns_the_recorded_result_without_reapplying() {
     let first = ctx("saga-1:1:forward");
     assert_eq!(charge(&inbox, &first, &table, &runs, Ok(7)).await, Ok(7));
     // A retry of the same step has a new command id and attempt, but the same key.
-    let retry = CommandContext { attempt: 2, command_id: Uuid::new_v4(), ..first.clone() };
+    let retry = CommandContext {
+        attempt: 2,
+        command_id: Uuid::new_v4(),
+        ..first.clone()
+    };
     assert_eq!(charge(&inbox, &retry, &table, &runs, Ok(8)).await, Ok(7));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(ledger(&db, &table).await, 1);
@@ -74,16 +86,42 @@ async fn retryable_failures_roll_back_and_terminal_ones_are_recorded() {
     let (db, inbox, table) = setup().await;
     let runs = Arc::new(AtomicU32::new(0));
     let c = ctx("k-retry");
-    let flaky = charge(&inbox, &c, &table, &runs, Err(StepError::retryable("gateway down"))).await;
+    let flaky = charge(
+        &inbox,
+        &c,
+        &table,
+        &runs,
+        Err(StepError::retryable("gateway down")),
+    )
+    .await;
     assert!(flaky.unwrap_err().is_retryable());
-    assert_eq!(ledger(&db, &table).await, 0, "the failed attempt's write rolled back");
-    assert_eq!(charge(&inbox, &c, &table, &runs, Ok(1)).await, Ok(1), "the next attempt runs afresh");
+    assert_eq!(
+        ledger(&db, &table).await,
+        0,
+        "the failed attempt's write rolled back"
+    );
+    assert_eq!(
+        charge(&inbox, &c, &table, &runs, Ok(1)).await,
+        Ok(1),
+        "the next attempt runs afresh"
+    );
 
     let d = ctx("k-terminal");
-    let declined = charge(&inbox, &d, &table, &runs, Err(StepError::terminal("card declined"))).await;
+    let declined = charge(
+        &inbox,
+        &d,
+        &table,
+        &runs,
+        Err(StepError::terminal("card declined")),
+    )
+    .await;
     assert_eq!(declined, Err(StepError::terminal("card declined")));
     let again = charge(&inbox, &d, &table, &runs, Ok(2)).await;
-    assert_eq!(again, Err(StepError::terminal("card declined")), "a redelivery fails the same way");
+    assert_eq!(
+        again,
+        Err(StepError::terminal("card declined")),
+        "a redelivery fails the same way"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 3);
     assert_eq!(ledger(&db, &table).await, 1);
     db.drop_schema().await;

@@ -67,11 +67,12 @@ where
             };
             for (what, value) in [("service", &action.service), ("command", &action.command)]
                 .into_iter()
-                .chain(
-                    b.compensation
-                        .iter()
-                        .flat_map(|c| [("compensation service", &c.service), ("compensation command", &c.command)]),
-                )
+                .chain(b.compensation.iter().flat_map(|c| {
+                    [
+                        ("compensation service", &c.service),
+                        ("compensation command", &c.command),
+                    ]
+                }))
             {
                 if value.trim().is_empty() {
                     return Err(DefinitionError::EmptyRoute { saga, step, what });
@@ -247,7 +248,10 @@ mod tests {
 
     #[test]
     fn empty_saga_is_rejected() {
-        assert_eq!(err(SagaDefinition::builder("order", 1)), "saga `order` has no steps");
+        assert_eq!(
+            err(SagaDefinition::builder("order", 1)),
+            "saga `order` has no steps"
+        );
     }
 
     #[test]
@@ -283,7 +287,10 @@ mod tests {
     fn retriable_before_pivot_is_named() {
         let b = SagaDefinition::builder("order", 1)
             .step("notify", |s| s.retriable().action("mail", "send", noop));
-        assert_eq!(err(b), "saga `order`: retriable step `notify` must come after a pivot step");
+        assert_eq!(
+            err(b),
+            "saga `order`: retriable step `notify` must come after a pivot step"
+        );
     }
 
     #[test]
@@ -302,10 +309,19 @@ mod tests {
         let b = SagaDefinition::builder("order", 1)
             .step("a", |s| s.pivot().action("x", "a", noop))
             .step("b", |s| s.pivot().action("x", "b", noop));
-        assert_eq!(err(b), "saga `order`: step `b` is a second pivot (the pivot is `a`)");
-        let b = SagaDefinition::builder("order", 1)
-            .step("a", |s| s.pivot().action("x", "a", noop).compensation("x", "undo", noop));
-        assert_eq!(err(b), "saga `order`: pivot step `a` cannot have a compensation");
+        assert_eq!(
+            err(b),
+            "saga `order`: step `b` is a second pivot (the pivot is `a`)"
+        );
+        let b = SagaDefinition::builder("order", 1).step("a", |s| {
+            s.pivot()
+                .action("x", "a", noop)
+                .compensation("x", "undo", noop)
+        });
+        assert_eq!(
+            err(b),
+            "saga `order`: pivot step `a` cannot have a compensation"
+        );
     }
 
     #[test]
@@ -330,7 +346,10 @@ mod tests {
     #[test]
     fn valid_definition_lists_services() {
         let saga = SagaDefinition::builder("order", 2)
-            .step("reserve", |s| s.action("inventory", "reserve", noop).compensation("inventory", "release", noop))
+            .step("reserve", |s| {
+                s.action("inventory", "reserve", noop)
+                    .compensation("inventory", "release", noop)
+            })
             .step("charge", |s| s.action("payment", "charge", noop))
             .step("ship", |s| s.pivot().action("shipping", "ship", noop))
             .step("notify", |s| s.retriable().action("mail", "send", noop))

@@ -60,7 +60,9 @@ pub enum DefinitionError {
         pivot: String,
     },
     /// A step after the pivot has a compensation, which could never run.
-    #[error("saga `{saga}`: step `{step}` comes after the pivot `{pivot}` and cannot have a compensation")]
+    #[error(
+        "saga `{saga}`: step `{step}` comes after the pivot `{pivot}` and cannot have a compensation"
+    )]
     CompensationAfterPivot {
         /// The saga's name.
         saga: String,

@@ -55,7 +55,10 @@ impl RetryPolicy {
 
     /// The smallest and largest delay [`RetryPolicy::delay`] can return after `failed_attempt`.
     pub fn delay_bounds(&self, failed_attempt: u32) -> (Duration, Duration) {
-        (self.delay(failed_attempt, 1.0), self.delay(failed_attempt, 0.0))
+        (
+            self.delay(failed_attempt, 1.0),
+            self.delay(failed_attempt, 0.0),
+        )
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
@@ -63,10 +66,16 @@ impl RetryPolicy {
             return Err("max_attempts must be at least 1".into());
         }
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(format!("multiplier must be a finite number >= 1.0, got {}", self.multiplier));
+            return Err(format!(
+                "multiplier must be a finite number >= 1.0, got {}",
+                self.multiplier
+            ));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(format!("jitter must be within 0.0..=1.0, got {}", self.jitter));
+            return Err(format!(
+                "jitter must be within 0.0..=1.0, got {}",
+                self.jitter
+            ));
         }
         if self.initial_backoff > self.max_backoff {
             return Err(format!(

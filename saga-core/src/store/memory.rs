@@ -74,7 +74,11 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn load(&self, registry: &Registry, saga_id: Uuid) -> Result<std::result::Result<(Arc<crate::Definition>, Loaded), Verdict>> {
+    fn load(
+        &self,
+        registry: &Registry,
+        saga_id: Uuid,
+    ) -> Result<std::result::Result<(Arc<crate::Definition>, Loaded), Verdict>> {
         let Some(instance) = self.instances.get(&saga_id) else {
             return Ok(Err(Verdict::Rejected(format!("unknown saga {saga_id}"))));
         };
@@ -96,7 +100,12 @@ impl Inner {
     }
 
     /// Applies inputs under the lock; all or nothing, like a transaction.
-    fn apply(&mut self, registry: &Registry, batch: &[(Uuid, Input)], now: DateTime<Utc>) -> Result<Vec<Applied>> {
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        batch: &[(Uuid, Input)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
         let mut writes = Writes::default();
         let mut loaded: HashMap<Uuid, (Arc<crate::Definition>, Loaded)> = HashMap::new();
         let mut decided = Vec::with_capacity(batch.len());
@@ -113,7 +122,14 @@ impl Inner {
                 }
             }
             let (definition, saga) = loaded.get_mut(saga_id).expect("loaded above");
-            decided.push(Ok(apply_input(definition, *saga_id, saga, input, now, &mut writes)?));
+            decided.push(Ok(apply_input(
+                definition,
+                *saga_id,
+                saga,
+                input,
+                now,
+                &mut writes,
+            )?));
         }
         Ok(self.write(writes, decided, now))
     }
@@ -125,7 +141,10 @@ impl Inner {
         now: DateTime<Utc>,
     ) -> Vec<Applied> {
         for row in writes.events {
-            let instance = self.instances.get_mut(&row.saga_id).expect("locked instance");
+            let instance = self
+                .instances
+                .get_mut(&row.saga_id)
+                .expect("locked instance");
             instance.events.push(RecordedEvent {
                 seq: row.seq,
                 at: row.at,
@@ -133,7 +152,11 @@ impl Inner {
             });
         }
         for (saga_id, update) in writes.instances {
-            let summary = &mut self.instances.get_mut(&saga_id).expect("locked instance").summary;
+            let summary = &mut self
+                .instances
+                .get_mut(&saga_id)
+                .expect("locked instance")
+                .summary;
             summary.status = update.status;
             summary.reason = update.reason;
             summary.updated_at = now;
@@ -156,7 +179,8 @@ impl Inner {
             .into_iter()
             .map(|(_, envelope)| {
                 self.next_outbox_id += 1;
-                self.outbox.insert(self.next_outbox_id, (envelope, claimed_until));
+                self.outbox
+                    .insert(self.next_outbox_id, (envelope, claimed_until));
                 self.next_outbox_id
             })
             .collect();
@@ -192,13 +216,15 @@ impl Store for MemoryStore {
         let definition = request.definition;
         let name = definition.name().to_owned();
         let mut inner = self.lock();
-        if let Some(key) = &request.business_key {
-            if let Some(id) = inner.keys.get(&(name.clone(), key.clone())) {
-                return Ok(Started {
-                    saga_id: *id,
-                    created: false,
-                });
-            }
+        if let Some(id) = request
+            .business_key
+            .as_ref()
+            .and_then(|key| inner.keys.get(&(name.clone(), key.clone())))
+        {
+            return Ok(Started {
+                saga_id: *id,
+                created: false,
+            });
         }
         let saga_id = Uuid::now_v7();
         let started = Event::Started {
@@ -259,9 +285,10 @@ impl Store for MemoryStore {
             .timers
             .iter()
             .filter(|((saga_id, _), t)| {
-                let known = inner.instances.get(saga_id).is_some_and(|i| {
-                    registry.get(&i.summary.saga, i.summary.version).is_some()
-                });
+                let known = inner
+                    .instances
+                    .get(saga_id)
+                    .is_some_and(|i| registry.get(&i.summary.saga, i.summary.version).is_some());
                 t.due_at <= now && known
             })
             .map(|((saga_id, key), t)| (t.due_at, *saga_id, key.clone(), t.timer))
@@ -315,7 +342,11 @@ impl Store for MemoryStore {
     }
 
     async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>> {
-        Ok(self.lock().instances.get(&saga_id).map(|i| i.summary.clone()))
+        Ok(self
+            .lock()
+            .instances
+            .get(&saga_id)
+            .map(|i| i.summary.clone()))
     }
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {

@@ -192,7 +192,14 @@ impl PgStore {
             event: started,
             at: now,
         });
-        apply_input(&definition, saga_id, &mut loaded, &Input::Start, now, &mut writes)?;
+        apply_input(
+            &definition,
+            saga_id,
+            &mut loaded,
+            &Input::Start,
+            now,
+            &mut writes,
+        )?;
         // Left unclaimed: the relay's poller publishes it, woken by the notification.
         self.write(conn, writes, now, now).await?;
         sqlx::query("SELECT pg_notify($1, '')")
@@ -280,11 +287,19 @@ impl PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
         let mut writes = Writes::default();
-        let mut decided: Vec<std::result::Result<Decided, Verdict>> = Vec::with_capacity(batch.len());
+        let mut decided: Vec<std::result::Result<Decided, Verdict>> =
+            Vec::with_capacity(batch.len());
         for (saga_id, input) in batch {
             match loaded.get_mut(saga_id) {
                 Some(Ok((definition, saga))) => {
-                    decided.push(Ok(apply_input(definition, *saga_id, saga, input, now, &mut writes)?));
+                    decided.push(Ok(apply_input(
+                        definition,
+                        *saga_id,
+                        saga,
+                        input,
+                        now,
+                        &mut writes,
+                    )?));
                 }
                 Some(Err(verdict)) => decided.push(Err(verdict.clone())),
                 None => decided.push(Err(Verdict::Rejected(format!("unknown saga {saga_id}")))),
@@ -380,7 +395,8 @@ impl PgStore {
             outbox_ids = message_ids.iter().map(|m| by_message[m]).collect();
         }
         if !writes.timers_cancelled.is_empty() {
-            let (sagas, keys): (Vec<Uuid>, Vec<String>) = writes.timers_cancelled.into_iter().unzip();
+            let (sagas, keys): (Vec<Uuid>, Vec<String>) =
+                writes.timers_cancelled.into_iter().unzip();
             sqlx::query(self.sql.cancel_timers.clone())
                 .bind(sagas)
                 .bind(keys)
@@ -518,7 +534,9 @@ impl Store for PgStore {
                     id: row.try_get("id")?,
                     envelope: Envelope {
                         destination: Destination::decode(&destination).ok_or_else(|| {
-                            Error::Config(format!("outbox row has a bad destination `{destination}`"))
+                            Error::Config(format!(
+                                "outbox row has a bad destination `{destination}`"
+                            ))
                         })?,
                         message: Message {
                             id: row.try_get("message_id")?,
@@ -670,7 +688,9 @@ impl Sql {
                 "UPDATE {s}.timers SET fired_at = $2 \
                  WHERE saga_id = ANY($1) AND fired_at IS NULL AND due_at <= $2 RETURNING saga_id, timer"
             )),
-            next_timer: sql(format!("SELECT min(due_at) FROM {s}.timers WHERE fired_at IS NULL")),
+            next_timer: sql(format!(
+                "SELECT min(due_at) FROM {s}.timers WHERE fired_at IS NULL"
+            )),
             claim_outbox: sql(format!(
                 "UPDATE {s}.outbox SET claimed_until = $2 WHERE id IN \
                  (SELECT id FROM {s}.outbox WHERE claimed_until <= $1 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \

@@ -52,7 +52,11 @@ impl InProcessTransport {
     }
 
     fn queue(&self, source: &Source) -> Option<Arc<Queue>> {
-        self.queues.lock().expect("queues lock").get(source).cloned()
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .get(source)
+            .cloned()
     }
 
     fn declared(&self, source: &Source) -> Arc<Queue> {
@@ -104,7 +108,10 @@ impl Transport for InProcessTransport {
         }
     }
 
-    async fn consume(&self, source: &Source) -> Result<BoxStream<'static, Delivery>, TransportError> {
+    async fn consume(
+        &self,
+        source: &Source,
+    ) -> Result<BoxStream<'static, Delivery>, TransportError> {
         let queue = self.declared(source);
         Ok(Box::pin(stream::unfold(queue, |queue| async move {
             let (message, redelivered) = loop {

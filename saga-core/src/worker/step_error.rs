@@ -46,7 +46,11 @@ impl StepError {
 
 impl fmt::Debug for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.retryable { "retryable" } else { "terminal" };
+        let kind = if self.retryable {
+            "retryable"
+        } else {
+            "terminal"
+        };
         write!(f, "StepError({kind}: {})", self.message)
     }
 }
