@@ -1,6 +1,8 @@
 //! Support for saga's end-to-end tests: a fresh schema per test on the real PostgreSQL, and a
 //! small order saga whose participants record their effects through the inbox.
 
+pub mod amqp;
+pub mod harness;
 pub mod order;
 
 use std::time::Duration;

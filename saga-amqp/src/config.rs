@@ -1,0 +1,252 @@
+//! Configuration of the RabbitMQ transport, from code or from the environment.
+
+use std::time::Duration;
+
+/// The kind of queue declared for services and results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Replicated, durable, with a delivery limit (the default).
+    #[default]
+    Quorum,
+    /// A classic durable queue (no delivery limit).
+    Classic,
+}
+
+/// How the transport connects and names its topology.
+#[derive(Clone, PartialEq)]
+pub struct AmqpConfig {
+    /// The broker URL (`amqp://` or `amqps://`); the vhost comes from its path.
+    pub url: String,
+    /// The prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Unacknowledged deliveries per consumer.
+    pub prefetch: u16,
+    /// Quorum (default) or classic queues.
+    pub queue_type: QueueType,
+    /// Deliveries of one message before a quorum queue dead-letters it (stops poison loops).
+    pub delivery_limit: u32,
+    /// How long to wait for the broker to confirm a publish.
+    pub confirm_timeout: Duration,
+    /// Heartbeat interval in seconds, unless the URL sets one.
+    pub heartbeat_secs: u16,
+    /// Names the connections in the broker's management view (`NAME-publish`, `NAME-consume`).
+    pub connection_name: String,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact(&self.url))
+            .field("prefix", &self.prefix)
+            .field("prefetch", &self.prefetch)
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("connection_name", &self.connection_name)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// The local RabbitMQ's default vhost, as guest.
+    pub const DEFAULT_URL: &'static str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// Default name prefix.
+    pub const DEFAULT_PREFIX: &'static str = "saga";
+    /// Default prefetch.
+    pub const DEFAULT_PREFETCH: u16 = 64;
+    /// Default delivery limit.
+    pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+    /// Default confirm timeout.
+    pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default heartbeat.
+    pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+    /// The defaults, connecting to `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            prefetch: Self::DEFAULT_PREFETCH,
+            queue_type: QueueType::Quorum,
+            delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
+            confirm_timeout: Self::DEFAULT_CONFIRM_TIMEOUT,
+            heartbeat_secs: Self::DEFAULT_HEARTBEAT_SECS,
+            connection_name: "saga".to_owned(),
+        }
+    }
+
+    /// Reads `AMQP_URL`, `AMQP_PREFIX`, `AMQP_PREFETCH`, `AMQP_QUEUE_TYPE` (`quorum` or
+    /// `classic`), `AMQP_DELIVERY_LIMIT` and `AMQP_CONFIRM_TIMEOUT_MS`; unset ones take the
+    /// defaults. A value that does not parse is an error naming the variable.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`AmqpConfig::from_env`], reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config =
+            Self::new(lookup("AMQP_URL").unwrap_or_else(|| Self::DEFAULT_URL.to_owned()));
+        let scheme_ok = config.url.starts_with("amqp://") || config.url.starts_with("amqps://");
+        if !scheme_ok || config.url.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(ConfigError::new("AMQP_URL", "an amqp:// or amqps:// URL"));
+        }
+        if let Some(prefix) = lookup("AMQP_PREFIX") {
+            let valid = !prefix.is_empty()
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                return Err(ConfigError::new(
+                    "AMQP_PREFIX",
+                    "letters, digits, '-', '_' or '.'",
+                ));
+            }
+            config.prefix = prefix;
+        }
+        if let Some(v) = lookup("AMQP_PREFETCH") {
+            config.prefetch = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::new("AMQP_PREFETCH", "a number from 1 to 65535"))?;
+        }
+        if let Some(v) = lookup("AMQP_QUEUE_TYPE") {
+            config.queue_type = match v.as_str() {
+                "quorum" => QueueType::Quorum,
+                "classic" => QueueType::Classic,
+                _ => return Err(ConfigError::new("AMQP_QUEUE_TYPE", "`quorum` or `classic`")),
+            };
+        }
+        if let Some(v) = lookup("AMQP_DELIVERY_LIMIT") {
+            config.delivery_limit = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::new("AMQP_DELIVERY_LIMIT", "a positive number"))?;
+        }
+        if let Some(v) = lookup("AMQP_CONFIRM_TIMEOUT_MS") {
+            config.confirm_timeout = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "AMQP_CONFIRM_TIMEOUT_MS",
+                        "a positive number of milliseconds",
+                    )
+                })?;
+        }
+        Ok(config)
+    }
+
+    /// The name of the commands exchange.
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+
+    /// The name of the results exchange.
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// The name of the dead-letter exchange.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The queue of a source: `PREFIX.service.NAME` or `PREFIX.results`.
+    pub fn queue(&self, source: &saga_core::Destination) -> String {
+        match source {
+            saga_core::Destination::Service(name) => format!("{}.service.{name}", self.prefix),
+            saga_core::Destination::Results => format!("{}.results", self.prefix),
+        }
+    }
+
+    /// The dead-letter queue of a source queue: `PREFIX.dead.QUEUE`.
+    pub fn dead_queue(&self, source: &saga_core::Destination) -> String {
+        format!("{}.dead.{}", self.prefix, self.queue(source))
+    }
+}
+
+/// A configuration value that does not parse, naming the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {variable}: expected {expected}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub variable: &'static str,
+    /// What it should hold.
+    pub expected: &'static str,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, expected: &'static str) -> Self {
+        Self { variable, expected }
+    }
+}
+
+/// The URL with its password replaced by `***`, for logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://app:s3cret@mq:5672/prod"),
+            "amqp://app:***@mq:5672/prod"
+        );
+        assert_eq!(redact("amqps://mq/%2f"), "amqps://mq/%2f");
+        let config = AmqpConfig::new("amqp://app:s3cret@mq/%2f");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let err = AmqpConfig::from_lookup(env(&[("AMQP_PREFETCH", "lots")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid AMQP_PREFETCH: expected a number from 1 to 65535"
+        );
+        let err = AmqpConfig::from_lookup(env(&[("AMQP_URL", "http://x")])).unwrap_err();
+        assert_eq!(err.variable, "AMQP_URL");
+        let err = AmqpConfig::from_lookup(env(&[("AMQP_QUEUE_TYPE", "stream")])).unwrap_err();
+        assert_eq!(err.variable, "AMQP_QUEUE_TYPE");
+        let ok = AmqpConfig::from_lookup(env(&[
+            ("AMQP_QUEUE_TYPE", "classic"),
+            ("AMQP_PREFIX", "t1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (ok.queue_type, ok.queue(&saga_core::Destination::Results)),
+            (QueueType::Classic, "t1.results".into())
+        );
+        assert_eq!(
+            AmqpConfig::from_lookup(|_| None).unwrap().url,
+            AmqpConfig::DEFAULT_URL
+        );
+    }
+}

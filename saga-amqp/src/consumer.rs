@@ -1,0 +1,240 @@
+//! Consuming a queue with manual acks, re-subscribing after the broker cancels the consumer or
+//! the connection drops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use saga_core::message::headers;
+use saga_core::transport::{Acker, Delivery, TransportError};
+use saga_core::{Destination, Envelope};
+use tracing::{info, warn};
+
+use crate::config::AmqpConfig;
+use crate::convert::message;
+use crate::link::{Link, amqp_error};
+use crate::publisher::{Outgoing, publish_outgoing};
+use crate::topology::declare_source;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a consumer needs to (re)subscribe and to dead-letter.
+pub(crate) struct Subscription {
+    pub(crate) config: Arc<AmqpConfig>,
+    pub(crate) consume: Arc<Link>,
+    pub(crate) publish: Arc<Link>,
+    pub(crate) source: Destination,
+}
+
+struct Active {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+struct State {
+    sub: Arc<Subscription>,
+    active: Option<Active>,
+    backoff: Duration,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // Stop new deliveries; unsettled ones stay with their ackers.
+        if let (Some(active), Ok(handle)) =
+            (self.active.take(), tokio::runtime::Handle::try_current())
+        {
+            handle.spawn(async move {
+                let tag = active.consumer.tag();
+                let _ = active
+                    .channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await;
+            });
+        }
+    }
+}
+
+impl Subscription {
+    async fn subscribe(&self) -> Result<Active, TransportError> {
+        let channel = self.consume.extra_channel().await?;
+        let queue = self.config.queue(&self.source);
+        declare_source(&channel, &self.config, &self.source)
+            .await
+            .map_err(amqp_error)?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_error)?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_error)?;
+        Ok(Active { channel, consumer })
+    }
+}
+
+/// The deliveries of `sub`'s queue, forever: failures re-subscribe with backoff.
+pub(crate) fn stream(sub: Subscription) -> BoxStream<'static, Delivery> {
+    let state = State {
+        sub: Arc::new(sub),
+        active: None,
+        backoff: MIN_BACKOFF,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            if state.active.is_none() {
+                match state.sub.subscribe().await {
+                    Ok(active) => {
+                        info!(queue = %state.sub.config.queue(&state.sub.source), "consuming");
+                        state.active = Some(active);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?state.backoff, "subscribing failed");
+                        state.sub.consume.reset().await;
+                        tokio::time::sleep(state.backoff).await;
+                        state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+            let next = state
+                .active
+                .as_mut()
+                .expect("subscribed above")
+                .consumer
+                .next()
+                .await;
+            match next {
+                Some(Ok(d)) => {
+                    state.backoff = MIN_BACKOFF;
+                    let delivery = Delivery::new(
+                        message(&d.properties, d.data.clone()),
+                        d.redelivered,
+                        Box::new(AmqpAcker {
+                            acker: Some(d.acker),
+                            properties: d.properties,
+                            body: d.data,
+                            sub: Arc::clone(&state.sub),
+                        }),
+                    );
+                    return Some((delivery, state));
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consumer failed; re-subscribing");
+                    state.active = None;
+                }
+                None => {
+                    info!("the broker ended the consumer; re-subscribing");
+                    state.active = None;
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+struct AmqpAcker {
+    acker: Option<lapin::Acker>,
+    properties: BasicProperties,
+    body: Vec<u8>,
+    sub: Arc<Subscription>,
+}
+
+impl AmqpAcker {
+    fn take(&mut self) -> lapin::Acker {
+        self.acker.take().expect("settled once")
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.take()
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(amqp_error)
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), TransportError> {
+        self.take()
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(drop)
+            .map_err(amqp_error)
+    }
+
+    /// Publishes a copy with the reason to the dead-letter exchange, then acks the original;
+    /// if that publish fails, rejects it so the queue's own dead-lettering keeps it.
+    async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), TransportError> {
+        let acker = self.take();
+        let config = &self.sub.config;
+        let queue = config.queue(&self.sub.source);
+        let mut original = message(&self.properties, std::mem::take(&mut self.body));
+        original
+            .headers
+            .insert(headers::REJECT_REASON.to_owned(), reason.to_owned());
+        original
+            .headers
+            .insert("x-saga-source-queue".to_owned(), queue.clone());
+        let properties = crate::convert::properties(&original, &[]);
+        let copy = Outgoing {
+            exchange: config.dead_exchange(),
+            routing_key: queue,
+            properties,
+            envelope: Envelope {
+                destination: self.sub.source.clone(),
+                message: original,
+            },
+        };
+        match publish_outgoing(&self.sub.publish, config.confirm_timeout, vec![copy]).await {
+            Ok(()) => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(amqp_error),
+            Err(e) => {
+                warn!(error = %e, "dead-letter publish failed; rejecting to the queue's dead-letter exchange");
+                acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map(drop)
+                    .map_err(amqp_error)
+            }
+        }
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if let (Some(acker), Ok(handle)) =
+            (self.acker.take(), tokio::runtime::Handle::try_current())
+        {
+            handle.spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            });
+        }
+    }
+}

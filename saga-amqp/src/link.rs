@@ -1,0 +1,151 @@
+//! A connection to the broker that reconnects on demand, named for its role.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+use tracing::info;
+
+use saga_core::transport::TransportError;
+
+use crate::config::{AmqpConfig, redact};
+
+/// How a link's channel is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishes with confirms.
+    Publish,
+    /// Consumes; each consumer gets a channel of its own.
+    Consume,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Publish => "publish",
+            Role::Consume => "consume",
+        }
+    }
+}
+
+/// One connection (and, for publishing, one confirm channel), replaced when it fails.
+pub(crate) struct Link {
+    config: Arc<AmqpConfig>,
+    role: Role,
+    current: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl Link {
+    pub(crate) fn new(config: Arc<AmqpConfig>, role: Role) -> Self {
+        Self {
+            config,
+            role,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The link's healthy channel, connecting first if the connection is gone.
+    pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
+        let mut current = self.current.lock().await;
+        if let Some((conn, channel)) = current.as_ref() {
+            if conn.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            if conn.status().connected() {
+                let channel = self.setup(conn).await?;
+                current.as_mut().expect("checked above").1 = channel.clone();
+                return Ok(channel);
+            }
+        }
+        let conn = self.connect().await?;
+        let channel = self.setup(&conn).await?;
+        *current = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    /// A new channel on the link's connection, for one consumer.
+    pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
+        let channel = self.channel().await?;
+        let current = self.current.lock().await;
+        match current.as_ref() {
+            Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
+            None => Ok(channel),
+        }
+    }
+
+    /// Forgets the current connection after an error, closing it if it still runs.
+    pub(crate) async fn reset(&self) {
+        if let Some((conn, _)) = self.current.lock().await.take() {
+            let _ = conn.close(200, "reset after an error".into()).await;
+        }
+    }
+
+    async fn connect(&self) -> Result<Connection, TransportError> {
+        let mut uri: AMQPUri = self.config.url.parse().map_err(|e: String| {
+            TransportError(format!(
+                "invalid AMQP URL {}: {e}",
+                redact(&self.config.url)
+            ))
+        })?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(self.config.heartbeat_secs);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(CONNECT_TIMEOUT.as_millis() as u64);
+        }
+        let name = format!("{}-{}", self.config.connection_name, self.role.name());
+        let properties = ConnectionProperties::default().with_connection_name(name.clone().into());
+        let conn = Connection::connect_uri(uri, properties)
+            .await
+            .map_err(|e| {
+                TransportError(format!(
+                    "cannot connect to {}: {e}",
+                    redact(&self.config.url)
+                ))
+            })?;
+        info!(connection = %name, url = %redact(&self.config.url), "connected to RabbitMQ");
+        Ok(conn)
+    }
+
+    async fn setup(&self, conn: &Connection) -> Result<Channel, TransportError> {
+        self.setup_channel(conn).await.map_err(amqp_error)
+    }
+
+    async fn setup_channel(&self, conn: &Connection) -> lapin::Result<Channel> {
+        let channel = conn.create_channel().await?;
+        if self.role == Role::Publish {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            for exchange in [
+                self.config.commands_exchange(),
+                self.config.results_exchange(),
+                self.config.dead_exchange(),
+            ] {
+                channel
+                    .exchange_declare(
+                        exchange.into(),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        Ok(channel)
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A broker error as a transport error.
+pub(crate) fn amqp_error(error: lapin::Error) -> TransportError {
+    TransportError(format!("rabbitmq: {error}"))
+}

@@ -1,0 +1,148 @@
+//! Publishing batches with pipelined confirms and the mandatory flag.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Confirmation};
+use saga_core::Envelope;
+use saga_core::transport::PublishError;
+use tracing::warn;
+
+use crate::config::AmqpConfig;
+use crate::convert::properties;
+use crate::link::Link;
+use crate::topology::route;
+
+/// A message with its exact route and properties.
+pub(crate) struct Outgoing {
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) properties: BasicProperties,
+    pub(crate) envelope: Envelope,
+}
+
+/// Publishes `batch` on `link`, routed by destination.
+pub(crate) async fn publish(
+    link: &Link,
+    config: &AmqpConfig,
+    batch: Vec<Envelope>,
+) -> Result<(), PublishError> {
+    let items = batch
+        .into_iter()
+        .map(|envelope| {
+            let (exchange, routing_key) = route(config, &envelope.destination);
+            Outgoing {
+                exchange,
+                routing_key,
+                properties: properties(&envelope.message, &[]),
+                envelope,
+            }
+        })
+        .collect();
+    publish_outgoing(link, config.confirm_timeout, items).await
+}
+
+/// Publishes every message before awaiting any confirm, then awaits all confirms together
+/// within `timeout`; hands back the envelopes that were not confirmed or were returned.
+pub(crate) async fn publish_outgoing(
+    link: &Link,
+    timeout: Duration,
+    items: Vec<Outgoing>,
+) -> Result<(), PublishError> {
+    let channel = match link.channel().await {
+        Ok(channel) => channel,
+        Err(e) => {
+            let batch = items.into_iter().map(|o| o.envelope).collect();
+            return Err(not_confirmed(e.0, batch, Vec::new()));
+        }
+    };
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let mut confirms = Vec::with_capacity(items.len());
+    let mut send_error = None;
+    for o in &items {
+        let sent = channel
+            .basic_publish(
+                o.exchange.as_str().into(),
+                o.routing_key.as_str().into(),
+                options,
+                &o.envelope.message.body,
+                o.properties.clone(),
+            )
+            .await;
+        match sent {
+            Ok(confirm) => confirms.push(confirm),
+            Err(e) => {
+                send_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
+    let sent = confirms.len();
+    let outcomes = match tokio::time::timeout(timeout, join_all(confirms)).await {
+        Ok(outcomes) => outcomes,
+        Err(_) => {
+            link.reset().await;
+            return Err(not_confirmed(
+                format!("no confirm within {timeout:?}"),
+                batch,
+                Vec::new(),
+            ));
+        }
+    };
+    let mut unconfirmed = Vec::new();
+    let mut unroutable = Vec::new();
+    let mut reason = send_error.clone();
+    for (envelope, outcome) in batch.into_iter().zip(
+        outcomes
+            .into_iter()
+            .map(Some)
+            .chain(std::iter::repeat_with(|| None)),
+    ) {
+        match outcome {
+            Some(Ok(Confirmation::Ack(None))) => {}
+            Some(Ok(Confirmation::Ack(Some(_)))) => unroutable.push(envelope),
+            Some(Ok(Confirmation::Nack(_))) => {
+                reason.get_or_insert_with(|| "the broker refused a message (nack)".to_owned());
+                unconfirmed.push(envelope);
+            }
+            Some(Ok(Confirmation::NotRequested)) => {
+                reason.get_or_insert_with(|| "confirms are not enabled".to_owned());
+                unconfirmed.push(envelope);
+            }
+            Some(Err(e)) => {
+                reason.get_or_insert_with(|| e.to_string());
+                unconfirmed.push(envelope);
+            }
+            None => unconfirmed.push(envelope),
+        }
+    }
+    if send_error.is_some() || sent == 0 && !unconfirmed.is_empty() {
+        link.reset().await;
+    }
+    match (unconfirmed.is_empty(), unroutable.is_empty()) {
+        (true, true) => Ok(()),
+        (true, false) => Err(PublishError::Unroutable(unroutable)),
+        (false, _) => {
+            let reason = reason.unwrap_or_else(|| "not confirmed".to_owned());
+            warn!(%reason, count = unconfirmed.len(), "publish not confirmed");
+            Err(not_confirmed(reason, unconfirmed, unroutable))
+        }
+    }
+}
+
+fn not_confirmed(
+    reason: String,
+    envelopes: Vec<Envelope>,
+    unroutable: Vec<Envelope>,
+) -> PublishError {
+    PublishError::NotConfirmed {
+        reason,
+        envelopes,
+        unroutable,
+    }
+}

@@ -1,0 +1,72 @@
+//! A vhost of its own on the real RabbitMQ, for one test.
+
+use saga_amqp::{AmqpConfig, AmqpTransport};
+
+/// The broker the tests use unless `AMQP_URL` says otherwise (its vhost is replaced).
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A fresh vhost, deleted by [`Broker::cleanup`].
+#[derive(Debug)]
+pub struct Broker {
+    /// The vhost's name.
+    pub vhost: String,
+    /// A configuration pointing at the vhost.
+    pub config: AmqpConfig,
+}
+
+/// Runs `rabbitmqctl` with `args`; panics with its output if it fails.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run rabbitmqctl ({e}): these tests need RabbitMQ's rabbitmqctl, run as root; \
+                 start the broker with `rabbitmq-server -detached`, or run `scripts/test`"
+            )
+        });
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {text}"
+    );
+    text
+}
+
+/// Creates a vhost for one test, with guest's permissions, and checks the broker answers.
+pub async fn broker() -> Broker {
+    crate::init_tracing();
+    let vhost = format!("t_{}", uuid::Uuid::new_v4().simple());
+    rabbitmqctl(&["add_vhost", &vhost]).await;
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]).await;
+    let base = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+    let root = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(root, _)| root);
+    let mut config = AmqpConfig::new(format!("{root}/{vhost}"));
+    config.connection_name = vhost.clone();
+    let broker = Broker { vhost, config };
+    if let Err(e) = AmqpTransport::connect(broker.config.clone()).await {
+        panic!(
+            "RabbitMQ is not reachable ({e}). Start it with `rabbitmq-server -detached`, or run \
+             `scripts/test`, which starts it."
+        );
+    }
+    broker
+}
+
+impl Broker {
+    /// A transport on the vhost (its own two connections).
+    pub async fn transport(&self) -> AmqpTransport {
+        AmqpTransport::connect(self.config.clone())
+            .await
+            .expect("connect to the test vhost")
+    }
+
+    /// Deletes the vhost and everything in it.
+    pub async fn cleanup(self) {
+        rabbitmqctl(&["delete_vhost", &self.vhost]).await;
+    }
+}

@@ -1,0 +1,145 @@
+//! The engine over RabbitMQ: orchestrator and participants on their own connections, each test
+//! on its own vhost and its own database schema.
+
+use std::time::Duration;
+
+use saga_core::message::headers;
+use saga_core::transport::PublishError;
+use saga_core::{Destination, Envelope, Message, SagaStatus, Transport};
+use saga_tests::amqp::{broker, rabbitmqctl};
+use saga_tests::database;
+use saga_tests::harness::{self, assert_effects};
+use saga_tests::order::{self, Order};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_complete_and_compensate_over_rabbitmq() {
+    let (db, broker) = (database().await, broker().await);
+    let running = harness::run(&db, || broker.transport()).await;
+    let ids = running.start(40, 5).await;
+    let counts = running.settle(Duration::from_secs(60)).await;
+    assert_eq!(counts.get(&SagaStatus::Completed), Some(&32));
+    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&8));
+    assert_effects(&db, &ids, 5).await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_over_rabbitmq() {
+    let (db, broker) = (database().await, broker().await);
+    let running = harness::run(&db, || broker.transport()).await;
+    let def = order::definition();
+    let id = running
+        .client
+        .start(
+            &def,
+            &Order {
+                id: 1,
+                flaky_charge: 2,
+                ..Order::default()
+            },
+        )
+        .await
+        .unwrap()
+        .saga_id;
+    running.settle(Duration::from_secs(30)).await;
+    assert_eq!(
+        running.client.summary(id).await.unwrap().unwrap().status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        order::effects(&db.pool, &db.schema, id).await,
+        ["reserve", "charge", "ship"]
+    );
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+fn garbage(destination: Destination) -> Envelope {
+    Envelope {
+        destination,
+        message: Message {
+            id: uuid::Uuid::new_v4(),
+            headers: Default::default(),
+            body: b"{\"this is\": not json".to_vec(),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dead_lettered_with_a_reason() {
+    let (db, broker) = (database().await, broker().await);
+    let running = harness::run(&db, || broker.transport()).await;
+    let ids = running.start(10, 5).await;
+    let probe = broker.transport().await;
+    let inventory = Destination::Service("inventory".into());
+    probe
+        .publish(vec![
+            garbage(inventory.clone()),
+            garbage(Destination::Results),
+        ])
+        .await
+        .unwrap();
+    running.settle(Duration::from_secs(30)).await;
+    assert_effects(&db, &ids, 5).await;
+    for source in [inventory, Destination::Results] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut letters = probe.drain_dead_letters(&source).await.unwrap();
+        while letters.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            letters = probe.drain_dead_letters(&source).await.unwrap();
+        }
+        let found = !letters.is_empty();
+        assert!(found, "a dead letter in {source:?}");
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        let (message, reason) = &letters[0];
+        assert!(reason.starts_with("invalid"), "reason: {reason}");
+        assert_eq!(message.headers.get(headers::REJECT_REASON), Some(reason));
+        assert_eq!(message.body, b"{\"this is\": not json");
+    }
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_a_service_without_a_queue_fails_its_step() {
+    let (db, broker) = (database().await, broker().await);
+    let probe = broker.transport().await;
+    let lost = probe
+        .publish(vec![garbage(Destination::Service("nowhere".into()))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, PublishError::Unroutable(ref e) if e.len() == 1),
+        "{lost:?}"
+    );
+
+    let running = harness::run(&db, || broker.transport()).await;
+    // The shipping service's queue disappears (deleted by an operator).
+    let queue = broker
+        .config
+        .queue(&Destination::Service("shipping".into()));
+    rabbitmqctl(&["delete_queue", "--vhost", &broker.vhost, &queue]).await;
+    let ids = running.start(1, 2).await;
+    running.settle(Duration::from_secs(30)).await;
+    let summary = running.client.summary(ids[0]).await.unwrap().unwrap();
+    assert_eq!(summary.status, SagaStatus::Compensated);
+    assert!(
+        summary
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no queue is bound for service `shipping`"),
+        "{summary:?}"
+    );
+    assert_eq!(
+        order::effects(&db.pool, &db.schema, ids[0]).await,
+        ["reserve", "charge", "refund", "release"]
+    );
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
