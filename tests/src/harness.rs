@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::orchestrator::OrchestratorConfig;
-use saga_core::{Client, Orchestrator, PgStore, SagaStatus, Store, Transport};
+use saga_core::{Client, Orchestrator, PgStore, SagaStatus, Store, Transport, Worker};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -36,7 +36,18 @@ pub struct Running {
 
 /// Spawns the three participants (each on its own transport from `transport`) and one
 /// orchestrator (on another).
-pub async fn run<T, F, Fut>(db: &TestDb, mut transport: F) -> Running
+pub async fn run<T, F, Fut>(db: &TestDb, transport: F) -> Running
+where
+    T: Transport,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    run_holding(db, transport, &[]).await.0
+}
+
+/// Like [`run`], but the workers of the services in `held` are returned instead of spawned,
+/// for the test to start later (with [`Running::spawn`]).
+pub async fn run_holding<T, F, Fut>(db: &TestDb, mut transport: F, held: &[&str]) -> (Running, Vec<Worker>)
 where
     T: Transport,
     F: FnMut() -> Fut,
@@ -45,23 +56,34 @@ where
     let store = Arc::new(db.store_with_lease(Duration::from_secs(1)));
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let mut waiting = Vec::new();
     for worker in order::participants(&db.pool, &db.schema).await.workers {
-        tasks.spawn(worker.run(Arc::new(transport().await), shutdown.clone()));
+        if held.contains(&worker.service()) {
+            waiting.push(worker);
+        } else {
+            tasks.spawn(worker.run(Arc::new(transport().await), shutdown.clone()));
+        }
     }
     let orchestrator = Orchestrator::builder(store.clone(), Arc::new(transport().await))
         .register(&order::definition())
         .config(config())
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
-    Running {
+    let running = Running {
         client: Client::new(store.clone()),
         store,
         shutdown,
         tasks,
-    }
+    };
+    (running, waiting)
 }
 
 impl Running {
+    /// Spawns a worker that was held back.
+    pub fn spawn(&mut self, worker: Worker, transport: impl Transport) {
+        self.tasks.spawn(worker.run(Arc::new(transport), self.shutdown.clone()));
+    }
+
     /// Starts `n` orders; every `fail_every`-th one's shipment fails terminally.
     pub async fn start(&self, n: u32, fail_every: u32) -> Vec<Uuid> {
         let def = order::definition();

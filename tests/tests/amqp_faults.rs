@@ -1,0 +1,85 @@
+//! Broker faults during a run: connections closed, the broker app stopped and started. Every
+//! saga finishes, none is lost, no effect is applied twice.
+//!
+//! These tests disturb RabbitMQ; nextest runs each alone (`.config/nextest.toml`), and the
+//! broker is started again even when a test fails.
+
+use std::time::Duration;
+
+use saga_core::{SagaStatus, Store};
+use saga_tests::amqp::{broker, rabbitmqctl};
+use saga_tests::harness::{self, assert_effects};
+use saga_tests::{database, wait_until};
+
+const SAGAS: u32 = 200;
+const FAIL_EVERY: u32 = 10;
+
+async fn finished(running: &harness::Running) -> u64 {
+    let counts = running.store.count_by_status().await.unwrap();
+    counts.iter().filter(|(s, _)| !s.is_active()).map(|(_, n)| n).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_all_connections_mid_run_loses_nothing() {
+    let (db, broker) = (database().await, broker().await);
+    let running = harness::run(&db, || broker.transport()).await;
+    let ids = running.start(SAGAS, FAIL_EVERY).await;
+    for round in 1..=2u64 {
+        let progressed = wait_until(Duration::from_secs(60), || async {
+            finished(&running).await >= round * u64::from(SAGAS) / 4
+        })
+        .await;
+        assert!(progressed, "sagas progressed before round {round}");
+        rabbitmqctl(&["close_all_connections", "--vhost", &broker.vhost, "saga fault test"]).await;
+    }
+    let counts = running.settle(Duration::from_secs(120)).await;
+    assert_eq!(counts.get(&SagaStatus::Completed), Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY)));
+    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&u64::from(SAGAS / FAIL_EVERY)));
+    assert_effects(&db, &ids, FAIL_EVERY).await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+/// Starts the broker app again when dropped, so a failing test leaves RabbitMQ running.
+struct RestartGuard;
+
+impl Drop for RestartGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
+    let (db, broker) = (database().await, broker().await);
+    // Shipping starts after the restart, so the stop finds every saga mid-run.
+    let (mut running, held) = harness::run_holding(&db, || broker.transport(), &["shipping"]).await;
+    let ids = running.start(SAGAS, FAIL_EVERY).await;
+    let ship_queue = broker.config.queue(&saga_core::Destination::Service("shipping".into()));
+    let progressed = wait_until(Duration::from_secs(60), || async {
+        let listed = rabbitmqctl(&["list_queues", "--vhost", &broker.vhost, "--no-table-headers", "-q", "name", "messages"]).await;
+        listed.lines().any(|line| {
+            let mut cols = line.split_whitespace();
+            cols.next() == Some(ship_queue.as_str())
+                && cols.next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n >= SAGAS / 2)
+        })
+    })
+    .await;
+    assert!(progressed, "half the sagas reached the shipment before the broker stopped");
+    {
+        let _guard = RestartGuard;
+        rabbitmqctl(&["stop_app"]).await;
+        rabbitmqctl(&["start_app"]).await;
+    }
+    for worker in held {
+        running.spawn(worker, broker.transport().await);
+    }
+    let counts = running.settle(Duration::from_secs(180)).await;
+    assert_eq!(counts.get(&SagaStatus::Completed), Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY)));
+    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&u64::from(SAGAS / FAIL_EVERY)));
+    assert_effects(&db, &ids, FAIL_EVERY).await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
