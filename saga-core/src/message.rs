@@ -120,6 +120,9 @@ pub mod headers {
     pub const SCHEMA_VERSION: &str = "x-saga-schema-version";
     /// Why a message was dead-lettered.
     pub const REJECT_REASON: &str = "x-saga-reject-reason";
+    /// W3C trace context: one trace per saga (the trace id is the saga id), one span per
+    /// message.
+    pub const TRACEPARENT: &str = "traceparent";
 }
 
 /// Where a message goes: a participant service's queue, or the orchestrators' results queue.
@@ -200,7 +203,17 @@ fn common_headers(
             headers::SCHEMA_VERSION.to_owned(),
             SCHEMA_VERSION.to_string(),
         ),
+        (headers::TRACEPARENT.to_owned(), traceparent(saga_id, id)),
     ])
+}
+
+/// `00-<saga id>-<span id from the message id>-01`: one trace per saga, a span per message.
+pub fn traceparent(saga_id: Uuid, message_id: Uuid) -> String {
+    let span: String = message_id.as_bytes()[8..]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("00-{}-{span}-01", saga_id.simple())
 }
 
 fn check_schema(message: &Message) -> Result<(), Malformed> {
@@ -299,6 +312,12 @@ mod tests {
         let envelope = command.to_envelope();
         assert_eq!(envelope.destination, Destination::Service("payment".into()));
         assert_eq!(envelope.message.headers[headers::ATTEMPT], "2");
+        let trace = &envelope.message.headers[headers::TRACEPARENT];
+        assert_eq!(trace.len(), 55);
+        assert!(
+            trace.starts_with(&format!("00-{}-", command.saga_id.simple())),
+            "{trace}"
+        );
         assert_eq!(Command::from_message(&envelope.message).unwrap(), command);
     }
 

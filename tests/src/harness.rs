@@ -47,7 +47,11 @@ where
 
 /// Like [`run`], but the workers of the services in `held` are returned instead of spawned,
 /// for the test to start later (with [`Running::spawn`]).
-pub async fn run_holding<T, F, Fut>(db: &TestDb, mut transport: F, held: &[&str]) -> (Running, Vec<Worker>)
+pub async fn run_holding<T, F, Fut>(
+    db: &TestDb,
+    mut transport: F,
+    held: &[&str],
+) -> (Running, Vec<Worker>)
 where
     T: Transport,
     F: FnMut() -> Fut,
@@ -81,7 +85,8 @@ where
 impl Running {
     /// Spawns a worker that was held back.
     pub fn spawn(&mut self, worker: Worker, transport: impl Transport) {
-        self.tasks.spawn(worker.run(Arc::new(transport), self.shutdown.clone()));
+        self.tasks
+            .spawn(worker.run(Arc::new(transport), self.shutdown.clone()));
     }
 
     /// Starts `n` orders; every `fail_every`-th one's shipment fails terminally.
@@ -91,7 +96,7 @@ impl Running {
         for id in 0..n {
             let order = Order {
                 id,
-                fail_ship: id % fail_every == 0,
+                fail_ship: id.is_multiple_of(fail_every),
                 ..Order::default()
             };
             ids.push(
@@ -133,7 +138,7 @@ impl Running {
 pub async fn assert_effects(db: &TestDb, ids: &[Uuid], fail_every: u32) {
     for (n, id) in ids.iter().enumerate() {
         let effects = order::effects(&db.pool, &db.schema, *id).await;
-        let expected: &[&str] = if n as u32 % fail_every == 0 {
+        let expected: &[&str] = if (n as u32).is_multiple_of(fail_every) {
             &["reserve", "charge", "refund", "release"]
         } else {
             &["reserve", "charge", "ship"]

@@ -75,10 +75,21 @@ async fn malformed_messages_are_dead_lettered_with_a_reason() {
     let ids = running.start(10, 5).await;
     let probe = broker.transport().await;
     let inventory = Destination::Service("inventory".into());
+    let unknown_saga = saga_core::Reply {
+        saga_id: uuid::Uuid::new_v4(),
+        step: 0,
+        direction: saga_core::Direction::Forward,
+        attempt: 1,
+        command_id: uuid::Uuid::new_v4(),
+        outcome: saga_core::Outcome::Success {
+            output: serde_json::json!(null),
+        },
+    };
     probe
         .publish(vec![
             garbage(inventory.clone()),
             garbage(Destination::Results),
+            unknown_saga.to_envelope(),
         ])
         .await
         .unwrap();
@@ -91,13 +102,33 @@ async fn malformed_messages_are_dead_lettered_with_a_reason() {
             tokio::time::sleep(Duration::from_millis(50)).await;
             letters = probe.drain_dead_letters(&source).await.unwrap();
         }
-        let found = !letters.is_empty();
-        assert!(found, "a dead letter in {source:?}");
-        assert_eq!(letters.len(), 1, "{letters:?}");
-        let (message, reason) = &letters[0];
-        assert!(reason.starts_with("invalid"), "reason: {reason}");
-        assert_eq!(message.headers.get(headers::REJECT_REASON), Some(reason));
-        assert_eq!(message.body, b"{\"this is\": not json");
+        let expected = if source == Destination::Results { 2 } else { 1 };
+        while letters.len() < expected && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            letters.extend(probe.drain_dead_letters(&source).await.unwrap());
+        }
+        assert_eq!(
+            letters.len(),
+            expected,
+            "dead letters of {source:?}: {letters:?}"
+        );
+        let mut reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
+        reasons.sort_unstable();
+        assert!(reasons[0].starts_with("invalid"), "reasons: {reasons:?}");
+        if expected == 2 {
+            assert!(
+                reasons[1].starts_with("unknown saga"),
+                "reasons: {reasons:?}"
+            );
+        }
+        for (message, reason) in &letters {
+            assert_eq!(message.headers.get(headers::REJECT_REASON), Some(reason));
+        }
+        assert!(
+            letters
+                .iter()
+                .any(|(m, _)| m.body == b"{\"this is\": not json")
+        );
     }
     running.stop().await;
     broker.cleanup().await;
@@ -117,13 +148,22 @@ async fn a_command_for_a_service_without_a_queue_fails_its_step() {
         "{lost:?}"
     );
 
-    let running = harness::run(&db, || broker.transport()).await;
-    // The shipping service's queue disappears (deleted by an operator).
+    // The shipping service is not running, and its queue disappears (deleted by an operator).
+    let (running, _held) = harness::run_holding(&db, || broker.transport(), &["shipping"]).await;
     let queue = broker
         .config
         .queue(&Destination::Service("shipping".into()));
     rabbitmqctl(&["delete_queue", "--vhost", &broker.vhost, &queue]).await;
-    let ids = running.start(1, 2).await;
+    let order = Order {
+        id: 1,
+        ..Order::default()
+    };
+    let ids = [running
+        .client
+        .start(&order::definition(), &order)
+        .await
+        .unwrap()
+        .saga_id];
     running.settle(Duration::from_secs(30)).await;
     let summary = running.client.summary(ids[0]).await.unwrap().unwrap();
     assert_eq!(summary.status, SagaStatus::Compensated);

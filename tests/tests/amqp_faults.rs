@@ -16,7 +16,11 @@ const FAIL_EVERY: u32 = 10;
 
 async fn finished(running: &harness::Running) -> u64 {
     let counts = running.store.count_by_status().await.unwrap();
-    counts.iter().filter(|(s, _)| !s.is_active()).map(|(_, n)| n).sum()
+    counts
+        .iter()
+        .filter(|(s, _)| !s.is_active())
+        .map(|(_, n)| n)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,11 +34,23 @@ async fn closing_all_connections_mid_run_loses_nothing() {
         })
         .await;
         assert!(progressed, "sagas progressed before round {round}");
-        rabbitmqctl(&["close_all_connections", "--vhost", &broker.vhost, "saga fault test"]).await;
+        rabbitmqctl(&[
+            "close_all_connections",
+            "--vhost",
+            &broker.vhost,
+            "saga fault test",
+        ])
+        .await;
     }
     let counts = running.settle(Duration::from_secs(120)).await;
-    assert_eq!(counts.get(&SagaStatus::Completed), Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY)));
-    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&u64::from(SAGAS / FAIL_EVERY)));
+    assert_eq!(
+        counts.get(&SagaStatus::Completed),
+        Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY))
+    );
+    assert_eq!(
+        counts.get(&SagaStatus::Compensated),
+        Some(&u64::from(SAGAS / FAIL_EVERY))
+    );
     assert_effects(&db, &ids, FAIL_EVERY).await;
     running.stop().await;
     broker.cleanup().await;
@@ -46,7 +62,9 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output();
     }
 }
 
@@ -56,17 +74,34 @@ async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
     // Shipping starts after the restart, so the stop finds every saga mid-run.
     let (mut running, held) = harness::run_holding(&db, || broker.transport(), &["shipping"]).await;
     let ids = running.start(SAGAS, FAIL_EVERY).await;
-    let ship_queue = broker.config.queue(&saga_core::Destination::Service("shipping".into()));
+    let ship_queue = broker
+        .config
+        .queue(&saga_core::Destination::Service("shipping".into()));
     let progressed = wait_until(Duration::from_secs(60), || async {
-        let listed = rabbitmqctl(&["list_queues", "--vhost", &broker.vhost, "--no-table-headers", "-q", "name", "messages"]).await;
+        let listed = rabbitmqctl(&[
+            "list_queues",
+            "--vhost",
+            &broker.vhost,
+            "--no-table-headers",
+            "-q",
+            "name",
+            "messages",
+        ])
+        .await;
         listed.lines().any(|line| {
             let mut cols = line.split_whitespace();
             cols.next() == Some(ship_queue.as_str())
-                && cols.next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n >= SAGAS / 2)
+                && cols
+                    .next()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n >= SAGAS / 2)
         })
     })
     .await;
-    assert!(progressed, "half the sagas reached the shipment before the broker stopped");
+    assert!(
+        progressed,
+        "half the sagas reached the shipment before the broker stopped"
+    );
     {
         let _guard = RestartGuard;
         rabbitmqctl(&["stop_app"]).await;
@@ -76,8 +111,14 @@ async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
         running.spawn(worker, broker.transport().await);
     }
     let counts = running.settle(Duration::from_secs(180)).await;
-    assert_eq!(counts.get(&SagaStatus::Completed), Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY)));
-    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&u64::from(SAGAS / FAIL_EVERY)));
+    assert_eq!(
+        counts.get(&SagaStatus::Completed),
+        Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY))
+    );
+    assert_eq!(
+        counts.get(&SagaStatus::Compensated),
+        Some(&u64::from(SAGAS / FAIL_EVERY))
+    );
     assert_effects(&db, &ids, FAIL_EVERY).await;
     running.stop().await;
     broker.cleanup().await;

@@ -1,0 +1,172 @@
+//! Pushes 10,000 persistent messages through `AmqpTransport` (publish with confirms, consume
+//! with manual acks), and the same through raw lapin in the same run, and prints both rates.
+//!
+//! `cargo run --release -p saga-amqp --example transport_bench [-- COUNT]`, with `AMQP_URL`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use saga_amqp::{AmqpConfig, AmqpTransport};
+use saga_core::{Destination, Envelope, Message, Transport};
+
+const BATCH: usize = 200;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let count: usize = std::env::args().nth(1).map_or(Ok(10_000), |n| n.parse())?;
+    let mut config = AmqpConfig::from_env()?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    config.prefix = format!("bench-{run}");
+    config.prefetch = 500;
+
+    let raw = raw_lapin(&config.url, &format!("bench-{run}.raw"), count).await?;
+    let transport = through_transport(config.clone(), count).await?;
+
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    println!(
+        "{{\"messages\":{count},\"transport_msgs_per_sec\":{:.0},\"raw_lapin_msgs_per_sec\":{:.0},\"ratio\":{:.2}}}",
+        rate(transport),
+        rate(raw),
+        raw.as_secs_f64() / transport.as_secs_f64()
+    );
+    cleanup(&config).await?;
+    Ok(())
+}
+
+/// Publish with confirms (pipelined in batches) and consume with acks, on raw lapin.
+async fn raw_lapin(
+    url: &str,
+    queue: &str,
+    count: usize,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let publish = Connection::connect(url, ConnectionProperties::default()).await?;
+    let consume = Connection::connect(url, ConnectionProperties::default()).await?;
+    let pch = publish.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pch.queue_declare(queue.into(), durable, args).await?;
+    let cch = consume.create_channel().await?;
+    cch.basic_qos(500, Default::default()).await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let body = payload();
+    let start = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < count {
+            let d = consumer
+                .next()
+                .await
+                .expect("consumer open")
+                .expect("delivery");
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            seen += 1;
+        }
+    });
+    for chunk in (0..count).collect::<Vec<_>>().chunks(BATCH) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for _ in chunk {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            confirms.push(
+                pch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?,
+            );
+        }
+        for c in join_all(confirms).await {
+            assert!(c?.is_ack());
+        }
+    }
+    consuming.await?;
+    let elapsed = start.elapsed();
+    pch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    Ok(elapsed)
+}
+
+/// The same through the transport: batches of envelopes, confirmed; deliveries acked.
+async fn through_transport(
+    config: AmqpConfig,
+    count: usize,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let publisher = AmqpTransport::connect(config.clone()).await?;
+    let consumer = AmqpTransport::connect(config).await?;
+    let source = Destination::Service("bench".into());
+    publisher.declare(std::slice::from_ref(&source)).await?;
+    let mut deliveries = consumer.consume(&source).await?;
+    let body = payload();
+    let start = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < count {
+            let d = deliveries.next().await.expect("stream open");
+            d.ack().await.expect("ack");
+            seen += 1;
+        }
+    });
+    for chunk in (0..count).collect::<Vec<_>>().chunks(BATCH) {
+        let batch = chunk
+            .iter()
+            .map(|_| Envelope {
+                destination: source.clone(),
+                message: Message {
+                    id: uuid::Uuid::new_v4(),
+                    headers: Default::default(),
+                    body: body.clone(),
+                },
+            })
+            .collect();
+        publisher.publish(batch).await?;
+    }
+    consuming.await?;
+    Ok(start.elapsed())
+}
+
+fn payload() -> Vec<u8> {
+    br#"{"saga_id":"0192a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","step":1,"payload":{"order_no":42,"amount_cents":1250}}"#.to_vec()
+}
+
+async fn cleanup(config: &AmqpConfig) -> Result<(), Box<dyn std::error::Error>> {
+    let conn = Connection::connect(&config.url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let source = Destination::Service("bench".into());
+    for queue in [config.queue(&source), config.dead_queue(&source)] {
+        ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in [
+        config.commands_exchange(),
+        config.results_exchange(),
+        config.dead_exchange(),
+    ] {
+        ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
