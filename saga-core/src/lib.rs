@@ -72,8 +72,3 @@ pub use state::{ReplayError, SagaState, SagaStatus, replay};
 pub use store::{MemoryStore, PgStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
 pub use worker::{CommandContext, Handler, StepError, StepResultExt, Worker};
-
-/// The README's examples, compiled as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;
