@@ -1,7 +1,22 @@
-//! Example sagas for saga, as users would write them.
+//! Example sagas for saga, as users would write them, each runnable as real microservices.
 //!
-//! - [`order`]: reserve inventory (release) -> charge payment (refund) -> create shipment
-//!   (the pivot). The binary `order-saga` runs it.
+//! - [`order`]: reserve inventory (release) -> charge payment (refund) -> create shipment (the
+//!   pivot). Binary `order-saga`.
+//! - [`payment`]: fraud check -> authorize (void) -> ledger entry (reverse) -> capture (the
+//!   pivot). Binary `payment-saga`.
+//! - [`travel`]: book flight (cancel) -> book hotel (cancel) -> rent car (cancel) -> confirm
+//!   (the pivot). Binary `travel-saga`.
+//!
+//! Every binary has the same subcommands ([`cli`]): `demo`, `migrate`, `orchestrator`,
+//! `service NAME`, `start`, `wait`, `status`.
 
+pub mod cli;
+pub mod demo;
+pub mod example;
 pub mod order;
+pub mod participant;
+pub mod payment;
 pub mod timeline;
+pub mod travel;
+
+pub use example::{CommandSpec, Example, Receipt};

@@ -1,13 +1,11 @@
 //! The order saga: reserve inventory, charge the payment, create the shipment.
 
-pub mod demo;
+use std::time::Duration;
 
 use saga_core::{RetryPolicy, SagaDefinition};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
 
-/// The saga's durable name.
-pub const SAGA: &str = "order";
+use crate::{CommandSpec, Example, Receipt};
 
 /// An order to fulfil.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,12 +18,12 @@ pub struct Order {
     pub quantity: u32,
     /// The price in cents.
     pub amount_cents: u64,
-    /// Test hook: the shipment fails terminally, so the saga compensates.
+    /// The address cannot be served: the shipment fails terminally and the saga compensates.
     #[serde(default)]
     pub undeliverable: bool,
 }
 
-/// Reserve `quantity` of `sku` for an order.
+/// Reserve `quantity` of `sku`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reserve {
     /// The order number.
@@ -34,13 +32,6 @@ pub struct Reserve {
     pub sku: String,
     /// How many.
     pub quantity: u32,
-}
-
-/// A reservation that was made.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reservation {
-    /// Its id, to release it.
-    pub reservation_id: String,
 }
 
 /// Charge an order.
@@ -52,85 +43,130 @@ pub struct Charge {
     pub amount_cents: u64,
 }
 
-/// A charge that was made.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Receipt {
-    /// Its id, to refund it.
-    pub charge_id: String,
-}
-
 /// Ship an order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ship {
     /// The order number.
     pub order_no: u64,
-    /// Whether the address is undeliverable (a test hook).
+    /// Whether the address is undeliverable.
     pub undeliverable: bool,
 }
 
-/// The order saga, version 1.
-pub fn definition() -> SagaDefinition<Order> {
-    let retry = RetryPolicy {
+/// Undo what a receipt names (release a reservation, refund a charge).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Undo {
+    /// The order number.
+    pub order_no: u64,
+    /// The receipt of the step to undo, if its result came (a timed-out step has none).
+    pub receipt: Option<Receipt>,
+}
+
+/// The order saga.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderSaga;
+
+/// The retry policy of the examples: 5 attempts, 100 ms to 5 s.
+pub fn retry() -> RetryPolicy {
+    RetryPolicy {
         max_attempts: 5,
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(5),
         ..RetryPolicy::default()
-    };
-    SagaDefinition::<Order>::builder(SAGA, 1)
-        .step("reserve", |s| {
-            s.action("inventory", "reserve", |ctx| {
-                let o = ctx.input();
-                Ok(Reserve {
-                    order_no: o.order_no,
-                    sku: o.sku.clone(),
-                    quantity: o.quantity,
-                })
-            })
-            .compensation("inventory", "release", |ctx| {
-                ctx.output::<Reservation>("reserve")
-            })
-            .retry(retry.clone())
-            .timeout(Duration::from_secs(30))
-        })
-        .step("charge", |s| {
-            s.action("payment", "charge", |ctx| {
-                Ok(Charge {
-                    order_no: ctx.input().order_no,
-                    amount_cents: ctx.input().amount_cents,
-                })
-            })
-            .compensation("payment", "refund", |ctx| {
-                // A timed-out charge may have gone through: refund by order number then.
-                Ok(ctx.try_output::<Receipt>("charge")?.map_or_else(
-                    || format!("order-{}", ctx.input().order_no),
-                    |r| r.charge_id,
-                ))
-            })
-            .retry(retry.clone())
-            .timeout(Duration::from_secs(30))
-        })
-        .step("ship", |s| {
-            s.pivot()
-                .action("shipping", "ship", |ctx| {
-                    Ok(Ship {
-                        order_no: ctx.input().order_no,
-                        undeliverable: ctx.input().undeliverable,
-                    })
-                })
-                .retry(retry)
-                .timeout(Duration::from_secs(30))
-        })
-        .build()
-        .expect("the order saga is valid")
+    }
 }
 
-/// The `n`-th order (from 1) of a run where every `fail_every`-th order is undeliverable.
-pub fn nth_order(n: u64, fail_every: Option<u64>) -> Order {
-    Order {
-        order_no: n,
-        sku: format!("SKU-{}", n % 7),
-        quantity: 1 + (n % 3) as u32,
-        amount_cents: 1_000 + 250 * (n % 5),
-        undeliverable: fail_every.is_some_and(|k| k > 0 && n.is_multiple_of(k)),
+/// Each attempt's timeout in the examples.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Example for OrderSaga {
+    type Input = Order;
+
+    const PROGRAM: &'static str = "order-saga";
+
+    const COMMANDS: &'static [CommandSpec] = &[
+        CommandSpec {
+            service: "inventory",
+            command: "reserve",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "inventory",
+            command: "release",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "payment",
+            command: "charge",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "payment",
+            command: "refund",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "shipping",
+            command: "ship",
+            fails_when: Some("undeliverable"),
+        },
+    ];
+
+    fn definition() -> SagaDefinition<Order> {
+        let undo = |step: &'static str| {
+            move |ctx: &saga_core::StepContext<'_, Order>| {
+                Ok(Undo {
+                    order_no: ctx.input().order_no,
+                    receipt: ctx.try_output(step)?,
+                })
+            }
+        };
+        SagaDefinition::<Order>::builder("order", 1)
+            .step("reserve", |s| {
+                s.action("inventory", "reserve", |ctx| {
+                    let o = ctx.input();
+                    Ok(Reserve {
+                        order_no: o.order_no,
+                        sku: o.sku.clone(),
+                        quantity: o.quantity,
+                    })
+                })
+                .compensation("inventory", "release", undo("reserve"))
+                .retry(retry())
+                .timeout(STEP_TIMEOUT)
+            })
+            .step("charge", |s| {
+                s.action("payment", "charge", |ctx| {
+                    Ok(Charge {
+                        order_no: ctx.input().order_no,
+                        amount_cents: ctx.input().amount_cents,
+                    })
+                })
+                .compensation("payment", "refund", undo("charge"))
+                .retry(retry())
+                .timeout(STEP_TIMEOUT)
+            })
+            .step("ship", |s| {
+                s.pivot()
+                    .action("shipping", "ship", |ctx| {
+                        Ok(Ship {
+                            order_no: ctx.input().order_no,
+                            undeliverable: ctx.input().undeliverable,
+                        })
+                    })
+                    .retry(retry())
+                    .timeout(STEP_TIMEOUT)
+            })
+            .build()
+            .expect("the order saga is valid")
+    }
+
+    fn input(n: u64, fail: bool) -> Order {
+        Order {
+            order_no: n,
+            sku: format!("SKU-{}", n % 7),
+            quantity: 1 + (n % 3) as u32,
+            amount_cents: 1_000 + 250 * (n % 5),
+            undeliverable: fail,
+        }
     }
 }

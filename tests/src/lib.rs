@@ -4,6 +4,7 @@
 pub mod amqp;
 pub mod harness;
 pub mod order;
+pub mod process;
 
 use std::time::Duration;
 
@@ -27,6 +28,15 @@ pub struct TestDb {
 ///
 /// Fails, never skips, when PostgreSQL is not reachable.
 pub async fn database() -> TestDb {
+    let pool = admin_pool().await;
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let db = TestDb { pool, schema };
+    db.store().migrate().await.expect("migrations apply");
+    db
+}
+
+/// A pool on `DATABASE_URL`; fails, never skips, when PostgreSQL is not reachable.
+pub async fn admin_pool() -> PgPool {
     init_tracing();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let pool = PgPoolOptions::new()
@@ -41,10 +51,7 @@ pub async fn database() -> TestDb {
                  which starts it."
             )
         });
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let db = TestDb { pool, schema };
-    db.store().migrate().await.expect("migrations apply");
-    db
+    pool
 }
 
 impl TestDb {

@@ -1,0 +1,5 @@
+//! `payment-saga`: the payment example as a command-line program.
+
+fn main() -> std::process::ExitCode {
+    saga_examples::cli::main::<saga_examples::payment::PaymentSaga>()
+}

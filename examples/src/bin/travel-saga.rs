@@ -1,0 +1,5 @@
+//! `travel-saga`: the travel example as a command-line program.
+
+fn main() -> std::process::ExitCode {
+    saga_examples::cli::main::<saga_examples::travel::TravelSaga>()
+}

@@ -1,0 +1,249 @@
+//! The command-line program every example shares: `demo`, `migrate`, `orchestrator`,
+//! `service NAME`, `start`, `wait`, `status`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use saga_amqp::{AmqpConfig, AmqpTransport, redact};
+use saga_core::{Client, Inbox, Orchestrator, PgStore, SagaStatus, Store};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::Example;
+use crate::participant::{Ledger, migrate, worker};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Runs an example saga: in memory, or as microservices on PostgreSQL and RabbitMQ"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs everything in one process, in memory (no services needed), and prints a timeline
+    /// per saga.
+    Demo {
+        /// How many sagas to run.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Every K-th saga fails terminally at its pivot, so it compensates.
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+        fail_every: Option<u64>,
+    },
+    /// Creates or upgrades the saga schema and the example tables.
+    Migrate,
+    /// Runs an orchestrator until SIGTERM or SIGINT.
+    Orchestrator,
+    /// Runs one participant service until SIGTERM or SIGINT.
+    Service {
+        /// The service to run.
+        name: String,
+    },
+    /// Starts sagas.
+    Start {
+        /// How many sagas to start.
+        #[arg(long)]
+        count: u64,
+        /// Every K-th saga fails terminally at its pivot, so it compensates.
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+        fail_every: Option<u64>,
+    },
+    /// Waits until no saga is running; prints the status counts; fails on timeout.
+    Wait {
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Prints the number of sagas per status as one JSON line.
+    Status,
+}
+
+/// Parses the command line, runs the command, and reports a failure as one line on stderr.
+pub fn main<E: Example>() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints timelines; services log what they do.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", E::PROGRAM);
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::<E>(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e:#}", E::PROGRAM);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo { count, fail_every } => {
+            let counts = crate::demo::run::<E>(count, fail_every).await?;
+            println!("{}", status_line(&counts));
+        }
+        Command::Migrate => {
+            let pool = database(4).await?;
+            store(&pool)?
+                .migrate()
+                .await
+                .context("migrating the saga schema")?;
+            migrate(&pool, &E::services())
+                .await
+                .context("migrating the example tables")?;
+            println!("migrated");
+        }
+        Command::Orchestrator => {
+            let pool = database(10).await?;
+            let store = ready_store(&pool).await?;
+            let transport = broker(E::PROGRAM, "orchestrator").await?;
+            let shutdown = shutdown_on_signal();
+            Orchestrator::builder(Arc::new(store), Arc::new(transport))
+                .register(&E::definition())
+                .build()
+                .run(shutdown)
+                .await?;
+        }
+        Command::Service { name } => {
+            let services = E::services();
+            let Some(service) = services.iter().find(|s| **s == name) else {
+                bail!(
+                    "unknown service `{name}`; expected one of: {}",
+                    services.join(", ")
+                );
+            };
+            let pool = database(8).await?;
+            let inbox = Inbox::new(pool.clone(), service)?;
+            let ledger = Ledger::Pg { pool, inbox };
+            let transport = broker(E::PROGRAM, service).await?;
+            worker::<E>(service, &ledger)
+                .run(Arc::new(transport), shutdown_on_signal())
+                .await?;
+        }
+        Command::Start { count, fail_every } => {
+            let pool = database(4).await?;
+            let client = Client::new(Arc::new(ready_store(&pool).await?));
+            let def = E::definition();
+            for n in 1..=count {
+                let fail = fail_every.is_some_and(|k| n.is_multiple_of(k));
+                client.start(&def, &E::input(n, fail)).await?;
+            }
+            println!("started {count}");
+        }
+        Command::Wait { timeout } => {
+            let pool = database(2).await?;
+            let store = ready_store(&pool).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let counts = store.count_by_status().await?;
+                if counts.keys().all(|s| !s.is_active()) {
+                    println!("{}", status_line(&counts));
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "sagas still running after {timeout} s: {}",
+                        status_line(&counts)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Command::Status => {
+            let pool = database(2).await?;
+            let counts = ready_store(&pool).await?.count_by_status().await?;
+            println!("{}", status_line(&counts));
+        }
+    }
+    Ok(())
+}
+
+/// `{"running":R,"completed":C,"compensated":P,"stuck":S}`; running counts compensating sagas.
+pub fn status_line(counts: &BTreeMap<SagaStatus, u64>) -> String {
+    let get = |s: SagaStatus| counts.get(&s).copied().unwrap_or(0);
+    format!(
+        r#"{{"running":{},"completed":{},"compensated":{},"stuck":{}}}"#,
+        get(SagaStatus::Running) + get(SagaStatus::Compensating),
+        get(SagaStatus::Completed),
+        get(SagaStatus::Compensated),
+        get(SagaStatus::Stuck),
+    )
+}
+
+async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at DATABASE_URL ({})",
+                redact(&url)
+            )
+        })
+}
+
+fn store(pool: &PgPool) -> anyhow::Result<PgStore> {
+    Ok(PgStore::builder(pool.clone()).build()?)
+}
+
+/// The store, after checking that `migrate` ran.
+async fn ready_store(pool: &PgPool) -> anyhow::Result<PgStore> {
+    let store = store(pool)?;
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.instances", store.schema()))
+        .fetch_one(pool)
+        .await?;
+    if !migrated {
+        bail!("the saga tables do not exist in this database; run `migrate` first");
+    }
+    Ok(store)
+}
+
+async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTransport> {
+    let mut config = AmqpConfig::from_env()?;
+    config.connection_name = format!("{program}-{role}");
+    AmqpTransport::connect(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,140 @@
+//! The participants of the examples: every command records its effect, once, in the service's
+//! own table and in `example_effects`, through the inbox.
+
+use std::sync::{Arc, Mutex};
+
+use saga_core::Inbox;
+use saga_core::worker::{CommandContext, Handler, StepError, Worker};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgPool};
+use uuid::Uuid;
+
+use crate::{CommandSpec, Example, Receipt};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Where a participant's effects go.
+#[derive(Clone)]
+pub enum Ledger {
+    /// PostgreSQL: the service's schema holds its `operations` table and its inbox.
+    Pg {
+        /// The pool.
+        pool: PgPool,
+        /// The service's inbox.
+        inbox: Inbox,
+    },
+    /// Memory, for the demo: `(saga, service, action)` in order.
+    Memory(Arc<Mutex<Vec<(Uuid, &'static str, &'static str)>>>),
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ledger::Pg { .. } => f.write_str("Ledger::Pg"),
+            Ledger::Memory(_) => f.write_str("Ledger::Memory"),
+        }
+    }
+}
+
+/// Creates `example_effects`, and each service's schema with its `operations` table and inbox.
+pub async fn migrate(pool: &PgPool, services: &[&str]) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await?;
+    for service in services {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{service}\""
+        )))
+        .execute(pool)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS \"{service}\".operations (id bigserial PRIMARY KEY, \
+             saga_id uuid NOT NULL, command text NOT NULL, payload jsonb NOT NULL, \
+             created_at timestamptz NOT NULL DEFAULT now())"
+        )))
+        .execute(pool)
+        .await?;
+        Inbox::new(pool.clone(), service)?.migrate().await?;
+    }
+    Ok(())
+}
+
+/// Handles one command by recording its effect.
+#[derive(Debug, Clone)]
+pub struct EffectHandler {
+    spec: CommandSpec,
+    ledger: Ledger,
+}
+
+impl Handler for EffectHandler {
+    type Input = Value;
+    type Output = Receipt;
+
+    async fn handle(&self, input: Value, ctx: CommandContext) -> Result<Receipt, StepError> {
+        let spec = self.spec;
+        if let Some(flag) = spec.fails_when {
+            if input.get(flag) == Some(&Value::Bool(true)) {
+                return Err(StepError::terminal(format!(
+                    "{} refused: {flag}",
+                    spec.command
+                )));
+            }
+        }
+        let receipt = Receipt {
+            id: format!("{}-{}", spec.command, ctx.saga_id),
+        };
+        match &self.ledger {
+            Ledger::Memory(effects) => {
+                effects.lock().expect("effects lock").push((
+                    ctx.saga_id,
+                    spec.service,
+                    spec.command,
+                ));
+                Ok(receipt)
+            }
+            Ledger::Pg { inbox, .. } => {
+                let saga_id = ctx.saga_id;
+                let operation = format!(
+                    "INSERT INTO \"{}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)",
+                    spec.service
+                );
+                inbox
+                    .run(&ctx, move |tx| {
+                        Box::pin(async move {
+                            sqlx::query(AssertSqlSafe(operation))
+                                .bind(saga_id)
+                                .bind(spec.command)
+                                .bind(sqlx::types::Json(&input))
+                                .execute(&mut *tx)
+                                .await?;
+                            sqlx::query(
+                                "INSERT INTO example_effects (saga_id, service, action) VALUES ($1, $2, $3)",
+                            )
+                            .bind(saga_id)
+                            .bind(spec.service)
+                            .bind(spec.command)
+                            .execute(&mut *tx)
+                            .await?;
+                            Ok(receipt)
+                        })
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+/// The worker of `service`, with a handler for each of its commands.
+pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
+    E::COMMANDS
+        .iter()
+        .filter(|c| c.service == service)
+        .fold(Worker::builder(service), |w, spec| {
+            w.handler(
+                spec.command,
+                EffectHandler {
+                    spec: *spec,
+                    ledger: ledger.clone(),
+                },
+            )
+        })
+        .build()
+}

@@ -1,0 +1,179 @@
+//! The example programs as OS processes on a fresh database and a fresh vhost.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::amqp::{Broker, broker};
+
+/// The path of a workspace binary, next to the test executable's directory.
+///
+/// `cargo nextest run --workspace` (and `cargo test --workspace`) build it first.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo nextest run --workspace` (or `cargo build --bin {name}` first)",
+        path.display()
+    );
+    path
+}
+
+/// A database and a vhost of the test's own, and the processes started on them.
+pub struct Stack {
+    program: PathBuf,
+    /// `DATABASE_URL` of the test's database.
+    pub database_url: String,
+    /// A pool on the test's database.
+    pub pool: PgPool,
+    admin: PgPool,
+    database: String,
+    broker: Option<Broker>,
+    children: Vec<Child>,
+}
+
+impl Stack {
+    /// Creates the database and the vhost for `program`.
+    pub async fn new(program: &str) -> Stack {
+        let admin = crate::admin_pool().await;
+        let database = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        let base = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned());
+        let root = base
+            .rsplit_once('/')
+            .map_or(base.as_str(), |(root, _)| root);
+        let database_url = format!("{root}/{database}");
+        let pool = PgPool::connect(&database_url)
+            .await
+            .expect("connect to the test database");
+        Stack {
+            program: binary(program),
+            database_url,
+            pool,
+            admin,
+            database,
+            broker: Some(broker().await),
+            children: Vec::new(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let broker = self.broker.as_ref().expect("broker until cleanup");
+        let mut command = Command::new(&self.program);
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.database_url)
+            .env("AMQP_URL", &broker.config.url)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the program to its end; returns its stdout. Panics if it fails.
+    pub async fn run(&self, args: &[&str]) -> String {
+        let mut command = tokio::process::Command::from(self.command(args));
+        let output = command.output().await.expect("run the program");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?} failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// Starts the program in the background; returns its PID.
+    pub fn spawn(&mut self, args: &[&str]) -> u32 {
+        let child = self.command(args).spawn().expect("spawn the program");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Sends `signal` (e.g. `KILL`, `TERM`) to a process this stack started.
+    pub fn signal(&mut self, pid: u32, signal: &str) {
+        assert!(
+            self.children.iter().any(|c| c.id() == pid),
+            "{pid} was not started here"
+        );
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Waits for a process this stack started to exit, within `timeout`; returns whether it
+    /// exited successfully.
+    pub async fn wait_exit(&mut self, pid: u32, timeout: Duration) -> bool {
+        let index = self
+            .children
+            .iter()
+            .position(|c| c.id() == pid)
+            .expect("started here");
+        let mut child = self.children.remove(index);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                return status.success();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("process {pid} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every process with SIGTERM and checks each exits cleanly, then drops the database
+    /// and the vhost.
+    pub async fn shutdown(mut self) {
+        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
+        for pid in &pids {
+            self.signal(*pid, "TERM");
+        }
+        for pid in pids {
+            assert!(
+                self.wait_exit(pid, Duration::from_secs(20)).await,
+                "process {pid} exited cleanly on SIGTERM"
+            );
+        }
+        self.pool.close().await;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE \"{}\" WITH (FORCE)",
+            self.database
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop the test database");
+        if let Some(broker) = self.broker.take() {
+            broker.cleanup().await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    /// A failing test still ends every process it started.
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! `order-saga` as separate OS processes on the real PostgreSQL and RabbitMQ: orchestrators and
+//! participants, several copies of each, one killed with SIGKILL mid-run.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use saga_tests::process::Stack;
+use saga_tests::wait_until;
+
+const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
+const DONE: &str = r#"{"running":0,"completed":180,"compensated":20,"stuck":0}"#;
+
+/// How many sagas show each sequence of effects, in order of id.
+async fn effect_sequences(stack: &Stack) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT seq, count(*) FROM (SELECT saga_id, string_agg(action, ',' ORDER BY id) AS seq \
+         FROM example_effects GROUP BY saga_id) s GROUP BY seq",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .expect("read example_effects");
+    rows.into_iter().collect()
+}
+
+fn expected_sequences() -> BTreeMap<String, i64> {
+    BTreeMap::from([
+        ("reserve,charge,ship".to_owned(), 180),
+        ("reserve,charge,refund,release".to_owned(), 20),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_orders_across_processes() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    // Several orchestrators and several copies of each service share the database and broker.
+    for _ in 0..2 {
+        stack.spawn(&["orchestrator"]);
+        for service in SERVICES {
+            stack.spawn(&["service", service]);
+        }
+    }
+    assert_eq!(
+        stack
+            .run(&["start", "--count", "200", "--fail-every", "10"])
+            .await
+            .trim(),
+        "started 200"
+    );
+    assert_eq!(stack.run(&["wait", "--timeout", "120"]).await.trim(), DONE);
+    assert_eq!(stack.run(&["status"]).await.trim(), DONE);
+    assert_eq!(effect_sequences(&stack).await, expected_sequences());
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_killed_mid_run_is_replaced() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    let orchestrator = stack.spawn(&["orchestrator"]);
+    for service in SERVICES {
+        stack.spawn(&["service", service]);
+    }
+    stack
+        .run(&["start", "--count", "200", "--fail-every", "10"])
+        .await;
+    let pool = stack.pool.clone();
+    let progressed = wait_until(Duration::from_secs(60), || async {
+        let finished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM saga.instances WHERE status IN ('completed', 'compensated')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        finished >= 20
+    })
+    .await;
+    assert!(progressed, "sagas finished before the kill");
+    stack.signal(orchestrator, "KILL");
+    assert!(
+        !stack.wait_exit(orchestrator, Duration::from_secs(10)).await,
+        "killed, not exited"
+    );
+    let status = stack.run(&["status"]).await;
+    assert!(
+        !status.contains(r#""running":0,"#),
+        "sagas were still running at the kill: {status}"
+    );
+    stack.spawn(&["orchestrator"]);
+    assert_eq!(stack.run(&["wait", "--timeout", "120"]).await.trim(), DONE);
+    assert_eq!(effect_sequences(&stack).await, expected_sequences());
+    stack.shutdown().await;
+}
