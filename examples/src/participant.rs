@@ -13,6 +13,9 @@ use crate::{CommandSpec, Example, Receipt};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// An effect kept in memory: saga, service, action.
+pub type MemoryEffect = (Uuid, &'static str, &'static str);
+
 /// Where a participant's effects go.
 #[derive(Clone)]
 pub enum Ledger {
@@ -24,7 +27,7 @@ pub enum Ledger {
         inbox: Inbox,
     },
     /// Memory, for the demo: `(saga, service, action)` in order.
-    Memory(Arc<Mutex<Vec<(Uuid, &'static str, &'static str)>>>),
+    Memory(Arc<Mutex<Vec<MemoryEffect>>>),
 }
 
 impl std::fmt::Debug for Ledger {
@@ -70,13 +73,13 @@ impl Handler for EffectHandler {
 
     async fn handle(&self, input: Value, ctx: CommandContext) -> Result<Receipt, StepError> {
         let spec = self.spec;
-        if let Some(flag) = spec.fails_when {
-            if input.get(flag) == Some(&Value::Bool(true)) {
-                return Err(StepError::terminal(format!(
-                    "{} refused: {flag}",
-                    spec.command
-                )));
-            }
+        if let Some(flag) = spec.fails_when
+            && input.get(flag) == Some(&Value::Bool(true))
+        {
+            return Err(StepError::terminal(format!(
+                "{} refused: {flag}",
+                spec.command
+            )));
         }
         let receipt = Receipt {
             id: format!("{}-{}", spec.command, ctx.saga_id),

@@ -39,7 +39,7 @@ pub async fn database() -> TestDb {
 pub async fn admin_pool() -> PgPool {
     init_tracing();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    let pool = PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&url)
@@ -50,8 +50,7 @@ pub async fn admin_pool() -> PgPool {
                  `pg_ctlcluster --skip-systemctl-redirect 15 main start`, or run `scripts/test`, \
                  which starts it."
             )
-        });
-    pool
+        })
 }
 
 impl TestDb {
