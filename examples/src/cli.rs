@@ -67,6 +67,19 @@ enum Command {
     Status,
 }
 
+/// Checks that `args` (without the program name) form a valid command line of `E`'s program,
+/// service names included; no I/O.
+pub fn check_args<E: Example>(args: &[&str]) -> Result<(), String> {
+    let cli = Cli::try_parse_from(std::iter::once(E::PROGRAM).chain(args.iter().copied()))
+        .map_err(|e| e.to_string())?;
+    if let Command::Service { name } = &cli.command
+        && !E::services().contains(&name.as_str())
+    {
+        return Err(format!("unknown service `{name}`"));
+    }
+    Ok(())
+}
+
 /// Parses the command line, runs the command, and reports a failure as one line on stderr.
 pub fn main<E: Example>() -> ExitCode {
     let cli = Cli::parse();
