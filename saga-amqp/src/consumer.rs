@@ -22,7 +22,7 @@ use crate::config::AmqpConfig;
 use crate::convert::message;
 use crate::link::{Link, amqp_error};
 use crate::publisher::{Outgoing, publish_outgoing};
-use crate::topology::declare_source;
+use crate::topology::{declare_source, route};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -104,7 +104,6 @@ pub(crate) fn stream(sub: Subscription) -> BoxStream<'static, Delivery> {
                     }
                     Err(e) => {
                         warn!(error = %e, retry_in = ?state.backoff, "subscribing failed");
-                        state.sub.consume.reset().await;
                         tokio::time::sleep(state.backoff).await;
                         state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
                         continue;
@@ -170,15 +169,40 @@ impl Acker for AmqpAcker {
             .map_err(amqp_error)
     }
 
+    /// Publishes a copy to the tail of the same queue, then acks the original: a hand-back is
+    /// not a failed delivery, so it does not count against the queue's delivery limit (which is
+    /// for messages whose consumer dies). Falls back to a plain requeue if the copy fails.
     async fn requeue(mut self: Box<Self>) -> Result<(), TransportError> {
-        self.take()
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .map(drop)
-            .map_err(amqp_error)
+        let acker = self.take();
+        let config = &self.sub.config;
+        let (exchange, routing_key) = route(config, &self.sub.source);
+        let copy = Outgoing {
+            exchange,
+            routing_key,
+            properties: self.properties.clone(),
+            envelope: Envelope {
+                destination: self.sub.source.clone(),
+                message: message(&self.properties, std::mem::take(&mut self.body)),
+            },
+        };
+        match publish_outgoing(&self.sub.publish, config.confirm_timeout, vec![copy]).await {
+            Ok(()) => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(amqp_error),
+            Err(e) => {
+                warn!(error = %e, "re-publishing a handed-back message failed; requeueing it");
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(amqp_error)
+            }
+        }
     }
 
     /// Publishes a copy with the reason to the dead-letter exchange, then acks the original;

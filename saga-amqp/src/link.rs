@@ -77,13 +77,6 @@ impl Link {
         }
     }
 
-    /// Forgets the current connection after an error, closing it if it still runs.
-    pub(crate) async fn reset(&self) {
-        if let Some((conn, _)) = self.current.lock().await.take() {
-            let _ = conn.close(200, "reset after an error".into()).await;
-        }
-    }
-
     async fn connect(&self) -> Result<Connection, TransportError> {
         let mut uri: AMQPUri = self.config.url.parse().map_err(|e: String| {
             TransportError(format!(

@@ -82,11 +82,12 @@ pub(crate) async fn publish_outgoing(
         }
     }
     let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
-    let sent = confirms.len();
     let outcomes = match tokio::time::timeout(timeout, join_all(confirms)).await {
         Ok(outcomes) => outcomes,
         Err(_) => {
-            link.reset().await;
+            // A channel that stopped confirming is replaced; the connection's heartbeat judges
+            // the connection.
+            let _ = channel.close(200, "confirm timeout".into()).await;
             return Err(not_confirmed(
                 format!("no confirm within {timeout:?}"),
                 batch,
@@ -120,9 +121,6 @@ pub(crate) async fn publish_outgoing(
             }
             None => unconfirmed.push(envelope),
         }
-    }
-    if send_error.is_some() || sent == 0 && !unconfirmed.is_empty() {
-        link.reset().await;
     }
     match (unconfirmed.is_empty(), unroutable.is_empty()) {
         (true, true) => Ok(()),

@@ -9,6 +9,8 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, SqlSafeStr, SqlStr};
 
 use crate::error::Result;
+use crate::event::Direction;
+use crate::message::Command;
 use crate::schema;
 use crate::worker::{CommandContext, StepError};
 
@@ -19,7 +21,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inbox");
 /// result back and its effect is not applied again.
 ///
 /// Retryable failures are not recorded (their transaction rolls back, so the next attempt
-/// runs afresh); terminal failures are, so a redelivery fails the same way.
+/// runs afresh); terminal failures are, so a redelivery fails the same way. A compensation
+/// leaves a tombstone under its step's forward key, so a forward delivery that arrives after
+/// the compensation (late, from a backlog) does nothing.
 ///
 /// ```no_run
 /// # async fn demo(inbox: saga_core::Inbox, ctx: saga_core::CommandContext) -> Result<(), saga_core::StepError> {
@@ -40,6 +44,7 @@ pub struct Inbox {
     claim: SqlStr,
     recorded: SqlStr,
     record: SqlStr,
+    record_failure: SqlStr,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -72,6 +77,11 @@ impl Inbox {
                 "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (idempotency_key) DO UPDATE SET outcome = EXCLUDED.outcome"
             )),
+            // Never over another delivery's recorded outcome.
+            record_failure: sql(format!(
+                "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (idempotency_key) DO NOTHING"
+            )),
         })
     }
 
@@ -103,6 +113,21 @@ impl Inbox {
             .await?
             .rows_affected()
             == 1;
+        if ctx.direction == Direction::Compensation {
+            // A forward delivery that arrives after its compensation (it sat in a backlog past
+            // its timeout) must not apply: it finds this tombstone under its key instead.
+            let forward =
+                Command::idempotency_key_for(ctx.saga_id, ctx.step_index, Direction::Forward);
+            sqlx::query(self.record_failure.clone())
+                .bind(&forward)
+                .bind(ctx.saga_id)
+                .bind(&ctx.command)
+                .bind(Json(
+                    json!({ "error": "the step was compensated before this delivery" }),
+                ))
+                .execute(&mut *tx)
+                .await?;
+        }
         if !claimed {
             let outcome: Option<Json<Value>> = sqlx::query_scalar(self.recorded.clone())
                 .bind(&ctx.idempotency_key)
@@ -132,7 +157,7 @@ impl Inbox {
             }
             Err(error) => {
                 tx.rollback().await?;
-                sqlx::query(self.record.clone())
+                sqlx::query(self.record_failure.clone())
                     .bind(&ctx.idempotency_key)
                     .bind(ctx.saga_id)
                     .bind(&ctx.command)

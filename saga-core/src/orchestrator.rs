@@ -245,19 +245,38 @@ impl Engine {
                 }
             }
         }
-        if batch.is_empty() {
-            return;
+        if !batch.is_empty() {
+            self.apply_parsed(deliveries, batch).await;
         }
+    }
+
+    /// Applies a batch in one transaction. If it fails for a reason that will not pass, each
+    /// result is applied on its own, so one saga whose log cannot be applied (a definition
+    /// changed without a new version, say) is dead-lettered with the reason and the others go
+    /// on. A transient failure (the database restarting) hands the batch back after a delay.
+    async fn apply_parsed(&self, deliveries: Vec<Delivery>, batch: Vec<(uuid::Uuid, Input)>) {
         let mut applied = match self.store.apply(&self.registry, batch.clone()).await {
             Ok(applied) => applied,
-            Err(e) => {
-                // Nothing was committed; the results go back to the queue and come again.
+            Err(e) if e.is_transient() => {
                 error!(error = %e, count = deliveries.len(), "applying results failed; handing them back");
+                tokio::time::sleep(self.config.defer_delay).await;
                 for delivery in deliveries {
                     let _ = delivery.requeue().await;
                 }
-                if e.is_transient() {
-                    tokio::time::sleep(self.config.defer_delay).await;
+                return;
+            }
+            Err(e) if batch.len() == 1 => {
+                let reason = format!("cannot apply this result: {e}");
+                error!(saga.id = %batch[0].0, %reason, "dead-lettering a result");
+                for delivery in deliveries {
+                    let _ = delivery.dead_letter(&reason).await;
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, count = batch.len(), "a batch failed; applying its results one by one");
+                for (delivery, item) in deliveries.into_iter().zip(batch) {
+                    Box::pin(self.apply_parsed(vec![delivery], vec![item])).await;
                 }
                 return;
             }
@@ -310,7 +329,7 @@ impl Engine {
                         debug!(fired, "fired timers");
                         continue;
                     }
-                    match self.store.next_timer_due().await {
+                    match self.store.next_timer_due(&self.registry).await {
                         // A due timer that did not fire is held by another process (or its
                         // definition is unknown here): look again shortly, not in a busy loop.
                         Ok(Some(due)) => next = next.min(due.max(Utc::now() + BLOCKED_TIMER_RETRY)),

@@ -53,8 +53,9 @@ impl Relay {
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Unbiased: under steady hand-overs the poller still gets its turn (rows written by
+            // `start`, unconfirmed rows, a crashed peer's rows).
             tokio::select! {
-                biased;
                 records = handed.recv() => match records {
                     Some(mut records) => {
                         while let Ok(more) = handed.try_recv() {

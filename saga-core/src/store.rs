@@ -29,6 +29,9 @@ use crate::state::SagaStatus;
 pub use memory::MemoryStore;
 pub use pg::{PgStore, PgStoreBuilder};
 
+/// How long the timers of a saga that cannot be applied wait before the next try.
+pub const TIMER_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
+
 /// A committed outbox row, ready to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRecord {
@@ -102,11 +105,14 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a batch of inputs in one transaction; returns one [`Applied`] per input, in order.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>>;
 
-    /// Claims up to `limit` due timers (skipping those another process holds) and applies them.
+    /// Claims up to `limit` due timers of sagas whose definition `registry` holds (skipping
+    /// those another process holds) and applies them. A saga whose timer cannot be applied (its
+    /// log does not replay) has its due timers postponed by [`TIMER_FAILURE_BACKOFF`], with an
+    /// error logged, so it does not hold back the others.
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>>;
 
-    /// When the earliest pending timer is due.
-    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>>;
+    /// When the earliest pending timer of a saga whose definition `registry` holds is due.
+    async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>>;
 
     /// Claims up to `limit` outbox rows that nobody holds, for `lease`.
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>>;

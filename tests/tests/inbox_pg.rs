@@ -14,6 +14,7 @@ fn ctx(key: &str) -> CommandContext {
         saga_id: Uuid::new_v4(),
         saga: "order".into(),
         step: "charge".into(),
+        step_index: 1,
         direction: Direction::Forward,
         attempt: 1,
         command_id: Uuid::new_v4(),
@@ -142,5 +143,45 @@ async fn concurrent_deliveries_apply_once() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(ledger(&db, &table).await, 1);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_forward_delivery_after_its_compensation_does_nothing() {
+    let (db, inbox, table) = setup().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let saga_id = Uuid::new_v4();
+    let key = |d: Direction| saga_core::Command::idempotency_key_for(saga_id, 1, d);
+    let forward = CommandContext {
+        saga_id,
+        idempotency_key: key(Direction::Forward),
+        ..ctx("")
+    };
+    let compensation = CommandContext {
+        direction: Direction::Compensation,
+        command: "refund".into(),
+        idempotency_key: key(Direction::Compensation),
+        ..forward.clone()
+    };
+    // The compensation runs first (the forward command sat in a backlog past its timeout).
+    assert_eq!(
+        charge(&inbox, &compensation, &table, &runs, Ok(0)).await,
+        Ok(0)
+    );
+    let late = charge(&inbox, &forward, &table, &runs, Ok(10)).await;
+    assert!(
+        matches!(&late, Err(e) if !e.is_retryable() && e.message().contains("compensated")),
+        "{late:?}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the late forward did not run"
+    );
+    assert_eq!(
+        ledger(&db, &table).await,
+        1,
+        "only the compensation's write"
+    );
     db.drop_schema().await;
 }

@@ -74,6 +74,13 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Whether `registry` holds the definition of saga `saga_id`.
+    fn knows(&self, registry: &Registry, saga_id: &Uuid) -> bool {
+        self.instances
+            .get(saga_id)
+            .is_some_and(|i| registry.get(&i.summary.saga, i.summary.version).is_some())
+    }
+
     fn load(
         &self,
         registry: &Registry,
@@ -284,29 +291,39 @@ impl Store for MemoryStore {
         let mut due: Vec<(DateTime<Utc>, Uuid, String, Timer)> = inner
             .timers
             .iter()
-            .filter(|((saga_id, _), t)| {
-                let known = inner
-                    .instances
-                    .get(saga_id)
-                    .is_some_and(|i| registry.get(&i.summary.saga, i.summary.version).is_some());
-                t.due_at <= now && known
-            })
+            .filter(|((saga_id, _), t)| t.due_at <= now && inner.knows(registry, saga_id))
             .map(|((saga_id, key), t)| (t.due_at, *saga_id, key.clone(), t.timer))
             .collect();
         due.sort_by_key(|(due_at, ..)| *due_at);
         due.truncate(limit);
-        let batch: Vec<(Uuid, Input)> = due
-            .iter()
-            .map(|(_, saga_id, _, timer)| (*saga_id, Input::Timer(*timer)))
-            .collect();
-        for (_, saga_id, key, _) in &due {
-            inner.timers.remove(&(*saga_id, key.clone()));
+        let mut applied = Vec::with_capacity(due.len());
+        // One timer at a time: the lock makes each its own transaction, so a saga whose timer
+        // cannot be applied is postponed without holding back the others.
+        for (_, saga_id, key, timer) in due {
+            match inner.apply(registry, &[(saga_id, Input::Timer(timer))], now) {
+                Ok(a) => {
+                    inner.timers.remove(&(saga_id, key));
+                    applied.extend(a);
+                }
+                Err(e) => {
+                    tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
+                    if let Some(t) = inner.timers.get_mut(&(saga_id, key)) {
+                        t.due_at = now + super::TIMER_FAILURE_BACKOFF;
+                    }
+                }
+            }
         }
-        inner.apply(registry, &batch, now)
+        Ok(applied)
     }
 
-    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>> {
-        Ok(self.lock().timers.values().map(|t| t.due_at).min())
+    async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>> {
+        let inner = self.lock();
+        Ok(inner
+            .timers
+            .iter()
+            .filter(|((saga_id, _), _)| inner.knows(registry, saga_id))
+            .map(|(_, t)| t.due_at)
+            .min())
     }
 
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {

@@ -216,6 +216,41 @@ impl PgStore {
         format!("{}_outbox", self.schema)
     }
 
+    /// Locks the sagas of `candidates` that nobody else holds, claims their due timers and
+    /// applies them, in one transaction.
+    async fn fire_for(
+        &self,
+        registry: &Registry,
+        candidates: &[Uuid],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        // Sagas another process is working on are skipped; their timers stay due.
+        let loaded = self.load(&mut tx, registry, candidates, true).await?;
+        let locked: Vec<Uuid> = loaded
+            .iter()
+            .filter(|(_, l)| l.is_ok())
+            .map(|(id, _)| *id)
+            .collect();
+        let rows = sqlx::query(self.sql.claim_timers.clone())
+            .bind(&locked)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows {
+            let saga_id: Uuid = row.try_get("saga_id")?;
+            let Json(timer): Json<Timer> = row.try_get("timer")?;
+            batch.push((saga_id, Input::Timer(timer)));
+        }
+        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
     /// Locks and loads the sagas of `ids`; those not loaded get the verdict to return instead.
     async fn load(
         &self,
@@ -478,42 +513,46 @@ impl Store for PgStore {
 
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
         let now = Utc::now();
+        let (names, versions) = registered(registry);
         let mut candidates: Vec<Uuid> = sqlx::query_scalar(self.sql.due_timer_sagas.clone())
             .bind(now)
             .bind(limit as i64)
+            .bind(&names)
+            .bind(&versions)
             .fetch_all(&self.pool)
             .await?;
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut tx = self.pool.begin().await?;
-        // Sagas another process is working on are skipped; their timers stay due.
-        let loaded = self.load(&mut tx, registry, &candidates, true).await?;
-        let locked: Vec<Uuid> = loaded
-            .iter()
-            .filter(|(_, l)| l.is_ok())
-            .map(|(id, _)| *id)
-            .collect();
-        let rows = sqlx::query(self.sql.claim_timers.clone())
-            .bind(&locked)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut batch = Vec::with_capacity(rows.len());
-        for row in rows {
-            let saga_id: Uuid = row.try_get("saga_id")?;
-            let Json(timer): Json<Timer> = row.try_get("timer")?;
-            batch.push((saga_id, Input::Timer(timer)));
+        match self.fire_for(registry, &candidates, now).await {
+            Err(e) if !e.is_transient() => {
+                tracing::warn!(error = %e, "a timer batch failed; firing saga by saga");
+                let mut applied = Vec::new();
+                for saga_id in candidates {
+                    match self.fire_for(registry, &[saga_id], now).await {
+                        Ok(a) => applied.extend(a),
+                        Err(e) if !e.is_transient() => {
+                            tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
+                            sqlx::query(self.sql.postpone_timers.clone())
+                                .bind(saga_id)
+                                .bind(now)
+                                .bind(now + crate::store::TIMER_FAILURE_BACKOFF)
+                                .execute(&self.pool)
+                                .await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(applied)
+            }
+            result => result,
         }
-        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
-        tx.commit().await?;
-        Ok(applied)
     }
 
-    async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>> {
+    async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>> {
+        let (names, versions) = registered(registry);
         Ok(sqlx::query_scalar(self.sql.next_timer.clone())
+            .bind(&names)
+            .bind(&versions)
             .fetch_one(&self.pool)
             .await?)
     }
@@ -628,6 +667,7 @@ struct Sql {
     set_timers: SqlStr,
     update_instances: SqlStr,
     due_timer_sagas: SqlStr,
+    postpone_timers: SqlStr,
     claim_timers: SqlStr,
     next_timer: SqlStr,
     claim_outbox: SqlStr,
@@ -682,14 +722,22 @@ impl Sql {
                  WHERE i.id = u.id"
             )),
             due_timer_sagas: sql(format!(
-                "SELECT saga_id FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1 ORDER BY due_at LIMIT $2"
+                "SELECT t.saga_id FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \
+                 WHERE t.fired_at IS NULL AND t.due_at <= $1 \
+                 AND (i.saga, i.version) IN (SELECT * FROM UNNEST($3::text[], $4::int4[])) \
+                 ORDER BY t.due_at LIMIT $2"
+            )),
+            postpone_timers: sql(format!(
+                "UPDATE {s}.timers SET due_at = $3 WHERE saga_id = $1 AND fired_at IS NULL AND due_at <= $2"
             )),
             claim_timers: sql(format!(
                 "UPDATE {s}.timers SET fired_at = $2 \
                  WHERE saga_id = ANY($1) AND fired_at IS NULL AND due_at <= $2 RETURNING saga_id, timer"
             )),
             next_timer: sql(format!(
-                "SELECT min(due_at) FROM {s}.timers WHERE fired_at IS NULL"
+                "SELECT min(t.due_at) FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \
+                 WHERE t.fired_at IS NULL \
+                 AND (i.saga, i.version) IN (SELECT * FROM UNNEST($1::text[], $2::int4[]))"
             )),
             claim_outbox: sql(format!(
                 "UPDATE {s}.outbox SET claimed_until = $2 WHERE id IN \
@@ -709,6 +757,14 @@ impl Sql {
             )),
         }
     }
+}
+
+/// The (name, version) pairs of the registry, as two arrays for `UNNEST`.
+fn registered(registry: &Registry) -> (Vec<String>, Vec<i32>) {
+    registry
+        .iter()
+        .map(|d| (d.name().to_owned(), d.version() as i32))
+        .unzip()
 }
 
 fn sql(text: String) -> SqlStr {

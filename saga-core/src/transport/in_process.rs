@@ -26,6 +26,8 @@ impl Queue {
             ready.push_back((message, false));
         }
         drop(ready);
+        // Every waiting consumer looks; those that find nothing wait again.
+        self.notify.notify_waiters();
         self.notify.notify_one();
     }
 }
@@ -115,7 +117,10 @@ impl Transport for InProcessTransport {
         let queue = self.declared(source);
         Ok(Box::pin(stream::unfold(queue, |queue| async move {
             let (message, redelivered) = loop {
+                // Registered before the check, so a push in between is not missed.
                 let notified = queue.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 if let Some(next) = queue.ready.lock().expect("queue lock").pop_front() {
                     break next;
                 }

@@ -24,6 +24,8 @@ pub struct CommandContext {
     pub saga: String,
     /// The step's name.
     pub step: String,
+    /// The step's position in its saga.
+    pub step_index: u32,
     /// Action or compensation.
     pub direction: Direction,
     /// The attempt, from 1.
@@ -43,6 +45,7 @@ impl CommandContext {
             saga_id: command.saga_id,
             saga: command.saga.clone(),
             step: command.step_name.clone(),
+            step_index: command.step,
             direction: command.direction,
             attempt: command.attempt,
             command_id: command.command_id,
