@@ -35,17 +35,40 @@ pub fn render(summary: &SagaSummary, definition: &Definition, history: &[Recorde
             } => {
                 let s = &definition.steps()[*step as usize];
                 let action = match direction {
-                    Direction::Forward => &s.action,
-                    Direction::Compensation => s.compensation.as_ref().unwrap_or(&s.action),
+                    Direction::Forward => s.action(),
+                    Direction::Compensation => s.compensation.as_ref(),
                 };
+                let target = action.map_or_else(
+                    || "?".to_owned(),
+                    |a| format!("{}.{}", a.service, a.command),
+                );
                 format!(
-                    "{:<8} {} -> {}.{} (attempt {attempt})",
+                    "{:<8} {} -> {target} (attempt {attempt})",
                     step_name(*step),
-                    arrow(*direction),
-                    action.service,
-                    action.command
+                    arrow(*direction)
                 )
             }
+            Event::Waiting {
+                step,
+                signal,
+                until,
+            } => {
+                let until = until
+                    .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M:%S")))
+                    .unwrap_or_default();
+                match signal {
+                    Some(name) => format!(
+                        "{:<8} >> waits for signal `{name}`{until}",
+                        step_name(*step)
+                    ),
+                    None => format!("{:<8} >> waits{until}", step_name(*step)),
+                }
+            }
+            Event::SignalReceived { name, payload } => format!("signal `{name}`: {payload}"),
+            Event::CancelRequested { reason, .. } => format!("cancel requested: {reason}"),
+            Event::CancelRefused { reason, why, .. } => format!("cancel refused ({reason}): {why}"),
+            Event::DeadlineExceeded => "deadline passed".to_owned(),
+            Event::Cancelled => "cancelled".to_owned(),
             Event::Succeeded {
                 step, direction, ..
             } => {

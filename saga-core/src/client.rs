@@ -6,9 +6,12 @@ use std::sync::Arc;
 use serde::Serialize;
 use uuid::Uuid;
 
+use std::time::Duration;
+
+use crate::decide::Timer;
 use crate::definition::SagaDefinition;
-use crate::error::Result;
-use crate::event::RecordedEvent;
+use crate::error::{Error, Result};
+use crate::event::{Event, RecordedEvent};
 use crate::state::SagaStatus;
 use crate::store::{SagaSummary, StartRequest, Started, Store};
 
@@ -33,6 +36,9 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// How long [`Client::cancel`] waits for an orchestrator's answer.
+    pub const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
     /// A client of `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
@@ -75,6 +81,70 @@ impl Client {
             .await?;
         tracing::debug!(saga.id = %started.saga_id, saga.name = definition.name(), created = started.created, "saga started");
         Ok(started)
+    }
+
+    /// Sends the signal `name` to a saga. It is recorded durably and applied by an
+    /// orchestrator: a wait step for `name` takes its payload as the step's output. A signal
+    /// that arrives before the saga reaches its wait is kept until then; one that arrives after
+    /// the saga ended is dropped.
+    pub async fn signal<T: Serialize>(&self, saga_id: Uuid, name: &str, payload: &T) -> Result<()> {
+        let timer = Timer::Signal {
+            id: Uuid::new_v4(),
+            name: name.to_owned(),
+            payload: serde_json::to_value(payload)?,
+        };
+        self.store.enqueue(saga_id, timer).await
+    }
+
+    /// Cancels a saga: the step in flight settles (or times out), then the completed steps
+    /// compensate in reverse and the saga ends `cancelled`. Refused, with
+    /// [`Error::CancelRefused`] saying why, once the saga has started its pivot, or if it
+    /// already ended or compensates. Waits up to [`Client::CANCEL_WAIT`] for an orchestrator to
+    /// decide.
+    pub async fn cancel(&self, saga_id: Uuid, reason: &str) -> Result<()> {
+        let refused = |why: String| Error::CancelRefused { saga_id, why };
+        let summary = self
+            .store
+            .summary(saga_id)
+            .await?
+            .ok_or(Error::UnknownSaga(saga_id))?;
+        if !summary.status.is_active() {
+            return Err(refused(format!("the saga is {}", summary.status)));
+        }
+        let id = Uuid::new_v4();
+        self.store
+            .enqueue(
+                saga_id,
+                Timer::Cancel {
+                    id,
+                    reason: reason.to_owned(),
+                },
+            )
+            .await?;
+        let deadline = tokio::time::Instant::now() + Self::CANCEL_WAIT;
+        loop {
+            for record in self.store.history(saga_id).await? {
+                match record.event {
+                    Event::CancelRequested { request, .. } if request == id => return Ok(()),
+                    Event::CancelRefused { request, why, .. } if request == id => {
+                        return Err(refused(why));
+                    }
+                    _ => {}
+                }
+            }
+            let status = self.store.summary(saga_id).await?.map(|s| s.status);
+            if let Some(status) = status.filter(|s| !s.is_active()) {
+                return Err(refused(format!("the saga is {status}")));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NotAnswered {
+                    saga_id,
+                    what: "cancel",
+                    waited: Self::CANCEL_WAIT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// One saga's status, or `None` if there is no such saga.

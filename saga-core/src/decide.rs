@@ -5,9 +5,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
-use crate::definition::{Definition, RawContext, StepKind};
+use crate::definition::{Definition, RawContext, StepKind, Work};
 use crate::event::{Direction, Event};
 use crate::message::{Command, Outcome, Reply};
 use crate::state::{Current, ReplayError, SagaState, StepProgress};
@@ -19,12 +20,15 @@ pub enum Input {
     Start,
     /// A participant's result arrived.
     Reply(Reply),
-    /// A durable timer came due.
+    /// A durable timer came due (or a queued signal or cancel request).
     Timer(Timer),
 }
 
 /// A durable timer's purpose. Its [`Timer::key`] is unique within a saga.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Signals and cancel requests are queued as timers due at once, so any orchestrator applies
+/// them exactly once, under the saga's lock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Timer {
     /// Dispatch `attempt` of a step once its backoff has passed.
@@ -36,7 +40,7 @@ pub enum Timer {
         /// The attempt to dispatch.
         attempt: u32,
     },
-    /// The attempt's time is up.
+    /// The attempt's time (or the wait's) is up.
     Timeout {
         /// The step's position.
         step: u32,
@@ -44,6 +48,29 @@ pub enum Timer {
         direction: Direction,
         /// The attempt that is timed.
         attempt: u32,
+    },
+    /// A delay step's time has passed.
+    Delay {
+        /// The step's position.
+        step: u32,
+    },
+    /// The whole saga's deadline.
+    Deadline,
+    /// A signal for the saga.
+    Signal {
+        /// Makes the key unique.
+        id: Uuid,
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        payload: Value,
+    },
+    /// A request to cancel the saga.
+    Cancel {
+        /// The request's id, recorded with the verdict.
+        id: Uuid,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -61,6 +88,10 @@ impl Timer {
                 direction,
                 attempt,
             } => format!("timeout:{step}:{direction}:{attempt}"),
+            Timer::Delay { step } => format!("delay:{step}"),
+            Timer::Deadline => "deadline".to_owned(),
+            Timer::Signal { id, .. } => format!("signal:{id}"),
+            Timer::Cancel { id, .. } => format!("cancel:{id}"),
         }
     }
 }
@@ -137,7 +168,7 @@ pub fn decide(
     let verdict = match input {
         Input::Start => d.start()?,
         Input::Reply(reply) => d.reply(reply)?,
-        Input::Timer(timer) => d.timer(*timer)?,
+        Input::Timer(timer) => d.timer(timer)?,
     };
     Ok(Decision {
         events: d.events,
@@ -162,9 +193,20 @@ impl Decider<'_, '_> {
         Ok(())
     }
 
+    fn inactive(&self) -> Option<Verdict> {
+        (!self.state.status.is_active())
+            .then(|| Verdict::Ignored(format!("the saga is {}", self.state.status)))
+    }
+
     fn start(&mut self) -> Result<Verdict, ReplayError> {
         if self.state.events > 1 {
             return Ok(Verdict::Ignored("the saga has already started".into()));
+        }
+        if let Some(deadline) = self.definition.deadline() {
+            self.effects.push(Effect::SetTimer {
+                timer: Timer::Deadline,
+                due_at: self.env.now + deadline,
+            });
         }
         self.dispatch(0, Direction::Forward, 1)?;
         Ok(Verdict::Applied)
@@ -236,9 +278,13 @@ impl Decider<'_, '_> {
         Ok(Verdict::Applied)
     }
 
-    fn timer(&mut self, timer: Timer) -> Result<Verdict, ReplayError> {
+    fn timer(&mut self, timer: &Timer) -> Result<Verdict, ReplayError> {
+        if let Some(verdict) = self.inactive() {
+            return Ok(verdict);
+        }
         let current = self.state.current;
-        match timer {
+        let stale = || Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+        match timer.clone() {
             Timer::Retry {
                 step,
                 direction,
@@ -249,9 +295,10 @@ impl Decider<'_, '_> {
                     direction,
                     attempt,
                     command_id: None,
+                    waiting: false,
                 };
-                if current != Some(due) || !self.state.status.is_active() {
-                    return Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+                if current != Some(due) {
+                    return stale();
                 }
                 self.dispatch(step, direction, attempt)?;
             }
@@ -260,13 +307,11 @@ impl Decider<'_, '_> {
                 direction,
                 attempt,
             } => {
-                let Some(Current {
-                    command_id: Some(command_id),
-                    ..
-                }) = current
-                    .filter(|c| (c.step, c.direction, c.attempt) == (step, direction, attempt))
-                else {
-                    return Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+                let Some(c) = current.filter(|c| {
+                    (c.step, c.direction, c.attempt) == (step, direction, attempt)
+                        && (c.command_id.is_some() || c.waiting)
+                }) else {
+                    return stale();
                 };
                 self.emit(Event::TimedOut {
                     step,
@@ -274,11 +319,126 @@ impl Decider<'_, '_> {
                     attempt,
                 })?;
                 let timeout = self.timeout_of(step).unwrap_or_default();
-                let error = format!("attempt {attempt} timed out after {timeout:?}");
-                self.after_failure(step, direction, attempt, true, &error, command_id)?;
+                match (c.command_id, &self.definition.steps()[step as usize].work) {
+                    (Some(command_id), _) => {
+                        let error = format!("attempt {attempt} timed out after {timeout:?}");
+                        self.after_failure(step, direction, attempt, true, &error, command_id)?;
+                    }
+                    (None, Work::Signal(wait)) => {
+                        let reason = format!("no signal `{}` within {timeout:?}", wait.name);
+                        self.failed_for_good(step, direction, reason)?;
+                    }
+                    (None, _) => return stale(),
+                }
+            }
+            Timer::Delay { step } => {
+                if !current.is_some_and(|c| c.step == step && c.waiting) {
+                    return stale();
+                }
+                self.emit(Event::Succeeded {
+                    step,
+                    direction: Direction::Forward,
+                    attempt: 1,
+                    output: Value::Null,
+                })?;
+                self.after_success(step, Direction::Forward)?;
+            }
+            Timer::Deadline => {
+                if self.state.stop.is_some() || self.state.status != crate::SagaStatus::Running {
+                    return Ok(Verdict::Ignored("the saga is already stopping".into()));
+                }
+                if let Some(why) = self.past_pivot() {
+                    return Ok(Verdict::Ignored(format!("deadline passed, but {why}")));
+                }
+                self.emit(Event::DeadlineExceeded)?;
+                self.stop_if_idle()?;
+            }
+            Timer::Signal { name, payload, .. } => {
+                self.emit(Event::SignalReceived {
+                    name: name.clone(),
+                    payload: payload.clone(),
+                })?;
+                if let Some(c) = current.filter(|c| c.waiting)
+                    && matches!(&self.definition.steps()[c.step as usize].work, Work::Signal(w) if w.name == name)
+                {
+                    self.take_signal(c.step, payload)?;
+                }
+            }
+            Timer::Cancel { id, reason } => {
+                let why = if self.state.stop.is_some()
+                    || self.state.status == crate::SagaStatus::Compensating
+                {
+                    Some("the saga is already compensating".to_owned())
+                } else {
+                    self.past_pivot()
+                };
+                if let Some(why) = why {
+                    self.emit(Event::CancelRefused {
+                        request: id,
+                        reason,
+                        why,
+                    })?;
+                } else {
+                    self.emit(Event::CancelRequested {
+                        request: id,
+                        reason,
+                    })?;
+                    self.stop_if_idle()?;
+                }
             }
         }
         Ok(Verdict::Applied)
+    }
+
+    /// Why the saga can no longer be stopped, if its pivot has started.
+    fn past_pivot(&self) -> Option<String> {
+        let pivot = self.definition.pivot()?;
+        (self.state.progress[pivot] != StepProgress::Pending).then(|| {
+            format!(
+                "the saga has passed its pivot step `{}`",
+                self.definition.steps()[pivot].name
+            )
+        })
+    }
+
+    /// After a cancel or a deadline: compensate now, unless a command is in flight (its result,
+    /// or its timeout, comes first).
+    fn stop_if_idle(&mut self) -> Result<(), ReplayError> {
+        let Some(c) = self.state.current else {
+            return Ok(());
+        };
+        if c.command_id.is_some() {
+            return Ok(());
+        }
+        let timer = if c.waiting {
+            match self.definition.steps()[c.step as usize].work {
+                Work::Delay(_) => Timer::Delay { step: c.step },
+                _ => Timer::Timeout {
+                    step: c.step,
+                    direction: c.direction,
+                    attempt: c.attempt,
+                },
+            }
+        } else {
+            Timer::Retry {
+                step: c.step,
+                direction: c.direction,
+                attempt: c.attempt,
+            }
+        };
+        self.effects.push(Effect::CancelTimer(timer));
+        self.stop_at(c.step)
+    }
+
+    fn stop_at(&mut self, step: u32) -> Result<(), ReplayError> {
+        let reason = self
+            .state
+            .stop
+            .as_ref()
+            .map(|s| s.reason.clone())
+            .unwrap_or_default();
+        self.emit(Event::CompensationStarted { step, reason })?;
+        self.compensate_below(step + 1)
     }
 
     fn timeout_of(&self, step: u32) -> Option<std::time::Duration> {
@@ -292,9 +452,48 @@ impl Decider<'_, '_> {
         attempt: u32,
     ) -> Result<(), ReplayError> {
         let def = &self.definition.steps()[step as usize];
-        let action = match direction {
-            Direction::Forward => &def.action,
-            Direction::Compensation => def.compensation.as_ref().expect("checked by the caller"),
+        let action = match (direction, &def.work) {
+            (Direction::Forward, Work::Command(action)) => action,
+            (Direction::Forward, Work::Signal(wait)) => {
+                let name = wait.name.clone();
+                let until = def.timeout.map(|t| self.env.now + t);
+                self.emit(Event::Waiting {
+                    step,
+                    signal: Some(name.clone()),
+                    until,
+                })?;
+                if let Some(due_at) = until {
+                    self.effects.push(Effect::SetTimer {
+                        timer: Timer::Timeout {
+                            step,
+                            direction,
+                            attempt: 1,
+                        },
+                        due_at,
+                    });
+                }
+                // A signal that came early was kept for this wait.
+                if let Some(payload) = self.state.pending_signal(&name).cloned() {
+                    self.take_signal(step, payload)?;
+                }
+                return Ok(());
+            }
+            (Direction::Forward, Work::Delay(delay)) => {
+                let due_at = self.env.now + *delay;
+                self.emit(Event::Waiting {
+                    step,
+                    signal: None,
+                    until: Some(due_at),
+                })?;
+                self.effects.push(Effect::SetTimer {
+                    timer: Timer::Delay { step },
+                    due_at,
+                });
+                return Ok(());
+            }
+            (Direction::Compensation, _) => {
+                def.compensation.as_ref().expect("checked by the caller")
+            }
         };
         let ctx = RawContext {
             definition: self.definition,
@@ -351,8 +550,50 @@ impl Decider<'_, '_> {
         Ok(())
     }
 
+    /// A wait step takes a signal: its payload is the output, unless the step refuses it.
+    fn take_signal(&mut self, step: u32, payload: Value) -> Result<(), ReplayError> {
+        let def = &self.definition.steps()[step as usize];
+        let Work::Signal(wait) = &def.work else {
+            return Ok(());
+        };
+        if def.timeout.is_some() {
+            self.effects.push(Effect::CancelTimer(Timer::Timeout {
+                step,
+                direction: Direction::Forward,
+                attempt: 1,
+            }));
+        }
+        match (wait.check)(&payload) {
+            Ok(()) => {
+                self.emit(Event::Succeeded {
+                    step,
+                    direction: Direction::Forward,
+                    attempt: 1,
+                    output: payload,
+                })?;
+                self.after_success(step, Direction::Forward)
+            }
+            Err(error) => {
+                let reason = format!(
+                    "step `{}` refused signal `{}`: {error}",
+                    def.name, wait.name
+                );
+                self.emit(Event::Failed {
+                    step,
+                    direction: Direction::Forward,
+                    attempt: 1,
+                    error,
+                    retryable: false,
+                })?;
+                self.failed_for_good(step, Direction::Forward, reason)
+            }
+        }
+    }
+
     fn after_success(&mut self, step: u32, direction: Direction) -> Result<(), ReplayError> {
         match direction {
+            // A cancel or a deadline waited for this step: undo it too.
+            Direction::Forward if self.state.stop.is_some() => self.stop_at(step),
             Direction::Forward if (step as usize) + 1 < self.definition.steps().len() => {
                 self.dispatch(step + 1, Direction::Forward, 1)
             }
@@ -375,7 +616,8 @@ impl Decider<'_, '_> {
             Direction::Forward => (&def.retry, def.kind == StepKind::Retriable),
             Direction::Compensation => (&def.compensation_retry, false),
         };
-        if retryable && (unbounded || attempt < policy.max_attempts) {
+        let stopping = direction == Direction::Forward && self.state.stop.is_some();
+        if retryable && !stopping && (unbounded || attempt < policy.max_attempts) {
             let delay = policy.delay(attempt, unit_draw(command_id));
             let due_at = self.env.now + delay;
             let next = attempt + 1;
@@ -395,6 +637,9 @@ impl Decider<'_, '_> {
                 due_at,
             });
             return Ok(());
+        }
+        if stopping {
+            return self.stop_at(step);
         }
         let reason = if retryable {
             format!(
@@ -438,6 +683,9 @@ impl Decider<'_, '_> {
         });
         match next {
             Some(j) => self.dispatch(j, Direction::Compensation, 1),
+            None if self.state.stop.as_ref().is_some_and(|s| s.cancelled) => {
+                self.emit(Event::Cancelled)
+            }
             None => self.emit(Event::Compensated),
         }
     }

@@ -55,6 +55,37 @@ impl fmt::Debug for Action {
     }
 }
 
+/// Checks a signal's payload; `Err` fails the wait step terminally with the reason.
+pub(crate) type CheckFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
+
+/// A wait for a named signal (a human approval, a webhook).
+#[derive(Clone)]
+pub struct SignalWait {
+    /// The signal's name.
+    pub name: String,
+    pub(crate) check: CheckFn,
+}
+
+impl fmt::Debug for SignalWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignalWait")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a step does going forward.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// Sends a command to a participant.
+    Command(Action),
+    /// Waits for a named signal; its payload is the step's output. The step's timeout bounds
+    /// the wait.
+    Signal(SignalWait),
+    /// Waits a fixed time (a durable timer), then succeeds with no output.
+    Delay(Duration),
+}
+
 /// One step of a definition, after validation.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -62,16 +93,26 @@ pub struct Step {
     pub name: String,
     /// Compensatable, pivot or retriable.
     pub kind: StepKind,
-    /// The forward command.
-    pub action: Action,
+    /// What the step does going forward.
+    pub work: Work,
     /// The command that undoes the action, if any.
     pub compensation: Option<Action>,
     /// How the action is retried.
     pub retry: RetryPolicy,
     /// How the compensation is retried.
     pub compensation_retry: RetryPolicy,
-    /// How long one attempt may take before it counts as failed.
+    /// How long one attempt may take before it counts as failed (for a signal: the wait).
     pub timeout: Option<Duration>,
+}
+
+impl Step {
+    /// The forward command, if the step sends one.
+    pub fn action(&self) -> Option<&Action> {
+        match &self.work {
+            Work::Command(action) => Some(action),
+            _ => None,
+        }
+    }
 }
 
 /// A validated definition with its types erased, as the engine and the registry hold it.
@@ -80,6 +121,7 @@ pub struct Definition {
     name: String,
     version: u32,
     steps: Vec<Step>,
+    deadline: Option<Duration>,
 }
 
 impl Definition {
@@ -91,6 +133,16 @@ impl Definition {
     /// The definition's version.
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// How long the whole saga may take before it is compensated (while before its pivot).
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// The position of the pivot step, if there is one.
+    pub fn pivot(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.kind == StepKind::Pivot)
     }
 
     /// The steps, in order.
@@ -108,7 +160,7 @@ impl Definition {
         let mut services: Vec<&str> = self
             .steps
             .iter()
-            .flat_map(|s| std::iter::once(&s.action).chain(s.compensation.as_ref()))
+            .flat_map(|s| s.action().into_iter().chain(s.compensation.as_ref()))
             .map(|a| a.service.as_str())
             .collect();
         services.sort_unstable();

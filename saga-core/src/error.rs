@@ -30,6 +30,29 @@ pub enum Error {
         /// The definition's version.
         version: u32,
     },
+    /// No saga has this id.
+    #[error("no saga {0}")]
+    UnknownSaga(uuid::Uuid),
+    /// A cancel was refused.
+    #[error("saga {saga_id} cannot be cancelled: {why}")]
+    CancelRefused {
+        /// The saga.
+        saga_id: uuid::Uuid,
+        /// Why.
+        why: String,
+    },
+    /// No orchestrator answered a request in time; it stays queued.
+    #[error(
+        "saga {saga_id}: no orchestrator answered the {what} within {waited:?}; it stays queued"
+    )]
+    NotAnswered {
+        /// The saga.
+        saga_id: uuid::Uuid,
+        /// What was asked.
+        what: &'static str,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
     /// Invalid configuration, naming the setting.
     #[error("invalid configuration: {0}")]
     Config(String),

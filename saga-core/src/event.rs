@@ -126,10 +126,46 @@ pub enum Event {
         /// Why it failed.
         reason: String,
     },
+    /// The saga waits at a step: for a signal, or until a delay has passed.
+    Waiting {
+        /// The step's position.
+        step: u32,
+        /// The signal it waits for; `None` for a delay.
+        signal: Option<String>,
+        /// When the wait ends (the delay), or times out (the signal).
+        until: Option<DateTime<Utc>>,
+    },
+    /// A signal arrived; it is kept until a wait step for its name takes it.
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// Its payload.
+        payload: Value,
+    },
+    /// A cancel was accepted: the in-flight step settles, then the completed steps compensate.
+    CancelRequested {
+        /// The request's id.
+        request: Uuid,
+        /// Why the caller cancels.
+        reason: String,
+    },
+    /// A cancel was refused.
+    CancelRefused {
+        /// The request's id.
+        request: Uuid,
+        /// Why the caller wanted to cancel.
+        reason: String,
+        /// Why it cannot be done.
+        why: String,
+    },
+    /// The saga's deadline passed before its pivot: the completed steps compensate.
+    DeadlineExceeded,
     /// Every step succeeded.
     Completed,
     /// Every compensation that had to run succeeded.
     Compensated,
+    /// Cancelled: every compensation that had to run succeeded.
+    Cancelled,
     /// The saga cannot go on without an operator.
     Stuck {
         /// The step that could not finish.
@@ -152,8 +188,14 @@ impl Event {
             Event::TimedOut { .. } => "timed_out",
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::CompensationStarted { .. } => "compensation_started",
+            Event::Waiting { .. } => "waiting",
+            Event::SignalReceived { .. } => "signal_received",
+            Event::CancelRequested { .. } => "cancel_requested",
+            Event::CancelRefused { .. } => "cancel_refused",
+            Event::DeadlineExceeded => "deadline_exceeded",
             Event::Completed => "completed",
             Event::Compensated => "compensated",
+            Event::Cancelled => "cancelled",
             Event::Stuck { .. } => "stuck",
         }
     }

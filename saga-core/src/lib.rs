@@ -59,8 +59,8 @@ pub mod worker;
 pub use client::Client;
 pub use decide::{Decision, Effect, Env, Input, Timer, Verdict, decide};
 pub use definition::{
-    Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder, SagaDefinition, Step,
-    StepBuilder, StepContext, StepKind,
+    Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder, SagaDefinition, SignalWait,
+    Step, StepBuilder, StepContext, StepKind, Work,
 };
 pub use error::{Error, Result};
 pub use event::{Direction, Event, RecordedEvent};

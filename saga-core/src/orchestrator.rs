@@ -315,6 +315,14 @@ impl Engine {
         mut wake: mpsc::UnboundedReceiver<DateTime<Utc>>,
         shutdown: CancellationToken,
     ) {
+        // Signals and cancel requests queued by clients wake the loop; the poll is the fallback.
+        let mut queued = match self.store.timer_notifications().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(error = %e, "timer notifications unavailable; relying on polling");
+                futures_util::stream::pending().boxed()
+            }
+        };
         loop {
             let mut next = Utc::now() + self.config.poll_interval;
             match self
@@ -344,6 +352,7 @@ impl Engine {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(sleep) => break,
+                    Some(()) = queued.next() => break,
                     Some(at) = wake.recv() => {
                         if at < next {
                             next = at;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::definition::Definition;
+use crate::definition::{Definition, Work};
 use crate::event::{Direction, Event};
 
 /// Where a saga stands.
@@ -25,6 +25,8 @@ pub enum SagaStatus {
     Compensated,
     /// Needs an operator: a compensation (or a step after the pivot) failed for good.
     Stuck,
+    /// Cancelled, and every needed compensation succeeded. Terminal.
+    Cancelled,
 }
 
 impl SagaStatus {
@@ -37,12 +39,13 @@ impl SagaStatus {
     }
 
     /// Every status, in a stable order.
-    pub const ALL: [SagaStatus; 5] = [
+    pub const ALL: [SagaStatus; 6] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Completed,
         SagaStatus::Compensated,
         SagaStatus::Stuck,
+        SagaStatus::Cancelled,
     ];
 
     /// The lower-case name stored in the database.
@@ -53,12 +56,16 @@ impl SagaStatus {
             SagaStatus::Completed => "completed",
             SagaStatus::Compensated => "compensated",
             SagaStatus::Stuck => "stuck",
+            SagaStatus::Cancelled => "cancelled",
         }
     }
 
-    /// Whether the saga has finished (Completed or Compensated).
+    /// Whether the saga has finished (Completed, Compensated or Cancelled).
     pub fn is_terminal(self) -> bool {
-        matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
+        matches!(
+            self,
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Cancelled
+        )
     }
 
     /// Whether the engine still acts on the saga by itself.
@@ -108,8 +115,30 @@ pub struct Current {
     pub direction: Direction,
     /// The attempt.
     pub attempt: u32,
-    /// The outstanding command, or `None` while a retry timer is pending.
+    /// The outstanding command, or `None` while a retry timer is pending or the step waits.
     pub command_id: Option<Uuid>,
+    /// Whether the step waits for a signal or a delay.
+    pub waiting: bool,
+}
+
+/// A signal the saga received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSignal {
+    /// Its name.
+    pub name: String,
+    /// Its payload.
+    pub payload: Value,
+    /// Whether a wait step took it.
+    pub consumed: bool,
+}
+
+/// Why a saga stops going forward before its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    /// The reason recorded with the compensation.
+    pub reason: String,
+    /// A cancel (ends `cancelled`), not a deadline (ends `compensated`).
+    pub cancelled: bool,
 }
 
 /// A command the saga has dispatched, by id.
@@ -146,6 +175,10 @@ pub struct SagaState {
     pub stuck_reason: Option<String>,
     /// Every command ever dispatched, by id.
     pub sent: HashMap<Uuid, SentCommand>,
+    /// Signals received, in order.
+    pub signals: Vec<ReceivedSignal>,
+    /// A cancel or a passed deadline.
+    pub stop: Option<Stop>,
     /// How many events have been applied.
     pub events: u64,
 }
@@ -251,6 +284,8 @@ impl SagaState {
             failure: None,
             stuck_reason: None,
             sent: HashMap::new(),
+            signals: Vec::new(),
+            stop: None,
             events: 1,
         })
     }
@@ -285,6 +320,7 @@ impl SagaState {
                     direction: *direction,
                     attempt: *attempt,
                     command_id: Some(*command_id),
+                    waiting: false,
                 });
                 self.sent.insert(
                     *command_id,
@@ -310,6 +346,7 @@ impl SagaState {
                     Direction::Forward => {
                         self.progress[i] = StepProgress::Succeeded;
                         self.outputs[i] = Some(output.clone());
+                        self.consume_signal(definition, i);
                     }
                     Direction::Compensation => self.compensated[i] = true,
                 }
@@ -321,6 +358,8 @@ impl SagaState {
                 self.current = None;
                 if *direction == Direction::Forward {
                     self.progress[i] = StepProgress::Failed;
+                    // A refused signal is used up.
+                    self.consume_signal(definition, i);
                 }
             }
             Event::TimedOut {
@@ -329,9 +368,44 @@ impl SagaState {
                 let i = self.check_step(definition, *step, *direction)?;
                 self.current = None;
                 if *direction == Direction::Forward {
-                    self.progress[i] = StepProgress::PossiblyApplied;
+                    // A command that timed out may have been applied; a wait has no effect.
+                    self.progress[i] = match definition.steps()[i].work {
+                        Work::Command(_) => StepProgress::PossiblyApplied,
+                        _ => StepProgress::Failed,
+                    };
                 }
             }
+            Event::Waiting { step, .. } => {
+                let i = self.check_step(definition, *step, Direction::Forward)?;
+                self.current = Some(Current {
+                    step: *step,
+                    direction: Direction::Forward,
+                    attempt: 1,
+                    command_id: None,
+                    waiting: true,
+                });
+                self.progress[i] = StepProgress::InFlight;
+            }
+            Event::SignalReceived { name, payload } => self.signals.push(ReceivedSignal {
+                name: name.clone(),
+                payload: payload.clone(),
+                consumed: false,
+            }),
+            Event::CancelRequested { reason, .. } => {
+                self.stop = Some(Stop {
+                    reason: format!("cancelled: {reason}"),
+                    cancelled: true,
+                });
+            }
+            Event::CancelRefused { .. } => {}
+            Event::DeadlineExceeded => {
+                let deadline = definition.deadline().unwrap_or_default();
+                self.stop = Some(Stop {
+                    reason: format!("the saga's deadline of {deadline:?} passed"),
+                    cancelled: false,
+                });
+            }
+            Event::Cancelled => self.finish(SagaStatus::Cancelled),
             Event::RetryScheduled {
                 step,
                 direction,
@@ -344,6 +418,7 @@ impl SagaState {
                     direction: *direction,
                     attempt: *attempt,
                     command_id: None,
+                    waiting: false,
                 });
             }
             Event::CompensationStarted { step, reason } => {
@@ -365,6 +440,26 @@ impl SagaState {
         }
         self.events += 1;
         Ok(())
+    }
+
+    /// Marks the oldest unused signal that step `i` waits for as used.
+    fn consume_signal(&mut self, definition: &Definition, i: usize) {
+        if let Work::Signal(wait) = &definition.steps()[i].work
+            && let Some(signal) = self
+                .signals
+                .iter_mut()
+                .find(|s| !s.consumed && s.name == wait.name)
+        {
+            signal.consumed = true;
+        }
+    }
+
+    /// The oldest unused signal named `name`.
+    pub fn pending_signal(&self, name: &str) -> Option<&Value> {
+        self.signals
+            .iter()
+            .find(|s| !s.consumed && s.name == name)
+            .map(|s| &s.payload)
     }
 
     fn finish(&mut self, status: SagaStatus) {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::decide::{Input, Verdict};
+use crate::decide::{Input, Timer, Verdict};
 use crate::definition::Definition;
 use crate::error::Result;
 use crate::event::RecordedEvent;
@@ -113,6 +113,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// When the earliest pending timer of a saga whose definition `registry` holds is due.
     async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>>;
+
+    /// Queues `timer` for `saga_id`, due now (a signal, a cancel request), and wakes the
+    /// orchestrators. Fails with [`Error::UnknownSaga`](crate::Error::UnknownSaga).
+    async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()>;
+
+    /// A stream that yields when timers may have been queued by someone else.
+    async fn timer_notifications(&self) -> Result<BoxStream<'static, ()>>;
 
     /// Claims up to `limit` outbox rows that nobody holds, for `lease`.
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>>;

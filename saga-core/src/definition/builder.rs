@@ -8,9 +8,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use serde_json::Value;
+
 use super::{
-    Action, BuildFn, Definition, DefinitionError, InputError, RawContext, RetryPolicy,
-    SagaDefinition, Step, StepContext, StepKind,
+    Action, BuildFn, CheckFn, Definition, DefinitionError, InputError, RawContext, RetryPolicy,
+    SagaDefinition, SignalWait, Step, StepContext, StepKind, Work,
 };
 
 /// Builds a [`SagaDefinition`]; see [`SagaDefinition::builder`].
@@ -18,6 +20,7 @@ pub struct SagaBuilder<I> {
     name: String,
     version: u32,
     steps: Vec<StepBuilder<I>>,
+    deadline: Option<Duration>,
 }
 
 impl<I> SagaBuilder<I>
@@ -29,7 +32,15 @@ where
             name,
             version,
             steps: Vec::new(),
+            deadline: None,
         }
+    }
+
+    /// How long the whole saga may take: past it, a saga that has not started its pivot is
+    /// compensated (a durable timer; a saga past its pivot goes on).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// Appends a step named `name`, configured by `configure`.
@@ -51,6 +62,9 @@ where
         if self.steps.is_empty() {
             return Err(DefinitionError::NoSteps { saga });
         }
+        if self.deadline == Some(Duration::ZERO) {
+            return Err(DefinitionError::ZeroDeadline { saga });
+        }
         let mut seen = HashSet::new();
         let mut pivot: Option<String> = None;
         let mut steps = Vec::with_capacity(self.steps.len());
@@ -62,10 +76,20 @@ where
             if !seen.insert(step.clone()) {
                 return Err(DefinitionError::DuplicateStep { saga, step });
             }
-            let Some(action) = b.action else {
+            let Some(work) = b.work else {
                 return Err(DefinitionError::MissingAction { saga, step });
             };
-            for (what, value) in [("service", &action.service), ("command", &action.command)]
+            if !matches!(work, Work::Command(_)) && b.compensation.is_some() {
+                return Err(DefinitionError::CompensatedWait { saga, step });
+            }
+            let routes = match &work {
+                Work::Command(action) => {
+                    vec![("service", &action.service), ("command", &action.command)]
+                }
+                Work::Signal(wait) => vec![("signal name", &wait.name)],
+                Work::Delay(_) => Vec::new(),
+            };
+            for (what, value) in routes
                 .into_iter()
                 .chain(b.compensation.iter().flat_map(|c| {
                     [
@@ -115,7 +139,7 @@ where
             steps.push(Step {
                 name: step,
                 kind: b.kind,
-                action,
+                work,
                 compensation: b.compensation,
                 retry: b.retry,
                 compensation_retry,
@@ -127,6 +151,7 @@ where
                 name: saga,
                 version: self.version,
                 steps,
+                deadline: self.deadline,
             }),
             _input: PhantomData,
         })
@@ -137,7 +162,7 @@ where
 pub struct StepBuilder<I> {
     name: String,
     kind: StepKind,
-    action: Option<Action>,
+    work: Option<Work>,
     compensation: Option<Action>,
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
@@ -153,7 +178,7 @@ where
         Self {
             name,
             kind: StepKind::Compensatable,
-            action: None,
+            work: None,
             compensation: None,
             retry: RetryPolicy::default(),
             compensation_retry: RetryPolicy::default(),
@@ -168,7 +193,36 @@ where
         C: Serialize,
         F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
     {
-        self.action = Some(typed_action(service, command, input));
+        self.work = Some(Work::Command(typed_action(service, command, input)));
+        self
+    }
+
+    /// Makes this a wait for the signal `name` (see `Client::signal`): the payload, read as `T`,
+    /// becomes the step's output, unless `accept` refuses it (say, a rejected approval), which
+    /// fails the step terminally with its reason. The step's [`timeout`](Self::timeout) bounds
+    /// the wait; past it the step fails terminally. A signal that arrives before the saga
+    /// reaches the wait is kept until then.
+    pub fn wait_for<T, F>(mut self, name: &str, accept: F) -> Self
+    where
+        T: DeserializeOwned,
+        F: Fn(&T) -> Result<(), String> + Send + Sync + 'static,
+    {
+        let signal = name.to_owned();
+        let check: CheckFn = Arc::new(move |payload: &Value| {
+            let value: T = serde_json::from_value(payload.clone())
+                .map_err(|e| format!("signal `{signal}` has an invalid payload: {e}"))?;
+            accept(&value)
+        });
+        self.work = Some(Work::Signal(SignalWait {
+            name: name.to_owned(),
+            check,
+        }));
+        self
+    }
+
+    /// Makes this a durable delay: the step succeeds (with no output) once `delay` has passed.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.work = Some(Work::Delay(delay));
         self
     }
 

@@ -107,6 +107,20 @@ pub enum DefinitionError {
         /// What is wrong.
         reason: String,
     },
+    /// A wait or delay step has a compensation: it has no effect to undo.
+    #[error("saga `{saga}`: step `{step}` waits and cannot have a compensation")]
+    CompensatedWait {
+        /// The saga's name.
+        saga: String,
+        /// The step.
+        step: String,
+    },
+    /// A deadline of zero.
+    #[error("saga `{saga}` has a zero deadline")]
+    ZeroDeadline {
+        /// The saga's name.
+        saga: String,
+    },
     /// A timeout of zero.
     #[error("saga `{saga}`: step `{step}` has a zero timeout")]
     ZeroTimeout {

@@ -45,6 +45,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     outbox_signal: Arc<watch::Sender<u64>>,
+    timer_signal: Arc<watch::Sender<u64>>,
 }
 
 impl Default for MemoryStore {
@@ -52,6 +53,7 @@ impl Default for MemoryStore {
         Self {
             inner: Arc::default(),
             outbox_signal: Arc::new(watch::channel(0).0),
+            timer_signal: Arc::new(watch::channel(0).0),
         }
     }
 }
@@ -292,7 +294,7 @@ impl Store for MemoryStore {
             .timers
             .iter()
             .filter(|((saga_id, _), t)| t.due_at <= now && inner.knows(registry, saga_id))
-            .map(|((saga_id, key), t)| (t.due_at, *saga_id, key.clone(), t.timer))
+            .map(|((saga_id, key), t)| (t.due_at, *saga_id, key.clone(), t.timer.clone()))
             .collect();
         due.sort_by_key(|(due_at, ..)| *due_at);
         due.truncate(limit);
@@ -324,6 +326,27 @@ impl Store for MemoryStore {
             .filter(|((saga_id, _), _)| inner.knows(registry, saga_id))
             .map(|(_, t)| t.due_at)
             .min())
+    }
+
+    async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.instances.contains_key(&saga_id) {
+            return Err(crate::Error::UnknownSaga(saga_id));
+        }
+        inner.timers.insert(
+            (saga_id, timer.key()),
+            PendingTimer {
+                timer,
+                due_at: Utc::now(),
+            },
+        );
+        drop(inner);
+        self.timer_signal.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    async fn timer_notifications(&self) -> Result<BoxStream<'static, ()>> {
+        Ok(tokio_stream_from_watch(self.timer_signal.subscribe()))
     }
 
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {

@@ -557,6 +557,37 @@ impl Store for PgStore {
             .await?)
     }
 
+    async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(self.sql.set_timers.clone())
+            .bind(vec![saga_id])
+            .bind(vec![timer.key()])
+            .bind(vec![serde_json::to_value(&timer)?])
+            .bind(vec![now])
+            .bind(vec![now])
+            .execute(&mut *tx)
+            .await;
+        match inserted {
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                return Err(Error::UnknownSaga(saga_id));
+            }
+            other => other?,
+        };
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(format!("{}_timers", self.schema))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn timer_notifications(&self) -> Result<BoxStream<'static, ()>> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(&format!("{}_timers", self.schema)).await?;
+        Ok(listener.into_stream().map(|_| ()).boxed())
+    }
+
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
         let now = Utc::now();
         let rows = sqlx::query(self.sql.claim_outbox.clone())
