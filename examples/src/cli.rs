@@ -56,6 +56,25 @@ enum Command {
         /// Every K-th saga fails terminally at its pivot, so it compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
+        /// Also prints each saga's id, one per line.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Sends a signal (a JSON payload) to a saga.
+    Signal {
+        /// The saga's id.
+        id: uuid::Uuid,
+        /// The signal's name.
+        name: String,
+        /// Its payload, as JSON.
+        payload: String,
+    },
+    /// Cancels a saga; fails, saying why, once it has passed its pivot.
+    Cancel {
+        /// The saga's id.
+        id: uuid::Uuid,
+        /// Why.
+        reason: String,
     },
     /// Waits until no saga is running; prints the status counts; fails on timeout.
     Wait {
@@ -155,15 +174,39 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 .run(Arc::new(transport), shutdown_on_signal())
                 .await?;
         }
-        Command::Start { count, fail_every } => {
+        Command::Start {
+            count,
+            fail_every,
+            ids,
+        } => {
             let pool = database(4).await?;
             let client = Client::new(Arc::new(ready_store(&pool).await?));
             let def = E::definition();
+            let mut started = Vec::new();
             for n in 1..=count {
                 let fail = fail_every.is_some_and(|k| n.is_multiple_of(k));
-                client.start(&def, &E::input(n, fail)).await?;
+                started.push(client.start(&def, &E::input(n, fail)).await?.saga_id);
             }
             println!("started {count}");
+            if ids {
+                for id in started {
+                    println!("{id}");
+                }
+            }
+        }
+        Command::Signal { id, name, payload } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("the payload is not JSON")?;
+            let pool = database(2).await?;
+            let client = Client::new(Arc::new(ready_store(&pool).await?));
+            client.signal(id, &name, &payload).await?;
+            println!("signalled");
+        }
+        Command::Cancel { id, reason } => {
+            let pool = database(2).await?;
+            let client = Client::new(Arc::new(ready_store(&pool).await?));
+            client.cancel(id, &reason).await?;
+            println!("cancelled");
         }
         Command::Wait { timeout } => {
             let pool = database(2).await?;
@@ -194,10 +237,15 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
 }
 
 /// `{"running":R,"completed":C,"compensated":P,"stuck":S}`; running counts compensating sagas.
+/// A `"cancelled":N` key follows when any saga was cancelled.
 pub fn status_line(counts: &BTreeMap<SagaStatus, u64>) -> String {
     let get = |s: SagaStatus| counts.get(&s).copied().unwrap_or(0);
+    let cancelled = match get(SagaStatus::Cancelled) {
+        0 => String::new(),
+        n => format!(r#","cancelled":{n}"#),
+    };
     format!(
-        r#"{{"running":{},"completed":{},"compensated":{},"stuck":{}}}"#,
+        r#"{{"running":{},"completed":{},"compensated":{},"stuck":{}{cancelled}}}"#,
         get(SagaStatus::Running) + get(SagaStatus::Compensating),
         get(SagaStatus::Completed),
         get(SagaStatus::Compensated),

@@ -6,6 +6,8 @@
 //!   pivot). Binary `payment-saga`.
 //! - [`travel`]: book flight (cancel) -> book hotel (cancel) -> rent car (cancel) -> confirm
 //!   (the pivot). Binary `travel-saga`.
+//! - [`expense`]: reserve budget (release) -> wait for the `approval` signal (three days) ->
+//!   pay (the pivot), with a seven-day deadline. Binary `expense-saga`.
 //!
 //! Every binary has the same subcommands ([`cli`]): `demo`, `migrate`, `orchestrator`,
 //! `service NAME`, `start`, `wait`, `status`.
@@ -13,6 +15,7 @@
 pub mod cli;
 pub mod demo;
 pub mod example;
+pub mod expense;
 pub mod order;
 pub mod participant;
 pub mod payment;

@@ -53,6 +53,8 @@ mod relay;
 mod schema;
 pub mod state;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transport;
 pub mod worker;
 
