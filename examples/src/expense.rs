@@ -97,9 +97,21 @@ impl Example for ExpenseSaga {
     const PROGRAM: &'static str = "expense-saga";
 
     const COMMANDS: &'static [CommandSpec] = &[
-        CommandSpec { service: "budget", command: "reserve", fails_when: None },
-        CommandSpec { service: "budget", command: "release", fails_when: None },
-        CommandSpec { service: "payroll", command: "pay", fails_when: None },
+        CommandSpec {
+            service: "budget",
+            command: "reserve",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "budget",
+            command: "release",
+            fails_when: None,
+        },
+        CommandSpec {
+            service: "payroll",
+            command: "pay",
+            fails_when: None,
+        },
     ];
 
     fn definition() -> SagaDefinition<Expense> {

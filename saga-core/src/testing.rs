@@ -109,7 +109,10 @@ impl TestEnv {
     /// An empty environment whose clock reads 2030-01-01T00:00:00Z.
     pub fn new() -> Self {
         Self {
-            now: Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().expect("a valid date"),
+            now: Utc
+                .with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+                .single()
+                .expect("a valid date"),
             definitions: HashMap::new(),
             sagas: HashMap::new(),
             timers: Vec::new(),
@@ -122,7 +125,8 @@ impl TestEnv {
     /// Registers a definition.
     pub fn register<I>(&mut self, definition: &SagaDefinition<I>) -> &mut Self {
         let def = Arc::clone(definition.definition());
-        self.definitions.insert((def.name().to_owned(), def.version()), def);
+        self.definitions
+            .insert((def.name().to_owned(), def.version()), def);
         self
     }
 
@@ -219,7 +223,9 @@ impl TestEnv {
         for record in &saga.events {
             match &record.event {
                 Event::CancelRequested { request, .. } if *request == id => return Ok(()),
-                Event::CancelRefused { request, why, .. } if *request == id => return Err(why.clone()),
+                Event::CancelRefused { request, why, .. } if *request == id => {
+                    return Err(why.clone());
+                }
                 _ => {}
             }
         }
@@ -300,12 +306,14 @@ impl TestEnv {
                 }
                 Effect::SetTimer { timer, due_at } => {
                     let key = timer.key();
-                    self.timers.retain(|(s, t, _)| !(*s == saga_id && t.key() == key));
+                    self.timers
+                        .retain(|(s, t, _)| !(*s == saga_id && t.key() == key));
                     self.timers.push((saga_id, timer, due_at));
                 }
                 Effect::CancelTimer(timer) => {
                     let key = timer.key();
-                    self.timers.retain(|(s, t, _)| !(*s == saga_id && t.key() == key));
+                    self.timers
+                        .retain(|(s, t, _)| !(*s == saga_id && t.key() == key));
                 }
             }
         }

@@ -82,6 +82,57 @@ impl TestDb {
     }
 }
 
+/// A database of its own, for tests whose tables live in fixed schemas (the examples').
+#[derive(Debug)]
+pub struct FreshDatabase {
+    /// Its URL.
+    pub url: String,
+    /// A pool on it.
+    pub pool: PgPool,
+    admin: PgPool,
+    name: String,
+}
+
+/// Creates a database for one test.
+pub async fn fresh_database() -> FreshDatabase {
+    let admin = admin_pool().await;
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("create the test database");
+    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
+    let root = base
+        .rsplit_once('/')
+        .map_or(base.as_str(), |(root, _)| root);
+    let url = format!("{root}/{name}");
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&url)
+        .await
+        .expect("connect to the test database");
+    FreshDatabase {
+        url,
+        pool,
+        admin,
+        name,
+    }
+}
+
+impl FreshDatabase {
+    /// Drops the database; call it at the end of a passing test.
+    pub async fn drop_database(self) {
+        self.pool.close().await;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop the test database");
+    }
+}
+
 /// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

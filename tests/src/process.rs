@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 
 use crate::amqp::{Broker, broker};
 
@@ -33,8 +33,7 @@ pub struct Stack {
     pub database_url: String,
     /// A pool on the test's database.
     pub pool: PgPool,
-    admin: PgPool,
-    database: String,
+    db: Option<crate::FreshDatabase>,
     broker: Option<Broker>,
     children: Vec<Child>,
 }
@@ -42,27 +41,12 @@ pub struct Stack {
 impl Stack {
     /// Creates the database and the vhost for `program`.
     pub async fn new(program: &str) -> Stack {
-        let admin = crate::admin_pool().await;
-        let database = format!("t_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
-        let base = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned());
-        let root = base
-            .rsplit_once('/')
-            .map_or(base.as_str(), |(root, _)| root);
-        let database_url = format!("{root}/{database}");
-        let pool = PgPool::connect(&database_url)
-            .await
-            .expect("connect to the test database");
+        let db = crate::fresh_database().await;
         Stack {
             program: binary(program),
-            database_url,
-            pool,
-            admin,
-            database,
+            database_url: db.url.clone(),
+            pool: db.pool.clone(),
+            db: Some(db),
             broker: Some(broker().await),
             children: Vec::new(),
         }
@@ -154,14 +138,9 @@ impl Stack {
                 "process {pid} exited cleanly on SIGTERM"
             );
         }
-        self.pool.close().await;
-        sqlx::query(AssertSqlSafe(format!(
-            "DROP DATABASE \"{}\" WITH (FORCE)",
-            self.database
-        )))
-        .execute(&self.admin)
-        .await
-        .expect("drop the test database");
+        if let Some(db) = self.db.take() {
+            db.drop_database().await;
+        }
         if let Some(broker) = self.broker.take() {
             broker.cleanup().await;
         }

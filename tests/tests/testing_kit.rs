@@ -12,7 +12,9 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 fn env() -> (TestEnv, SagaDefinition<Expense>) {
     let def = definition_with(3 * DAY, 7 * DAY);
     let mut env = TestEnv::new();
-    let receipt = |what: &'static str| move |_: serde_json::Value| Ok::<_, StepError>(Receipt { id: what.into() });
+    let receipt = |what: &'static str| {
+        move |_: serde_json::Value| Ok::<_, StepError>(Receipt { id: what.into() })
+    };
     env.register(&def)
         .handle("budget", "reserve", receipt("res-1"))
         .handle("budget", "release", receipt("rel-1"))
@@ -21,7 +23,15 @@ fn env() -> (TestEnv, SagaDefinition<Expense>) {
 }
 
 fn approval(approved: bool) -> Approval {
-    Approval { approved, approver: "maria".into(), comment: if approved { String::new() } else { "no receipt".into() } }
+    Approval {
+        approved,
+        approver: "maria".into(),
+        comment: if approved {
+            String::new()
+        } else {
+            "no receipt".into()
+        },
+    }
 }
 
 fn expense(n: u64) -> Expense {
@@ -42,14 +52,32 @@ fn approved_rejected_and_timed_out() {
     assert_eq!(env.status(approved), SagaStatus::Completed);
     assert_eq!(env.commands(approved), ["budget.reserve", "payroll.pay"]);
     assert_eq!(env.status(rejected), SagaStatus::Compensated);
-    assert!(env.state(rejected).failure.as_ref().unwrap().1.contains("rejected by maria: no receipt"));
+    assert!(
+        env.state(rejected)
+            .failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("rejected by maria: no receipt")
+    );
     assert_eq!(env.commands(rejected), ["budget.reserve", "budget.release"]);
 
     env.advance(2 * DAY - Duration::from_secs(1));
-    assert_eq!(env.status(forgotten), SagaStatus::Running, "still within its three days");
+    assert_eq!(
+        env.status(forgotten),
+        SagaStatus::Running,
+        "still within its three days"
+    );
     env.advance(Duration::from_secs(1));
     assert_eq!(env.status(forgotten), SagaStatus::Compensated);
-    assert!(env.state(forgotten).failure.as_ref().unwrap().1.contains("no signal `approval` within"));
+    assert!(
+        env.state(forgotten)
+            .failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("no signal `approval` within")
+    );
 }
 
 #[test]
@@ -85,7 +113,11 @@ fn cancel_before_the_pivot_compensates_and_after_it_is_refused() {
     assert_eq!(refused, "the saga is completed");
 
     // Past the pivot but not finished: the payment fails once and is retried.
-    env.inject("payroll", "pay", Fault::Fail(StepError::retryable("bank offline")));
+    env.inject(
+        "payroll",
+        "pay",
+        Fault::Fail(StepError::retryable("bank offline")),
+    );
     let paying = env.start(&def, &expense(7));
     env.signal(paying, "approval", &approval(true));
     let refused = env.cancel(paying, "too late").unwrap_err();
@@ -98,9 +130,14 @@ fn cancel_before_the_pivot_compensates_and_after_it_is_refused() {
 fn the_deadline_compensates_a_saga_before_its_pivot() {
     let def = SagaDefinition::<u32>::builder("slow", 1)
         .deadline(Duration::from_secs(60))
-        .step("hold", |s| s.action("svc", "hold", |ctx| Ok(*ctx.input())).compensation("svc", "free", |ctx| Ok(*ctx.input())))
+        .step("hold", |s| {
+            s.action("svc", "hold", |ctx| Ok(*ctx.input()))
+                .compensation("svc", "free", |ctx| Ok(*ctx.input()))
+        })
         .step("wait", |s| s.delay(Duration::from_secs(120)))
-        .step("go", |s| s.pivot().action("svc", "go", |ctx| Ok(*ctx.input())))
+        .step("go", |s| {
+            s.pivot().action("svc", "go", |ctx| Ok(*ctx.input()))
+        })
         .build()
         .unwrap();
     let mut env = TestEnv::new();
@@ -112,5 +149,9 @@ fn the_deadline_compensates_a_saga_before_its_pivot() {
     env.advance(Duration::from_secs(300));
     assert_eq!(env.status(id), SagaStatus::Compensated);
     assert_eq!(env.commands(id), ["svc.hold", "svc.free"]);
-    assert!(env.history(id).iter().any(|r| r.event == Event::DeadlineExceeded));
+    assert!(
+        env.history(id)
+            .iter()
+            .any(|r| r.event == Event::DeadlineExceeded)
+    );
 }
