@@ -101,7 +101,17 @@ pub fn check_args<E: Example>(args: &[&str]) -> Result<(), String> {
 
 /// Parses the command line, runs the command, and reports a failure as one line on stderr.
 pub fn main<E: Example>() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line naming what is wrong; `--help` has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("{}: {}", E::PROGRAM, first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     // The demo prints timelines; services log what they do.
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn",

@@ -91,3 +91,52 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
     assert_eq!(effect_sequences(&stack).await, expected_sequences());
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn bad_input_is_one_line_and_a_failure() {
+    let program = saga_tests::process::binary("order-saga");
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (
+            &["start", "--count", "x"],
+            &[],
+            "invalid value 'x' for '--count <COUNT>'",
+        ),
+        (&["launch"], &[], "unrecognized subcommand 'launch'"),
+        (
+            &["status"],
+            &[("DATABASE_URL", "postgres://app:s3cret@127.0.0.1:1/none")],
+            "cannot connect to PostgreSQL at DATABASE_URL (postgres://app:***@127.0.0.1:1/none)",
+        ),
+        (
+            &["service", "inventory"],
+            &[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1/postgres"),
+                ("AMQP_URL", "amqp://app:s3cret@127.0.0.1:1/%2f"),
+            ],
+            "cannot reach RabbitMQ at AMQP_URL",
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "off");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let output = command.output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} failed");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: one line, got {stderr}"
+        );
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("s3cret") && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
