@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
-use saga_core::{Client, Inbox, Orchestrator, PgStore, SagaStatus, Store};
+use saga_core::{Client, Orchestrator, PgStore, SagaStatus, Store};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,22 @@ enum Command {
     },
     /// Prints the number of sagas per status as one JSON line.
     Status,
+    /// Runs an orchestrator and the participants here, starts sagas, checks every outcome and
+    /// prints one JSON line of figures (in a schema and queue prefix of its own).
+    Bench {
+        /// How many sagas.
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        /// At most this many sagas in flight.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+        in_flight: u64,
+        /// Every K-th saga fails at its pivot, so it compensates.
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+        fail_every: Option<u64>,
+        /// Participants apply a PostgreSQL effect through the inbox, as real services would.
+        #[arg(long)]
+        inbox: bool,
+    },
 }
 
 /// Checks that `args` (without the program name) form a valid command line of `E`'s program,
@@ -114,7 +130,7 @@ pub fn main<E: Example>() -> ExitCode {
     };
     // The demo prints timelines; services log what they do.
     let default_filter = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -177,8 +193,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 );
             };
             let pool = database(8).await?;
-            let inbox = Inbox::new(pool.clone(), service)?;
-            let ledger = Ledger::Pg { pool, inbox };
+            let ledger = Ledger::pg(pool, service)?;
             let transport = broker(E::PROGRAM, service).await?;
             worker::<E>(service, &ledger)
                 .run(Arc::new(transport), shutdown_on_signal())
@@ -236,6 +251,20 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        Command::Bench {
+            count,
+            in_flight,
+            fail_every,
+            inbox,
+        } => {
+            let args = crate::bench::BenchArgs {
+                count,
+                in_flight,
+                fail_every,
+                inbox,
+            };
+            println!("{}", crate::bench::run::<E>(args).await?);
         }
         Command::Status => {
             let pool = database(2).await?;

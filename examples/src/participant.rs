@@ -25,6 +25,8 @@ pub enum Ledger {
         pool: PgPool,
         /// The service's inbox.
         inbox: Inbox,
+        /// The service's schema.
+        schema: String,
     },
     /// Memory, for the demo: `(saga, service, action)` in order.
     Memory(Arc<Mutex<Vec<MemoryEffect>>>),
@@ -39,10 +41,22 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
-/// Creates `example_effects`, and each service's schema with its `operations` table and inbox.
-pub async fn migrate(pool: &PgPool, services: &[&str]) -> anyhow::Result<()> {
+impl Ledger {
+    /// Effects in PostgreSQL, the service's tables in `schema`.
+    pub fn pg(pool: PgPool, schema: &str) -> anyhow::Result<Self> {
+        Ok(Ledger::Pg {
+            inbox: Inbox::new(pool.clone(), schema)?,
+            pool,
+            schema: schema.to_owned(),
+        })
+    }
+}
+
+/// Creates `example_effects`, and for each schema (one per service) its `operations` table and
+/// inbox.
+pub async fn migrate(pool: &PgPool, schemas: &[&str]) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
-    for service in services {
+    for service in schemas {
         sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{service}\""
         )))
@@ -93,11 +107,10 @@ impl Handler for EffectHandler {
                 ));
                 Ok(receipt)
             }
-            Ledger::Pg { inbox, .. } => {
+            Ledger::Pg { inbox, schema, .. } => {
                 let saga_id = ctx.saga_id;
                 let operation = format!(
-                    "INSERT INTO \"{}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)",
-                    spec.service
+                    "INSERT INTO \"{schema}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)"
                 );
                 inbox
                     .run(&ctx, move |tx| {

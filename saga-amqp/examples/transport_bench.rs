@@ -6,13 +6,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use futures_util::future::join_all;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
 use saga_amqp::{AmqpConfig, AmqpTransport};
 use saga_core::{Destination, Envelope, Message, Transport};
 
@@ -26,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.prefix = format!("bench-{run}");
     config.prefetch = 500;
 
-    let raw = raw_lapin(&config.url, &format!("bench-{run}.raw"), count).await?;
+    let raw = saga_amqp::baseline::raw_publish_consume(&config.url, count, payload().len()).await?;
     let transport = through_transport(config.clone(), count).await?;
 
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
@@ -38,76 +33,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     cleanup(&config).await?;
     Ok(())
-}
-
-/// Publish with confirms (pipelined in batches) and consume with acks, on raw lapin.
-async fn raw_lapin(
-    url: &str,
-    queue: &str,
-    count: usize,
-) -> Result<Duration, Box<dyn std::error::Error>> {
-    let publish = Connection::connect(url, ConnectionProperties::default()).await?;
-    let consume = Connection::connect(url, ConnectionProperties::default()).await?;
-    let pch = publish.create_channel().await?;
-    pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    pch.queue_declare(queue.into(), durable, args).await?;
-    let cch = consume.create_channel().await?;
-    cch.basic_qos(500, Default::default()).await?;
-    let mut consumer = cch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let body = payload();
-    let start = Instant::now();
-    let consuming = tokio::spawn(async move {
-        let mut seen = 0;
-        while seen < count {
-            let d = consumer
-                .next()
-                .await
-                .expect("consumer open")
-                .expect("delivery");
-            d.ack(BasicAckOptions::default()).await.expect("ack");
-            seen += 1;
-        }
-    });
-    for chunk in (0..count).collect::<Vec<_>>().chunks(BATCH) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for _ in chunk {
-            let props = BasicProperties::default().with_delivery_mode(2);
-            confirms.push(
-                pch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in join_all(confirms).await {
-            assert!(c?.is_ack());
-        }
-    }
-    consuming.await?;
-    let elapsed = start.elapsed();
-    pch.queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    Ok(elapsed)
 }
 
 /// The same through the transport: batches of envelopes, confirmed; deliveries acked.

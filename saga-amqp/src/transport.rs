@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use saga_core::message::headers;
 use saga_core::transport::{Delivery, PublishError, Source, Transport, TransportError};
 use saga_core::{Envelope, Message};
@@ -63,6 +63,32 @@ impl AmqpTransport {
     /// The configuration.
     pub fn config(&self) -> &AmqpConfig {
         &self.config
+    }
+
+    /// Deletes the queues of `sources` (and their dead-letter queues) and the exchanges: for
+    /// benchmarks and tests that made a topology of their own.
+    pub async fn delete_topology(&self, sources: &[Source]) -> Result<(), TransportError> {
+        let channel = self.consume.extra_channel().await?;
+        for source in sources {
+            for queue in [self.config.queue(source), self.config.dead_queue(source)] {
+                channel
+                    .queue_delete(queue.into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(amqp_error)?;
+            }
+        }
+        for exchange in [
+            self.config.commands_exchange(),
+            self.config.results_exchange(),
+            self.config.dead_exchange(),
+        ] {
+            channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(amqp_error)?;
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok(())
     }
 
     /// Takes every message now in `source`'s dead-letter queue, with its reason (empty when

@@ -40,7 +40,12 @@ pub struct Orchestrator {
     transport: Arc<dyn Transport>,
     registry: Registry,
     config: OrchestratorConfig,
+    on_settled: Option<SettledHook>,
 }
+
+/// Called with a saga's id and status when this orchestrator moves it out of running or
+/// compensating (see [`OrchestratorBuilder::on_settled`]).
+pub type SettledHook = Arc<dyn Fn(uuid::Uuid, crate::SagaStatus) + Send + Sync>;
 
 impl std::fmt::Debug for Orchestrator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +114,16 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Calls `hook` right after the commit that settles a saga here (completed, compensated,
+    /// cancelled or stuck): for metrics, benchmarks and tests. It must not block.
+    pub fn on_settled(
+        mut self,
+        hook: impl Fn(uuid::Uuid, crate::SagaStatus) + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.on_settled = Some(Arc::new(hook));
+        self
+    }
+
     /// Replaces the tuning.
     pub fn config(mut self, config: OrchestratorConfig) -> Self {
         self.inner.config = config;
@@ -130,6 +145,7 @@ impl Orchestrator {
                 transport,
                 registry: Registry::new(),
                 config: OrchestratorConfig::default(),
+                on_settled: None,
             },
         }
     }
@@ -170,6 +186,7 @@ impl Orchestrator {
             config: self.config,
             relay: relay_tx,
             wake: wake_tx,
+            on_settled: self.on_settled,
         });
         let feeders = TaskTracker::new();
         feeders.spawn(Arc::clone(&engine).consume(results, shutdown.clone()));
@@ -193,12 +210,19 @@ struct Engine {
     config: OrchestratorConfig,
     relay: mpsc::UnboundedSender<Vec<OutboxRecord>>,
     wake: mpsc::UnboundedSender<DateTime<Utc>>,
+    on_settled: Option<SettledHook>,
 }
 
 impl Engine {
     fn hand_over(&self, applied: &mut [Applied]) {
         let mut records = Vec::new();
         for a in applied.iter_mut() {
+            if let (Some(hook), Verdict::Applied, Some(status)) =
+                (&self.on_settled, &a.verdict, a.status)
+                && !status.is_active()
+            {
+                hook(a.saga_id, status);
+            }
             records.append(&mut a.outbox);
             if let Some(at) = a.wake_at {
                 let _ = self.wake.send(at);

@@ -44,12 +44,16 @@ pub struct OutboxRecord {
 /// What applying one input did, after the commit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
+    /// The saga the input was for.
+    pub saga_id: Uuid,
     /// Whether the input was applied, ignored, rejected or deferred.
     pub verdict: Verdict,
     /// The outbox rows written, claimed by the caller for publishing.
     pub outbox: Vec<OutboxRecord>,
     /// The earliest timer set, if any, so the timer loop can wake in time.
     pub wake_at: Option<DateTime<Utc>>,
+    /// The saga's status after the input, if the saga was loaded.
+    pub status: Option<SagaStatus>,
 }
 
 /// What starting a saga did.

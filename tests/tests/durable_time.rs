@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{
-    Client, Direction, Error, Event, Inbox, Orchestrator, PgStore, SagaDefinition, SagaStatus,
-    Store, Worker,
+    Client, Direction, Error, Event, Orchestrator, PgStore, SagaDefinition, SagaStatus, Store,
+    Worker,
 };
 use saga_examples::Example;
 use saga_examples::expense::{Approval, ExpenseSaga, definition_with};
@@ -44,10 +44,7 @@ async fn run<E: Example>(
     let mut tasks = JoinSet::new();
     let mut waiting = Vec::new();
     for service in E::services() {
-        let ledger = Ledger::Pg {
-            pool: db.pool.clone(),
-            inbox: Inbox::new(db.pool.clone(), service).unwrap(),
-        };
+        let ledger = Ledger::pg(db.pool.clone(), service).unwrap();
         let w = worker::<E>(service, &ledger);
         if held.contains(&service) {
             waiting.push(w);

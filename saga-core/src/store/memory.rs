@@ -125,20 +125,23 @@ impl Inner {
                         loaded.insert(*saga_id, entry);
                     }
                     Err(verdict) => {
-                        decided.push(Err(verdict));
+                        decided.push((*saga_id, Err(verdict)));
                         continue;
                     }
                 }
             }
             let (definition, saga) = loaded.get_mut(saga_id).expect("loaded above");
-            decided.push(Ok(apply_input(
-                definition,
+            decided.push((
                 *saga_id,
-                saga,
-                input,
-                now,
-                &mut writes,
-            )?));
+                Ok(apply_input(
+                    definition,
+                    *saga_id,
+                    saga,
+                    input,
+                    now,
+                    &mut writes,
+                )?),
+            ));
         }
         Ok(self.write(writes, decided, now))
     }
@@ -146,7 +149,10 @@ impl Inner {
     fn write(
         &mut self,
         writes: Writes,
-        decided: Vec<std::result::Result<super::transition::Decided, Verdict>>,
+        decided: Vec<(
+            Uuid,
+            std::result::Result<super::transition::Decided, Verdict>,
+        )>,
         now: DateTime<Utc>,
     ) -> Vec<Applied> {
         for row in writes.events {
@@ -195,13 +201,16 @@ impl Inner {
             .collect();
         decided
             .into_iter()
-            .map(|d| match d {
+            .map(|(saga_id, d)| match d {
                 Err(verdict) => Applied {
+                    saga_id,
                     verdict,
                     outbox: Vec::new(),
                     wake_at: None,
+                    status: None,
                 },
                 Ok(d) => Applied {
+                    saga_id,
                     verdict: d.verdict,
                     outbox: d
                         .outbox
@@ -212,6 +221,7 @@ impl Inner {
                         })
                         .collect(),
                     wake_at: d.wake_at,
+                    status: Some(d.status),
                 },
             })
             .collect()

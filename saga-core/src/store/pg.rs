@@ -322,35 +322,44 @@ impl PgStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
         let mut writes = Writes::default();
-        let mut decided: Vec<std::result::Result<Decided, Verdict>> =
+        let mut decided: Vec<(Uuid, std::result::Result<Decided, Verdict>)> =
             Vec::with_capacity(batch.len());
         for (saga_id, input) in batch {
             match loaded.get_mut(saga_id) {
                 Some(Ok((definition, saga))) => {
-                    decided.push(Ok(apply_input(
-                        definition,
+                    decided.push((
                         *saga_id,
-                        saga,
-                        input,
-                        now,
-                        &mut writes,
-                    )?));
+                        Ok(apply_input(
+                            definition,
+                            *saga_id,
+                            saga,
+                            input,
+                            now,
+                            &mut writes,
+                        )?),
+                    ));
                 }
-                Some(Err(verdict)) => decided.push(Err(verdict.clone())),
-                None => decided.push(Err(Verdict::Rejected(format!("unknown saga {saga_id}")))),
+                Some(Err(verdict)) => decided.push((*saga_id, Err(verdict.clone()))),
+                None => decided.push((
+                    *saga_id,
+                    Err(Verdict::Rejected(format!("unknown saga {saga_id}"))),
+                )),
             }
         }
         let envelopes: Vec<Envelope> = writes.outbox.iter().map(|(_, e)| e.clone()).collect();
         let ids = self.write(conn, writes, now, now + self.lease).await?;
         Ok(decided
             .into_iter()
-            .map(|d| match d {
+            .map(|(saga_id, d)| match d {
                 Err(verdict) => Applied {
+                    saga_id,
                     verdict,
                     outbox: Vec::new(),
                     wake_at: None,
+                    status: None,
                 },
                 Ok(d) => Applied {
+                    saga_id,
                     verdict: d.verdict,
                     outbox: d
                         .outbox
@@ -361,6 +370,7 @@ impl PgStore {
                         })
                         .collect(),
                     wake_at: d.wake_at,
+                    status: Some(d.status),
                 },
             })
             .collect())

@@ -49,6 +49,7 @@ pub(crate) struct InstanceUpdate {
 #[derive(Debug)]
 pub(crate) struct Decided {
     pub(crate) verdict: Verdict,
+    pub(crate) status: SagaStatus,
     pub(crate) outbox: Vec<usize>,
     pub(crate) wake_at: Option<DateTime<Utc>>,
 }
@@ -78,6 +79,7 @@ pub(crate) fn apply_input(
     let decision = decide(definition, &loaded.state, input, &mut env)?;
     let mut decided = Decided {
         verdict: decision.verdict,
+        status: decision.state.status,
         outbox: Vec::new(),
         wake_at: None,
     };

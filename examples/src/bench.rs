@@ -1,0 +1,231 @@
+//! `bench`: an orchestrator and the participants (as tasks) on the real PostgreSQL and
+//! RabbitMQ, N sagas with at most C in flight, every outcome checked, one JSON line of figures.
+//!
+//! Runs in a schema and under a queue prefix of its own, removed at the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use saga_amqp::{AmqpConfig, AmqpTransport};
+use saga_core::orchestrator::OrchestratorConfig;
+use saga_core::transport::Source;
+use saga_core::{Client, Destination, Orchestrator, PgStore, SagaStatus, Transport};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::Example;
+use crate::participant::{Ledger, migrate, worker};
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchArgs {
+    /// How many sagas.
+    pub count: u64,
+    /// At most this many in flight.
+    pub in_flight: u64,
+    /// Every K-th saga fails at its pivot and compensates.
+    pub fail_every: Option<u64>,
+    /// Participants use the inbox with a PostgreSQL effect instead of trivial handlers.
+    pub inbox: bool,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs the bench and returns its JSON line.
+pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    let mut amqp = AmqpConfig::from_env()?;
+    let id = Uuid::new_v4().simple().to_string();
+    let schema = format!("bench_{}", &id[..12]);
+    amqp.prefix = format!("bench-{}", &id[..12]);
+    amqp.connection_name = format!("{}-bench", E::PROGRAM);
+    amqp.prefetch = 256;
+
+    // The broker's own rate, measured first, in the same run.
+    let baseline = 10_000;
+    let broker_secs = saga_amqp::baseline::raw_publish_consume(&amqp.url, baseline, 256)
+        .await
+        .map_err(|e| anyhow::anyhow!("measuring the broker: {}", e.0))?;
+    let broker_msgs_per_sec = baseline as f64 / broker_secs.as_secs_f64();
+
+    let options: PgConnectOptions = url.parse().context("DATABASE_URL")?;
+    let search_path = format!("\"{schema}\", public");
+    let pool = PgPoolOptions::new()
+        .max_connections(24)
+        .connect_with(options.options([("search_path", search_path.as_str())]))
+        .await
+        .context("cannot connect to PostgreSQL at DATABASE_URL")?;
+    let store = Arc::new(PgStore::builder(pool.clone()).schema(&schema).build()?);
+    store.migrate().await?;
+    let service_schemas: Vec<String> = E::services()
+        .iter()
+        .map(|s| format!("{schema}_{s}"))
+        .collect();
+    if args.inbox {
+        let names: Vec<&str> = service_schemas.iter().map(String::as_str).collect();
+        migrate(&pool, &names).await?;
+    }
+
+    let connect = || async {
+        AmqpTransport::connect(amqp.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let memory = Ledger::Memory(Default::default());
+    for (service, service_schema) in E::services().into_iter().zip(&service_schemas) {
+        let ledger = if args.inbox {
+            Ledger::pg(pool.clone(), service_schema)?
+        } else {
+            memory.clone()
+        };
+        let transport: Arc<dyn Transport> = Arc::new(connect().await?);
+        tasks.spawn(worker::<E>(service, &ledger).run(transport, shutdown.clone()));
+    }
+    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel();
+    let def = E::definition();
+    let orchestrator = Orchestrator::builder(store.clone(), Arc::new(connect().await?))
+        .register(&def)
+        .config(OrchestratorConfig {
+            batch_size: 256,
+            ..OrchestratorConfig::default()
+        })
+        .on_settled(move |id, status| {
+            let _ = settled_tx.send((id, status, Instant::now()));
+        })
+        .build();
+    tasks.spawn(orchestrator.run(shutdown.clone()));
+
+    // Start sagas concurrently, at most `in_flight` unsettled at a time.
+    let client = Client::new(store.clone());
+    let permits = Arc::new(Semaphore::new(args.in_flight.max(1) as usize));
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let begin = Instant::now();
+    let starter = {
+        let (client, permits, def) = (client.clone(), permits.clone(), def.clone());
+        tokio::spawn(async move {
+            for n in 1..=args.count {
+                permits.acquire().await.expect("open").forget();
+                let fail = args.fail_every.is_some_and(|k| n.is_multiple_of(k));
+                let (client, def, started_tx) = (client.clone(), def.clone(), started_tx.clone());
+                tokio::spawn(async move {
+                    let at = Instant::now();
+                    let result = client.start(&def, &E::input(n, fail)).await;
+                    let _ = started_tx.send(result.map(|s| (s.saga_id, fail, at)));
+                });
+            }
+        })
+    };
+    let mut started: HashMap<Uuid, (bool, Instant)> = HashMap::new();
+    let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while settled.len() < args.count as usize {
+        tokio::select! {
+            Some(s) = started_rx.recv() => {
+                let (id, fail, at) = s.context("starting a saga")?;
+                started.insert(id, (fail, at));
+            }
+            Some((id, status, at)) = settled_rx.recv() => {
+                settled.insert(id, (status, at));
+                permits.add_permits(1);
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => bail!("the run did not finish within 10 minutes"),
+        }
+    }
+    let secs = begin.elapsed().as_secs_f64();
+    starter.await?;
+    while let Ok(s) = started_rx.try_recv() {
+        let (id, fail, at) = s?;
+        started.insert(id, (fail, at));
+    }
+    let rss = peak_rss_mb();
+    shutdown.cancel();
+    while let Some(task) = tasks.join_next().await {
+        task??;
+    }
+
+    let (mut completed, mut compensated) = (0u64, 0u64);
+    let mut latencies = Vec::with_capacity(settled.len());
+    for (id, (fail, at)) in &started {
+        let Some((status, done)) = settled.get(id) else {
+            bail!("saga {id} never settled");
+        };
+        let expected = if *fail {
+            SagaStatus::Compensated
+        } else {
+            SagaStatus::Completed
+        };
+        if *status != expected {
+            bail!("saga {id} ended {status}, expected {expected}");
+        }
+        match status {
+            SagaStatus::Completed => completed += 1,
+            _ => compensated += 1,
+        }
+        latencies.push(done.duration_since(*at).as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let steps = E::definition().definition().steps().len() as u64;
+    // A compensated order ran every step forward and undid those before its pivot.
+    let undone = E::definition()
+        .definition()
+        .steps()
+        .iter()
+        .filter(|s| s.compensation.is_some())
+        .count() as u64;
+    let step_count = completed * steps + compensated * (steps + undone);
+
+    // Clean up: the schema and the queues.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&pool)
+    .await?;
+    for s in &service_schemas {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{s}\" CASCADE"
+        )))
+        .execute(&pool)
+        .await?;
+    }
+    let mut sources: Vec<Source> = E::services()
+        .into_iter()
+        .map(|s| Destination::Service(s.to_owned()))
+        .collect();
+    sources.push(Destination::Results);
+    connect()
+        .await?
+        .delete_topology(&sources)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.0))?;
+
+    Ok(format!(
+        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
+        args.count,
+        args.count as f64 / secs,
+        step_count as f64 / secs,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+    ))
+}

@@ -1,0 +1,99 @@
+//! A baseline for benchmarks: what the broker itself does with raw lapin, no saga code.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use saga_core::transport::TransportError;
+
+use crate::link::amqp_error;
+
+/// Publishes `count` persistent messages of `size` bytes to a fresh quorum queue with
+/// confirms (pipelined in batches of 200) while consuming them with manual acks, on two
+/// connections; returns the time until the last one was acked. The queue is deleted after.
+pub async fn raw_publish_consume(
+    url: &str,
+    count: usize,
+    size: usize,
+) -> Result<Duration, TransportError> {
+    let queue = format!("saga-baseline-{}", uuid::Uuid::new_v4().simple());
+    run(url, &queue, count, size).await.map_err(amqp_error)
+}
+
+async fn run(url: &str, queue: &str, count: usize, size: usize) -> lapin::Result<Duration> {
+    let publish = Connection::connect(url, ConnectionProperties::default()).await?;
+    let consume = Connection::connect(url, ConnectionProperties::default()).await?;
+    let pch = publish.create_channel().await?;
+    pch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    pch.queue_declare(queue.into(), durable, args).await?;
+    let cch = consume.create_channel().await?;
+    cch.basic_qos(500, BasicQosOptions::default()).await?;
+    let mut consumer = cch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let body = vec![b'x'; size];
+    let start = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < count {
+            match consumer.next().await {
+                Some(Ok(d)) => {
+                    d.ack(BasicAckOptions::default()).await?;
+                    seen += 1;
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(())
+    });
+    let mut sent = 0;
+    while sent < count {
+        let batch = (count - sent).min(200);
+        let mut confirms = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            confirms.push(
+                pch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?,
+            );
+        }
+        for confirm in join_all(confirms).await {
+            confirm?;
+        }
+        sent += batch;
+    }
+    consuming.await.expect("the consumer task")?;
+    let elapsed = start.elapsed();
+    pch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = publish.close(200, "done".into()).await;
+    let _ = consume.close(200, "done".into()).await;
+    Ok(elapsed)
+}
