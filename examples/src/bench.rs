@@ -94,14 +94,15 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let memory = Ledger::Memory(Default::default());
+    // The participants share one transport (two connections), as services in one process would.
+    let participants: Arc<dyn Transport> = Arc::new(connect().await?);
     for (service, service_schema) in E::services().into_iter().zip(&service_schemas) {
         let ledger = if args.inbox {
             Ledger::pg(pool.clone(), service_schema)?
         } else {
             memory.clone()
         };
-        let transport: Arc<dyn Transport> = Arc::new(connect().await?);
-        tasks.spawn(worker::<E>(service, &ledger).run(transport, shutdown.clone()));
+        tasks.spawn(worker::<E>(service, &ledger).run(Arc::clone(&participants), shutdown.clone()));
     }
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel();
     let def = E::definition();

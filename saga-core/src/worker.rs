@@ -184,8 +184,16 @@ impl Worker {
         );
         async {
             let outcome = self.run_handler(&command).await;
-            if let Outcome::Failure { error, retryable } = &outcome {
-                warn!(%error, retryable, "step attempt failed");
+            match &outcome {
+                Outcome::Failure {
+                    error,
+                    retryable: true,
+                } => warn!(%error, "step attempt failed; it may be retried"),
+                Outcome::Failure {
+                    error,
+                    retryable: false,
+                } => info!(%error, "step failed terminally"),
+                Outcome::Success { .. } => {}
             }
             let reply = Reply::to(&command, outcome);
             match transport.publish(vec![reply.to_envelope()]).await {

@@ -39,6 +39,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Connections with `synchronous_commit = off`, opened on first use (see [`relaxed`]).
+    relaxed: Arc<tokio::sync::OnceCell<PgPool>>,
     schema: String,
     sql: Arc<Sql>,
     lease: Duration,
@@ -79,6 +81,7 @@ impl PgStoreBuilder {
         let quoted = schema::quoted(&self.schema)?;
         Ok(PgStore {
             pool: self.pool,
+            relaxed: Arc::default(),
             sql: Arc::new(Sql::new(&quoted)),
             schema: self.schema,
             lease: self.lease,
@@ -155,32 +158,14 @@ impl PgStore {
         let now = Utc::now();
         let definition = request.definition;
         let saga_id = Uuid::now_v7();
-        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.insert_instance.clone())
-            .bind(saga_id)
-            .bind(definition.name())
-            .bind(definition.version() as i32)
-            .bind(SagaStatus::Running.as_str())
-            .bind(&request.business_key)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if inserted.is_none() {
-            let existing: Uuid = sqlx::query_scalar(self.sql.instance_by_key.clone())
-                .bind(definition.name())
-                .bind(&request.business_key)
-                .fetch_one(&mut *conn)
-                .await?;
-            return Ok(Started {
-                saga_id: existing,
-                created: false,
-            });
-        }
+        let business_key = request.business_key.clone();
         let started = Event::Started {
             saga: definition.name().to_owned(),
             version: definition.version(),
             input: request.input,
             business_key: request.business_key,
         };
+        // Decided first, so the instance row is inserted once with its final status.
         let mut loaded = Loaded {
             state: replay(&definition, [&started])?,
             last_seq: 1,
@@ -200,6 +185,32 @@ impl PgStore {
             now,
             &mut writes,
         )?;
+        let instance = writes
+            .instances
+            .remove(&saga_id)
+            .expect("the start updates the instance");
+        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.insert_instance.clone())
+            .bind(saga_id)
+            .bind(definition.name())
+            .bind(definition.version() as i32)
+            .bind(instance.status.as_str())
+            .bind(&business_key)
+            .bind(now)
+            .bind(instance.last_seq)
+            .bind(&instance.reason)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if inserted.is_none() {
+            let existing: Uuid = sqlx::query_scalar(self.sql.instance_by_key.clone())
+                .bind(definition.name())
+                .bind(&business_key)
+                .fetch_one(&mut *conn)
+                .await?;
+            return Ok(Started {
+                saga_id: existing,
+                created: false,
+            });
+        }
         // Left unclaimed: the relay's poller publishes it, woken by the notification.
         self.write(conn, writes, now, now).await?;
         sqlx::query("SELECT pg_notify($1, '')")
@@ -210,6 +221,27 @@ impl PgStore {
             saga_id,
             created: true,
         })
+    }
+
+    /// A small pool whose commits do not wait for the disk, for claiming and deleting outbox
+    /// rows: if a crash loses one of those, the row is published again and the verdicts drop
+    /// the duplicate. Saga state is never written through it.
+    async fn relaxed(&self) -> Result<&PgPool> {
+        self.relaxed
+            .get_or_try_init(|| async {
+                let options = self
+                    .pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("synchronous_commit", "off")]);
+                PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(options)
+                    .await
+            })
+            .await
+            .map_err(Error::from)
     }
 
     fn notify_channel(&self) -> String {
@@ -604,7 +636,7 @@ impl Store for PgStore {
             .bind(now)
             .bind(now + lease)
             .bind(limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(self.relaxed().await?)
             .await?;
         rows.into_iter()
             .map(|row| {
@@ -632,7 +664,7 @@ impl Store for PgStore {
     async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
         sqlx::query(self.sql.delete_outbox.clone())
             .bind(ids)
-            .execute(&self.pool)
+            .execute(self.relaxed().await?)
             .await?;
         Ok(())
     }
@@ -722,8 +754,8 @@ impl Sql {
     fn new(s: &str) -> Self {
         Self {
             insert_instance: sql(format!(
-                "INSERT INTO {s}.instances (id, saga, version, status, business_key, last_seq, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $6) \
+                "INSERT INTO {s}.instances (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $7, $8, $6, $6) \
                  ON CONFLICT (saga, business_key) WHERE business_key IS NOT NULL DO NOTHING RETURNING id"
             )),
             instance_by_key: sql(format!(
