@@ -95,7 +95,8 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
 #[tokio::test]
 async fn bad_input_is_one_line_and_a_failure() {
     let program = saga_tests::process::binary("order-saga");
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
         (
             &["start", "--count", "x"],
             &[],
