@@ -61,7 +61,7 @@ pub async fn run<E: Example>(
         let history = client.history(id).await?;
         println!(
             "{}",
-            crate::timeline::render(&summary, def.definition(), &history)
+            saga_core::timeline::render(&summary, Some(def.definition()), &history)
         );
     }
     Ok(counts)

@@ -20,7 +20,6 @@ pub mod expense;
 pub mod order;
 pub mod participant;
 pub mod payment;
-pub mod timeline;
 pub mod travel;
 
 pub use example::{CommandSpec, Example, Receipt};

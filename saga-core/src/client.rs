@@ -8,12 +8,12 @@ use uuid::Uuid;
 
 use std::time::Duration;
 
-use crate::decide::Timer;
+use crate::decide::{OperatorAction, Timer};
 use crate::definition::SagaDefinition;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent};
 use crate::state::SagaStatus;
-use crate::store::{SagaSummary, StartRequest, Started, Store};
+use crate::store::{ListFilter, SagaSummary, StartRequest, Started, Store};
 
 /// Starts sagas and reads them back. Cheap to clone.
 ///
@@ -102,49 +102,106 @@ impl Client {
     /// already ended or compensates. Waits up to [`Client::CANCEL_WAIT`] for an orchestrator to
     /// decide.
     pub async fn cancel(&self, saga_id: Uuid, reason: &str) -> Result<()> {
-        let refused = |why: String| Error::CancelRefused { saga_id, why };
         let summary = self
             .store
             .summary(saga_id)
             .await?
             .ok_or(Error::UnknownSaga(saga_id))?;
         if !summary.status.is_active() {
-            return Err(refused(format!("the saga is {}", summary.status)));
+            return Err(Error::CancelRefused {
+                saga_id,
+                why: format!("the saga is {}", summary.status),
+            });
         }
         let id = Uuid::new_v4();
+        let timer = Timer::Cancel {
+            id,
+            reason: reason.to_owned(),
+        };
+        self.request(saga_id, id, timer, "cancel")
+            .await
+            .map_err(|e| match e {
+                Error::ActionRefused { why, .. } => Error::CancelRefused { saga_id, why },
+                other => other,
+            })
+    }
+
+    /// Runs an operator's action on a saga (retry a stuck step, resolve a stuck compensation
+    /// by hand, pause, resume) and waits up to [`Client::CANCEL_WAIT`] for an orchestrator to
+    /// apply it. A refusal is [`Error::ActionRefused`] with the reason.
+    pub async fn act(&self, saga_id: Uuid, action: OperatorAction) -> Result<()> {
         self.store
-            .enqueue(
-                saga_id,
-                Timer::Cancel {
-                    id,
-                    reason: reason.to_owned(),
-                },
-            )
-            .await?;
+            .summary(saga_id)
+            .await?
+            .ok_or(Error::UnknownSaga(saga_id))?;
+        let id = Uuid::new_v4();
+        let name = action.name();
+        self.request(saga_id, id, Timer::Operator { id, action }, name)
+            .await
+    }
+
+    /// Queues a request and waits for its verdict in the log.
+    async fn request(
+        &self,
+        saga_id: Uuid,
+        id: Uuid,
+        timer: Timer,
+        what: &'static str,
+    ) -> Result<()> {
+        self.store.enqueue(saga_id, timer).await?;
+        let refused = |why: String| Error::ActionRefused {
+            saga_id,
+            action: what,
+            why,
+        };
         let deadline = tokio::time::Instant::now() + Self::CANCEL_WAIT;
         loop {
             for record in self.store.history(saga_id).await? {
                 match record.event {
-                    Event::CancelRequested { request, .. } if request == id => return Ok(()),
-                    Event::CancelRefused { request, why, .. } if request == id => {
+                    Event::CancelRequested { request, .. }
+                    | Event::RetryRequested { request, .. }
+                    | Event::Resolved { request, .. }
+                    | Event::Paused { request, .. }
+                    | Event::Resumed { request }
+                        if request == id =>
+                    {
+                        return Ok(());
+                    }
+                    Event::CancelRefused { request, why, .. }
+                    | Event::ActionRefused { request, why, .. }
+                        if request == id =>
+                    {
                         return Err(refused(why));
                     }
                     _ => {}
                 }
             }
-            let status = self.store.summary(saga_id).await?.map(|s| s.status);
-            if let Some(status) = status.filter(|s| !s.is_active()) {
-                return Err(refused(format!("the saga is {status}")));
+            if what == "cancel" {
+                let status = self.store.summary(saga_id).await?.map(|s| s.status);
+                if let Some(status) = status.filter(|s| !s.is_active()) {
+                    return Err(refused(format!("the saga is {status}")));
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::NotAnswered {
                     saga_id,
-                    what: "cancel",
+                    what,
                     waited: Self::CANCEL_WAIT,
                 });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Sagas matching `filter`, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>> {
+        self.store.list(filter).await
+    }
+
+    /// Deletes finished sagas (completed, compensated, cancelled) last changed before
+    /// `before`, with their logs; returns how many.
+    pub async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        self.store.purge(before).await
     }
 
     /// One saga's status, or `None` if there is no such saga.

@@ -72,6 +72,47 @@ pub enum Timer {
         /// Why.
         reason: String,
     },
+    /// An operator's action on the saga.
+    Operator {
+        /// The request's id, recorded with the verdict.
+        id: Uuid,
+        /// What to do.
+        action: OperatorAction,
+    },
+}
+
+/// What an operator can do to a saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum OperatorAction {
+    /// Runs a stuck saga's failed step again (a new attempt).
+    Retry,
+    /// Marks the stuck compensation of `step` as done by hand; the saga compensates on.
+    Resolve {
+        /// The step's name.
+        step: String,
+        /// Why, and what was done (kept in the log).
+        reason: String,
+    },
+    /// Stops sending new commands until resumed.
+    Pause {
+        /// Why.
+        reason: String,
+    },
+    /// Sends what the pause held back, and goes on.
+    Resume,
+}
+
+impl OperatorAction {
+    /// `retry`, `resolve`, `pause` or `resume`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperatorAction::Retry => "retry",
+            OperatorAction::Resolve { .. } => "resolve",
+            OperatorAction::Pause { .. } => "pause",
+            OperatorAction::Resume => "resume",
+        }
+    }
 }
 
 impl Timer {
@@ -92,6 +133,7 @@ impl Timer {
             Timer::Deadline => "deadline".to_owned(),
             Timer::Signal { id, .. } => format!("signal:{id}"),
             Timer::Cancel { id, .. } => format!("cancel:{id}"),
+            Timer::Operator { id, .. } => format!("operator:{id}"),
         }
     }
 }
@@ -279,6 +321,9 @@ impl Decider<'_, '_> {
     }
 
     fn timer(&mut self, timer: &Timer) -> Result<Verdict, ReplayError> {
+        if let Timer::Operator { id, action } = timer {
+            return self.operator(*id, action);
+        }
         if let Some(verdict) = self.inactive() {
             return Ok(verdict);
         }
@@ -364,6 +409,7 @@ impl Decider<'_, '_> {
                     self.take_signal(c.step, payload)?;
                 }
             }
+            Timer::Operator { .. } => unreachable!("handled before"),
             Timer::Cancel { id, reason } => {
                 let why = if self.state.stop.is_some()
                     || self.state.status == crate::SagaStatus::Compensating
@@ -387,6 +433,91 @@ impl Decider<'_, '_> {
                 }
             }
         }
+        Ok(Verdict::Applied)
+    }
+
+    fn operator(&mut self, request: Uuid, action: &OperatorAction) -> Result<Verdict, ReplayError> {
+        let status = self.state.status;
+        let refuse = |why: String| Event::ActionRefused {
+            request,
+            action: action.name().to_owned(),
+            why,
+        };
+        let event = match action {
+            OperatorAction::Retry => match self.state.stuck_at {
+                Some((step, direction)) if status == crate::SagaStatus::Stuck => {
+                    self.emit(Event::RetryRequested {
+                        request,
+                        step,
+                        direction,
+                    })?;
+                    let last = self
+                        .state
+                        .sent
+                        .values()
+                        .filter(|s| s.step == step && s.direction == direction)
+                        .map(|s| s.attempt)
+                        .max()
+                        .unwrap_or(0);
+                    self.dispatch(step, direction, last + 1)?;
+                    return Ok(Verdict::Applied);
+                }
+                _ => refuse(format!(
+                    "only a stuck saga can be retried; this one is {status}"
+                )),
+            },
+            OperatorAction::Resolve { step, reason } => {
+                let index = self.definition.step_index(step);
+                match (index, self.state.stuck_at) {
+                    (None, _) => refuse(format!("the saga has no step `{step}`")),
+                    (Some(i), Some((at, Direction::Compensation)))
+                        if status == crate::SagaStatus::Stuck && at as usize == i =>
+                    {
+                        self.emit(Event::Resolved {
+                            request,
+                            step: at,
+                            reason: reason.clone(),
+                        })?;
+                        self.compensate_below(at)?;
+                        return Ok(Verdict::Applied);
+                    }
+                    (Some(_), Some((at, direction))) if status == crate::SagaStatus::Stuck => {
+                        refuse(format!(
+                            "the saga is stuck at step `{}` ({direction}), not at the compensation of `{step}`",
+                            self.definition.steps()[at as usize].name
+                        ))
+                    }
+                    _ => refuse(format!(
+                        "only a stuck compensation can be resolved; the saga is {status}"
+                    )),
+                }
+            }
+            OperatorAction::Pause { reason } => {
+                if !status.is_active() {
+                    refuse(format!("the saga is {status}"))
+                } else if self.state.paused {
+                    refuse("the saga is already paused".to_owned())
+                } else {
+                    Event::Paused {
+                        request,
+                        reason: reason.clone(),
+                    }
+                }
+            }
+            OperatorAction::Resume => {
+                if !self.state.paused {
+                    refuse("the saga is not paused".to_owned())
+                } else {
+                    let held = self.state.held;
+                    self.emit(Event::Resumed { request })?;
+                    if let Some(h) = held {
+                        self.dispatch(h.step, h.direction, h.attempt)?;
+                    }
+                    return Ok(Verdict::Applied);
+                }
+            }
+        };
+        self.emit(event)?;
         Ok(Verdict::Applied)
     }
 
@@ -495,6 +626,13 @@ impl Decider<'_, '_> {
                 def.compensation.as_ref().expect("checked by the caller")
             }
         };
+        if self.state.paused {
+            return self.emit(Event::Held {
+                step,
+                direction,
+                attempt,
+            });
+        }
         let ctx = RawContext {
             definition: self.definition,
             input: &self.state.input,

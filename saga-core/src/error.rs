@@ -41,6 +41,16 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// An operator's action was refused.
+    #[error("saga {saga_id}: cannot {action}: {why}")]
+    ActionRefused {
+        /// The saga.
+        saga_id: uuid::Uuid,
+        /// The action.
+        action: &'static str,
+        /// Why.
+        why: String,
+    },
     /// No orchestrator answered a request in time; it stays queued.
     #[error(
         "saga {saga_id}: no orchestrator answered the {what} within {waited:?}; it stays queued"

@@ -160,6 +160,54 @@ pub enum Event {
     },
     /// The saga's deadline passed before its pivot: the completed steps compensate.
     DeadlineExceeded,
+    /// An operator asked to run a stuck saga's failed step again.
+    RetryRequested {
+        /// The request's id.
+        request: Uuid,
+        /// The step to run again.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+    },
+    /// An operator marked a stuck compensation as done by hand (audited).
+    Resolved {
+        /// The request's id.
+        request: Uuid,
+        /// The step whose compensation was done by hand.
+        step: u32,
+        /// Why, and what was done.
+        reason: String,
+    },
+    /// An operator paused the saga: it sends no new commands until resumed.
+    Paused {
+        /// The request's id.
+        request: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// An operator resumed a paused saga.
+    Resumed {
+        /// The request's id.
+        request: Uuid,
+    },
+    /// A command was not sent because the saga is paused; it is sent on resume.
+    Held {
+        /// The step's position.
+        step: u32,
+        /// Action or compensation.
+        direction: Direction,
+        /// The attempt.
+        attempt: u32,
+    },
+    /// An operator's request was refused.
+    ActionRefused {
+        /// The request's id.
+        request: Uuid,
+        /// What was asked.
+        action: String,
+        /// Why it cannot be done.
+        why: String,
+    },
     /// Every step succeeded.
     Completed,
     /// Every compensation that had to run succeeded.
@@ -193,6 +241,12 @@ impl Event {
             Event::CancelRequested { .. } => "cancel_requested",
             Event::CancelRefused { .. } => "cancel_refused",
             Event::DeadlineExceeded => "deadline_exceeded",
+            Event::RetryRequested { .. } => "retry_requested",
+            Event::Resolved { .. } => "resolved",
+            Event::Paused { .. } => "paused",
+            Event::Resumed { .. } => "resumed",
+            Event::Held { .. } => "held",
+            Event::ActionRefused { .. } => "action_refused",
             Event::Completed => "completed",
             Event::Compensated => "compensated",
             Event::Cancelled => "cancelled",

@@ -55,11 +55,12 @@ pub mod state;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod timeline;
 pub mod transport;
 pub mod worker;
 
 pub use client::Client;
-pub use decide::{Decision, Effect, Env, Input, Timer, Verdict, decide};
+pub use decide::{Decision, Effect, Env, Input, OperatorAction, Timer, Verdict, decide};
 pub use definition::{
     Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder, SagaDefinition, SignalWait,
     Step, StepBuilder, StepContext, StepKind, Work,

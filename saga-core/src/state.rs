@@ -179,6 +179,12 @@ pub struct SagaState {
     pub signals: Vec<ReceivedSignal>,
     /// A cancel or a passed deadline.
     pub stop: Option<Stop>,
+    /// Paused by an operator: no new commands are sent.
+    pub paused: bool,
+    /// The command held back while paused, sent on resume.
+    pub held: Option<Current>,
+    /// The step and direction that got the saga stuck.
+    pub stuck_at: Option<(u32, Direction)>,
     /// How many events have been applied.
     pub events: u64,
 }
@@ -286,13 +292,21 @@ impl SagaState {
             sent: HashMap::new(),
             signals: Vec::new(),
             stop: None,
+            paused: false,
+            held: None,
+            stuck_at: None,
             events: 1,
         })
     }
 
     /// Applies one more event. Replaying a prefix and then the rest equals replaying the whole.
     pub fn apply(&mut self, definition: &Definition, event: &Event) -> Result<(), ReplayError> {
-        if self.status.is_terminal() {
+        // A refused request is recorded even after the end: it changes nothing.
+        let audit_only = matches!(
+            event,
+            Event::ActionRefused { .. } | Event::CancelRefused { .. }
+        );
+        if self.status.is_terminal() && !audit_only {
             return Err(ReplayError::new(
                 definition,
                 ReplayError::AFTER_END,
@@ -406,6 +420,44 @@ impl SagaState {
                 });
             }
             Event::Cancelled => self.finish(SagaStatus::Cancelled),
+            Event::RetryRequested { .. } => {
+                self.status = if self.failure.is_some() || self.stop.is_some() {
+                    SagaStatus::Compensating
+                } else {
+                    SagaStatus::Running
+                };
+                self.stuck_reason = None;
+                self.stuck_at = None;
+            }
+            Event::Resolved { step, .. } => {
+                let i = self.check_step(definition, *step, Direction::Compensation)?;
+                self.compensated[i] = true;
+                self.status = SagaStatus::Compensating;
+                self.stuck_reason = None;
+                self.stuck_at = None;
+            }
+            Event::Paused { .. } => self.paused = true,
+            Event::Resumed { .. } => {
+                self.paused = false;
+                self.held = None;
+            }
+            Event::Held {
+                step,
+                direction,
+                attempt,
+            } => {
+                self.check_step(definition, *step, *direction)?;
+                let held = Current {
+                    step: *step,
+                    direction: *direction,
+                    attempt: *attempt,
+                    command_id: None,
+                    waiting: false,
+                };
+                self.held = Some(held);
+                self.current = Some(held);
+            }
+            Event::ActionRefused { .. } => {}
             Event::RetryScheduled {
                 step,
                 direction,
@@ -436,6 +488,7 @@ impl SagaState {
                 self.check_step(definition, *step, *direction)?;
                 self.finish(SagaStatus::Stuck);
                 self.stuck_reason = Some(reason.clone());
+                self.stuck_at = Some((*step, *direction));
             }
         }
         self.events += 1;

@@ -86,6 +86,23 @@ pub struct SagaSummary {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Which sagas [`Store::list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<SagaStatus>,
+    /// Only this saga name.
+    pub saga: Option<String>,
+    /// Only sagas created before this.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only sagas created after this.
+    pub created_after: Option<DateTime<Utc>>,
+    /// At most this many (default 50).
+    pub limit: Option<u32>,
+    /// Skip this many (pagination).
+    pub offset: u32,
+}
+
 /// A request to start a saga.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
@@ -139,6 +156,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// A saga's whole log.
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>>;
+
+    /// Sagas matching `filter`, newest first.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>>;
+
+    /// Deletes finished sagas (completed, compensated, cancelled) last changed before
+    /// `before`, with their logs and timers; returns how many.
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64>;
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;

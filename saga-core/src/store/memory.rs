@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::transition::{Loaded, Writes, apply_input};
-use super::{Applied, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
 use crate::decide::{Input, Timer, Verdict};
 use crate::error::Result;
 use crate::event::{Event, RecordedEvent};
@@ -397,6 +397,42 @@ impl Store for MemoryStore {
             .instances
             .get(&saga_id)
             .map(|i| i.summary.clone()))
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>> {
+        let inner = self.lock();
+        let mut found: Vec<SagaSummary> = inner
+            .instances
+            .values()
+            .map(|i| &i.summary)
+            .filter(|s| filter.status.is_none_or(|st| s.status == st))
+            .filter(|s| filter.saga.as_ref().is_none_or(|n| &s.saga == n))
+            .filter(|s| filter.created_before.is_none_or(|t| s.created_at < t))
+            .filter(|s| filter.created_after.is_none_or(|t| s.created_at > t))
+            .cloned()
+            .collect();
+        found.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+        Ok(found
+            .into_iter()
+            .skip(filter.offset as usize)
+            .take(filter.limit.unwrap_or(50) as usize)
+            .collect())
+    }
+
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut inner = self.lock();
+        let old: Vec<Uuid> = inner
+            .instances
+            .values()
+            .filter(|i| i.summary.status.is_terminal() && i.summary.updated_at < before)
+            .map(|i| i.summary.id)
+            .collect();
+        for id in &old {
+            inner.instances.remove(id);
+            inner.timers.retain(|(saga_id, _), _| saga_id != id);
+        }
+        inner.keys.retain(|_, id| !old.contains(id));
+        Ok(old.len() as u64)
     }
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {

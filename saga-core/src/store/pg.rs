@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use super::transition::{Decided, Loaded, Writes, apply_input};
-use super::{Applied, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
 use crate::decide::{Input, Timer, Verdict};
 use crate::definition::Definition;
 use crate::error::{Error, Result};
@@ -680,20 +680,28 @@ impl Store for PgStore {
             .bind(saga_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| {
-            let status: String = row.try_get("status")?;
-            Ok(SagaSummary {
-                id: row.try_get("id")?,
-                saga: row.try_get("saga")?,
-                version: row.try_get::<i32, _>("version")? as u32,
-                status: status.parse().map_err(Error::Config)?,
-                business_key: row.try_get("business_key")?,
-                reason: row.try_get("reason")?,
-                created_at: row.try_get("created_at")?,
-                updated_at: row.try_get("updated_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(summary_from_row).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>> {
+        let rows = sqlx::query(self.sql.list.clone())
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(&filter.saga)
+            .bind(filter.created_before)
+            .bind(filter.created_after)
+            .bind(i64::from(filter.limit.unwrap_or(50)))
+            .bind(i64::from(filter.offset))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(summary_from_row).collect()
+    }
+
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
+        Ok(sqlx::query(self.sql.purge.clone())
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {
@@ -748,6 +756,8 @@ struct Sql {
     summary: SqlStr,
     history: SqlStr,
     count_by_status: SqlStr,
+    list: SqlStr,
+    purge: SqlStr,
 }
 
 impl Sql {
@@ -825,11 +835,34 @@ impl Sql {
             history: sql(format!(
                 "SELECT seq, data, recorded_at FROM {s}.events WHERE saga_id = $1 ORDER BY seq"
             )),
+            list: sql(format!(
+                "SELECT id, saga, version, status, business_key, reason, created_at, updated_at FROM {s}.instances \
+                 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga = $2) \
+                 AND ($3::timestamptz IS NULL OR created_at < $3) AND ($4::timestamptz IS NULL OR created_at > $4) \
+                 ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
+            )),
+            purge: sql(format!(
+                "DELETE FROM {s}.instances WHERE status IN ('completed', 'compensated', 'cancelled') AND updated_at < $1"
+            )),
             count_by_status: sql(format!(
                 "SELECT status, count(*) AS n FROM {s}.instances GROUP BY status"
             )),
         }
     }
+}
+
+fn summary_from_row(row: &sqlx::postgres::PgRow) -> Result<SagaSummary> {
+    let status: String = row.try_get("status")?;
+    Ok(SagaSummary {
+        id: row.try_get("id")?,
+        saga: row.try_get("saga")?,
+        version: row.try_get::<i32, _>("version")? as u32,
+        status: status.parse().map_err(Error::Config)?,
+        business_key: row.try_get("business_key")?,
+        reason: row.try_get("reason")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }
 
 /// The (name, version) pairs of the registry, as two arrays for `UNNEST`.

@@ -1,19 +1,42 @@
-//! A readable timeline of one saga, from its log.
+//! A readable timeline of one saga, from its log: one line per event, with its time since the
+//! start, its step and attempt, and, for a result, how long the attempt took.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
-use saga_core::store::SagaSummary;
-use saga_core::{Definition, Direction, Event, RecordedEvent};
+use chrono::{DateTime, Utc};
 
-/// Renders a saga's history, one line per event, times relative to its start.
-pub fn render(summary: &SagaSummary, definition: &Definition, history: &[RecordedEvent]) -> String {
+use crate::definition::Definition;
+use crate::event::{Direction, Event, RecordedEvent};
+use crate::store::SagaSummary;
+
+/// Renders a saga's history. With the definition, steps are shown by name (else by number).
+pub fn render(
+    summary: &SagaSummary,
+    definition: Option<&Definition>,
+    history: &[RecordedEvent],
+) -> String {
     let start = history.first().map(|r| r.at).unwrap_or(summary.created_at);
+    let names: Vec<String> = definition
+        .map(|d| d.steps().iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
     let step_name = |step: u32| {
-        definition
-            .steps()
+        names
             .get(step as usize)
-            .map_or("?", |s| s.name.as_str())
+            .cloned()
+            .unwrap_or_else(|| format!("#{step}"))
     };
+    let mut dispatched: HashMap<(u32, Direction, u32), DateTime<Utc>> = HashMap::new();
+    let took =
+        |dispatched: &HashMap<(u32, Direction, u32), DateTime<Utc>>, key, at: DateTime<Utc>| {
+            dispatched
+                .get(&key)
+                .map(|d: &DateTime<Utc>| {
+                    let ms = (at - *d).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                    format!(" in {ms:.1} ms")
+                })
+                .unwrap_or_default()
+        };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -33,11 +56,12 @@ pub fn render(summary: &SagaSummary, definition: &Definition, history: &[Recorde
                 attempt,
                 ..
             } => {
-                let s = &definition.steps()[*step as usize];
-                let action = match direction {
+                dispatched.insert((*step, *direction, *attempt), record.at);
+                let s = definition.and_then(|d| d.steps().get(*step as usize));
+                let action = s.and_then(|s| match direction {
                     Direction::Forward => s.action(),
                     Direction::Compensation => s.compensation.as_ref(),
-                };
+                });
                 let target = action.map_or_else(
                     || "?".to_owned(),
                     |a| format!("{}.{}", a.service, a.command),
@@ -68,35 +92,65 @@ pub fn render(summary: &SagaSummary, definition: &Definition, history: &[Recorde
             Event::CancelRequested { reason, .. } => format!("cancel requested: {reason}"),
             Event::CancelRefused { reason, why, .. } => format!("cancel refused ({reason}): {why}"),
             Event::DeadlineExceeded => "deadline passed".to_owned(),
-            Event::Cancelled => "cancelled".to_owned(),
-            Event::Succeeded {
+            Event::RetryRequested {
                 step, direction, ..
             } => {
-                format!("{:<8} {} ok", step_name(*step), arrow(*direction))
+                format!(
+                    "{:<8} {} retried by an operator",
+                    step_name(*step),
+                    arrow(*direction)
+                )
             }
+            Event::Resolved { step, reason, .. } => {
+                format!("{:<8} << resolved by hand: {reason}", step_name(*step))
+            }
+            Event::Paused { reason, .. } => format!("paused: {reason}"),
+            Event::Resumed { .. } => "resumed".to_owned(),
+            Event::Held {
+                step,
+                direction,
+                attempt,
+            } => format!(
+                "{:<8} {} attempt {attempt} held (paused)",
+                step_name(*step),
+                arrow(*direction)
+            ),
+            Event::ActionRefused { action, why, .. } => format!("{action} refused: {why}"),
+            Event::Cancelled => "cancelled".to_owned(),
+            Event::Succeeded {
+                step,
+                direction,
+                attempt,
+                ..
+            } => format!(
+                "{:<8} {} ok (attempt {attempt}){}",
+                step_name(*step),
+                arrow(*direction),
+                took(&dispatched, (*step, *direction, *attempt), record.at)
+            ),
             Event::Failed {
                 step,
                 direction,
+                attempt,
                 error,
                 retryable,
-                ..
             } => format!(
-                "{:<8} {} failed ({}): {error}",
+                "{:<8} {} failed (attempt {attempt}, {}){}: {error}",
                 step_name(*step),
                 arrow(*direction),
-                if *retryable { "retryable" } else { "terminal" }
+                if *retryable { "retryable" } else { "terminal" },
+                took(&dispatched, (*step, *direction, *attempt), record.at)
             ),
             Event::TimedOut {
                 step,
                 direction,
                 attempt,
-            } => {
-                format!(
-                    "{:<8} {} attempt {attempt} timed out",
-                    step_name(*step),
-                    arrow(*direction)
-                )
-            }
+            } => format!(
+                "{:<8} {} attempt {attempt} timed out{}",
+                step_name(*step),
+                arrow(*direction),
+                took(&dispatched, (*step, *direction, *attempt), record.at)
+            ),
             Event::RetryScheduled {
                 step,
                 direction,

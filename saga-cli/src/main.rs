@@ -1,0 +1,283 @@
+//! `saga`: the operator's tool. Finds sagas, shows their timelines, and acts on them: signal,
+//! cancel, retry a stuck step, resolve a stuck compensation by hand, pause, resume, purge.
+//!
+//! Reads `DATABASE_URL` (and `SAGA_SCHEMA`, default `saga`). Actions are queued for the
+//! orchestrators, which apply them under the saga's lock; the tool waits for their verdict.
+
+mod duration;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use saga_core::store::{ListFilter, SagaSummary};
+use saga_core::{Client, OperatorAction, PgStore, SagaStatus};
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "saga", version, about = "Operate sagas: find, inspect, fix")]
+struct Cli {
+    /// Print JSON for scripts instead of text for people.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The schema of the saga tables.
+    #[arg(long, global = true, env = "SAGA_SCHEMA", default_value = "saga")]
+    schema: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates or upgrades the saga tables.
+    Migrate,
+    /// Lists sagas, newest first.
+    List {
+        /// Only sagas in this status (running, compensating, completed, compensated, stuck,
+        /// cancelled).
+        #[arg(long)]
+        status: Option<SagaStatus>,
+        /// Only sagas of this name.
+        #[arg(long)]
+        saga: Option<String>,
+        /// Only sagas started longer ago than this (e.g. 30m, 12h, 7d).
+        #[arg(long, value_parser = duration::parse)]
+        older_than: Option<Duration>,
+        /// Only sagas started more recently than this.
+        #[arg(long, value_parser = duration::parse)]
+        newer_than: Option<Duration>,
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Page number, from 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        page: u32,
+    },
+    /// Shows a saga and its timeline: each event with its time, step, attempt, outcome and
+    /// duration.
+    Show {
+        /// The saga's id.
+        id: Uuid,
+    },
+    /// Sends a signal with a JSON payload.
+    Signal {
+        /// The saga's id.
+        id: Uuid,
+        /// The signal's name.
+        name: String,
+        /// Its payload, as JSON.
+        payload: String,
+    },
+    /// Cancels a saga (refused once it has passed its pivot).
+    Cancel {
+        /// The saga's id.
+        id: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// Runs a stuck saga's failed step again.
+    Retry {
+        /// The saga's id.
+        id: Uuid,
+    },
+    /// Marks a stuck compensation as done by hand (recorded in the log).
+    Resolve {
+        /// The saga's id.
+        id: Uuid,
+        /// The step whose compensation was done by hand.
+        #[arg(long)]
+        step: String,
+        /// What was done, and why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Stops a saga from sending new commands.
+    Pause {
+        /// The saga's id.
+        id: Uuid,
+        /// Why.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+    },
+    /// Resumes a paused saga.
+    Resume {
+        /// The saga's id.
+        id: Uuid,
+    },
+    /// Deletes finished sagas (completed, compensated, cancelled) older than this, with their
+    /// logs.
+    Purge {
+        /// e.g. 30d.
+        #[arg(long, value_parser = duration::parse)]
+        older_than: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!(
+                "saga: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saga: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .context("cannot connect to PostgreSQL at DATABASE_URL")?;
+    let store = Arc::new(PgStore::builder(pool).schema(&cli.schema).build()?);
+    let client = Client::new(store.clone());
+    let json = cli.json;
+    let done = |what: &str, id: Uuid| {
+        if json {
+            println!("{}", serde_json::json!({ "saga_id": id, "done": what }));
+        } else {
+            println!("saga {id}: {what}");
+        }
+    };
+    match cli.command {
+        Command::Migrate => {
+            store.migrate().await?;
+            if json {
+                println!("{}", serde_json::json!({ "migrated": true }));
+            } else {
+                println!("migrated schema {}", cli.schema);
+            }
+        }
+        Command::List {
+            status,
+            saga,
+            older_than,
+            newer_than,
+            limit,
+            page,
+        } => {
+            let now = Utc::now();
+            let filter = ListFilter {
+                status,
+                saga,
+                created_before: older_than.map(|d| now - d),
+                created_after: newer_than.map(|d| now - d),
+                limit: Some(limit),
+                offset: (page - 1) * limit,
+            };
+            let sagas = client.list(&filter).await?;
+            if json {
+                println!("{}", serde_json::to_string(&sagas)?);
+            } else {
+                print_list(&sagas);
+            }
+        }
+        Command::Show { id } => {
+            let summary = client
+                .summary(id)
+                .await?
+                .with_context(|| format!("saga {id}: no such saga"))?;
+            let history = client.history(id).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "saga": summary, "events": history })
+                );
+            } else {
+                print!("{}", saga_core::timeline::render(&summary, None, &history));
+                if let Some(reason) = &summary.reason {
+                    println!("reason: {reason}");
+                }
+            }
+        }
+        Command::Signal { id, name, payload } => {
+            let payload: serde_json::Value = serde_json::from_str(&payload)
+                .with_context(|| format!("saga {id}: the payload is not JSON"))?;
+            client.signal(id, &name, &payload).await?;
+            done(&format!("signal `{name}` recorded"), id);
+        }
+        Command::Cancel { id, reason } => {
+            client.cancel(id, &reason).await?;
+            done("cancel accepted; it compensates", id);
+        }
+        Command::Retry { id } => {
+            client.act(id, OperatorAction::Retry).await?;
+            done("retrying its failed step", id);
+        }
+        Command::Resolve { id, step, reason } => {
+            client
+                .act(
+                    id,
+                    OperatorAction::Resolve {
+                        step: step.clone(),
+                        reason,
+                    },
+                )
+                .await?;
+            done(&format!("compensation of `{step}` resolved by hand"), id);
+        }
+        Command::Pause { id, reason } => {
+            client.act(id, OperatorAction::Pause { reason }).await?;
+            done("paused", id);
+        }
+        Command::Resume { id } => {
+            client.act(id, OperatorAction::Resume).await?;
+            done("resumed", id);
+        }
+        Command::Purge { older_than } => {
+            if older_than.is_zero() {
+                bail!("--older-than must be more than zero");
+            }
+            let purged = client.purge(Utc::now() - older_than).await?;
+            if json {
+                println!("{}", serde_json::json!({ "purged": purged }));
+            } else {
+                println!("purged {purged} finished sagas");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_list(sagas: &[SagaSummary]) {
+    println!(
+        "{:<36}  {:<16} {:>3}  {:<12}  {:<20}  reason",
+        "id", "saga", "v", "status", "updated"
+    );
+    for s in sagas {
+        println!(
+            "{:<36}  {:<16} {:>3}  {:<12}  {:<20}  {}",
+            s.id,
+            s.saga,
+            s.version,
+            s.status,
+            s.updated_at.format("%Y-%m-%d %H:%M:%S"),
+            s.reason.as_deref().unwrap_or("")
+        );
+    }
+}
