@@ -134,7 +134,6 @@ async fn operators_find_inspect_and_fix_sagas() {
         async move { client.summary(id).await.unwrap().unwrap().status }
     };
     let settle = |id: Uuid, want: SagaStatus| {
-        let status = status;
         async move {
             assert!(
                 wait_until(Duration::from_secs(10), || async {
