@@ -15,7 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::Example;
-use crate::participant::{Ledger, migrate, worker};
+use crate::participant::{Ledger, migrate, worker_with};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,15 +174,17 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             println!("migrated");
         }
         Command::Orchestrator => {
+            let ops = Ops::from_env()?;
             let pool = database(10).await?;
-            let store = ready_store(&pool).await?;
+            let store = Arc::new(ready_store(&pool).await?);
             let transport = broker(E::PROGRAM, "orchestrator").await?;
-            let shutdown = shutdown_on_signal();
-            Orchestrator::builder(Arc::new(store), Arc::new(transport))
+            ops.serve(Some(store.clone())).await?;
+            let run = Orchestrator::builder(store, Arc::new(transport))
                 .register(&E::definition())
+                .metrics(ops.metrics.clone())
                 .build()
-                .run(shutdown)
-                .await?;
+                .run(ops.shutdown.clone());
+            ops.run_until_shutdown(run).await?;
         }
         Command::Service { name } => {
             let services = E::services();
@@ -192,12 +194,14 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                     services.join(", ")
                 );
             };
+            let ops = Ops::from_env()?;
             let pool = database(8).await?;
             let ledger = Ledger::pg(pool, service)?;
             let transport = broker(E::PROGRAM, service).await?;
-            worker::<E>(service, &ledger)
-                .run(Arc::new(transport), shutdown_on_signal())
-                .await?;
+            ops.serve(None).await?;
+            let run = worker_with::<E>(service, &ledger, ops.metrics.clone())
+                .run(Arc::new(transport), ops.shutdown.clone());
+            ops.run_until_shutdown(run).await?;
         }
         Command::Start {
             count,
@@ -330,6 +334,78 @@ async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTransport> {
     AmqpTransport::connect(config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
+}
+
+/// What a long-running command needs for operations: metrics and health on `METRICS_ADDR`
+/// (if set), and a shutdown on SIGTERM or SIGINT bounded by `SHUTDOWN_GRACE_SECS` (default 30).
+struct Ops {
+    metrics: saga_core::Metrics,
+    health: saga_core::http::Health,
+    shutdown: CancellationToken,
+    addr: Option<std::net::SocketAddr>,
+    grace: Duration,
+}
+
+impl Ops {
+    fn from_env() -> anyhow::Result<Self> {
+        let addr = match std::env::var("METRICS_ADDR") {
+            Ok(v) => Some(v.parse().map_err(|_| {
+                anyhow::anyhow!("invalid METRICS_ADDR: expected host:port, got `{v}`")
+            })?),
+            Err(_) => None,
+        };
+        let grace = match std::env::var("SHUTDOWN_GRACE_SECS") {
+            Ok(v) => Duration::from_secs(v.parse().map_err(|_| {
+                anyhow::anyhow!("invalid SHUTDOWN_GRACE_SECS: expected seconds, got `{v}`")
+            })?),
+            Err(_) => Duration::from_secs(30),
+        };
+        Ok(Self {
+            metrics: saga_core::Metrics::new(),
+            health: saga_core::http::Health::new(),
+            shutdown: shutdown_on_signal(),
+            addr,
+            grace,
+        })
+    }
+
+    async fn serve(&self, store: Option<Arc<PgStore>>) -> anyhow::Result<()> {
+        if let Some(addr) = self.addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on METRICS_ADDR {addr}"))?;
+            let store = store.map(|s| s as Arc<dyn Store>);
+            tokio::spawn(saga_core::http::serve(
+                listener,
+                self.metrics.clone(),
+                self.health.clone(),
+                store,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks the process ready, runs `work` until it ends after the shutdown signal, and fails
+    /// if it takes longer than the grace period (in-flight messages go back to the broker).
+    async fn run_until_shutdown(
+        &self,
+        work: impl std::future::Future<Output = saga_core::Result<()>> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let mut task = tokio::spawn(work);
+        self.health.set_ready(true);
+        tokio::select! {
+            done = &mut task => return Ok(done??),
+            _ = self.shutdown.cancelled() => {}
+        }
+        self.health.set_ready(false);
+        match tokio::time::timeout(self.grace, task).await {
+            Ok(done) => Ok(done??),
+            Err(_) => bail!(
+                "in-flight work did not finish within the grace period of {:?}",
+                self.grace
+            ),
+        }
+    }
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

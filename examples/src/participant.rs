@@ -140,10 +140,19 @@ impl Handler for EffectHandler {
 
 /// The worker of `service`, with a handler for each of its commands.
 pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
+    worker_with::<E>(service, ledger, saga_core::Metrics::new())
+}
+
+/// Like [`worker`], counting into `metrics`.
+pub fn worker_with<E: Example>(
+    service: &str,
+    ledger: &Ledger,
+    metrics: saga_core::Metrics,
+) -> Worker {
     E::COMMANDS
         .iter()
         .filter(|c| c.service == service)
-        .fold(Worker::builder(service), |w, spec| {
+        .fold(Worker::builder(service).metrics(metrics), |w, spec| {
             w.handler(
                 spec.command,
                 EffectHandler {

@@ -14,6 +14,7 @@ use crate::decide::{Input, Verdict};
 use crate::definition::SagaDefinition;
 use crate::error::Result;
 use crate::message::{Destination, Reply};
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayConfig};
 use crate::store::{Applied, OutboxRecord, Store};
@@ -41,6 +42,7 @@ pub struct Orchestrator {
     registry: Registry,
     config: OrchestratorConfig,
     on_settled: Option<SettledHook>,
+    metrics: Metrics,
 }
 
 /// Called with a saga's id and status when this orchestrator moves it out of running or
@@ -124,6 +126,12 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Counts into `metrics` (shared with the process's workers and its metrics endpoint).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.inner.metrics = metrics;
+        self
+    }
+
     /// Replaces the tuning.
     pub fn config(mut self, config: OrchestratorConfig) -> Self {
         self.inner.config = config;
@@ -146,6 +154,7 @@ impl Orchestrator {
                 registry: Registry::new(),
                 config: OrchestratorConfig::default(),
                 on_settled: None,
+                metrics: Metrics::new(),
             },
         }
     }
@@ -187,6 +196,7 @@ impl Orchestrator {
             relay: relay_tx,
             wake: wake_tx,
             on_settled: self.on_settled,
+            metrics: self.metrics,
         });
         let feeders = TaskTracker::new();
         feeders.spawn(Arc::clone(&engine).consume(results, shutdown.clone()));
@@ -211,17 +221,25 @@ struct Engine {
     relay: mpsc::UnboundedSender<Vec<OutboxRecord>>,
     wake: mpsc::UnboundedSender<DateTime<Utc>>,
     on_settled: Option<SettledHook>,
+    metrics: Metrics,
 }
 
 impl Engine {
     fn hand_over(&self, applied: &mut [Applied]) {
         let mut records = Vec::new();
         for a in applied.iter_mut() {
-            if let (Some(hook), Verdict::Applied, Some(status)) =
-                (&self.on_settled, &a.verdict, a.status)
+            if let Some(saga) = &a.saga {
+                self.metrics.retries(saga, a.retries);
+            }
+            if let (Verdict::Applied, Some(status)) = (&a.verdict, a.status)
                 && !status.is_active()
             {
-                hook(a.saga_id, status);
+                if let Some(saga) = &a.saga {
+                    self.metrics.settled(saga, status);
+                }
+                if let Some(hook) = &self.on_settled {
+                    hook(a.saga_id, status);
+                }
             }
             records.append(&mut a.outbox);
             if let Some(at) = a.wake_at {
@@ -263,6 +281,7 @@ impl Engine {
                 }
                 Err(malformed) => {
                     warn!(reason = %malformed, "dead-lettering a malformed result");
+                    self.metrics.dead_lettered("results");
                     if let Err(e) = delivery.dead_letter(&malformed.0).await {
                         warn!(error = %e, "dead-lettering failed");
                     }
@@ -307,6 +326,15 @@ impl Engine {
         };
         self.hand_over(&mut applied);
         for ((delivery, (saga_id, _)), a) in deliveries.into_iter().zip(&batch).zip(applied) {
+            self.metrics.result(match &a.verdict {
+                Verdict::Applied => "applied",
+                Verdict::Ignored(_) => "ignored",
+                Verdict::Rejected(_) => "rejected",
+                Verdict::Deferred(_) => "deferred",
+            });
+            if matches!(a.verdict, Verdict::Rejected(_)) {
+                self.metrics.dead_lettered("results");
+            }
             let settled = match a.verdict {
                 Verdict::Applied => delivery.ack().await,
                 Verdict::Ignored(reason) => {
@@ -358,6 +386,7 @@ impl Engine {
                     let fired = applied.len();
                     self.hand_over(&mut applied);
                     if fired > 0 {
+                        self.metrics.timers_fired(fired);
                         debug!(fired, "fired timers");
                         continue;
                     }

@@ -54,6 +54,25 @@ pub struct Applied {
     pub wake_at: Option<DateTime<Utc>>,
     /// The saga's status after the input, if the saga was loaded.
     pub status: Option<SagaStatus>,
+    /// The saga's definition name, if the saga was loaded.
+    pub saga: Option<String>,
+    /// How many retries the input scheduled.
+    pub retries: u32,
+}
+
+/// Figures read from the store when metrics are scraped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreStats {
+    /// Sagas per (name, status).
+    pub sagas: Vec<(String, SagaStatus, u64)>,
+    /// Outbox rows not yet published.
+    pub outbox_backlog: u64,
+    /// Age of the oldest outbox row, in seconds.
+    pub outbox_oldest_age_secs: f64,
+    /// Timers due and not fired.
+    pub timers_due: u64,
+    /// Timers not fired yet (due or not).
+    pub timers_pending: u64,
 }
 
 /// What starting a saga did.
@@ -163,6 +182,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished sagas (completed, compensated, cancelled) last changed before
     /// `before`, with their logs and timers; returns how many.
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Figures for metrics: sagas by name and status, outbox backlog, timers.
+    async fn stats(&self) -> Result<StoreStats>;
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;

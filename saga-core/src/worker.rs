@@ -15,6 +15,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::error::Result;
 use crate::message::{Command, Destination, Outcome, Reply};
+use crate::metrics::Metrics;
 use crate::transport::{Delivery, Transport};
 
 pub use handler::{CommandContext, FnHandler, Handler, handler_fn};
@@ -45,6 +46,7 @@ pub struct Worker {
     handlers: HashMap<String, Arc<dyn ErasedHandler>>,
     concurrency: usize,
     default_timeout: Duration,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Worker {
@@ -86,6 +88,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// Counts attempts and their durations into `metrics`.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.inner.metrics = metrics;
+        self
+    }
+
     /// Builds the worker; no I/O.
     pub fn build(self) -> Worker {
         self.inner
@@ -106,6 +114,7 @@ impl Worker {
                 handlers: HashMap::new(),
                 concurrency: Self::DEFAULT_CONCURRENCY,
                 default_timeout: Self::DEFAULT_TIMEOUT,
+                metrics: Metrics::new(),
             },
         }
     }
@@ -161,6 +170,7 @@ impl Worker {
             Ok(command) => command,
             Err(malformed) => {
                 warn!(service = %self.service, reason = %malformed, "dead-lettering a malformed command");
+                self.metrics.dead_lettered(&self.service);
                 let _ = delivery.dead_letter(&malformed.0).await;
                 return;
             }
@@ -171,9 +181,16 @@ impl Worker {
                 command.service, self.service
             );
             warn!(%reason, "dead-lettering a misrouted command");
+            self.metrics.dead_lettered(&self.service);
             let _ = delivery.dead_letter(&reason).await;
             return;
         }
+        let trace_id = delivery
+            .message
+            .headers
+            .get(crate::message::headers::TRACEPARENT)
+            .and_then(|t| t.split('-').nth(1))
+            .map(str::to_owned);
         let span = info_span!(
             "step",
             saga.id = %command.saga_id,
@@ -181,9 +198,22 @@ impl Worker {
             step = %command.step_name,
             direction = %command.direction,
             attempt = command.attempt,
+            trace_id = trace_id.as_deref().unwrap_or(""),
         );
         async {
-            let outcome = self.run_handler(&command).await;
+            let began = std::time::Instant::now();
+            let outcome = self.run_handler(&command, trace_id.clone()).await;
+            let label = match &outcome {
+                Outcome::Success { .. } => "success",
+                Outcome::Failure {
+                    retryable: true, ..
+                } => "retryable",
+                Outcome::Failure {
+                    retryable: false, ..
+                } => "terminal",
+            };
+            self.metrics
+                .attempt(&self.service, &command.command, label, began.elapsed());
             match &outcome {
                 Outcome::Failure {
                     error,
@@ -212,7 +242,7 @@ impl Worker {
         .await
     }
 
-    async fn run_handler(&self, command: &Command) -> Outcome {
+    async fn run_handler(&self, command: &Command, trace_id: Option<String>) -> Outcome {
         let Some(handler) = self.handlers.get(&command.command) else {
             return Outcome::Failure {
                 error: format!(
@@ -228,7 +258,13 @@ impl Worker {
             .unwrap_or(self.default_timeout);
         let task = tokio::spawn(
             Arc::clone(handler)
-                .call(command.payload.clone(), CommandContext::of(command))
+                .call(
+                    command.payload.clone(),
+                    CommandContext {
+                        trace_id,
+                        ..CommandContext::of(command)
+                    },
+                )
                 .in_current_span(),
         );
         let abort = task.abort_handle();

@@ -83,7 +83,14 @@ impl Stack {
 
     /// Starts the program in the background; returns its PID.
     pub fn spawn(&mut self, args: &[&str]) -> u32 {
-        let child = self.command(args).spawn().expect("spawn the program");
+        self.spawn_with(args, &[])
+    }
+
+    /// Starts the program in the background with extra environment; returns its PID.
+    pub fn spawn_with(&mut self, args: &[&str], env: &[(&str, &str)]) -> u32 {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let child = command.spawn().expect("spawn the program");
         let pid = child.id();
         self.children.push(child);
         pid

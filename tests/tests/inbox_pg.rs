@@ -20,6 +20,7 @@ fn ctx(key: &str) -> CommandContext {
         command_id: Uuid::new_v4(),
         command: "charge".into(),
         idempotency_key: key.into(),
+        trace_id: None,
     }
 }
 

@@ -133,17 +133,15 @@ async fn operators_find_inspect_and_fix_sagas() {
         let client = client.clone();
         async move { client.summary(id).await.unwrap().unwrap().status }
     };
-    let settle = |id: Uuid, want: SagaStatus| {
-        async move {
-            assert!(
-                wait_until(Duration::from_secs(10), || async {
-                    status(id).await == want
-                })
-                .await,
-                "{id} to be {want}, is {}",
-                status(id).await
-            )
-        }
+    let settle = |id: Uuid, want: SagaStatus| async move {
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                status(id).await == want
+            })
+            .await,
+            "{id} to be {want}, is {}",
+            status(id).await
+        )
     };
 
     // Two sagas get stuck: b fails, and undoing a fails too.

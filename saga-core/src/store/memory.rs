@@ -208,6 +208,8 @@ impl Inner {
                     outbox: Vec::new(),
                     wake_at: None,
                     status: None,
+                    saga: None,
+                    retries: 0,
                 },
                 Ok(d) => Applied {
                     saga_id,
@@ -222,6 +224,8 @@ impl Inner {
                         .collect(),
                     wake_at: d.wake_at,
                     status: Some(d.status),
+                    saga: Some(d.saga),
+                    retries: d.retries,
                 },
             })
             .collect()
@@ -417,6 +421,27 @@ impl Store for MemoryStore {
             .skip(filter.offset as usize)
             .take(filter.limit.unwrap_or(50) as usize)
             .collect())
+    }
+
+    async fn stats(&self) -> Result<crate::store::StoreStats> {
+        let now = Utc::now();
+        let inner = self.lock();
+        let mut counts: BTreeMap<(String, SagaStatus), u64> = BTreeMap::new();
+        for i in inner.instances.values() {
+            *counts
+                .entry((i.summary.saga.clone(), i.summary.status))
+                .or_default() += 1;
+        }
+        Ok(crate::store::StoreStats {
+            sagas: counts
+                .into_iter()
+                .map(|((saga, status), n)| (saga, status, n))
+                .collect(),
+            outbox_backlog: inner.outbox.len() as u64,
+            outbox_oldest_age_secs: 0.0,
+            timers_due: inner.timers.values().filter(|t| t.due_at <= now).count() as u64,
+            timers_pending: inner.timers.len() as u64,
+        })
     }
 
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {

@@ -389,6 +389,8 @@ impl PgStore {
                     outbox: Vec::new(),
                     wake_at: None,
                     status: None,
+                    saga: None,
+                    retries: 0,
                 },
                 Ok(d) => Applied {
                     saga_id,
@@ -403,6 +405,8 @@ impl PgStore {
                         .collect(),
                     wake_at: d.wake_at,
                     status: Some(d.status),
+                    saga: Some(d.saga),
+                    retries: d.retries,
                 },
             })
             .collect())
@@ -696,6 +700,34 @@ impl Store for PgStore {
         rows.iter().map(summary_from_row).collect()
     }
 
+    async fn stats(&self) -> Result<crate::store::StoreStats> {
+        let rows = sqlx::query(self.sql.stats_sagas.clone())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut sagas = Vec::with_capacity(rows.len());
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            let n: i64 = row.try_get("n")?;
+            sagas.push((
+                row.try_get("saga")?,
+                status.parse().map_err(Error::Config)?,
+                n as u64,
+            ));
+        }
+        let (backlog, oldest, due, pending): (i64, f64, i64, i64) =
+            sqlx::query_as(self.sql.stats_queues.clone())
+                .bind(Utc::now())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(crate::store::StoreStats {
+            sagas,
+            outbox_backlog: backlog as u64,
+            outbox_oldest_age_secs: oldest,
+            timers_due: due as u64,
+            timers_pending: pending as u64,
+        })
+    }
+
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
         Ok(sqlx::query(self.sql.purge.clone())
             .bind(before)
@@ -758,6 +790,8 @@ struct Sql {
     count_by_status: SqlStr,
     list: SqlStr,
     purge: SqlStr,
+    stats_sagas: SqlStr,
+    stats_queues: SqlStr,
 }
 
 impl Sql {
@@ -840,6 +874,15 @@ impl Sql {
                  WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga = $2) \
                  AND ($3::timestamptz IS NULL OR created_at < $3) AND ($4::timestamptz IS NULL OR created_at > $4) \
                  ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
+            )),
+            stats_sagas: sql(format!(
+                "SELECT saga, status, count(*) AS n FROM {s}.instances GROUP BY saga, status"
+            )),
+            stats_queues: sql(format!(
+                "SELECT (SELECT count(*) FROM {s}.outbox), \
+                 coalesce((SELECT extract(epoch FROM $1 - min(created_at)) FROM {s}.outbox), 0)::float8, \
+                 (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1), \
+                 (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL)"
             )),
             purge: sql(format!(
                 "DELETE FROM {s}.instances WHERE status IN ('completed', 'compensated', 'cancelled') AND updated_at < $1"

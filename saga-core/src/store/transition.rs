@@ -50,6 +50,8 @@ pub(crate) struct InstanceUpdate {
 pub(crate) struct Decided {
     pub(crate) verdict: Verdict,
     pub(crate) status: SagaStatus,
+    pub(crate) saga: String,
+    pub(crate) retries: u32,
     pub(crate) outbox: Vec<usize>,
     pub(crate) wake_at: Option<DateTime<Utc>>,
 }
@@ -80,6 +82,12 @@ pub(crate) fn apply_input(
     let mut decided = Decided {
         verdict: decision.verdict,
         status: decision.state.status,
+        saga: definition.name().to_owned(),
+        retries: decision
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::RetryScheduled { .. }))
+            .count() as u32,
         outbox: Vec::new(),
         wake_at: None,
     };

@@ -37,6 +37,8 @@ pub struct CommandContext {
     /// The same for every delivery and retry of this step in this direction; the inbox keys
     /// the recorded result by it.
     pub idempotency_key: String,
+    /// The W3C trace id the command carried (the saga's trace), if any.
+    pub trace_id: Option<String>,
 }
 
 impl CommandContext {
@@ -51,6 +53,7 @@ impl CommandContext {
             command_id: command.command_id,
             command: command.command.clone(),
             idempotency_key: command.idempotency_key.clone(),
+            trace_id: None,
         }
     }
 }

@@ -1,0 +1,100 @@
+//! An HTTP endpoint for operations: `/metrics` (Prometheus text), `/livez` and `/readyz`.
+//!
+//! Enabled by the `http` feature.
+//!
+//! ```no_run
+//! # async fn demo(store: std::sync::Arc<saga_core::PgStore>) -> std::io::Result<()> {
+//! use saga_core::http::{Health, serve};
+//! use saga_core::Metrics;
+//!
+//! let (metrics, health) = (Metrics::new(), Health::new());
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:9464").await?;
+//! tokio::spawn(serve(listener, metrics.clone(), health.clone(), Some(store)));
+//! health.set_ready(true); // once connected and consuming
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Whether the process is ready to take work. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Not ready yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks the process ready (connected, consuming) or not (starting, shutting down).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Ops {
+    metrics: Metrics,
+    health: Health,
+    store: Option<Arc<dyn Store>>,
+}
+
+/// Serves `/metrics`, `/livez` and `/readyz` on `listener` until the process ends. With a
+/// store, `/metrics` adds figures read from it and `/readyz` also needs it to answer.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    health: Health,
+    store: Option<Arc<dyn Store>>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(Ops {
+            metrics,
+            health,
+            store,
+        });
+    axum::serve(listener, app).await
+}
+
+async fn scrape(State(ops): State<Ops>) -> impl IntoResponse {
+    let stats = match &ops.store {
+        Some(store) => store.stats().await.ok(),
+        None => None,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        ops.metrics.render(stats.as_ref()),
+    )
+}
+
+async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
+    let store_ok = match &ops.store {
+        Some(store) => store.count_by_status().await.is_ok(),
+        None => true,
+    };
+    if ops.health.is_ready() && store_ok {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
