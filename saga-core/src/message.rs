@@ -11,6 +11,19 @@ use crate::event::Direction;
 /// The version of the message schema this crate writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The default size limit of a message body, enforced on publish and on consume.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a message body is refused, or `None` if it is within `limit`.
+pub fn oversize(body: &[u8], limit: usize) -> Option<String> {
+    (body.len() > limit).then(|| {
+        format!(
+            "message of {} bytes exceeds the limit of {limit} bytes",
+            body.len()
+        )
+    })
+}
+
 /// A command for a participant: run one step (or undo it) for one saga.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {

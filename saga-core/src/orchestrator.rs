@@ -60,6 +60,9 @@ impl std::fmt::Debug for Orchestrator {
 /// Tuning of an [`Orchestrator`].
 #[derive(Debug, Clone)]
 pub struct OrchestratorConfig {
+    /// The largest message accepted or sent; a larger command fails its step, a larger result
+    /// is dead-lettered.
+    pub max_message_bytes: usize,
     /// Most results applied in one transaction.
     pub batch_size: usize,
     /// How often the outbox and timers are polled when nothing wakes them.
@@ -84,6 +87,7 @@ impl OrchestratorConfig {
 impl Default for OrchestratorConfig {
     fn default() -> Self {
         Self {
+            max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
             batch_size: Self::DEFAULT_BATCH_SIZE,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             outbox_lease: Self::DEFAULT_OUTBOX_LEASE,
@@ -181,6 +185,7 @@ impl Orchestrator {
             transport: Arc::clone(&self.transport),
             registry: self.registry.clone(),
             config: RelayConfig {
+                max_message_bytes: self.config.max_message_bytes,
                 poll_interval: self.config.poll_interval,
                 batch: self.config.batch_size,
                 lease: self.config.outbox_lease,
@@ -274,6 +279,14 @@ impl Engine {
         let mut deliveries = Vec::with_capacity(chunk.len());
         let mut batch = Vec::with_capacity(chunk.len());
         for delivery in chunk {
+            if let Some(why) =
+                crate::message::oversize(&delivery.message.body, self.config.max_message_bytes)
+            {
+                warn!(reason = %why, "dead-lettering an oversized result");
+                self.metrics.dead_lettered("results");
+                let _ = delivery.dead_letter(&why).await;
+                continue;
+            }
             match Reply::from_message(&delivery.message) {
                 Ok(reply) => {
                     batch.push((reply.saga_id, Input::Reply(reply)));

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::decide::{Input, Verdict};
 use crate::error::Result;
-use crate::message::{Command, Envelope, Outcome, Reply};
+use crate::message::{Command, Envelope, Outcome, Reply, oversize};
 use crate::registry::Registry;
 use crate::store::{OutboxRecord, Store};
 use crate::transport::{PublishError, Transport};
@@ -24,6 +24,7 @@ use crate::transport::{PublishError, Transport};
 /// Settings of the relay.
 #[derive(Debug, Clone)]
 pub(crate) struct RelayConfig {
+    pub(crate) max_message_bytes: usize,
     pub(crate) poll_interval: Duration,
     pub(crate) batch: usize,
     pub(crate) lease: Duration,
@@ -111,7 +112,24 @@ impl Relay {
             .iter()
             .map(|r| (r.envelope.message.id, r.id))
             .collect();
-        let envelopes: Vec<Envelope> = records.into_iter().map(|r| r.envelope).collect();
+        let (oversized, envelopes): (Vec<Envelope>, Vec<Envelope>) = records
+            .into_iter()
+            .map(|r| r.envelope)
+            .partition(|e| oversize(&e.message.body, self.config.max_message_bytes).is_some());
+        if !oversized.is_empty() {
+            match self.fail_undeliverable(&oversized).await {
+                Ok(handled) => {
+                    let handled: Vec<i64> = handled.iter().map(|id| ids[id]).collect();
+                    if let Err(e) = self.store.delete_outbox(&handled).await {
+                        warn!(error = %e, "deleting failed outbox rows failed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "failing oversized commands failed; will retry"),
+            }
+        }
+        if envelopes.is_empty() {
+            return;
+        }
         let (done, unroutable) = match self.transport.publish(envelopes.clone()).await {
             Ok(()) => (envelopes, Vec::new()),
             Err(PublishError::Unroutable(unroutable)) => {
@@ -142,7 +160,7 @@ impl Relay {
         };
         let mut confirmed: Vec<i64> = done.iter().map(|e| ids[&e.message.id]).collect();
         if !unroutable.is_empty() {
-            match self.fail_unroutable(&unroutable).await {
+            match self.fail_undeliverable(&unroutable).await {
                 Ok(handled) => confirmed.extend(handled.iter().map(|id| ids[id])),
                 Err(e) => warn!(error = %e, "failing unroutable commands failed; will retry"),
             }
@@ -153,9 +171,9 @@ impl Relay {
         }
     }
 
-    /// An unroutable command fails its step for good: no queue means no participant.
-    /// Returns the message ids whose failure was recorded (or that need none).
-    async fn fail_unroutable(&self, unroutable: &[Envelope]) -> Result<Vec<uuid::Uuid>> {
+    /// A command that cannot be delivered (no queue for its service, or too large) fails its
+    /// step for good. Returns the message ids whose failure was recorded (or that need none).
+    async fn fail_undeliverable(&self, unroutable: &[Envelope]) -> Result<Vec<uuid::Uuid>> {
         let mut handled = Vec::with_capacity(unroutable.len());
         let mut batch = Vec::with_capacity(unroutable.len());
         let mut pending = Vec::with_capacity(unroutable.len());
@@ -165,10 +183,13 @@ impl Relay {
                 handled.push(envelope.message.id);
                 continue;
             };
-            let error = format!(
-                "no queue is bound for service `{}`; command `{}` cannot be delivered",
-                command.service, command.command
-            );
+            let error = match oversize(&envelope.message.body, self.config.max_message_bytes) {
+                Some(why) => format!("command `{}` cannot be sent: {why}", command.command),
+                None => format!(
+                    "no queue is bound for service `{}`; command `{}` cannot be delivered",
+                    command.service, command.command
+                ),
+            };
             warn!(saga.id = %command.saga_id, step = command.step, %error, "unroutable command");
             let reply = Reply::to(
                 &command,

@@ -47,6 +47,7 @@ pub struct Worker {
     concurrency: usize,
     default_timeout: Duration,
     metrics: Metrics,
+    max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -88,6 +89,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// The largest command accepted and result sent (default 1 MiB): a larger command is
+    /// dead-lettered, a larger output fails the step terminally.
+    pub fn max_message_bytes(mut self, limit: usize) -> Self {
+        self.inner.max_message_bytes = limit;
+        self
+    }
+
     /// Counts attempts and their durations into `metrics`.
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.inner.metrics = metrics;
@@ -115,6 +123,7 @@ impl Worker {
                 concurrency: Self::DEFAULT_CONCURRENCY,
                 default_timeout: Self::DEFAULT_TIMEOUT,
                 metrics: Metrics::new(),
+                max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
             },
         }
     }
@@ -166,6 +175,13 @@ impl Worker {
     }
 
     async fn process(&self, transport: &dyn Transport, delivery: Delivery) {
+        if let Some(why) = crate::message::oversize(&delivery.message.body, self.max_message_bytes)
+        {
+            warn!(service = %self.service, reason = %why, "dead-lettering an oversized command");
+            self.metrics.dead_lettered(&self.service);
+            let _ = delivery.dead_letter(&why).await;
+            return;
+        }
         let command = match Command::from_message(&delivery.message) {
             Ok(command) => command,
             Err(malformed) => {
@@ -225,8 +241,22 @@ impl Worker {
                 } => info!(%error, "step failed terminally"),
                 Outcome::Success { .. } => {}
             }
-            let reply = Reply::to(&command, outcome);
-            match transport.publish(vec![reply.to_envelope()]).await {
+            let mut reply = Reply::to(&command, outcome);
+            let mut envelope = reply.to_envelope();
+            if let Some(why) =
+                crate::message::oversize(&envelope.message.body, self.max_message_bytes)
+            {
+                warn!(reason = %why, "the output is too large; failing the step");
+                reply.outcome = Outcome::Failure {
+                    error: format!(
+                        "the output of command `{}` is too large: {why}",
+                        command.command
+                    ),
+                    retryable: false,
+                };
+                envelope = reply.to_envelope();
+            }
+            match transport.publish(vec![envelope]).await {
                 Ok(()) => {
                     if let Err(e) = delivery.ack().await {
                         warn!(error = %e, "ack failed; the command will be redelivered");
