@@ -129,9 +129,11 @@ pub fn main<E: Example>() -> ExitCode {
         }
     };
     // The demo prints timelines; services log what they do.
+    // lapin logs returned messages whole (bodies may hold personal data): we report them
+    // ourselves, without the body.
     let default_filter = match cli.command {
-        Command::Demo { .. } | Command::Bench { .. } => "warn",
-        _ => "info",
+        Command::Demo { .. } | Command::Bench { .. } => "warn,lapin::returned_messages=error",
+        _ => "info,lapin::returned_messages=error",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -89,7 +89,7 @@ impl Client {
     /// the saga ended is dropped.
     pub async fn signal<T: Serialize>(&self, saga_id: Uuid, name: &str, payload: &T) -> Result<()> {
         let timer = Timer::Signal {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             name: name.to_owned(),
             payload: serde_json::to_value(payload)?,
         };
@@ -113,7 +113,7 @@ impl Client {
                 why: format!("the saga is {}", summary.status),
             });
         }
-        let id = Uuid::new_v4();
+        let id = Uuid::now_v7();
         let timer = Timer::Cancel {
             id,
             reason: reason.to_owned(),
@@ -134,7 +134,7 @@ impl Client {
             .summary(saga_id)
             .await?
             .ok_or(Error::UnknownSaga(saga_id))?;
-        let id = Uuid::new_v4();
+        let id = Uuid::now_v7();
         let name = action.name();
         self.request(saga_id, id, Timer::Operator { id, action }, name)
             .await
@@ -179,7 +179,16 @@ impl Client {
             if what == "cancel" {
                 let status = self.store.summary(saga_id).await?.map(|s| s.status);
                 if let Some(status) = status.filter(|s| !s.is_active()) {
-                    return Err(refused(format!("the saga is {status}")));
+                    // It may have ended by this very cancel, between the two reads.
+                    let history = self.store.history(saga_id).await?;
+                    let accepted = history.iter().any(
+                        |r| matches!(r.event, Event::CancelRequested { request, .. } if request == id),
+                    );
+                    return if accepted {
+                        Ok(())
+                    } else {
+                        Err(refused(format!("the saga is {status}")))
+                    };
                 }
             }
             if tokio::time::Instant::now() >= deadline {

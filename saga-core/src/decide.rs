@@ -324,6 +324,16 @@ impl Decider<'_, '_> {
         if let Timer::Operator { id, action } = timer {
             return self.operator(*id, action);
         }
+        // A stuck saga is not over: a signal is kept for when an operator retries it.
+        if let Timer::Signal { name, payload, .. } = timer
+            && self.state.status == crate::SagaStatus::Stuck
+        {
+            self.emit(Event::SignalReceived {
+                name: name.clone(),
+                payload: payload.clone(),
+            })?;
+            return Ok(Verdict::Applied);
+        }
         if let Some(verdict) = self.inactive() {
             return Ok(verdict);
         }
@@ -505,7 +515,9 @@ impl Decider<'_, '_> {
                 }
             }
             OperatorAction::Resume => {
-                if !self.state.paused {
+                if status.is_terminal() {
+                    refuse(format!("the saga is {status}"))
+                } else if !self.state.paused {
                     refuse("the saga is not paused".to_owned())
                 } else {
                     let held = self.state.held;

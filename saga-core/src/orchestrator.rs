@@ -236,9 +236,7 @@ impl Engine {
             if let Some(saga) = &a.saga {
                 self.metrics.retries(saga, a.retries);
             }
-            if let (Verdict::Applied, Some(status)) = (&a.verdict, a.status)
-                && !status.is_active()
-            {
+            if let (true, Some(status)) = (a.settled, a.status) {
                 if let Some(saga) = &a.saga {
                     self.metrics.settled(saga, status);
                 }

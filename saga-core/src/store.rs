@@ -54,6 +54,8 @@ pub struct Applied {
     pub wake_at: Option<DateTime<Utc>>,
     /// The saga's status after the input, if the saga was loaded.
     pub status: Option<SagaStatus>,
+    /// Whether this input moved the saga out of running or compensating.
+    pub settled: bool,
     /// The saga's definition name, if the saga was loaded.
     pub saga: Option<String>,
     /// How many retries the input scheduled.

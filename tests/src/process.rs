@@ -67,6 +67,15 @@ impl Stack {
         command
     }
 
+    /// The broker configuration (vhost) the processes use.
+    pub fn broker_config(&self) -> saga_amqp::AmqpConfig {
+        self.broker
+            .as_ref()
+            .expect("broker until cleanup")
+            .config
+            .clone()
+    }
+
     /// Runs the program to its end; returns its stdout. Panics if it fails.
     pub async fn run(&self, args: &[&str]) -> String {
         let mut command = tokio::process::Command::from(self.command(args));

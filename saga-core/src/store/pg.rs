@@ -389,6 +389,7 @@ impl PgStore {
                     outbox: Vec::new(),
                     wake_at: None,
                     status: None,
+                    settled: false,
                     saga: None,
                     retries: 0,
                 },
@@ -405,6 +406,7 @@ impl PgStore {
                         .collect(),
                     wake_at: d.wake_at,
                     status: Some(d.status),
+                    settled: d.settled,
                     saga: Some(d.saga),
                     retries: d.retries,
                 },
@@ -847,9 +849,13 @@ impl Sql {
             postpone_timers: sql(format!(
                 "UPDATE {s}.timers SET due_at = $3 WHERE saga_id = $1 AND fired_at IS NULL AND due_at <= $2"
             )),
+            // Applied in the order they were set: signals and requests queued together keep
+            // their order.
             claim_timers: sql(format!(
-                "UPDATE {s}.timers SET fired_at = $2 \
-                 WHERE saga_id = ANY($1) AND fired_at IS NULL AND due_at <= $2 RETURNING saga_id, timer"
+                "WITH claimed AS (UPDATE {s}.timers SET fired_at = $2 \
+                 WHERE saga_id = ANY($1) AND fired_at IS NULL AND due_at <= $2 \
+                 RETURNING saga_id, key, timer, due_at, set_at) \
+                 SELECT saga_id, timer FROM claimed ORDER BY due_at, set_at, key"
             )),
             next_timer: sql(format!(
                 "SELECT min(t.due_at) FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \

@@ -50,6 +50,7 @@ pub(crate) struct InstanceUpdate {
 pub(crate) struct Decided {
     pub(crate) verdict: Verdict,
     pub(crate) status: SagaStatus,
+    pub(crate) settled: bool,
     pub(crate) saga: String,
     pub(crate) retries: u32,
     pub(crate) outbox: Vec<usize>,
@@ -82,6 +83,7 @@ pub(crate) fn apply_input(
     let mut decided = Decided {
         verdict: decision.verdict,
         status: decision.state.status,
+        settled: loaded.state.status.is_active() && !decision.state.status.is_active(),
         saga: definition.name().to_owned(),
         retries: decision
             .events

@@ -1,0 +1,294 @@
+//! The fault suite (CI-sized): `order-saga` as processes on the real services while processes
+//! are killed, database sessions are terminated, the saga tables are locked, the broker raises a
+//! memory alarm, and bad messages are injected. Invariants are checked in SQL afterwards.
+//!
+//! These tests disturb shared services; nextest runs each alone (`.config/nextest.toml`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use saga_core::message::headers;
+use saga_core::{Destination, Envelope, Message, Reply, Transport};
+use saga_tests::amqp::rabbitmqctl;
+use saga_tests::process::Stack;
+use saga_tests::wait_until;
+
+const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
+
+/// Every saga has exactly the effects its outcome requires, in order, none twice.
+async fn assert_invariants(stack: &Stack, sagas: i64, fail_every: i64) {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT seq, count(*) FROM (SELECT saga_id, string_agg(action, ',' ORDER BY id) AS seq \
+         FROM example_effects GROUP BY saga_id) s GROUP BY seq",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    let sequences: BTreeMap<String, i64> = rows.into_iter().collect();
+    assert_eq!(
+        sequences,
+        BTreeMap::from([
+            ("reserve,charge,ship".to_owned(), sagas - sagas / fail_every),
+            (
+                "reserve,charge,refund,release".to_owned(),
+                sagas / fail_every
+            ),
+        ])
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM saga.outbox")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, 0, "the outbox is drained");
+}
+
+async fn finished(stack: &Stack) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM saga.instances WHERE status IN ('completed', 'compensated')",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap()
+}
+
+/// A small deterministic generator, so a failing run can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n
+    }
+}
+
+fn bad_messages(stack: &Stack) -> Vec<Envelope> {
+    let _ = stack;
+    let raw = |destination: Destination, body: &[u8], extra: &[(&str, &str)]| Envelope {
+        destination,
+        message: Message {
+            id: uuid::Uuid::new_v4(),
+            headers: extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            body: body.to_vec(),
+        },
+    };
+    let forged = Reply {
+        saga_id: uuid::Uuid::new_v4(),
+        step: 0,
+        direction: saga_core::Direction::Forward,
+        attempt: 1,
+        command_id: uuid::Uuid::new_v4(),
+        outcome: saga_core::Outcome::Success {
+            output: serde_json::json!("forged"),
+        },
+    };
+    vec![
+        raw(Destination::Results, b"{not json", &[]),
+        raw(
+            Destination::Results,
+            b"{}",
+            &[(headers::SCHEMA_VERSION, "99")],
+        ),
+        forged.to_envelope(),
+        raw(Destination::Service("payment".into()), b"[1,2,3]", &[]),
+        raw(
+            Destination::Service("shipping".into()),
+            &vec![b' '; 2 << 20],
+            &[],
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    let mut roles: Vec<(Vec<&str>, u32)> = Vec::new();
+    for _ in 0..2 {
+        roles.push((vec!["orchestrator"], stack.spawn(&["orchestrator"])));
+        for service in SERVICES {
+            roles.push((vec!["service", service], stack.spawn(&["service", service])));
+        }
+    }
+    // Sagas start while the faults happen.
+    let starter = stack.spawn(&["start", "--count", "1000", "--fail-every", "10"]);
+    let probe = saga_amqp::AmqpTransport::connect(stack.broker_config())
+        .await
+        .unwrap();
+    // Each bad message is sent once its queue exists (the processes declare them as they start).
+    for message in bad_messages(&stack) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while let Err(e) = probe.publish(vec![message.clone()]).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?} is still unroutable: {e}",
+                message.destination
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // SIGKILL a random process every 250 ms, and start it again, 16 times.
+    let mut rng = Lcg(0x5eed);
+    let mut kills = 0;
+    while kills < 16 && finished(&stack).await < 950 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let i = rng.next(roles.len());
+        let (args, pid) = roles[i].clone();
+        stack.signal(pid, "KILL");
+        assert!(!stack.wait_exit(pid, Duration::from_secs(10)).await);
+        roles[i].1 = stack.spawn(&args);
+        kills += 1;
+    }
+    assert!(kills >= 4, "faults were injected mid-run ({kills} kills)");
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(120)).await,
+        "all 1000 sagas were started"
+    );
+    assert_eq!(
+        stack.run(&["wait", "--timeout", "240"]).await.trim(),
+        r#"{"running":0,"completed":900,"compensated":100,"stuck":0}"#
+    );
+    assert_invariants(&stack, 1000, 10).await;
+
+    // Every bad message is in a dead-letter queue, with its reason.
+    let mut reasons = Vec::new();
+    for source in [
+        Destination::Results,
+        Destination::Service("payment".into()),
+        Destination::Service("shipping".into()),
+    ] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let letters = probe.drain_dead_letters(&source).await.unwrap();
+            let found = !letters.is_empty();
+            reasons.extend(letters.into_iter().map(|(_, r)| r));
+            if found || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    for expected in [
+        "invalid command",
+        "invalid result",
+        "message of",
+        "unknown saga",
+        "unsupported schema version 99",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.starts_with(expected)),
+            "no `{expected}` in {reasons:?}"
+        );
+    }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_sessions_and_a_long_lock_are_ridden_out() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    stack.spawn(&["orchestrator"]);
+    for service in SERVICES {
+        stack.spawn(&["service", service]);
+    }
+    stack
+        .run(&["start", "--count", "400", "--fail-every", "10"])
+        .await;
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            finished(&stack).await >= 40
+        })
+        .await
+    );
+    // Every session of the test database but ours is terminated, twice.
+    for _ in 0..2 {
+        let terminated: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap();
+        assert!(terminated > 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A long lock on the saga tables: everything waits, then goes on.
+    let mut tx = stack.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE saga.instances, saga.events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // Counted inside the locking transaction: any other session would wait for the lock.
+    let during: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM saga.instances WHERE status IN ('completed', 'compensated')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.rollback().await.unwrap();
+    assert!(during < 400, "the lock was taken mid-run");
+    assert_eq!(
+        stack.run(&["wait", "--timeout", "180"]).await.trim(),
+        r#"{"running":0,"completed":360,"compensated":40,"stuck":0}"#
+    );
+    assert_invariants(&stack, 400, 10).await;
+    stack.shutdown().await;
+    // No leaked sessions: with every process stopped, only the test's own pool remains.
+}
+
+/// Restores the memory watermark when dropped, so a failing test leaves the broker usable.
+struct WatermarkGuard;
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_blocks_publishers_until_cleared() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    stack.spawn(&["orchestrator"]);
+    for service in SERVICES {
+        stack.spawn(&["service", service]);
+    }
+    stack
+        .run(&["start", "--count", "300", "--fail-every", "10"])
+        .await;
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            finished(&stack).await >= 30
+        })
+        .await
+    );
+    {
+        let _guard = WatermarkGuard;
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let blocked = finished(&stack).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            finished(&stack).await - blocked <= 2,
+            "publishers are blocked while the alarm lasts"
+        );
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    }
+    assert_eq!(
+        stack.run(&["wait", "--timeout", "180"]).await.trim(),
+        r#"{"running":0,"completed":270,"compensated":30,"stuck":0}"#
+    );
+    assert_invariants(&stack, 300, 10).await;
+    stack.shutdown().await;
+}
