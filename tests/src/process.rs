@@ -78,7 +78,15 @@ impl Stack {
 
     /// Runs the program to its end; returns its stdout. Panics if it fails.
     pub async fn run(&self, args: &[&str]) -> String {
-        let mut command = tokio::process::Command::from(self.command(args));
+        self.run_with(args, &[]).await.0
+    }
+
+    /// Runs the program to its end with extra environment; returns its stdout and stderr.
+    /// Panics if it fails.
+    pub async fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> (String, String) {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let mut command = tokio::process::Command::from(command);
         let output = command.output().await.expect("run the program");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         assert!(
@@ -87,7 +95,27 @@ impl Stack {
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
-        stdout
+        (stdout, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
+    /// Starts the program in the background with extra environment, its output going to
+    /// `log`; returns its PID.
+    pub fn spawn_logged(
+        &mut self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> u32 {
+        let file = std::fs::File::create(log).expect("create the log file");
+        let mut command = self.command(args);
+        command
+            .envs(env.iter().copied())
+            .stdout(file.try_clone().expect("clone the log file"))
+            .stderr(file);
+        let child = command.spawn().expect("spawn the program");
+        let pid = child.id();
+        self.children.push(child);
+        pid
     }
 
     /// Starts the program in the background; returns its PID.
