@@ -153,9 +153,51 @@ struct AmqpAcker {
     sub: Arc<Subscription>,
 }
 
+/// What to do with a delivery whose copy could not be published.
+enum Fallback {
+    /// Put it back in its queue.
+    Requeue,
+    /// Reject it to the queue's own dead-letter exchange.
+    Reject,
+}
+
 impl AmqpAcker {
     fn take(&mut self) -> lapin::Acker {
         self.acker.take().expect("settled once")
+    }
+
+    /// Publishes `copy` (confirmed), then acks the original; if the copy fails, settles the
+    /// original by `fallback` instead, so the message is never lost.
+    async fn publish_then_ack(
+        &self,
+        acker: lapin::Acker,
+        copy: Outgoing,
+        fallback: Fallback,
+    ) -> Result<(), TransportError> {
+        let settled = match publish_outgoing(
+            &self.sub.publish,
+            self.sub.config.confirm_timeout,
+            vec![copy],
+        )
+        .await
+        {
+            Ok(()) => acker.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                warn!(error = %e, "publishing a copy failed; settling the original without it");
+                match fallback {
+                    Fallback::Requeue => {
+                        acker
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..BasicNackOptions::default()
+                            })
+                            .await
+                    }
+                    Fallback::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+                }
+            }
+        };
+        settled.map(drop).map_err(amqp_error)
     }
 }
 
@@ -185,24 +227,7 @@ impl Acker for AmqpAcker {
                 message: message(&self.properties, std::mem::take(&mut self.body)),
             },
         };
-        match publish_outgoing(&self.sub.publish, config.confirm_timeout, vec![copy]).await {
-            Ok(()) => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(amqp_error),
-            Err(e) => {
-                warn!(error = %e, "re-publishing a handed-back message failed; requeueing it");
-                acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(amqp_error)
-            }
-        }
+        self.publish_then_ack(acker, copy, Fallback::Requeue).await
     }
 
     /// Publishes a copy with the reason to the dead-letter exchange, then acks the original;
@@ -228,21 +253,7 @@ impl Acker for AmqpAcker {
                 message: original,
             },
         };
-        match publish_outgoing(&self.sub.publish, config.confirm_timeout, vec![copy]).await {
-            Ok(()) => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(amqp_error),
-            Err(e) => {
-                warn!(error = %e, "dead-letter publish failed; rejecting to the queue's dead-letter exchange");
-                acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .map(drop)
-                    .map_err(amqp_error)
-            }
-        }
+        self.publish_then_ack(acker, copy, Fallback::Reject).await
     }
 }
 

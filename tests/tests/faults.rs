@@ -51,6 +51,25 @@ async fn finished(stack: &Stack) -> i64 {
     .unwrap()
 }
 
+/// One orchestrator and each service, `count` sagas started, a tenth of them finished.
+async fn running(count: i64) -> Stack {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    stack.spawn(&["orchestrator"]);
+    for service in SERVICES {
+        stack.spawn(&["service", service]);
+    }
+    stack
+        .run(&["start", "--count", &count.to_string(), "--fail-every", "10"])
+        .await;
+    let progressed = wait_until(Duration::from_secs(60), || async {
+        finished(&stack).await >= count / 10
+    })
+    .await;
+    assert!(progressed, "sagas were finishing before the fault");
+    stack
+}
+
 /// A small deterministic generator, so a failing run can be replayed.
 struct Lcg(u64);
 
@@ -193,21 +212,7 @@ async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_sessions_and_a_long_lock_are_ridden_out() {
-    let mut stack = Stack::new("order-saga").await;
-    stack.run(&["migrate"]).await;
-    stack.spawn(&["orchestrator"]);
-    for service in SERVICES {
-        stack.spawn(&["service", service]);
-    }
-    stack
-        .run(&["start", "--count", "400", "--fail-every", "10"])
-        .await;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            finished(&stack).await >= 40
-        })
-        .await
-    );
+    let stack = running(400).await;
     // Every session of the test database but ours is terminated, twice.
     for _ in 0..2 {
         let terminated: i64 = sqlx::query_scalar(
@@ -258,21 +263,7 @@ impl Drop for WatermarkGuard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_blocks_publishers_until_cleared() {
-    let mut stack = Stack::new("order-saga").await;
-    stack.run(&["migrate"]).await;
-    stack.spawn(&["orchestrator"]);
-    for service in SERVICES {
-        stack.spawn(&["service", service]);
-    }
-    stack
-        .run(&["start", "--count", "300", "--fail-every", "10"])
-        .await;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            finished(&stack).await >= 30
-        })
-        .await
-    );
+    let stack = running(300).await;
     {
         let _guard = WatermarkGuard;
         rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;

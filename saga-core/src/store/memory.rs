@@ -11,7 +11,7 @@ use futures_util::stream::BoxStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::transition::{Loaded, Writes, apply_input};
+use super::transition::{Loaded, Writes, apply_input, report};
 use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
 use crate::decide::{Input, Timer, Verdict};
 use crate::error::Result;
@@ -199,38 +199,11 @@ impl Inner {
                 self.next_outbox_id
             })
             .collect();
-        decided
-            .into_iter()
-            .map(|(saga_id, d)| match d {
-                Err(verdict) => Applied {
-                    saga_id,
-                    verdict,
-                    outbox: Vec::new(),
-                    wake_at: None,
-                    status: None,
-                    settled: false,
-                    saga: None,
-                    retries: 0,
-                },
-                Ok(d) => Applied {
-                    saga_id,
-                    verdict: d.verdict,
-                    outbox: d
-                        .outbox
-                        .into_iter()
-                        .map(|i| OutboxRecord {
-                            id: ids[i],
-                            envelope: self.outbox[&ids[i]].0.clone(),
-                        })
-                        .collect(),
-                    wake_at: d.wake_at,
-                    status: Some(d.status),
-                    settled: d.settled,
-                    saga: Some(d.saga),
-                    retries: d.retries,
-                },
-            })
-            .collect()
+        let outbox = &self.outbox;
+        report(decided, |i| OutboxRecord {
+            id: ids[i],
+            envelope: outbox[&ids[i]].0.clone(),
+        })
     }
 }
 

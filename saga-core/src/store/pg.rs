@@ -14,7 +14,7 @@ use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
-use super::transition::{Decided, Loaded, Writes, apply_input};
+use super::transition::{Decided, Loaded, Writes, apply_input, report};
 use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
 use crate::decide::{Input, Timer, Verdict};
 use crate::definition::Definition;
@@ -380,38 +380,10 @@ impl PgStore {
         }
         let envelopes: Vec<Envelope> = writes.outbox.iter().map(|(_, e)| e.clone()).collect();
         let ids = self.write(conn, writes, now, now + self.lease).await?;
-        Ok(decided
-            .into_iter()
-            .map(|(saga_id, d)| match d {
-                Err(verdict) => Applied {
-                    saga_id,
-                    verdict,
-                    outbox: Vec::new(),
-                    wake_at: None,
-                    status: None,
-                    settled: false,
-                    saga: None,
-                    retries: 0,
-                },
-                Ok(d) => Applied {
-                    saga_id,
-                    verdict: d.verdict,
-                    outbox: d
-                        .outbox
-                        .into_iter()
-                        .map(|i| OutboxRecord {
-                            id: ids[i],
-                            envelope: envelopes[i].clone(),
-                        })
-                        .collect(),
-                    wake_at: d.wake_at,
-                    status: Some(d.status),
-                    settled: d.settled,
-                    saga: Some(d.saga),
-                    retries: d.retries,
-                },
-            })
-            .collect())
+        Ok(report(decided, |i| OutboxRecord {
+            id: ids[i],
+            envelope: envelopes[i].clone(),
+        }))
     }
 
     /// Writes the batch's rows with one multi-row statement per table; returns the outbox ids

@@ -141,3 +141,36 @@ pub(crate) fn apply_input(
     );
     Ok(decided)
 }
+
+/// What each input did, once its rows are written: `record(i)` gives the written outbox row
+/// at position `i` of [`Writes::outbox`].
+pub(crate) fn report(
+    decided: Vec<(Uuid, std::result::Result<Decided, Verdict>)>,
+    record: impl Fn(usize) -> crate::store::OutboxRecord,
+) -> Vec<crate::store::Applied> {
+    decided
+        .into_iter()
+        .map(|(saga_id, d)| match d {
+            Err(verdict) => crate::store::Applied {
+                saga_id,
+                verdict,
+                outbox: Vec::new(),
+                wake_at: None,
+                status: None,
+                settled: false,
+                saga: None,
+                retries: 0,
+            },
+            Ok(d) => crate::store::Applied {
+                saga_id,
+                verdict: d.verdict,
+                outbox: d.outbox.into_iter().map(&record).collect(),
+                wake_at: d.wake_at,
+                status: Some(d.status),
+                settled: d.settled,
+                saga: Some(d.saga),
+                retries: d.retries,
+            },
+        })
+        .collect()
+}
