@@ -214,9 +214,25 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let client = Client::new(Arc::new(ready_store(&pool).await?));
             let def = E::definition();
             let mut started = Vec::new();
+            // Each start has a business key, so a start whose commit is in doubt (the
+            // database restarting) is retried without starting the saga twice.
+            let run = uuid::Uuid::now_v7().simple().to_string();
             for n in 1..=count {
                 let fail = fail_every.is_some_and(|k| n.is_multiple_of(k));
-                started.push(client.start(&def, &E::input(n, fail)).await?.saga_id);
+                let input = E::input(n, fail);
+                let key = format!("{run}-{n}");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let saga_id = loop {
+                    match client.start_with_key(&def, &input, key.clone()).await {
+                        Ok(s) => break s.saga_id,
+                        Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                            tracing::warn!(error = %e, "starting a saga failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                started.push(saga_id);
             }
             println!("started {count}");
             if ids {

@@ -51,17 +51,17 @@ async fn finished(stack: &Stack) -> i64 {
     .unwrap()
 }
 
-/// One orchestrator and each service, `count` sagas started, a tenth of them finished.
+/// One orchestrator and each service, `count` sagas starting (in the background, so the run is
+/// surely under way when the fault comes), a tenth of them finished.
 async fn running(count: i64) -> Stack {
+    // `shutdown` checks later that the starter exited cleanly too.
     let mut stack = Stack::new("order-saga").await;
     stack.run(&["migrate"]).await;
     stack.spawn(&["orchestrator"]);
     for service in SERVICES {
         stack.spawn(&["service", service]);
     }
-    stack
-        .run(&["start", "--count", &count.to_string(), "--fail-every", "10"])
-        .await;
+    stack.spawn(&["start", "--count", &count.to_string(), "--fail-every", "10"]);
     let progressed = wait_until(Duration::from_secs(60), || async {
         finished(&stack).await >= count / 10
     })

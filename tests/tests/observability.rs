@@ -143,9 +143,8 @@ async fn sigterm_mid_run_exits_in_the_grace_period_and_loses_nothing() {
     for service in ["inventory", "payment", "shipping"] {
         pids.push(stack.spawn_with(&["service", service], &grace));
     }
-    stack
-        .run(&["start", "--count", "200", "--fail-every", "10"])
-        .await;
+    // Sagas keep starting while the processes stop, so the run is surely cut short.
+    let starter = stack.spawn(&["start", "--count", "200", "--fail-every", "10"]);
     let pool = stack.pool.clone();
     let finished = || async {
         sqlx::query_scalar::<_, i64>(
@@ -166,6 +165,10 @@ async fn sigterm_mid_run_exits_in_the_grace_period_and_loses_nothing() {
         );
     }
     assert!(finished().await < 200, "the run was cut short");
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(60)).await,
+        "all sagas were started"
+    );
     stack.spawn(&["orchestrator"]);
     for service in ["inventory", "payment", "shipping"] {
         stack.spawn(&["service", service]);

@@ -61,9 +61,8 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
     for service in SERVICES {
         stack.spawn(&["service", service]);
     }
-    stack
-        .run(&["start", "--count", "200", "--fail-every", "10"])
-        .await;
+    // Sagas keep starting while the orchestrator dies, so some are surely mid-run.
+    let starter = stack.spawn(&["start", "--count", "200", "--fail-every", "10"]);
     let pool = stack.pool.clone();
     let progressed = wait_until(Duration::from_secs(60), || async {
         let finished: i64 = sqlx::query_scalar(
@@ -85,6 +84,10 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
     assert!(
         !status.contains(r#""running":0,"#),
         "sagas were still running at the kill: {status}"
+    );
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(60)).await,
+        "all sagas were started"
     );
     stack.spawn(&["orchestrator"]);
     assert_eq!(stack.run(&["wait", "--timeout", "120"]).await.trim(), DONE);
