@@ -70,3 +70,27 @@ impl Broker {
         rabbitmqctl(&["delete_vhost", &self.vhost]).await;
     }
 }
+
+/// Takes the dead letters of `source` until at least `expected` arrived or `timeout` passed;
+/// returns them with their reasons.
+pub async fn drain_dead_letters(
+    transport: &AmqpTransport,
+    source: &saga_core::Destination,
+    expected: usize,
+    timeout: std::time::Duration,
+) -> Vec<(saga_core::Message, String)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut letters = Vec::new();
+    loop {
+        letters.extend(
+            transport
+                .drain_dead_letters(source)
+                .await
+                .expect("read the dead-letter queue"),
+        );
+        if letters.len() >= expected || tokio::time::Instant::now() >= deadline {
+            return letters;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use saga_core::message::headers;
 use saga_core::transport::PublishError;
 use saga_core::{Destination, Envelope, Message, SagaStatus, Transport};
-use saga_tests::amqp::{broker, rabbitmqctl};
+use saga_tests::amqp::{broker, drain_dead_letters, rabbitmqctl};
 use saga_tests::database;
 use saga_tests::harness::{self, assert_effects};
 use saga_tests::order::{self, Order};
@@ -96,17 +96,8 @@ async fn malformed_messages_are_dead_lettered_with_a_reason() {
     running.settle(Duration::from_secs(30)).await;
     assert_effects(&db, &ids, 5).await;
     for source in [inventory, Destination::Results] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let mut letters = probe.drain_dead_letters(&source).await.unwrap();
-        while letters.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            letters = probe.drain_dead_letters(&source).await.unwrap();
-        }
         let expected = if source == Destination::Results { 2 } else { 1 };
-        while letters.len() < expected && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            letters.extend(probe.drain_dead_letters(&source).await.unwrap());
-        }
+        let letters = drain_dead_letters(&probe, &source, expected, Duration::from_secs(10)).await;
         assert_eq!(
             letters.len(),
             expected,

@@ -14,6 +14,29 @@ use saga_tests::{database, wait_until};
 const SAGAS: u32 = 200;
 const FAIL_EVERY: u32 = 10;
 
+/// Waits for every saga, checks the outcomes and each saga's effects, then cleans up.
+async fn settle_and_check(
+    running: harness::Running,
+    db: saga_tests::TestDb,
+    broker: saga_tests::amqp::Broker,
+    ids: &[uuid::Uuid],
+    timeout: Duration,
+) {
+    let counts = running.settle(timeout).await;
+    assert_eq!(
+        counts.get(&SagaStatus::Completed),
+        Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY))
+    );
+    assert_eq!(
+        counts.get(&SagaStatus::Compensated),
+        Some(&u64::from(SAGAS / FAIL_EVERY))
+    );
+    assert_effects(&db, ids, FAIL_EVERY).await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
 async fn finished(running: &harness::Running) -> u64 {
     let counts = running.store.count_by_status().await.unwrap();
     counts
@@ -42,19 +65,7 @@ async fn closing_all_connections_mid_run_loses_nothing() {
         ])
         .await;
     }
-    let counts = running.settle(Duration::from_secs(120)).await;
-    assert_eq!(
-        counts.get(&SagaStatus::Completed),
-        Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY))
-    );
-    assert_eq!(
-        counts.get(&SagaStatus::Compensated),
-        Some(&u64::from(SAGAS / FAIL_EVERY))
-    );
-    assert_effects(&db, &ids, FAIL_EVERY).await;
-    running.stop().await;
-    broker.cleanup().await;
-    db.drop_schema().await;
+    settle_and_check(running, db, broker, &ids, Duration::from_secs(120)).await;
 }
 
 /// Starts the broker app again when dropped, so a failing test leaves RabbitMQ running.
@@ -110,17 +121,5 @@ async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
     for worker in held {
         running.spawn(worker, broker.transport().await);
     }
-    let counts = running.settle(Duration::from_secs(180)).await;
-    assert_eq!(
-        counts.get(&SagaStatus::Completed),
-        Some(&u64::from(SAGAS - SAGAS / FAIL_EVERY))
-    );
-    assert_eq!(
-        counts.get(&SagaStatus::Compensated),
-        Some(&u64::from(SAGAS / FAIL_EVERY))
-    );
-    assert_effects(&db, &ids, FAIL_EVERY).await;
-    running.stop().await;
-    broker.cleanup().await;
-    db.drop_schema().await;
+    settle_and_check(running, db, broker, &ids, Duration::from_secs(180)).await;
 }
