@@ -135,13 +135,19 @@ pub fn main<E: Example>() -> ExitCode {
         Command::Demo { .. } | Command::Bench { .. } => "warn,lapin::returned_messages=error",
         _ => "info,lapin::returned_messages=error",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let role = match &cli.command {
+        Command::Service { name } => name.as_str(),
+        Command::Orchestrator => "orchestrator",
+        _ => "client",
+    };
+    let telemetry = match crate::telemetry::init(default_filter, &format!("{} {role}", E::PROGRAM))
+    {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("{}: {e:#}", E::PROGRAM);
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -149,13 +155,16 @@ pub fn main<E: Example>() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::<E>(cli.command)) {
+    let code = match runtime.block_on(run::<E>(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{}: {e:#}", E::PROGRAM);
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }
 
 async fn run<E: Example>(command: Command) -> anyhow::Result<()> {

@@ -20,6 +20,7 @@ pub mod expense;
 pub mod order;
 pub mod participant;
 pub mod payment;
+pub mod telemetry;
 pub mod travel;
 
 pub use example::{CommandSpec, Example, Receipt};

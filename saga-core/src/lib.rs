@@ -51,6 +51,8 @@ mod inbox;
 pub mod message;
 pub mod metrics;
 pub mod orchestrator;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod registry;
 mod relay;
 mod schema;

@@ -133,8 +133,8 @@ pub mod headers {
     pub const SCHEMA_VERSION: &str = "x-saga-schema-version";
     /// Why a message was dead-lettered.
     pub const REJECT_REASON: &str = "x-saga-reject-reason";
-    /// W3C trace context: one trace per saga (the trace id is the saga id), one span per
-    /// message.
+    /// W3C trace context: one trace per saga (the trace id is the saga id), whose root span
+    /// is the parent of every step attempt.
     pub const TRACEPARENT: &str = "traceparent";
 }
 
@@ -216,13 +216,14 @@ fn common_headers(
             headers::SCHEMA_VERSION.to_owned(),
             SCHEMA_VERSION.to_string(),
         ),
-        (headers::TRACEPARENT.to_owned(), traceparent(saga_id, id)),
+        (headers::TRACEPARENT.to_owned(), traceparent(saga_id)),
     ])
 }
 
-/// `00-<saga id>-<span id from the message id>-01`: one trace per saga, a span per message.
-pub fn traceparent(saga_id: Uuid, message_id: Uuid) -> String {
-    let span: String = message_id.as_bytes()[8..]
+/// `00-<saga id>-<root span id>-01`: the trace id is the saga id, and the parent is the saga's
+/// root span, whose id is the saga id's last 8 bytes (see the `otel` feature's module).
+pub fn traceparent(saga_id: Uuid) -> String {
+    let span: String = saga_id.as_bytes()[8..]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

@@ -239,6 +239,8 @@ impl Engine {
             if let (true, Some(status)) = (a.settled, a.status) {
                 if let Some(saga) = &a.saga {
                     self.metrics.settled(saga, status);
+                    #[cfg(feature = "otel")]
+                    crate::otel::settled(a.saga_id, saga, status);
                 }
                 if let Some(hook) = &self.on_settled {
                     hook(a.saga_id, status);

@@ -201,10 +201,11 @@ impl Worker {
             let _ = delivery.dead_letter(&reason).await;
             return;
         }
-        let trace_id = delivery
+        let traceparent = delivery
             .message
             .headers
-            .get(crate::message::headers::TRACEPARENT)
+            .get(crate::message::headers::TRACEPARENT);
+        let trace_id = traceparent
             .and_then(|t| t.split('-').nth(1))
             .map(str::to_owned);
         let span = info_span!(
@@ -216,6 +217,8 @@ impl Worker {
             attempt = command.attempt,
             trace_id = trace_id.as_deref().unwrap_or(""),
         );
+        #[cfg(feature = "otel")]
+        crate::otel::adopt(&span, traceparent.map(String::as_str));
         async {
             let began = std::time::Instant::now();
             let outcome = self.run_handler(&command, trace_id.clone()).await;

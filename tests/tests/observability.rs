@@ -238,3 +238,156 @@ async fn a_participant_sees_the_orchestrators_trace_id() {
     o.await.unwrap().unwrap();
     db.drop_schema().await;
 }
+
+/// A stand-in OpenTelemetry collector: takes OTLP/HTTP export requests and keeps their bodies.
+async fn collector() -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = Arc::clone(&bodies);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let kept = Arc::clone(&kept);
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    // Request line and headers, then a body of Content-Length bytes.
+                    let mut length = None;
+                    let mut path = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut line)
+                            .await
+                            .unwrap_or(0)
+                            == 0
+                        {
+                            return;
+                        }
+                        if path.is_empty() {
+                            path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                        }
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            length = v.trim().parse::<usize>().ok();
+                        }
+                    }
+                    let mut body = vec![0; length.expect("OTLP/HTTP sends a Content-Length")];
+                    stream.read_exact(&mut body).await.unwrap();
+                    assert_eq!(path, "/v1/traces");
+                    kept.lock().unwrap().push(body);
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_export_one_trace_per_saga_over_otlp() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message as _;
+
+    let (port, bodies) = collector().await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    stack.spawn_with(&["orchestrator"], &env);
+    for service in ["inventory", "payment", "shipping"] {
+        stack.spawn_with(&["service", service], &env);
+    }
+    let started = stack
+        .run(&["start", "--count", "4", "--fail-every", "2", "--ids"])
+        .await;
+    let ids: Vec<uuid::Uuid> = started
+        .lines()
+        .skip(1)
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(
+        stack.run(&["wait", "--timeout", "60"]).await.trim(),
+        r#"{"running":0,"completed":2,"compensated":2,"stuck":0}"#
+    );
+    // SIGTERM: each process flushes its spans before it exits.
+    stack.shutdown().await;
+
+    // (service name, span name, trace id, span id, parent span id), from every export.
+    let mut spans = Vec::new();
+    for body in bodies.lock().unwrap().iter() {
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for rs in request.resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .expect("a service name");
+            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                spans.push((
+                    service.clone(),
+                    span.name,
+                    span.trace_id,
+                    span.span_id,
+                    span.parent_span_id,
+                ));
+            }
+        }
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let trace = id.as_bytes().to_vec();
+        let root_id = id.as_bytes()[8..].to_vec();
+        let in_trace: Vec<_> = spans.iter().filter(|s| s.2 == trace).collect();
+        let roots: Vec<_> = in_trace.iter().filter(|s| s.1 == "saga order").collect();
+        assert_eq!(roots.len(), 1, "saga {id}: {in_trace:?}");
+        assert_eq!(roots[0].0, "order-saga orchestrator");
+        assert_eq!(roots[0].3, root_id);
+        assert!(roots[0].4.is_empty(), "the root span has no parent");
+        let mut steps: Vec<&str> = in_trace
+            .iter()
+            .filter(|s| s.1 == "step")
+            .map(|s| {
+                assert_eq!(
+                    s.4, root_id,
+                    "a step span is a child of the saga's root span"
+                );
+                s.0.as_str()
+            })
+            .collect();
+        steps.sort_unstable();
+        // Every second saga (the second, the fourth) fails to ship and compensates.
+        let expected: &[&str] = if n % 2 == 1 {
+            &[
+                "order-saga inventory",
+                "order-saga inventory",
+                "order-saga payment",
+                "order-saga payment",
+                "order-saga shipping",
+            ]
+        } else {
+            &[
+                "order-saga inventory",
+                "order-saga payment",
+                "order-saga shipping",
+            ]
+        };
+        assert_eq!(steps, expected, "the step attempts of saga {id}");
+    }
+}
