@@ -135,6 +135,10 @@ pub fn main<E: Example>() -> ExitCode {
         Command::Demo { .. } | Command::Bench { .. } => "warn,lapin::returned_messages=error",
         _ => "info,lapin::returned_messages=error",
     };
+    if let Err(e) = crate::order::step_timeout_from_env() {
+        eprintln!("{}: {e}", E::PROGRAM);
+        return ExitCode::from(2);
+    }
     let role = match &cli.command {
         Command::Service { name } => name.as_str(),
         Command::Orchestrator => "orchestrator",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use saga_core::{SagaDefinition, StepContext};
 use serde::{Deserialize, Serialize};
 
-use crate::order::{STEP_TIMEOUT, retry};
+use crate::order::{retry, step_timeout};
 use crate::{CommandSpec, Example, Receipt};
 
 /// An expense claim.
@@ -69,7 +69,7 @@ pub fn definition_with(approval_wait: Duration, deadline: Duration) -> SagaDefin
             s.action("budget", "reserve", command)
                 .compensation("budget", "release", command)
                 .retry(retry())
-                .timeout(STEP_TIMEOUT)
+                .timeout(step_timeout())
         })
         .step("approval", |s| {
             s.wait_for::<Approval, _>("approval", |a| {
@@ -85,7 +85,7 @@ pub fn definition_with(approval_wait: Duration, deadline: Duration) -> SagaDefin
             s.pivot()
                 .action("payroll", "pay", command)
                 .retry(retry())
-                .timeout(STEP_TIMEOUT)
+                .timeout(step_timeout())
         })
         .build()
         .expect("the expense saga is valid")

@@ -75,8 +75,27 @@ pub fn retry() -> RetryPolicy {
     }
 }
 
-/// Each attempt's timeout in the examples.
+/// Each attempt's timeout in the examples, unless `STEP_TIMEOUT_MS` says otherwise.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Each attempt's timeout: `STEP_TIMEOUT_MS` (milliseconds, at least 1) or [`STEP_TIMEOUT`].
+pub fn step_timeout_from_env() -> Result<Duration, String> {
+    match std::env::var("STEP_TIMEOUT_MS") {
+        Err(_) => Ok(STEP_TIMEOUT),
+        Ok(v) => match v.parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            _ => Err(format!(
+                "invalid STEP_TIMEOUT_MS: expected a positive number of milliseconds, got `{v}`"
+            )),
+        },
+    }
+}
+
+/// The step timeout the examples' definitions use; the programs check `STEP_TIMEOUT_MS` at
+/// start ([`step_timeout_from_env`]), so a bad value never gets here unnoticed.
+pub fn step_timeout() -> Duration {
+    step_timeout_from_env().unwrap_or(STEP_TIMEOUT)
+}
 
 impl Example for OrderSaga {
     type Input = Order;
@@ -132,7 +151,7 @@ impl Example for OrderSaga {
                 })
                 .compensation("inventory", "release", undo("reserve"))
                 .retry(retry())
-                .timeout(STEP_TIMEOUT)
+                .timeout(step_timeout())
             })
             .step("charge", |s| {
                 s.action("payment", "charge", |ctx| {
@@ -143,7 +162,7 @@ impl Example for OrderSaga {
                 })
                 .compensation("payment", "refund", undo("charge"))
                 .retry(retry())
-                .timeout(STEP_TIMEOUT)
+                .timeout(step_timeout())
             })
             .step("ship", |s| {
                 s.pivot()
@@ -154,7 +173,7 @@ impl Example for OrderSaga {
                         })
                     })
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             })
             .build()
             .expect("the order saga is valid")

@@ -3,7 +3,7 @@
 use saga_core::{SagaDefinition, StepContext};
 use serde::{Deserialize, Serialize};
 
-use crate::order::{STEP_TIMEOUT, retry};
+use crate::order::{retry, step_timeout};
 use crate::{CommandSpec, Example, Receipt};
 
 /// A card payment.
@@ -98,25 +98,25 @@ impl Example for PaymentSaga {
             .step("fraud_check", |s| {
                 s.action("fraud", "check", command(None))
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             })
             .step("authorize", |s| {
                 s.action("gateway", "authorize", command(None))
                     .compensation("gateway", "void", command(Some("authorize")))
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             })
             .step("ledger_entry", |s| {
                 s.action("ledger", "entry", command(None))
                     .compensation("ledger", "reverse", command(Some("ledger_entry")))
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             })
             .step("capture", |s| {
                 s.pivot()
                     .action("gateway", "capture", command(Some("authorize")))
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             })
             .build()
             .expect("the payment saga is valid")

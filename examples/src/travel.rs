@@ -3,7 +3,7 @@
 use saga_core::{SagaDefinition, StepContext};
 use serde::{Deserialize, Serialize};
 
-use crate::order::{STEP_TIMEOUT, retry};
+use crate::order::{retry, step_timeout};
 use crate::{CommandSpec, Example, Receipt};
 
 /// A trip to book.
@@ -109,14 +109,14 @@ impl Example for TravelSaga {
                 s.action(service, book, booking(None))
                     .compensation(service, cancel, booking(Some(step)))
                     .retry(retry())
-                    .timeout(STEP_TIMEOUT)
+                    .timeout(step_timeout())
             });
         }
         b.step("confirm", |s| {
             s.pivot()
                 .action("booking", "confirm", booking(None))
                 .retry(retry())
-                .timeout(STEP_TIMEOUT)
+                .timeout(step_timeout())
         })
         .build()
         .expect("the travel saga is valid")

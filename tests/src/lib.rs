@@ -120,9 +120,26 @@ pub async fn fresh_database() -> FreshDatabase {
 }
 
 impl FreshDatabase {
-    /// Drops the database; call it at the end of a passing test.
+    /// Checks that no session on the database outlived the processes that opened it, then
+    /// drops the database; call it at the end of a passing test, once its processes exited.
     pub async fn drop_database(self) {
         self.pool.close().await;
+        let sessions = || async {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT coalesce(state, ''), left(query, 80) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.name)
+            .fetch_all(&self.admin)
+            .await
+            .expect("read pg_stat_activity")
+        };
+        // A backend ends a moment after its client's socket closes.
+        let closed = wait_until(Duration::from_secs(10), || async {
+            sessions().await.is_empty()
+        })
+        .await;
+        assert!(closed, "database sessions leaked: {:?}", sessions().await);
         sqlx::query(AssertSqlSafe(format!(
             "DROP DATABASE \"{}\" WITH (FORCE)",
             self.name

@@ -217,6 +217,65 @@ async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
     stack.shutdown().await;
 }
 
+async fn timed_out_attempts(stack: &Stack) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM saga.events WHERE kind = 'timed_out'")
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+/// A participant paused with SIGSTOP past its step timeout (1 s here), then continued: the
+/// attempts that timed out are retried, the late results of the stale attempts change nothing,
+/// and no effect is applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_paused_past_its_step_timeout_does_nothing_twice() {
+    let mut stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    let env = [("STEP_TIMEOUT_MS", "1000")];
+    stack.spawn_with(&["orchestrator"], &env);
+    let mut payment = 0;
+    for service in SERVICES {
+        let pid = stack.spawn_with(&["service", service], &env);
+        if service == "payment" {
+            payment = pid;
+        }
+    }
+    stack.spawn_with(&["start", "--count", "300", "--fail-every", "10"], &env);
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            finished(&stack).await >= 30
+        })
+        .await,
+        "sagas were finishing before the pause"
+    );
+    stack.signal(payment, "STOP");
+    // Paused until the orchestrator has timed out several charge attempts.
+    let timed_out = wait_until(Duration::from_secs(30), || async {
+        timed_out_attempts(&stack).await >= 5
+    })
+    .await;
+    stack.signal(payment, "CONT");
+    assert!(
+        timed_out,
+        "charge attempts timed out while the payment service was paused"
+    );
+    assert_eq!(
+        stack.run(&["wait", "--timeout", "120"]).await.trim(),
+        r#"{"running":0,"completed":270,"compensated":30,"stuck":0}"#
+    );
+    assert_invariants(&stack, 300, 10).await;
+    // The late results of timed-out attempts were dropped, not applied.
+    let charges: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM saga.events WHERE kind = 'succeeded' \
+         AND (data->>'step')::int = 1 AND data->>'direction' = 'forward'",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(charges, 300, "one applied charge result per saga");
+    stack.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_sessions_and_a_long_lock_are_ridden_out() {
     let stack = running(400).await;

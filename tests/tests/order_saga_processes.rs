@@ -99,7 +99,7 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
 async fn bad_input_is_one_line_and_a_failure() {
     let program = saga_tests::process::binary("order-saga");
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 4] = [
+    let cases: [Case<'_>; 6] = [
         (
             &["start", "--count", "x"],
             &[],
@@ -118,6 +118,16 @@ async fn bad_input_is_one_line_and_a_failure() {
                 ("AMQP_URL", "amqp://app:s3cret@127.0.0.1:1/%2f"),
             ],
             "cannot reach RabbitMQ at AMQP_URL",
+        ),
+        (
+            &["orchestrator"],
+            &[("STEP_TIMEOUT_MS", "soon")],
+            "invalid STEP_TIMEOUT_MS: expected a positive number of milliseconds, got `soon`",
+        ),
+        (
+            &["orchestrator"],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
         ),
     ];
     for (args, env, expected) in cases {
