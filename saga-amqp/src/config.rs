@@ -31,6 +31,11 @@ pub struct AmqpConfig {
     pub heartbeat_secs: u16,
     /// Names the connections in the broker's management view (`NAME-publish`, `NAME-consume`).
     pub connection_name: String,
+    /// Whether to declare the topology (exchanges, queues, bindings); when `false`, the
+    /// topology must exist (an orchestrator declares it) and is only checked. A participant
+    /// with credentials limited to its own queue runs with `false` (see
+    /// [`AmqpConfig::participant_permissions`]).
+    pub declare: bool,
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -44,6 +49,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("heartbeat_secs", &self.heartbeat_secs)
             .field("connection_name", &self.connection_name)
+            .field("declare", &self.declare)
             .finish()
     }
 }
@@ -73,12 +79,13 @@ impl AmqpConfig {
             confirm_timeout: Self::DEFAULT_CONFIRM_TIMEOUT,
             heartbeat_secs: Self::DEFAULT_HEARTBEAT_SECS,
             connection_name: "saga".to_owned(),
+            declare: true,
         }
     }
 
     /// Reads `AMQP_URL`, `AMQP_PREFIX`, `AMQP_PREFETCH`, `AMQP_QUEUE_TYPE` (`quorum` or
-    /// `classic`), `AMQP_DELIVERY_LIMIT` and `AMQP_CONFIRM_TIMEOUT_MS`; unset ones take the
-    /// defaults. A value that does not parse is an error naming the variable.
+    /// `classic`), `AMQP_DELIVERY_LIMIT`, `AMQP_CONFIRM_TIMEOUT_MS` and `AMQP_DECLARE` (`true`
+    /// or `false`); unset ones take the defaults. A value that does not parse is an error naming the variable.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -125,6 +132,13 @@ impl AmqpConfig {
                 .filter(|n| *n > 0)
                 .ok_or_else(|| ConfigError::new("AMQP_DELIVERY_LIMIT", "a positive number"))?;
         }
+        if let Some(v) = lookup("AMQP_DECLARE") {
+            config.declare = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(ConfigError::new("AMQP_DECLARE", "`true` or `false`")),
+            };
+        }
         if let Some(v) = lookup("AMQP_CONFIRM_TIMEOUT_MS") {
             config.confirm_timeout = v
                 .parse()
@@ -154,6 +168,31 @@ impl AmqpConfig {
     /// The name of the dead-letter exchange.
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.prefix)
+    }
+
+    /// The exchange that hands a message back to the queue of `source` (and only to it):
+    /// `PREFIX.requeue.service.NAME` or `PREFIX.requeue.results`.
+    pub fn requeue_exchange(&self, source: &saga_core::Destination) -> String {
+        match source {
+            saga_core::Destination::Service(name) => {
+                format!("{}.requeue.service.{name}", self.prefix)
+            }
+            saga_core::Destination::Results => format!("{}.requeue.results", self.prefix),
+        }
+    }
+
+    /// The RabbitMQ permissions (configure, write, read regular expressions) of a participant
+    /// limited to its own service: it declares nothing (run it with `declare: false`), reads
+    /// only its own queue, and writes only results, dead letters and hand-backs to its own
+    /// queue. For `rabbitmqctl set_permissions -p VHOST USER CONFIGURE WRITE READ`.
+    pub fn participant_permissions(&self, service: &str) -> [String; 3] {
+        let p = regex_escape(&self.prefix);
+        let s = regex_escape(service);
+        [
+            "^$".to_owned(),
+            format!("^{p}\\.(results|dead|requeue\\.service\\.{s})$"),
+            format!("^{p}\\.service\\.{s}$"),
+        ]
     }
 
     /// The queue of a source: `PREFIX.service.NAME` or `PREFIX.results`.
@@ -201,6 +240,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Escapes the characters a prefix or service name may hold that regular expressions treat
+/// specially.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = !(c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +288,16 @@ mod tests {
         assert_eq!(err.variable, "AMQP_URL");
         let err = AmqpConfig::from_lookup(env(&[("AMQP_QUEUE_TYPE", "stream")])).unwrap_err();
         assert_eq!(err.variable, "AMQP_QUEUE_TYPE");
+        let err = AmqpConfig::from_lookup(env(&[("AMQP_DECLARE", "no")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid AMQP_DECLARE: expected `true` or `false`"
+        );
+        assert!(
+            !AmqpConfig::from_lookup(env(&[("AMQP_DECLARE", "false")]))
+                .unwrap()
+                .declare
+        );
         let ok = AmqpConfig::from_lookup(env(&[
             ("AMQP_QUEUE_TYPE", "classic"),
             ("AMQP_PREFIX", "t1"),
@@ -247,6 +310,24 @@ mod tests {
         assert_eq!(
             AmqpConfig::from_lookup(|_| None).unwrap().url,
             AmqpConfig::DEFAULT_URL
+        );
+    }
+
+    #[test]
+    fn participant_permissions_name_only_its_own_resources() {
+        let mut config = AmqpConfig::new(AmqpConfig::DEFAULT_URL);
+        assert_eq!(
+            config.participant_permissions("inventory"),
+            [
+                "^$".to_owned(),
+                r"^saga\.(results|dead|requeue\.service\.inventory)$".to_owned(),
+                r"^saga\.service\.inventory$".to_owned(),
+            ]
+        );
+        config.prefix = "shop.v2".into();
+        assert_eq!(
+            config.participant_permissions("pay-ment")[2],
+            r"^shop\.v2\.service\.pay-ment$"
         );
     }
 }

@@ -22,7 +22,7 @@ use crate::config::AmqpConfig;
 use crate::convert::message;
 use crate::link::{Link, amqp_error};
 use crate::publisher::{Outgoing, publish_outgoing};
-use crate::topology::{declare_source, route};
+use crate::topology::declare_source;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -217,10 +217,11 @@ impl Acker for AmqpAcker {
     async fn requeue(mut self: Box<Self>) -> Result<(), TransportError> {
         let acker = self.take();
         let config = &self.sub.config;
-        let (exchange, routing_key) = route(config, &self.sub.source);
+        // Through the queue's own hand-back exchange: a participant may write to it without
+        // being able to reach any other queue.
         let copy = Outgoing {
-            exchange,
-            routing_key,
+            exchange: config.requeue_exchange(&self.sub.source),
+            routing_key: String::new(),
             properties: self.properties.clone(),
             envelope: Envelope {
                 destination: self.sub.source.clone(),

@@ -114,6 +114,8 @@ impl Link {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
+        }
+        if self.role == Role::Publish && self.config.declare {
             for exchange in [
                 self.config.commands_exchange(),
                 self.config.results_exchange(),

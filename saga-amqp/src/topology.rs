@@ -1,19 +1,36 @@
 //! Declaring queues, their dead-letter queues and their bindings, idempotently.
 
 use lapin::Channel;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use saga_core::Destination;
 
 use crate::config::{AmqpConfig, QueueType};
 
-/// Declares the queue of `source`, bound to its exchange, and its dead-letter queue.
+/// Declares the queue of `source`, bound to its exchange and to its hand-back exchange, and its
+/// dead-letter queue. Without `config.declare`, only checks that the queue exists.
 pub(crate) async fn declare_source(
     channel: &Channel,
     config: &AmqpConfig,
     source: &Destination,
 ) -> lapin::Result<()> {
     let queue = config.queue(source);
+    if !config.declare {
+        // A passive declare needs no permission; it fails with NOT_FOUND if the queue is
+        // missing.
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        return Ok(());
+    }
     let dead_queue = config.dead_queue(source);
     let durable = QueueDeclareOptions {
         durable: true,
@@ -40,6 +57,27 @@ pub(crate) async fn declare_source(
             queue.clone().into(),
             durable,
             queue_arguments(config, Some(&queue)),
+        )
+        .await?;
+    let requeue = config.requeue_exchange(source);
+    channel
+        .exchange_declare(
+            requeue.clone().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.clone().into(),
+            requeue.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
         )
         .await?;
     let (exchange, routing_key) = route(config, source);

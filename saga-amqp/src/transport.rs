@@ -65,7 +65,8 @@ impl AmqpTransport {
         &self.config
     }
 
-    /// Deletes the queues of `sources` (and their dead-letter queues) and the exchanges: for
+    /// Deletes the queues of `sources` (their dead-letter queues and hand-back exchanges too)
+    /// and the exchanges: for
     /// benchmarks and tests that made a topology of their own.
     pub async fn delete_topology(&self, sources: &[Source]) -> Result<(), TransportError> {
         let channel = self.consume.extra_channel().await?;
@@ -76,6 +77,13 @@ impl AmqpTransport {
                     .await
                     .map_err(amqp_error)?;
             }
+            channel
+                .exchange_delete(
+                    self.config.requeue_exchange(source).into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await
+                .map_err(amqp_error)?;
         }
         for exchange in [
             self.config.commands_exchange(),
@@ -131,7 +139,15 @@ impl Transport for AmqpTransport {
             declare_source(&channel, &self.config, source)
                 .await
                 .map_err(|e| {
-                    TransportError(format!("declaring {}: {e}", self.config.queue(source)))
+                    let queue = self.config.queue(source);
+                    TransportError(if self.config.declare {
+                        format!("declaring {queue}: {e}")
+                    } else {
+                        format!(
+                            "checking {queue} (not declaring: declare is false): {e}; an \
+                             orchestrator declares the topology when it starts"
+                        )
+                    })
                 })?;
         }
         let _ = channel.close(200, "declared".into()).await;

@@ -12,6 +12,8 @@ pub struct Broker {
     pub vhost: String,
     /// A configuration pointing at the vhost.
     pub config: AmqpConfig,
+    /// Users made for the test, deleted with the vhost.
+    users: std::sync::Mutex<Vec<String>>,
 }
 
 /// Runs `rabbitmqctl` with `args`; panics with its output if it fails.
@@ -47,7 +49,11 @@ pub async fn broker() -> Broker {
         .map_or(base.as_str(), |(root, _)| root);
     let mut config = AmqpConfig::new(format!("{root}/{vhost}"));
     config.connection_name = vhost.clone();
-    let broker = Broker { vhost, config };
+    let broker = Broker {
+        vhost,
+        config,
+        users: std::sync::Mutex::new(Vec::new()),
+    };
     if let Err(e) = AmqpTransport::connect(broker.config.clone()).await {
         panic!(
             "RabbitMQ is not reachable ({e}). Start it with `rabbitmq-server -detached`, or run \
@@ -65,9 +71,42 @@ impl Broker {
             .expect("connect to the test vhost")
     }
 
-    /// Deletes the vhost and everything in it.
+    /// A user of the test's own for `service`, with the permissions
+    /// [`AmqpConfig::participant_permissions`] documents, and a configuration that connects
+    /// as it without declaring anything.
+    pub async fn participant(&self, service: &str) -> AmqpConfig {
+        let user = format!("{}_{service}", self.vhost);
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["add_user", &user, &password]).await;
+        self.users.lock().unwrap().push(user.clone());
+        let [configure, write, read] = self.config.participant_permissions(service);
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &self.vhost,
+            &user,
+            &configure,
+            &write,
+            &read,
+        ])
+        .await;
+        let mut config = self.config.clone();
+        config.url = config
+            .url
+            .replacen("guest:guest@", &format!("{user}:{password}@"), 1);
+        assert_ne!(config.url, self.config.url, "AMQP_URL names guest:guest");
+        config.connection_name = user;
+        config.declare = false;
+        config
+    }
+
+    /// Deletes the vhost and everything in it, and the test's users.
     pub async fn cleanup(self) {
         rabbitmqctl(&["delete_vhost", &self.vhost]).await;
+        let users = std::mem::take(&mut *self.users.lock().unwrap());
+        for user in users {
+            rabbitmqctl(&["delete_user", &user]).await;
+        }
     }
 }
 

@@ -98,6 +98,20 @@ impl Stack {
         (stdout, String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
+    /// Runs the program to its end with extra environment, expecting it to fail; returns its
+    /// stderr.
+    pub async fn run_failing(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let mut command = self.command(args);
+        command.envs(env.iter().copied());
+        let output = tokio::process::Command::from(command)
+            .output()
+            .await
+            .expect("run the program");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+        stderr
+    }
+
     /// Starts the program in the background with extra environment, its output going to
     /// `log`; returns its PID.
     pub fn spawn_logged(
