@@ -31,6 +31,8 @@ pub struct BenchArgs {
     pub fail_every: Option<u64>,
     /// Participants use the inbox with a PostgreSQL effect instead of trivial handlers.
     pub inbox: bool,
+    /// Finished sagas put in the log before the run.
+    pub history: u64,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -49,6 +51,47 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Copies the rows of the finished saga `model` (instance, events, timers) `count` times under
+/// new time-ordered ids, in chunks, then refreshes the planner's statistics. The pool's search
+/// path is the bench's schema.
+async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::Result<()> {
+    const CHUNK: u64 = 50_000;
+    let mut done = 0;
+    while done < count {
+        let n = CHUNK.min(count - done);
+        // UUIDv7-shaped ids a day old and older, like those of sagas started back then.
+        sqlx::query(
+            "WITH ids AS ( \
+               SELECT (lpad(to_hex((extract(epoch FROM now() - interval '1 day') * 1000)::bigint \
+                        - ($2 + g)), 12, '0') || '7' || substr(md5(random()::text), 1, 3) \
+                        || '8' || substr(md5(random()::text), 1, 15))::uuid AS id \
+               FROM generate_series(1, $3) g), \
+             i AS (INSERT INTO instances \
+                 (id, saga, version, status, business_key, reason, last_seq, created_at, updated_at) \
+               SELECT ids.id, m.saga, m.version, m.status, NULL, m.reason, m.last_seq, \
+                      m.created_at - interval '1 day', m.updated_at - interval '1 day' \
+               FROM ids, instances m WHERE m.id = $1 RETURNING id), \
+             e AS (INSERT INTO events (saga_id, seq, kind, data, recorded_at) \
+               SELECT i.id, m.seq, m.kind, m.data, m.recorded_at - interval '1 day' \
+               FROM i, events m WHERE m.saga_id = $1) \
+             INSERT INTO timers (saga_id, key, timer, set_at, due_at, fired_at) \
+             SELECT i.id, m.key, m.timer, m.set_at, m.due_at, m.fired_at \
+             FROM i, timers m WHERE m.saga_id = $1",
+        )
+        .bind(model)
+        .bind(done as i64)
+        .bind(n as i64)
+        .execute(pool)
+        .await
+        .context("filling the history")?;
+        done += n;
+    }
+    sqlx::query("ANALYZE instances, events, timers")
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Runs the bench and returns its JSON line.
@@ -117,9 +160,25 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
         })
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
+    let client = Client::new(store.clone());
+    if args.history > 0 {
+        // One real saga, then its rows copied under new ids, finished a day ago.
+        let model = client.start(&def, &E::input(0, false)).await?.saga_id;
+        let settled = tokio::time::timeout(Duration::from_secs(30), settled_rx.recv()).await;
+        match settled {
+            Ok(Some((id, SagaStatus::Completed, _))) if id == model => {}
+            other => bail!("the model saga for --history did not complete: {other:?}"),
+        }
+        let began = Instant::now();
+        fill_history(&pool, model, args.history).await?;
+        eprintln!(
+            "history: {} finished sagas in the log ({:.0} s to fill)",
+            args.history,
+            began.elapsed().as_secs_f64()
+        );
+    }
 
     // Start sagas concurrently, at most `in_flight` unsettled at a time.
-    let client = Client::new(store.clone());
     let permits = Arc::new(Semaphore::new(args.in_flight.max(1) as usize));
     let (started_tx, mut started_rx) = mpsc::unbounded_channel();
     let begin = Instant::now();

@@ -99,6 +99,10 @@ enum Command {
         /// Participants apply a PostgreSQL effect through the inbox, as real services would.
         #[arg(long)]
         inbox: bool,
+        /// Before the run, fill the log with this many finished sagas (copies of a real one's
+        /// rows), to measure throughput with a large log.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        history: u64,
     },
 }
 
@@ -144,8 +148,8 @@ pub fn main<E: Example>() -> ExitCode {
         Command::Orchestrator => "orchestrator",
         _ => "client",
     };
-    let telemetry = match crate::telemetry::init(default_filter, &format!("{} {role}", E::PROGRAM))
-    {
+    let name = PROCESS_NAME.get_or_init(|| format!("{} {role}", E::PROGRAM));
+    let telemetry = match crate::telemetry::init(default_filter, name) {
         Ok(telemetry) => telemetry,
         Err(e) => {
             eprintln!("{}: {e:#}", E::PROGRAM);
@@ -292,8 +296,10 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             in_flight,
             fail_every,
             inbox,
+            history,
         } => {
             let args = crate::bench::BenchArgs {
+                history,
                 count,
                 in_flight,
                 fail_every,
@@ -327,12 +333,20 @@ pub fn status_line(counts: &BTreeMap<SagaStatus, u64>) -> String {
     )
 }
 
+/// What this process is (`order-saga orchestrator`, `order-saga inventory`, ...): its
+/// sessions' `application_name` in `pg_stat_activity`, and its OpenTelemetry service name.
+static PROCESS_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    let options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .with_context(|| format!("DATABASE_URL is not a PostgreSQL URL ({})", redact(&url)))?;
+    let name = PROCESS_NAME.get().map_or("saga-examples", String::as_str);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
+        .connect_with(options.application_name(name))
         .await
         .with_context(|| {
             format!(

@@ -120,14 +120,18 @@ pub async fn fresh_database() -> FreshDatabase {
 }
 
 impl FreshDatabase {
-    /// Checks that no session on the database outlived the processes that opened it, then
-    /// drops the database; call it at the end of a passing test, once its processes exited.
+    /// Checks that no session of a program (sessions with an `application_name`) outlived it,
+    /// then drops the database; call it at the end of a passing test, once its processes
+    /// exited.
     pub async fn drop_database(self) {
         self.pool.close().await;
         let sessions = || async {
-            sqlx::query_as::<_, (String, String)>(
-                "SELECT coalesce(state, ''), left(query, 80) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            // The programs name their sessions (`order-saga orchestrator`, ...); the test's own
+            // in-process stores do not.
+            sqlx::query_as::<_, (String, String, String)>(
+                "SELECT application_name, coalesce(state, ''), left(query, 80) \
+                 FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name <> ''",
             )
             .bind(&self.name)
             .fetch_all(&self.admin)

@@ -154,19 +154,22 @@ async fn a_saga_that_does_not_replay_is_isolated() {
         letters[0].1
     );
 
-    // A's timer is postponed, not fired in a loop.
-    let due: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT min(due_at) FROM \"{}\".timers WHERE saga_id = $1 AND fired_at IS NULL",
-        db.schema
-    )))
-    .bind(a)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert!(
-        due > chrono::Utc::now() + Duration::from_secs(20),
-        "postponed to {due}"
-    );
+    // A's timer is postponed (once it came due), not fired in a loop.
+    let due = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(AssertSqlSafe(format!(
+            "SELECT min(due_at) FROM \"{}\".timers WHERE saga_id = $1 AND fired_at IS NULL",
+            db.schema
+        )))
+        .bind(a)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let postponed = wait_until(Duration::from_secs(10), || async {
+        due().await > chrono::Utc::now() + Duration::from_secs(20)
+    })
+    .await;
+    assert!(postponed, "postponed to {}", due().await);
     shutdown.cancel();
     run.await.unwrap().unwrap();
     db.drop_schema().await;
