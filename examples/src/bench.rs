@@ -12,6 +12,7 @@ use saga_amqp::{AmqpConfig, AmqpTransport};
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::transport::Source;
 use saga_core::{Client, Destination, Orchestrator, PgStore, SagaStatus, Transport};
+use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -56,8 +57,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Copies the rows of the finished saga `model` (instance, events, timers) `count` times under
 /// new time-ordered ids, in chunks, then refreshes the planner's statistics. The pool's search
 /// path is the bench's schema.
-async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::Result<()> {
+async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::Result<(i64, i64)> {
     const CHUNK: u64 = 50_000;
+    // Its own connection, where statements taking seconds are expected and not logged.
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .disable_statement_logging();
+    let mut conn = options.connect().await?;
     let mut done = 0;
     while done < count {
         let n = CHUNK.min(count - done);
@@ -83,15 +91,19 @@ async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::R
         .bind(model)
         .bind(done as i64)
         .bind(n as i64)
-        .execute(pool)
+        .execute(&mut conn)
         .await
         .context("filling the history")?;
         done += n;
     }
     sqlx::query("ANALYZE instances, events, timers")
-        .execute(pool)
+        .execute(&mut conn)
         .await?;
-    Ok(())
+    Ok(
+        sqlx::query_as("SELECT (SELECT count(*) FROM instances), (SELECT count(*) FROM events)")
+            .fetch_one(&mut conn)
+            .await?,
+    )
 }
 
 /// Runs the bench and returns its JSON line.
@@ -170,10 +182,9 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
             other => bail!("the model saga for --history did not complete: {other:?}"),
         }
         let began = Instant::now();
-        fill_history(&pool, model, args.history).await?;
+        let (sagas, events) = fill_history(&pool, model, args.history).await?;
         eprintln!(
-            "history: {} finished sagas in the log ({:.0} s to fill)",
-            args.history,
+            "history: {sagas} sagas, {events} events in the log ({:.0} s to fill)",
             began.elapsed().as_secs_f64()
         );
     }

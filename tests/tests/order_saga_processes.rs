@@ -154,3 +154,61 @@ async fn bad_input_is_one_line_and_a_failure() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_checks_every_outcome_and_prints_its_figures() {
+    let stack = Stack::new("order-saga").await;
+    let (stdout, stderr) = stack
+        .run_with(
+            &[
+                "bench",
+                "--count",
+                "40",
+                "--in-flight",
+                "8",
+                "--fail-every",
+                "5",
+                "--history",
+                "100",
+            ],
+            &[],
+        )
+        .await;
+    assert!(
+        stderr.contains("history: 101 sagas, 808 events in the log"),
+        "{stderr}"
+    );
+    let last = stdout.lines().last().expect("a JSON line");
+    let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
+    // The keys, in the order the issue fixed.
+    let keys: Vec<&str> = last.split('"').skip(1).step_by(2).collect();
+    assert_eq!(
+        keys,
+        [
+            "sagas",
+            "secs",
+            "sagas_per_sec",
+            "steps_per_sec",
+            "p50_ms",
+            "p99_ms",
+            "completed",
+            "compensated",
+            "orchestrator_rss_mb",
+            "broker_msgs_per_sec"
+        ]
+    );
+    assert_eq!(figures["sagas"], 40);
+    assert_eq!(figures["completed"], 32);
+    assert_eq!(figures["compensated"], 8);
+    for key in ["sagas_per_sec", "p50_ms", "broker_msgs_per_sec"] {
+        assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {last}");
+    }
+    // Its schema and queues are gone.
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench\\_%'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    stack.shutdown().await;
+}
