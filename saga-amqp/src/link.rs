@@ -3,16 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::ConfirmSelectOptions;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 use tracing::info;
 
 use saga_core::transport::TransportError;
 
 use crate::config::{AmqpConfig, redact};
+use crate::topology::declare_exchange;
 
 /// How a link's channel is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,17 +121,7 @@ impl Link {
                 self.config.results_exchange(),
                 self.config.dead_exchange(),
             ] {
-                channel
-                    .exchange_declare(
-                        exchange.into(),
-                        ExchangeKind::Direct,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
+                declare_exchange(&channel, &exchange).await?;
             }
         }
         Ok(channel)

@@ -60,17 +60,7 @@ pub(crate) async fn declare_source(
         )
         .await?;
     let requeue = config.requeue_exchange(source);
-    channel
-        .exchange_declare(
-            requeue.clone().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(channel, &requeue).await?;
     channel
         .queue_bind(
             queue.clone().into(),
@@ -87,6 +77,21 @@ pub(crate) async fn declare_source(
             exchange.into(),
             routing_key.into(),
             QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares a durable direct exchange.
+pub(crate) async fn declare_exchange(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await

@@ -154,6 +154,14 @@ impl FreshDatabase {
     }
 }
 
+/// A TCP port free on 127.0.0.1 a moment ago, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free local port")
+        .port()
+}
+
 /// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

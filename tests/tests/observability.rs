@@ -9,17 +9,9 @@ use saga_core::{
     Client, CommandContext, InProcessTransport, Orchestrator, SagaDefinition, SagaStatus, Store,
 };
 use saga_tests::process::Stack;
-use saga_tests::{database, wait_until};
+use saga_tests::{database, free_port, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 async fn get(port: u16, path: &str) -> (u16, String) {

@@ -10,18 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use saga_tests::process::Stack;
-use saga_tests::wait_until;
+use saga_tests::{free_port, wait_until};
 
 /// PostgreSQL's certificate on Debian (`ssl = on` with the snakeoil pair, `CN=localhost`).
 const PG_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let output = Command::new("openssl")
