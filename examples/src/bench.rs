@@ -127,31 +127,65 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
     let search_path = format!("\"{schema}\", public");
     let pool = PgPoolOptions::new()
         .max_connections(24)
-        .connect_with(options.options([("search_path", search_path.as_str())]))
+        .connect_with(
+            options
+                .options([("search_path", search_path.as_str())])
+                .application_name(&format!("{} bench", E::PROGRAM)),
+        )
         .await
         .context("cannot connect to PostgreSQL at DATABASE_URL")?;
-    let store = Arc::new(PgStore::builder(pool.clone()).schema(&schema).build()?);
-    store.migrate().await?;
     let service_schemas: Vec<String> = E::services()
         .iter()
         .map(|s| format!("{schema}_{s}"))
         .collect();
-    if args.inbox {
-        let names: Vec<&str> = service_schemas.iter().map(String::as_str).collect();
-        migrate(&pool, &names).await?;
-    }
-
     let connect = || async {
         AmqpTransport::connect(amqp.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
     };
+    // The run, then the clean-up whatever the run did: no schema or queue is left behind.
+    let outcome = measure::<E, _, _>(
+        args,
+        &pool,
+        &schema,
+        &service_schemas,
+        &connect,
+        broker_msgs_per_sec,
+    )
+    .await;
+    let cleaned = clean_up::<E, _, _>(&pool, &schema, &service_schemas, &connect).await;
+    let line = outcome?;
+    cleaned?;
+    Ok(line)
+}
+
+/// Migrates, runs the orchestrator and participants, starts and checks the sagas; returns the
+/// JSON line.
+async fn measure<E: Example, C, F>(
+    args: BenchArgs,
+    pool: &sqlx::PgPool,
+    schema: &str,
+    service_schemas: &[String],
+    connect: &C,
+    broker_msgs_per_sec: f64,
+) -> anyhow::Result<String>
+where
+    C: Fn() -> F,
+    F: std::future::Future<Output = anyhow::Result<AmqpTransport>>,
+{
+    let pool = pool.clone();
+    let store = Arc::new(PgStore::builder(pool.clone()).schema(schema).build()?);
+    store.migrate().await?;
+    if args.inbox {
+        let names: Vec<&str> = service_schemas.iter().map(String::as_str).collect();
+        migrate(&pool, &names).await?;
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let memory = Ledger::Memory(Default::default());
     // The participants share one transport (two connections), as services in one process would.
     let participants: Arc<dyn Transport> = Arc::new(connect().await?);
-    for (service, service_schema) in E::services().into_iter().zip(&service_schemas) {
+    for (service, service_schema) in E::services().into_iter().zip(service_schemas) {
         let ledger = if args.inbox {
             Ledger::pg(pool.clone(), service_schema)?
         } else {
@@ -267,17 +301,37 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
         .count() as u64;
     let step_count = completed * steps + compensated * (steps + undone);
 
-    // Clean up: the schema and the queues.
+    Ok(format!(
+        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
+        args.count,
+        args.count as f64 / secs,
+        step_count as f64 / secs,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+    ))
+}
+
+/// Drops the bench's schemas and deletes its queues and exchanges.
+async fn clean_up<E: Example, C, F>(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    service_schemas: &[String],
+    connect: &C,
+) -> anyhow::Result<()>
+where
+    C: Fn() -> F,
+    F: std::future::Future<Output = anyhow::Result<AmqpTransport>>,
+{
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP SCHEMA \"{schema}\" CASCADE"
     )))
-    .execute(&pool)
+    .execute(pool)
     .await?;
-    for s in &service_schemas {
+    for s in service_schemas {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS \"{s}\" CASCADE"
         )))
-        .execute(&pool)
+        .execute(pool)
         .await?;
     }
     let mut sources: Vec<Source> = E::services()
@@ -291,12 +345,5 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
         .await
         .map_err(|e| anyhow::anyhow!(e.0))?;
 
-    Ok(format!(
-        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
-        args.count,
-        args.count as f64 / secs,
-        step_count as f64 / secs,
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-    ))
+    Ok(())
 }

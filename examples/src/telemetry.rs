@@ -61,6 +61,21 @@ pub fn init(default_filter: &str, service: &str) -> anyhow::Result<Telemetry> {
 }
 
 fn tracer_provider(service: &str) -> anyhow::Result<SdkTracerProvider> {
+    // Built without a TLS client, to keep the example programs lean: refuse, rather than drop
+    // every span in silence.
+    for variable in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ] {
+        if let Ok(v) = std::env::var(variable)
+            && v.trim_start().to_ascii_lowercase().starts_with("https:")
+        {
+            anyhow::bail!(
+                "{variable}: the example programs export over plain http (to a collector on \
+                 the same host or network); got `{v}`"
+            );
+        }
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()

@@ -17,14 +17,25 @@ pub(crate) async fn declare_source(
 ) -> lapin::Result<()> {
     let queue = config.queue(source);
     if !config.declare {
-        // A passive declare needs no permission; it fails with NOT_FOUND if the queue is
-        // missing.
+        // Passive declares need no permission; they fail with NOT_FOUND if the queue or its
+        // hand-back exchange is missing (an orchestrator of this version declares both).
         channel
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                config.requeue_exchange(source).into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
                 },
                 FieldTable::default(),
             )

@@ -55,6 +55,30 @@ async fn attempt(config: &AmqpConfig, what: &str) -> Result<(), String> {
                 Err(e) => Err(e),
             }
         }
+        "publish to payment's hand-back exchange" | "publish through the default exchange" => {
+            let (exchange, key) = if what.contains("hand-back") {
+                ("saga.requeue.service.payment", "")
+            } else {
+                ("", "saga.service.payment")
+            };
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            match channel
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    b"{}",
+                    BasicProperties::default(),
+                )
+                .await
+            {
+                Ok(confirm) => confirm.await.map(drop),
+                Err(e) => Err(e),
+            }
+        }
         "bind its queue to the commands" => {
             channel
                 .queue_bind(
@@ -89,30 +113,33 @@ async fn participants_with_their_own_credentials_reach_only_their_own_queue() {
     let mut sources = vec![Destination::Results];
     sources.extend(SERVICES.map(|s| Destination::Service(s.into())));
     admin.declare(&sources).await.unwrap();
-    let mut configs = Vec::new();
-    for service in SERVICES {
-        configs.push(broker.participant(service).await);
-    }
-    let inventory = configs[0].clone();
-    configs.push(broker.config.clone()); // the orchestrator's
-    let mut configs = configs.into_iter();
-    let running = harness::run(&db, || {
-        let config = configs
-            .next()
-            .expect("three participants and an orchestrator");
-        async move { AmqpTransport::connect(config).await.unwrap() }
-    })
+    let [inventory, payment, shipping] = [
+        broker.participant("inventory").await,
+        broker.participant("payment").await,
+        broker.participant("shipping").await,
+    ];
+    // The payment service starts late, so the sagas wait on their charge while results are
+    // forged.
+    let mut configs = vec![inventory.clone(), shipping, broker.config.clone()].into_iter();
+    let (mut running, mut held) = harness::run_holding(
+        &db,
+        || {
+            let config = configs
+                .next()
+                .expect("inventory, shipping and the orchestrator");
+            async move { AmqpTransport::connect(config).await.unwrap() }
+        },
+        &["payment"],
+    )
     .await;
     let ids = running.start(20, 5).await;
-    let counts = running.settle(Duration::from_secs(60)).await;
-    assert_eq!(counts.get(&SagaStatus::Completed), Some(&16));
-    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&4));
-    assert_effects(&db, &ids, 5).await;
 
     // The broker refuses what the inventory service has no business doing.
     for what in [
         "consume payment's queue",
         "publish a command",
+        "publish to payment's hand-back exchange",
+        "publish through the default exchange",
         "bind its queue to the commands",
         "declare a queue",
     ] {
@@ -125,10 +152,20 @@ async fn participants_with_their_own_credentials_reach_only_their_own_queue() {
         );
     }
 
-    // It may publish a result, but a forged one (a command id the saga never sent, or a
-    // replay of a command already answered) changes nothing.
-    let forger = AmqpTransport::connect(inventory.clone()).await.unwrap();
+    // It may publish a result, but a forged one changes nothing: one naming a command the
+    // saga never sent, one replaying the reservation's (answered) command as a failure.
     let target = ids[1];
+    let charging = saga_tests::wait_until(Duration::from_secs(30), || async {
+        running
+            .client
+            .history(target)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e.event, saga_core::Event::Dispatched { step: 1, .. }))
+    })
+    .await;
+    assert!(charging, "the saga waits on its charge");
     let history = running.client.history(target).await.unwrap();
     let replayed = history
         .iter()
@@ -141,20 +178,20 @@ async fn participants_with_their_own_credentials_reach_only_their_own_queue() {
             _ => None,
         })
         .expect("the reservation was dispatched");
-    let failure = Outcome::Failure {
-        error: "forged".into(),
-        retryable: false,
-    };
+    let forger = AmqpTransport::connect(inventory.clone()).await.unwrap();
     // The replay goes first: the results queue has one consumer here, so once the second
     // forgery is dead-lettered, the replay was settled too.
-    for command_id in [replayed, uuid::Uuid::new_v4()] {
+    for (step, command_id) in [(0, replayed), (1, uuid::Uuid::new_v4())] {
         let forged = Reply {
             saga_id: target,
-            step: 0,
+            step,
             direction: Direction::Forward,
             attempt: 1,
             command_id,
-            outcome: failure.clone(),
+            outcome: Outcome::Failure {
+                error: "forged".into(),
+                retryable: false,
+            },
         };
         forger.publish(vec![forged.to_envelope()]).await.unwrap();
     }
@@ -167,20 +204,20 @@ async fn participants_with_their_own_credentials_reach_only_their_own_queue() {
     );
     assert!(letters[0].1.contains("sent no command"), "{letters:?}");
     assert_eq!(
-        running.client.history(target).await.unwrap().len(),
-        history.len(),
-        "the replay of an answered command was dropped"
+        running.client.history(target).await.unwrap(),
+        history,
+        "neither forgery changed the saga's log"
     );
-    assert_eq!(
-        running
-            .client
-            .summary(target)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        SagaStatus::Completed
+
+    // Under their own users, the participants run every saga to its end.
+    running.spawn(
+        held.remove(0),
+        AmqpTransport::connect(payment).await.unwrap(),
     );
+    let counts = running.settle(Duration::from_secs(60)).await;
+    assert_eq!(counts.get(&SagaStatus::Completed), Some(&16));
+    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&4));
+    assert_effects(&db, &ids, 5).await;
 
     // A hand-back goes through the queue's own requeue exchange, which the user may write to.
     let mut deliveries = forger

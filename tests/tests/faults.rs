@@ -231,11 +231,15 @@ async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
     stack.shutdown().await;
 }
 
-async fn timed_out_attempts(stack: &Stack) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM saga.events WHERE kind = 'timed_out'")
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap()
+/// Charge attempts (step 1, forward) the orchestrator timed out.
+async fn timed_out_charges(stack: &Stack) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM saga.events WHERE kind = 'timed_out' \
+         AND (data->>'step')::int = 1 AND data->>'direction' = 'forward'",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap()
 }
 
 /// A participant paused with SIGSTOP past its step timeout (2 s here), then continued: the
@@ -264,10 +268,11 @@ async fn a_participant_paused_past_its_step_timeout_does_nothing_twice() {
         .await,
         "sagas were finishing before the pause"
     );
+    let before = timed_out_charges(&stack).await;
     stack.signal(payment, "STOP");
-    // Paused until the orchestrator has timed out several charge attempts.
+    // Paused until the orchestrator has timed out several more charge attempts.
     let timed_out = wait_until(Duration::from_secs(30), || async {
-        timed_out_attempts(&stack).await >= 5
+        timed_out_charges(&stack).await >= before + 5
     })
     .await;
     stack.signal(payment, "CONT");

@@ -56,6 +56,10 @@ async fn each_saga_is_one_trace_with_its_steps_under_the_root_span() {
             .saga_id,
     );
     running.settle(Duration::from_secs(60)).await;
+    // Stopped first: a worker's step span ends after its ack, a root span after the commit
+    // that settles the saga, so only then are they all exported.
+    let client = running.client.clone();
+    running.stop().await;
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
 
@@ -71,7 +75,7 @@ async fn each_saga_is_one_trace_with_its_steps_under_the_root_span() {
             .collect();
         assert_eq!(roots.len(), 1, "one root span for saga {id}: {in_trace:#?}");
         let root = roots[0];
-        let status = running.client.summary(*id).await.unwrap().unwrap().status;
+        let status = client.summary(*id).await.unwrap().unwrap().status;
         assert_eq!(root.name, "saga order");
         assert_eq!(root.span_context.span_id(), root_span_id(*id));
         assert_eq!(
@@ -91,7 +95,7 @@ async fn each_saga_is_one_trace_with_its_steps_under_the_root_span() {
         let definition = saga_tests::order::definition();
         let steps = definition.definition().steps();
         let mut dispatched: BTreeMap<(String, String), u32> = BTreeMap::new();
-        for e in running.client.history(*id).await.unwrap() {
+        for e in client.history(*id).await.unwrap() {
             if let Event::Dispatched {
                 step, direction, ..
             } = e.event
@@ -129,7 +133,6 @@ async fn each_saga_is_one_trace_with_its_steps_under_the_root_span() {
         .count();
     assert_eq!(charges, 3);
 
-    running.stop().await;
     broker.cleanup().await;
     db.drop_schema().await;
     provider.shutdown().unwrap();
