@@ -206,7 +206,20 @@ where
         })
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
-    let client = Client::new(store.clone());
+    // The load generator starts sagas on a pool of its own, as the services that start sagas
+    // in production do: starts do not queue for the orchestrator's connections.
+    let client_pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(
+            pool.connect_options()
+                .as_ref()
+                .clone()
+                .application_name(&format!("{} bench client", E::PROGRAM)),
+        )
+        .await?;
+    let client = Client::new(Arc::new(
+        PgStore::builder(client_pool).schema(schema).build()?,
+    ));
     if args.history > 0 {
         // One real saga, then its rows copied under new ids, finished a day ago.
         let model = client.start(&def, &E::input(0, false)).await?.saga_id;

@@ -65,6 +65,9 @@ pub struct OrchestratorConfig {
     pub max_message_bytes: usize,
     /// Most results applied in one transaction.
     pub batch_size: usize,
+    /// Batches applied at once, each in its own transaction. Results of one saga still apply
+    /// one at a time: each transaction locks the saga's row, as two orchestrators would.
+    pub concurrent_batches: usize,
     /// How often the outbox and timers are polled when nothing wakes them.
     pub poll_interval: Duration,
     /// How long outbox rows claimed by the poller stay claimed.
@@ -76,6 +79,8 @@ pub struct OrchestratorConfig {
 impl OrchestratorConfig {
     /// Default batch size.
     pub const DEFAULT_BATCH_SIZE: usize = 128;
+    /// Default number of batches applied at once.
+    pub const DEFAULT_CONCURRENT_BATCHES: usize = 4;
     /// Default poll interval.
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
     /// Default outbox lease for polled rows.
@@ -89,6 +94,7 @@ impl Default for OrchestratorConfig {
         Self {
             max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
             batch_size: Self::DEFAULT_BATCH_SIZE,
+            concurrent_batches: Self::DEFAULT_CONCURRENT_BATCHES,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             outbox_lease: Self::DEFAULT_OUTBOX_LEASE,
             defer_delay: Self::DEFAULT_DEFER_DELAY,
@@ -256,23 +262,20 @@ impl Engine {
         }
     }
 
-    /// Applies results in batches: one transaction per batch, acks after the commit.
+    /// Applies results in batches: one transaction per batch, acks after the commit; up to
+    /// `concurrent_batches` at once. On shutdown it takes no new batch and finishes the
+    /// batches it holds.
     async fn consume(
         self: Arc<Self>,
         results: futures_util::stream::BoxStream<'static, Delivery>,
         shutdown: CancellationToken,
     ) {
-        let mut chunks = results.ready_chunks(self.config.batch_size);
-        loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                chunk = chunks.next() => match chunk {
-                    Some(chunk) => chunk,
-                    None => break,
-                },
-            };
-            self.apply_results(chunk).await;
-        }
+        let limit = self.config.concurrent_batches.max(1);
+        results
+            .ready_chunks(self.config.batch_size)
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(limit, |chunk| self.apply_results(chunk))
+            .await;
     }
 
     async fn apply_results(&self, chunk: Vec<Delivery>) {
@@ -338,6 +341,8 @@ impl Engine {
             }
         };
         self.hand_over(&mut applied);
+        // Settled together: the acks go out in one burst, not one round trip each.
+        let mut settles = Vec::with_capacity(deliveries.len());
         for ((delivery, (saga_id, _)), a) in deliveries.into_iter().zip(&batch).zip(applied) {
             self.metrics.result(match &a.verdict {
                 Verdict::Applied => "applied",
@@ -348,30 +353,34 @@ impl Engine {
             if matches!(a.verdict, Verdict::Rejected(_)) {
                 self.metrics.dead_lettered("results");
             }
-            let settled = match a.verdict {
-                Verdict::Applied => delivery.ack().await,
-                Verdict::Ignored(reason) => {
-                    info!(saga.id = %saga_id, %reason, "dropping a result");
-                    delivery.ack().await
+            let saga_id = *saga_id;
+            let defer_delay = self.config.defer_delay;
+            settles.push(async move {
+                let settled = match a.verdict {
+                    Verdict::Applied => delivery.ack().await,
+                    Verdict::Ignored(reason) => {
+                        info!(saga.id = %saga_id, %reason, "dropping a result");
+                        delivery.ack().await
+                    }
+                    Verdict::Rejected(reason) => {
+                        warn!(saga.id = %saga_id, %reason, "dead-lettering a result");
+                        delivery.dead_letter(&reason).await
+                    }
+                    Verdict::Deferred(reason) => {
+                        error!(saga.id = %saga_id, %reason, "cannot apply a result here; handing it back");
+                        tokio::spawn(async move {
+                            tokio::time::sleep(defer_delay).await;
+                            let _ = delivery.requeue().await;
+                        });
+                        Ok(())
+                    }
+                };
+                if let Err(e) = settled {
+                    warn!(saga.id = %saga_id, error = %e, "settling a result failed; it will be redelivered");
                 }
-                Verdict::Rejected(reason) => {
-                    warn!(saga.id = %saga_id, %reason, "dead-lettering a result");
-                    delivery.dead_letter(&reason).await
-                }
-                Verdict::Deferred(reason) => {
-                    error!(saga.id = %saga_id, %reason, "cannot apply a result here; handing it back");
-                    let delay = self.config.defer_delay;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = delivery.requeue().await;
-                    });
-                    Ok(())
-                }
-            };
-            if let Err(e) = settled {
-                warn!(saga.id = %saga_id, error = %e, "settling a result failed; it will be redelivered");
-            }
+            });
         }
+        futures_util::future::join_all(settles).await;
     }
 
     /// Fires due timers; sleeps until the next one is due, a new one is set, or the poll.

@@ -14,6 +14,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+mod cache;
 mod sql;
 
 use super::transition::{Decided, Loaded, Writes, apply_input, report};
@@ -26,6 +27,7 @@ use crate::message::{Destination, Envelope, Message};
 use crate::registry::Registry;
 use crate::schema;
 use crate::state::{SagaState, SagaStatus, replay};
+use cache::StateCache;
 use sql::Sql;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
@@ -47,6 +49,8 @@ pub struct PgStore {
     schema: String,
     sql: Arc<Sql>,
     lease: Duration,
+    /// Replayed states of sagas in progress, shared by the store's clones.
+    cache: Arc<StateCache>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -63,6 +67,7 @@ pub struct PgStoreBuilder {
     pool: PgPool,
     schema: String,
     lease: Duration,
+    cached_sagas: usize,
 }
 
 impl PgStoreBuilder {
@@ -79,6 +84,14 @@ impl PgStoreBuilder {
         self
     }
 
+    /// How many sagas in progress keep their replayed state in memory between transactions
+    /// (default [`PgStore::DEFAULT_CACHED_SAGAS`]; 0: read and replay the log every time). A
+    /// kept state is used only while the saga's row shows no event was appended since.
+    pub fn cached_sagas(mut self, sagas: usize) -> Self {
+        self.cached_sagas = sagas;
+        self
+    }
+
     /// Checks the schema name and builds the store; no I/O.
     pub fn build(self) -> Result<PgStore> {
         let quoted = schema::quoted(&self.schema)?;
@@ -88,6 +101,7 @@ impl PgStoreBuilder {
             sql: Arc::new(Sql::new(&quoted)),
             schema: self.schema,
             lease: self.lease,
+            cache: Arc::new(StateCache::new(self.cached_sagas)),
         })
     }
 }
@@ -97,6 +111,8 @@ impl PgStore {
     pub const DEFAULT_SCHEMA: &'static str = "saga";
     /// The default outbox lease.
     pub const DEFAULT_OUTBOX_LEASE: Duration = Duration::from_secs(10);
+    /// How many sagas keep their replayed state in memory by default.
+    pub const DEFAULT_CACHED_SAGAS: usize = 10_000;
 
     /// Configures a store on `pool`.
     pub fn builder(pool: PgPool) -> PgStoreBuilder {
@@ -104,6 +120,7 @@ impl PgStore {
             pool,
             schema: Self::DEFAULT_SCHEMA.to_owned(),
             lease: Self::DEFAULT_OUTBOX_LEASE,
+            cached_sagas: Self::DEFAULT_CACHED_SAGAS,
         }
     }
 
@@ -264,7 +281,7 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await?;
         // Sagas another process is working on are skipped; their timers stay due.
-        let loaded = self.load(&mut tx, registry, candidates, true).await?;
+        let mut loaded = self.load(&mut tx, registry, candidates, true).await?;
         let locked: Vec<Uuid> = loaded
             .iter()
             .filter(|(_, l)| l.is_ok())
@@ -281,9 +298,26 @@ impl PgStore {
             let Json(timer): Json<Timer> = row.try_get("timer")?;
             batch.push((saga_id, Input::Timer(timer)));
         }
-        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
+        let applied = self
+            .decide_and_write(&mut tx, &mut loaded, &batch, now)
+            .await?;
         tx.commit().await?;
+        self.keep(loaded);
         Ok(applied)
+    }
+
+    /// Keeps the states of a committed transaction's sagas for the next one.
+    fn keep(&self, loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>) {
+        self.cache.put(loaded.into_iter().filter_map(|(id, l)| {
+            let (definition, l) = l.ok()?;
+            Some((
+                id,
+                definition.name().to_owned(),
+                definition.version(),
+                l.last_seq,
+                l.state,
+            ))
+        }));
     }
 
     /// Locks and loads the sagas of `ids`; those not loaded get the verdict to return instead.
@@ -307,11 +341,17 @@ impl PgStore {
             let id: Uuid = row.try_get("id")?;
             let name: String = row.try_get("saga")?;
             let version = row.try_get::<i32, _>("version")? as u32;
+            let last_seq: i64 = row.try_get("last_seq")?;
             match registry.get(&name, version) {
-                Some(def) => {
-                    definitions.insert(id, Arc::clone(def));
-                    known.push(id);
-                }
+                Some(def) => match self.cache.get(id, &name, version, last_seq) {
+                    Some(state) => {
+                        out.insert(id, Ok((Arc::clone(def), Loaded { state, last_seq })));
+                    }
+                    None => {
+                        definitions.insert(id, Arc::clone(def));
+                        known.push(id);
+                    }
+                },
                 None => {
                     out.insert(
                         id,
@@ -328,6 +368,9 @@ impl PgStore {
                     out.insert(*id, Err(Verdict::Rejected(format!("unknown saga {id}"))));
                 }
             }
+        }
+        if known.is_empty() {
+            return Ok(out);
         }
         let rows = sqlx::query(self.sql.load_events.clone())
             .bind(&known)
@@ -352,7 +395,7 @@ impl PgStore {
     async fn decide_and_write(
         &self,
         conn: &mut PgConnection,
-        mut loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
+        loaded: &mut HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
         batch: &[(Uuid, Input)],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
@@ -528,9 +571,12 @@ impl Store for PgStore {
         ids.sort_unstable();
         ids.dedup();
         let mut tx = self.pool.begin().await?;
-        let loaded = self.load(&mut tx, registry, &ids, false).await?;
-        let applied = self.decide_and_write(&mut tx, loaded, &batch, now).await?;
+        let mut loaded = self.load(&mut tx, registry, &ids, false).await?;
+        let applied = self
+            .decide_and_write(&mut tx, &mut loaded, &batch, now)
+            .await?;
         tx.commit().await?;
+        self.keep(loaded);
         Ok(applied)
     }
 

@@ -41,10 +41,10 @@ impl Sql {
                 "SELECT id FROM {s}.instances WHERE saga = $1 AND business_key = $2"
             )),
             lock_instances: sql(format!(
-                "SELECT id, saga, version FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                "SELECT id, saga, version, last_seq FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE"
             )),
             lock_instances_skip: sql(format!(
-                "SELECT id, saga, version FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED"
+                "SELECT id, saga, version, last_seq FROM {s}.instances WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED"
             )),
             load_events: sql(format!(
                 "SELECT saga_id, data FROM {s}.events WHERE saga_id = ANY($1) ORDER BY saga_id, seq"

@@ -1,0 +1,96 @@
+//! The stores keep replayed states between transactions; a kept state must never be used once
+//! another writer appended to the saga's log. Two stores (as two orchestrators would have,
+//! each with its own memory) apply one saga's results in turn.
+
+use std::sync::Arc;
+
+use saga_core::store::Applied;
+use saga_core::{
+    Client, Direction, Event, Input, Outcome, Registry, Reply, SagaStatus, Store, Verdict,
+};
+use saga_tests::database;
+use saga_tests::order::{self, Order};
+use uuid::Uuid;
+
+/// The reply to the saga's last dispatched command, as a success.
+async fn answer_last(store: &dyn Store, id: Uuid) -> (Uuid, Input) {
+    let history = store.history(id).await.unwrap();
+    let (step, direction, attempt, command_id) = history
+        .iter()
+        .rev()
+        .find_map(|e| match e.event {
+            Event::Dispatched {
+                step,
+                direction,
+                attempt,
+                command_id,
+                ..
+            } => Some((step, direction, attempt, command_id)),
+            _ => None,
+        })
+        .expect("a dispatched command");
+    assert_eq!(direction, Direction::Forward);
+    let reply = Reply {
+        saga_id: id,
+        step,
+        direction,
+        attempt,
+        command_id,
+        outcome: Outcome::Success {
+            output: serde_json::json!({"step": step}),
+        },
+    };
+    (id, Input::Reply(reply))
+}
+
+fn verdict(applied: &[Applied]) -> &Verdict {
+    &applied[0].verdict
+}
+
+#[tokio::test]
+async fn a_kept_state_is_not_used_after_another_writer_appended() {
+    let db = database().await;
+    let (a, b) = (db.store(), db.store());
+    let def = order::definition();
+    let mut registry = Registry::new();
+    registry.register(&def);
+    let id = Client::new(Arc::new(a.clone()))
+        .start(&def, &Order::default())
+        .await
+        .unwrap()
+        .saga_id;
+
+    // A applies the reservation's result and keeps the state (charge dispatched).
+    let applied = a
+        .apply(&registry, vec![answer_last(&a, id).await])
+        .await
+        .unwrap();
+    assert_eq!(verdict(&applied), &Verdict::Applied);
+    // B applies the charge's result: the shipment is dispatched, which A's kept state lacks.
+    let applied = b
+        .apply(&registry, vec![answer_last(&b, id).await])
+        .await
+        .unwrap();
+    assert_eq!(verdict(&applied), &Verdict::Applied);
+    // A must read the log again: with its kept state the shipment's command would be unknown.
+    let applied = a
+        .apply(&registry, vec![answer_last(&a, id).await])
+        .await
+        .unwrap();
+    assert_eq!(verdict(&applied), &Verdict::Applied, "{applied:?}");
+    assert_eq!(applied[0].status, Some(SagaStatus::Completed));
+
+    // The log is the one replay gives: each step answered once, in order.
+    let succeeded: Vec<u32> = a
+        .history(id)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e.event {
+            Event::Succeeded { step, .. } => Some(step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(succeeded, [0, 1, 2]);
+    db.drop_schema().await;
+}
