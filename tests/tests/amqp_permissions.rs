@@ -36,30 +36,13 @@ async fn attempt(config: &AmqpConfig, what: &str) -> Result<(), String> {
             )
             .await
             .map(drop),
-        "publish a command" => {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .unwrap();
-            match channel
-                .basic_publish(
-                    "saga.commands".into(),
-                    "payment".into(),
-                    BasicPublishOptions::default(),
-                    b"{}",
-                    BasicProperties::default(),
-                )
-                .await
-            {
-                Ok(confirm) => confirm.await.map(drop),
-                Err(e) => Err(e),
-            }
-        }
-        "publish to payment's hand-back exchange" | "publish through the default exchange" => {
-            let (exchange, key) = if what.contains("hand-back") {
-                ("saga.requeue.service.payment", "")
-            } else {
-                ("", "saga.service.payment")
+        "publish a command"
+        | "publish to payment's hand-back exchange"
+        | "publish through the default exchange" => {
+            let (exchange, key) = match what {
+                "publish a command" => ("saga.commands", "payment"),
+                "publish through the default exchange" => ("", "saga.service.payment"),
+                _ => ("saga.requeue.service.payment", ""),
             };
             channel
                 .confirm_select(ConfirmSelectOptions::default())

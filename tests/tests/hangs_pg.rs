@@ -41,6 +41,48 @@ fn definition() -> SagaDefinition<u32> {
         .expect("valid definition")
 }
 
+/// `worker` and an orchestrator running on the test's schema; one saga started.
+struct Running {
+    client: Client,
+    id: uuid::Uuid,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<saga_core::Result<()>>>,
+}
+
+async fn run(db: &saga_tests::TestDb, worker: Worker) -> Running {
+    let store = Arc::new(db.store());
+    let transport = Arc::new(InProcessTransport::new());
+    let def = definition();
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(worker.run(transport.clone(), shutdown.clone())),
+        tokio::spawn(
+            Orchestrator::builder(store.clone(), transport)
+                .register(&def)
+                .config(saga_tests::harness::config())
+                .build()
+                .run(shutdown.clone()),
+        ),
+    ];
+    let client = Client::new(store);
+    let id = client.start(&def, &7).await.unwrap().saga_id;
+    Running {
+        client,
+        id,
+        shutdown,
+        tasks,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
 async fn status(client: &Client, id: uuid::Uuid) -> (SagaStatus, String) {
     let summary = client.summary(id).await.unwrap().unwrap();
     (summary.status, summary.reason.unwrap_or_default())
@@ -49,9 +91,6 @@ async fn status(client: &Client, id: uuid::Uuid) -> (SagaStatus, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
     let db = database().await;
-    let store = Arc::new(db.store());
-    let transport = Arc::new(InProcessTransport::new());
-    let def = definition();
     let hang = Arc::new(AtomicBool::new(true));
     let hanging = Arc::clone(&hang);
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
@@ -76,24 +115,15 @@ async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
             }),
         )
         .build();
-    let shutdown = CancellationToken::new();
-    let w = tokio::spawn(worker.run(transport.clone(), shutdown.clone()));
-    let o = tokio::spawn(
-        Orchestrator::builder(store.clone(), transport)
-            .register(&def)
-            .config(saga_tests::harness::config())
-            .build()
-            .run(shutdown.clone()),
-    );
-    let client = Client::new(store.clone());
-    let id = client.start(&def, &7).await.unwrap().saga_id;
+    let running = run(&db, worker).await;
+    let (client, id) = (&running.client, running.id);
 
     // The release hangs past its timeout on every attempt: the saga is stuck, and says why.
     let stuck = wait_until(Duration::from_secs(20), || async {
-        status(&client, id).await.0 == SagaStatus::Stuck
+        status(client, id).await.0 == SagaStatus::Stuck
     })
     .await;
-    let (state, reason) = status(&client, id).await;
+    let (state, reason) = status(client, id).await;
     assert!(stuck, "stuck, not {state}: {reason}");
     assert!(reason.contains("timed out"), "{reason}");
 
@@ -101,51 +131,35 @@ async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
     hang.store(false, Ordering::SeqCst);
     client.act(id, OperatorAction::Retry).await.unwrap();
     let compensated = wait_until(Duration::from_secs(20), || async {
-        status(&client, id).await.0 == SagaStatus::Compensated
+        status(client, id).await.0 == SagaStatus::Compensated
     })
     .await;
-    assert!(compensated, "{:?}", status(&client, id).await);
-    shutdown.cancel();
-    w.await.unwrap().unwrap();
-    o.await.unwrap().unwrap();
+    assert!(compensated, "{:?}", status(client, id).await);
+    running.stop().await;
     db.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_no_handler_knows_fails_its_step_for_good() {
     let db = database().await;
-    let store = Arc::new(db.store());
-    let transport = Arc::new(InProcessTransport::new());
-    let def = definition();
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
     // This build of the service knows `reserve` and `release`, not `charge`.
     let worker = Worker::builder("svc")
         .handler("reserve", handler_fn(ok))
         .handler("release", handler_fn(ok))
         .build();
-    let shutdown = CancellationToken::new();
-    let w = tokio::spawn(worker.run(transport.clone(), shutdown.clone()));
-    let o = tokio::spawn(
-        Orchestrator::builder(store.clone(), transport)
-            .register(&def)
-            .config(saga_tests::harness::config())
-            .build()
-            .run(shutdown.clone()),
-    );
-    let client = Client::new(store.clone());
-    let id = client.start(&def, &7).await.unwrap().saga_id;
+    let running = run(&db, worker).await;
+    let (client, id) = (&running.client, running.id);
     let done = wait_until(Duration::from_secs(20), || async {
-        status(&client, id).await.0 == SagaStatus::Compensated
+        status(client, id).await.0 == SagaStatus::Compensated
     })
     .await;
-    let (state, reason) = status(&client, id).await;
+    let (state, reason) = status(client, id).await;
     assert!(done, "compensated, not {state}: {reason}");
     assert!(
         reason.contains("service `svc` has no handler for command `charge`"),
         "{reason}"
     );
-    shutdown.cancel();
-    w.await.unwrap().unwrap();
-    o.await.unwrap().unwrap();
+    running.stop().await;
     db.drop_schema().await;
 }

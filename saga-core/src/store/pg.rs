@@ -281,7 +281,7 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await?;
         // Sagas another process is working on are skipped; their timers stay due.
-        let mut loaded = self.load(&mut tx, registry, candidates, true).await?;
+        let loaded = self.load(&mut tx, registry, candidates, true).await?;
         let locked: Vec<Uuid> = loaded
             .iter()
             .filter(|(_, l)| l.is_ok())
@@ -298,8 +298,20 @@ impl PgStore {
             let Json(timer): Json<Timer> = row.try_get("timer")?;
             batch.push((saga_id, Input::Timer(timer)));
         }
+        self.commit_decided(tx, loaded, &batch, now).await
+    }
+
+    /// Decides `batch` over the loaded sagas, writes, commits, and keeps the states for the
+    /// next transaction.
+    async fn commit_decided(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        mut loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
+        batch: &[(Uuid, Input)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
         let applied = self
-            .decide_and_write(&mut tx, &mut loaded, &batch, now)
+            .decide_and_write(&mut tx, &mut loaded, batch, now)
             .await?;
         tx.commit().await?;
         self.keep(loaded);
@@ -571,13 +583,8 @@ impl Store for PgStore {
         ids.sort_unstable();
         ids.dedup();
         let mut tx = self.pool.begin().await?;
-        let mut loaded = self.load(&mut tx, registry, &ids, false).await?;
-        let applied = self
-            .decide_and_write(&mut tx, &mut loaded, &batch, now)
-            .await?;
-        tx.commit().await?;
-        self.keep(loaded);
-        Ok(applied)
+        let loaded = self.load(&mut tx, registry, &ids, false).await?;
+        self.commit_decided(tx, loaded, &batch, now).await
     }
 
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {

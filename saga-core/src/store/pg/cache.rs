@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::state::SagaState;
 
 /// A state, and what it is valid for.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     saga: String,
     version: u32,
