@@ -77,9 +77,11 @@ async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::R
                         || '8' || substr(md5(random()::text), 1, 15))::uuid AS id \
                FROM generate_series(1, $3) g), \
              i AS (INSERT INTO instances \
-                 (id, saga, version, status, business_key, reason, last_seq, created_at, updated_at) \
+                 (id, saga, version, status, business_key, reason, last_seq, created_at, updated_at, \
+                  finished_at) \
                SELECT ids.id, m.saga, m.version, m.status, NULL, m.reason, m.last_seq, \
-                      m.created_at - interval '1 day', m.updated_at - interval '1 day' \
+                      m.created_at - interval '1 day', m.updated_at - interval '1 day', \
+                      m.finished_at - interval '1 day' \
                FROM ids, instances m WHERE m.id = $1 RETURNING id), \
              e AS (INSERT INTO events (saga_id, seq, kind, data, recorded_at) \
                SELECT i.id, m.seq, m.kind, m.data, m.recorded_at - interval '1 day' \

@@ -302,12 +302,21 @@ async fn operators_find_inspect_and_fix_sagas() {
 
     // purge: finished sagas older than a day go, with their logs.
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{}\".instances SET updated_at = now() - interval '2 days'",
+        "UPDATE \"{}\".instances SET updated_at = now() - interval '2 days', \
+         finished_at = now() - interval '2 days'",
         db.schema
     )))
     .execute(&db.pool)
     .await
     .unwrap();
+    let timers_before: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".timers",
+        db.schema
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(timers_before > 0, "the sagas left timer rows to purge");
     let purged: Value =
         serde_json::from_str(&ok(&db, &["purge", "--older-than", "1d", "--json"]).await).unwrap();
     assert_eq!(purged["purged"], 4);
@@ -320,6 +329,14 @@ async fn operators_find_inspect_and_fix_sagas() {
     .await
     .unwrap();
     assert_eq!(events, 0);
+    let timers: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".timers",
+        db.schema
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(timers, 0, "purged sagas keep no timer rows");
 
     shutdown.cancel();
     w.await.unwrap().unwrap();

@@ -1,6 +1,6 @@
 //! The PostgreSQL store: the durable event log, instances, outbox and timers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,7 +209,32 @@ impl PgStore {
             .instances
             .remove(&saga_id)
             .expect("the start updates the instance");
-        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.insert_instance.clone())
+        debug_assert!(
+            writes.timers_cancelled.is_empty(),
+            "a start cancels no timer"
+        );
+        let (mut seqs, mut kinds, mut data) = (Vec::new(), Vec::new(), Vec::new());
+        for row in writes.events {
+            seqs.push(row.seq);
+            kinds.push(row.event.kind());
+            data.push(serde_json::to_value(&row.event)?);
+        }
+        let (mut destinations, mut message_ids, mut headers, mut bodies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (_, envelope) in writes.outbox {
+            destinations.push(envelope.destination.encode());
+            message_ids.push(envelope.message.id);
+            headers.push(serde_json::to_value(&envelope.message.headers)?);
+            bodies.push(envelope.message.body);
+        }
+        let (mut keys, mut timers, mut due_ats) = (Vec::new(), Vec::new(), Vec::new());
+        for row in writes.timers_set {
+            keys.push(row.timer.key());
+            timers.push(serde_json::to_value(row.timer)?);
+            due_ats.push(row.due_at);
+        }
+        // Left unclaimed: the relay's poller publishes it, woken by the notification.
+        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.start.clone())
             .bind(saga_id)
             .bind(definition.name())
             .bind(definition.version() as i32)
@@ -218,6 +243,17 @@ impl PgStore {
             .bind(now)
             .bind(instance.last_seq)
             .bind(&instance.reason)
+            .bind(seqs)
+            .bind(kinds)
+            .bind(data)
+            .bind(destinations)
+            .bind(message_ids)
+            .bind(headers)
+            .bind(bodies)
+            .bind(keys)
+            .bind(timers)
+            .bind(due_ats)
+            .bind(self.notify_channel())
             .fetch_optional(&mut *conn)
             .await?;
         if inserted.is_none() {
@@ -231,12 +267,6 @@ impl PgStore {
                 created: false,
             });
         }
-        // Left unclaimed: the relay's poller publishes it, woken by the notification.
-        self.write(conn, writes, now, now).await?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.notify_channel())
-            .execute(&mut *conn)
-            .await?;
         Ok(Started {
             saga_id,
             created: true,
@@ -444,8 +474,8 @@ impl PgStore {
         }))
     }
 
-    /// Writes the batch's rows with one multi-row statement per table; returns the outbox ids
-    /// in the order of `writes.outbox`.
+    /// Writes a transaction's rows in one statement; returns the outbox ids in the order of
+    /// `writes.outbox`.
     async fn write(
         &self,
         conn: &mut PgConnection,
@@ -453,128 +483,107 @@ impl PgStore {
         now: DateTime<Utc>,
         claimed_until: DateTime<Utc>,
     ) -> Result<Vec<i64>> {
-        if !writes.events.is_empty() {
-            let mut ids = Vec::with_capacity(writes.events.len());
-            let mut seqs = Vec::with_capacity(writes.events.len());
-            let mut kinds = Vec::with_capacity(writes.events.len());
-            let mut data = Vec::with_capacity(writes.events.len());
-            let mut ats = Vec::with_capacity(writes.events.len());
-            for row in writes.events {
-                ids.push(row.saga_id);
-                seqs.push(row.seq);
-                kinds.push(row.event.kind());
-                data.push(serde_json::to_value(&row.event)?);
-                ats.push(row.at);
-            }
-            sqlx::query(self.sql.insert_events.clone())
-                .bind(ids)
-                .bind(seqs)
-                .bind(kinds)
-                .bind(data)
-                .bind(ats)
-                .execute(&mut *conn)
-                .await?;
+        let n = writes.events.len();
+        let (mut e_sagas, mut seqs, mut kinds, mut data) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for row in writes.events {
+            e_sagas.push(row.saga_id);
+            seqs.push(row.seq);
+            kinds.push(row.event.kind());
+            data.push(serde_json::to_value(&row.event)?);
         }
-        let mut outbox_ids = Vec::new();
-        if !writes.outbox.is_empty() {
-            let n = writes.outbox.len();
-            let (mut sagas, mut destinations, mut message_ids, mut headers, mut bodies) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for (saga_id, envelope) in &writes.outbox {
-                sagas.push(*saga_id);
-                destinations.push(envelope.destination.encode());
-                message_ids.push(envelope.message.id);
-                headers.push(serde_json::to_value(&envelope.message.headers)?);
-                bodies.push(envelope.message.body.clone());
-            }
-            let rows = sqlx::query(self.sql.insert_outbox.clone())
-                .bind(sagas)
-                .bind(destinations)
-                .bind(&message_ids)
-                .bind(headers)
-                .bind(bodies)
-                .bind(claimed_until)
-                .fetch_all(&mut *conn)
-                .await?;
-            let mut by_message: HashMap<Uuid, i64> = HashMap::with_capacity(n);
-            for row in rows {
-                by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
-            }
-            outbox_ids = message_ids.iter().map(|m| by_message[m]).collect();
+        let n = writes.timers_set.len();
+        let (mut t_sagas, mut keys, mut timers, mut due_ats) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for row in writes.timers_set {
+            t_sagas.push(row.saga_id);
+            keys.push(row.timer.key());
+            timers.push(serde_json::to_value(row.timer)?);
+            due_ats.push(row.due_at);
         }
-        if !writes.timers_cancelled.is_empty() {
-            let (sagas, keys): (Vec<Uuid>, Vec<String>) =
-                writes.timers_cancelled.into_iter().unzip();
-            sqlx::query(self.sql.cancel_timers.clone())
-                .bind(sagas)
-                .bind(keys)
-                .execute(&mut *conn)
-                .await?;
+        // A timer cancelled and set again in one batch is replaced by the upsert; one statement
+        // must not touch a row twice.
+        let set: HashSet<(&Uuid, &String)> = t_sagas.iter().zip(&keys).collect();
+        let (c_sagas, c_keys): (Vec<Uuid>, Vec<String>) = writes
+            .timers_cancelled
+            .into_iter()
+            .filter(|(saga, key)| !set.contains(&(saga, key)))
+            .unzip();
+        drop(set);
+        let n = writes.instances.len();
+        let (mut i_ids, mut statuses, mut last_seqs, mut reasons) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (id, update) in writes.instances {
+            i_ids.push(id);
+            statuses.push(update.status.as_str());
+            last_seqs.push(update.last_seq);
+            reasons.push(update.reason);
         }
-        if !writes.timers_set.is_empty() {
-            let n = writes.timers_set.len();
-            let (mut sagas, mut keys, mut timers, mut set_ats, mut due_ats) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for row in writes.timers_set {
-                sagas.push(row.saga_id);
-                keys.push(row.timer.key());
-                timers.push(serde_json::to_value(row.timer)?);
-                set_ats.push(row.set_at);
-                due_ats.push(row.due_at);
-            }
-            sqlx::query(self.sql.set_timers.clone())
-                .bind(sagas)
-                .bind(keys)
-                .bind(timers)
-                .bind(set_ats)
-                .bind(due_ats)
-                .execute(&mut *conn)
-                .await?;
+        let n = writes.outbox.len();
+        let (mut o_sagas, mut destinations, mut message_ids, mut headers, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (saga_id, envelope) in &writes.outbox {
+            o_sagas.push(*saga_id);
+            destinations.push(envelope.destination.encode());
+            message_ids.push(envelope.message.id);
+            headers.push(serde_json::to_value(&envelope.message.headers)?);
+            bodies.push(envelope.message.body.clone());
         }
-        if !writes.instances.is_empty() {
-            let n = writes.instances.len();
-            let (mut ids, mut statuses, mut seqs, mut reasons) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for (id, update) in writes.instances {
-                ids.push(id);
-                statuses.push(update.status.as_str());
-                seqs.push(update.last_seq);
-                reasons.push(update.reason);
-            }
-            sqlx::query(self.sql.update_instances.clone())
-                .bind(ids)
-                .bind(statuses)
-                .bind(seqs)
-                .bind(reasons)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+        let rows = sqlx::query(self.sql.write.clone())
+            .bind(now)
+            .bind(e_sagas)
+            .bind(seqs)
+            .bind(kinds)
+            .bind(data)
+            .bind(c_sagas)
+            .bind(c_keys)
+            .bind(t_sagas)
+            .bind(keys)
+            .bind(timers)
+            .bind(due_ats)
+            .bind(i_ids)
+            .bind(statuses)
+            .bind(last_seqs)
+            .bind(reasons)
+            .bind(claimed_until)
+            .bind(o_sagas)
+            .bind(destinations)
+            .bind(&message_ids)
+            .bind(headers)
+            .bind(bodies)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut by_message: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
         }
-        Ok(outbox_ids)
+        Ok(message_ids.iter().map(|m| by_message[m]).collect())
     }
 }
 
 #[async_trait]
 impl Store for PgStore {
     async fn start(&self, request: StartRequest) -> Result<Started> {
-        let mut tx = self.pool.begin().await?;
-        let started = self.start_on(&mut tx, request).await?;
-        tx.commit().await?;
-        Ok(started)
+        // One statement, atomic on its own: no BEGIN and COMMIT round trips.
+        let mut conn = self.pool.acquire().await?;
+        self.start_on(&mut conn, request).await
     }
 
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
@@ -637,19 +646,15 @@ impl Store for PgStore {
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(self.sql.set_timers.clone())
-            .bind(vec![saga_id])
-            .bind(vec![timer.key()])
-            .bind(vec![serde_json::to_value(&timer)?])
-            .bind(vec![now])
-            .bind(vec![now])
+            .bind(saga_id)
+            .bind(timer.key())
+            .bind(serde_json::to_value(&timer)?)
+            .bind(now)
             .execute(&mut *tx)
-            .await;
-        match inserted {
-            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
-                return Err(Error::UnknownSaga(saga_id));
-            }
-            other => other?,
-        };
+            .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::UnknownSaga(saga_id));
+        }
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(format!("{}_timers", self.schema))
             .execute(&mut *tx)
@@ -759,11 +764,11 @@ impl Store for PgStore {
     }
 
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
-        Ok(sqlx::query(self.sql.purge.clone())
+        let purged: i64 = sqlx::query_scalar(self.sql.purge.clone())
             .bind(before)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(purged as u64)
     }
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {

@@ -35,7 +35,6 @@ pub(crate) struct TimerRow {
     pub(crate) saga_id: Uuid,
     pub(crate) timer: Timer,
     pub(crate) due_at: DateTime<Utc>,
-    pub(crate) set_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,7 +116,6 @@ pub(crate) fn apply_input(
                     saga_id,
                     timer,
                     due_at,
-                    set_at: now,
                 });
             }
             Effect::CancelTimer(timer) => {

@@ -4,16 +4,13 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
 /// The store's statements, with the schema filled in once.
 pub(super) struct Sql {
-    pub(super) insert_instance: SqlStr,
+    pub(super) start: SqlStr,
     pub(super) instance_by_key: SqlStr,
     pub(super) lock_instances: SqlStr,
     pub(super) lock_instances_skip: SqlStr,
     pub(super) load_events: SqlStr,
-    pub(super) insert_events: SqlStr,
-    pub(super) insert_outbox: SqlStr,
-    pub(super) cancel_timers: SqlStr,
+    pub(super) write: SqlStr,
     pub(super) set_timers: SqlStr,
-    pub(super) update_instances: SqlStr,
     pub(super) due_timer_sagas: SqlStr,
     pub(super) postpone_timers: SqlStr,
     pub(super) claim_timers: SqlStr,
@@ -32,10 +29,22 @@ pub(super) struct Sql {
 impl Sql {
     pub(super) fn new(s: &str) -> Self {
         Self {
-            insert_instance: sql(format!(
-                "INSERT INTO {s}.instances (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at) \
+            // A start in one statement (one round trip, atomic without a transaction of its
+            // own): the rows after the instance are written only if the instance was (not when
+            // the business key was taken), and the relay's poller is woken.
+            start: sql(format!(
+                "WITH i AS (INSERT INTO {s}.instances \
+                 (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $7, $8, $6, $6) \
-                 ON CONFLICT (saga, business_key) WHERE business_key IS NOT NULL DO NOTHING RETURNING id"
+                 ON CONFLICT (saga, business_key) WHERE business_key IS NOT NULL DO NOTHING RETURNING id), \
+                 e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
+                 SELECT i.id, u.*, $6 FROM i, UNNEST($9::int8[], $10::text[], $11::jsonb[]) AS u), \
+                 o AS (INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
+                 SELECT i.id, u.*, $6 FROM i, UNNEST($12::text[], $13::uuid[], $14::jsonb[], $15::bytea[]) AS u), \
+                 t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
+                 SELECT i.id, u.key, u.timer, $6, u.due_at FROM i, \
+                 UNNEST($16::text[], $17::jsonb[], $18::timestamptz[]) AS u(key, timer, due_at)) \
+                 SELECT i.id, pg_notify($19, '') FROM i"
             )),
             instance_by_key: sql(format!(
                 "SELECT id FROM {s}.instances WHERE saga = $1 AND business_key = $2"
@@ -49,29 +58,36 @@ impl Sql {
             load_events: sql(format!(
                 "SELECT saga_id, data FROM {s}.events WHERE saga_id = ANY($1) ORDER BY saga_id, seq"
             )),
-            insert_events: sql(format!(
-                "INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::timestamptz[])"
+            // A transaction's rows in one statement: its events, timers cancelled and set (no
+            // key in both: the writer drops a cancellation its own upsert replaces), instance
+            // updates, and outbox rows, whose ids it returns.
+            write: sql(format!(
+                "WITH e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
+                 SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u), \
+                 c AS (DELETE FROM {s}.timers t USING UNNEST($6::uuid[], $7::text[]) AS c(saga_id, key) \
+                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND t.fired_at IS NULL), \
+                 t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
+                 SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
+                 FROM UNNEST($8::uuid[], $9::text[], $10::jsonb[], $11::timestamptz[]) AS u(saga_id, key, timer, due_at) \
+                 ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, set_at = EXCLUDED.set_at, \
+                 due_at = EXCLUDED.due_at, fired_at = NULL), \
+                 i AS (UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, \
+                 updated_at = $1, finished_at = CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') \
+                 THEN coalesce(i.finished_at, $1) END \
+                 FROM UNNEST($12::uuid[], $13::text[], $14::int8[], $15::text[]) AS u(id, status, last_seq, reason) \
+                 WHERE i.id = u.id), \
+                 o AS (INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
+                 SELECT u.*, $16 FROM UNNEST($17::uuid[], $18::text[], $19::uuid[], $20::jsonb[], $21::bytea[]) AS u \
+                 RETURNING id, message_id) \
+                 SELECT id, message_id FROM o"
             )),
-            insert_outbox: sql(format!(
-                "INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
-                 SELECT u.*, $6 FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::jsonb[], $5::bytea[]) AS u \
-                 RETURNING id, message_id"
-            )),
-            cancel_timers: sql(format!(
-                "DELETE FROM {s}.timers t USING UNNEST($1::uuid[], $2::text[]) AS c(saga_id, key) \
-                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND t.fired_at IS NULL"
-            )),
+            // Only for a saga that exists; its row is share-locked so a purge cannot remove it
+            // meanwhile.
             set_timers: sql(format!(
                 "INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[], $5::timestamptz[]) \
+                 SELECT i.id, $2, $3, $4, $4 FROM {s}.instances i WHERE i.id = $1 FOR KEY SHARE \
                  ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, set_at = EXCLUDED.set_at, \
                  due_at = EXCLUDED.due_at, fired_at = NULL"
-            )),
-            update_instances: sql(format!(
-                "UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, updated_at = $5 \
-                 FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, last_seq, reason) \
-                 WHERE i.id = u.id"
             )),
             due_timer_sagas: sql(format!(
                 "SELECT t.saga_id FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \
@@ -123,8 +139,12 @@ impl Sql {
                  (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1), \
                  (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL)"
             )),
+            // A finished saga's events and timers go with it.
             purge: sql(format!(
-                "DELETE FROM {s}.instances WHERE status IN ('completed', 'compensated', 'cancelled') AND updated_at < $1"
+                "WITH gone AS (DELETE FROM {s}.instances WHERE finished_at < $1 RETURNING id), \
+                 e AS (DELETE FROM {s}.events WHERE saga_id IN (SELECT id FROM gone)), \
+                 t AS (DELETE FROM {s}.timers WHERE saga_id IN (SELECT id FROM gone)) \
+                 SELECT count(*) FROM gone"
             )),
             count_by_status: sql(format!(
                 "SELECT status, count(*) AS n FROM {s}.instances GROUP BY status"
