@@ -129,6 +129,7 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
     let search_path = format!("\"{schema}\", public");
     let pool = PgPoolOptions::new()
         .max_connections(24)
+        .test_before_acquire(false)
         .connect_with(
             options
                 .options([("search_path", search_path.as_str())])
@@ -212,6 +213,7 @@ where
     // in production do: starts do not queue for the orchestrator's connections.
     let client_pool = PgPoolOptions::new()
         .max_connections(16)
+        .test_before_acquire(false)
         .connect_with(
             pool.connect_options()
                 .as_ref()

@@ -346,6 +346,8 @@ async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping round trip before each transaction (docs/PERFORMANCE.md).
+        .test_before_acquire(false)
         .connect_with(options.application_name(name))
         .await
         .with_context(|| {

@@ -128,6 +128,9 @@ impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            // No ping before each use: a broken connection fails its transaction, which is
+            // retried, and the pool drops it; the ping cost a round trip per transaction.
+            .test_before_acquire(false)
             .connect(url)
             .await?;
         Self::builder(pool).build()
@@ -287,6 +290,7 @@ impl PgStore {
                     .options([("synchronous_commit", "off")]);
                 PgPoolOptions::new()
                     .max_connections(4)
+                    .test_before_acquire(false)
                     .connect_with(options)
                     .await
             })
