@@ -322,6 +322,7 @@ impl PgStore {
             .map(|(id, _)| *id)
             .collect();
         let rows = sqlx::query(self.sql.claim_timers.clone())
+            .persistent(false)
             .bind(&locked)
             .bind(now)
             .fetch_all(&mut *tx)
@@ -379,7 +380,11 @@ impl PgStore {
         } else {
             self.sql.lock_instances.clone()
         };
-        let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await?;
+        let rows = sqlx::query(sql)
+            .persistent(false)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut out = HashMap::with_capacity(ids.len());
         let mut known = Vec::with_capacity(rows.len());
         let mut definitions = HashMap::new();
@@ -419,6 +424,7 @@ impl PgStore {
             return Ok(out);
         }
         let rows = sqlx::query(self.sql.load_events.clone())
+            .persistent(false)
             .bind(&known)
             .fetch_all(&mut *conn)
             .await?;
@@ -551,6 +557,7 @@ impl PgStore {
             bodies.push(envelope.message.body.clone());
         }
         let rows = sqlx::query(self.sql.write.clone())
+            .persistent(false)
             .bind(now)
             .bind(e_sagas)
             .bind(seqs)
@@ -604,6 +611,7 @@ impl Store for PgStore {
         let now = Utc::now();
         let (names, versions) = registered(registry);
         let mut candidates: Vec<Uuid> = sqlx::query_scalar(self.sql.due_timer_sagas.clone())
+            .persistent(false)
             .bind(now)
             .bind(limit as i64)
             .bind(&names)
@@ -640,9 +648,10 @@ impl Store for PgStore {
     async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>> {
         let (names, versions) = registered(registry);
         Ok(sqlx::query_scalar(self.sql.next_timer.clone())
+            .persistent(false)
             .bind(&names)
             .bind(&versions)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await?)
     }
 
@@ -676,6 +685,7 @@ impl Store for PgStore {
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
         let now = Utc::now();
         let rows = sqlx::query(self.sql.claim_outbox.clone())
+            .persistent(false)
             .bind(now)
             .bind(now + lease)
             .bind(limit as i64)
@@ -706,6 +716,7 @@ impl Store for PgStore {
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<()> {
         sqlx::query(self.sql.delete_outbox.clone())
+            .persistent(false)
             .bind(ids)
             .execute(self.relaxed().await?)
             .await?;

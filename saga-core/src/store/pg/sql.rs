@@ -60,12 +60,15 @@ impl Sql {
             )),
             // A transaction's rows in one statement: its events, timers cancelled and set (no
             // key in both: the writer drops a cancellation its own upsert replaces), instance
-            // updates, and outbox rows, whose ids it returns.
+            // updates, and outbox rows, whose ids it returns. Cancelled timers are found by
+            // primary key: `(fired_at IS NULL) IS TRUE` keeps the planner off `timers_pending`,
+            // which holds every pending timer and, between vacuums, the dead entries of the
+            // cancelled ones.
             write: sql(format!(
                 "WITH e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
                  SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u), \
                  c AS (DELETE FROM {s}.timers t USING UNNEST($6::uuid[], $7::text[]) AS c(saga_id, key) \
-                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND t.fired_at IS NULL), \
+                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND (t.fired_at IS NULL) IS TRUE), \
                  t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
                  SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
                  FROM UNNEST($8::uuid[], $9::text[], $10::jsonb[], $11::timestamptz[]) AS u(saga_id, key, timer, due_at) \
@@ -106,10 +109,13 @@ impl Sql {
                  RETURNING saga_id, key, timer, due_at, set_at) \
                  SELECT saga_id, timer FROM claimed ORDER BY due_at, set_at, key"
             )),
+            // The first pending timer in due order whose saga this process runs: a walk of
+            // `timers_pending` that stops at the first match.
             next_timer: sql(format!(
-                "SELECT min(t.due_at) FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \
+                "SELECT t.due_at FROM {s}.timers t JOIN {s}.instances i ON i.id = t.saga_id \
                  WHERE t.fired_at IS NULL \
-                 AND (i.saga, i.version) IN (SELECT * FROM UNNEST($1::text[], $2::int4[]))"
+                 AND (i.saga, i.version) IN (SELECT * FROM UNNEST($1::text[], $2::int4[])) \
+                 ORDER BY t.due_at LIMIT 1"
             )),
             claim_outbox: sql(format!(
                 "UPDATE {s}.outbox SET claimed_until = $2 WHERE id IN \
