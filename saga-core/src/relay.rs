@@ -37,6 +37,22 @@ pub(crate) struct Relay {
     pub(crate) config: RelayConfig,
 }
 
+/// Deletes published rows off the relay's path: the next publish does not wait for the
+/// previous delete, and the ids that arrive meanwhile go in one statement. The rows stay
+/// claimed until deleted, so the poller does not publish them again; if the process dies
+/// first, they are published again after their lease and the duplicates are dropped.
+async fn delete_published(store: Arc<dyn Store>, mut published: mpsc::UnboundedReceiver<Vec<i64>>) {
+    while let Some(mut ids) = published.recv().await {
+        while let Ok(more) = published.try_recv() {
+            ids.extend(more);
+        }
+        if let Err(e) = store.delete_outbox(&ids).await {
+            // The rows are published; if they are published again, the results are duplicates.
+            warn!(error = %e, count = ids.len(), "deleting published outbox rows failed");
+        }
+    }
+}
+
 impl Relay {
     /// Runs until `shutdown`; then publishes what was already handed over and returns.
     pub(crate) async fn run(
@@ -53,6 +69,8 @@ impl Relay {
         };
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (published, to_delete) = mpsc::unbounded_channel();
+        let deleter = tokio::spawn(delete_published(Arc::clone(&self.store), to_delete));
         loop {
             // Unbiased: under steady hand-overs the poller still gets its turn (rows written by
             // `start`, unconfirmed rows, a crashed peer's rows).
@@ -62,23 +80,28 @@ impl Relay {
                         while let Ok(more) = handed.try_recv() {
                             records.extend(more);
                         }
-                        self.publish(records).await;
+                        self.publish(records, &published).await;
                     }
                     None => break,
                 },
                 _ = shutdown.cancelled() => break,
-                Some(()) = notifications.next() => self.poll().await,
-                _ = poll.tick() => self.poll().await,
+                Some(()) = notifications.next() => self.poll(&published).await,
+                _ = poll.tick() => self.poll(&published).await,
             }
         }
         handed.close();
         while let Some(records) = handed.recv().await {
-            self.publish(records).await;
+            self.publish(records, &published).await;
+        }
+        // What was published is deleted before the relay returns.
+        drop(published);
+        if let Err(e) = deleter.await {
+            warn!(error = %e, "the outbox deleter failed");
         }
     }
 
     /// Publishes rows that nobody holds, until none are left.
-    async fn poll(&self) {
+    async fn poll(&self, published: &mpsc::UnboundedSender<Vec<i64>>) {
         loop {
             match self
                 .store
@@ -89,7 +112,7 @@ impl Relay {
                 Ok(records) => {
                     debug!(count = records.len(), "publishing unclaimed outbox rows");
                     let full = records.len() == self.config.batch;
-                    self.publish(records).await;
+                    self.publish(records, published).await;
                     if !full {
                         return;
                     }
@@ -102,9 +125,13 @@ impl Relay {
         }
     }
 
-    /// Publishes `records`; deletes those confirmed, fails the steps of unroutable commands,
-    /// and leaves the rest for the poller once their lease lapses.
-    pub(crate) async fn publish(&self, records: Vec<OutboxRecord>) {
+    /// Publishes `records`; hands those confirmed to `published` for deletion, fails the steps
+    /// of unroutable commands, and leaves the rest for the poller once their lease lapses.
+    async fn publish(
+        &self,
+        records: Vec<OutboxRecord>,
+        published: &mpsc::UnboundedSender<Vec<i64>>,
+    ) {
         if records.is_empty() {
             return;
         }
@@ -117,7 +144,7 @@ impl Relay {
             .map(|r| r.envelope)
             .partition(|e| oversize(&e.message.body, self.config.max_message_bytes).is_some());
         if !oversized.is_empty() {
-            match self.fail_undeliverable(&oversized).await {
+            match self.fail_undeliverable(&oversized, published).await {
                 Ok(handled) => {
                     let handled: Vec<i64> = handled.iter().map(|id| ids[id]).collect();
                     if let Err(e) = self.store.delete_outbox(&handled).await {
@@ -160,20 +187,23 @@ impl Relay {
         };
         let mut confirmed: Vec<i64> = done.iter().map(|e| ids[&e.message.id]).collect();
         if !unroutable.is_empty() {
-            match self.fail_undeliverable(&unroutable).await {
+            match self.fail_undeliverable(&unroutable, published).await {
                 Ok(handled) => confirmed.extend(handled.iter().map(|id| ids[id])),
                 Err(e) => warn!(error = %e, "failing unroutable commands failed; will retry"),
             }
         }
-        if let Err(e) = self.store.delete_outbox(&confirmed).await {
-            // The rows are published; if they are published again, the results are duplicates.
-            warn!(error = %e, "deleting published outbox rows failed");
+        if !confirmed.is_empty() {
+            let _ = published.send(confirmed);
         }
     }
 
     /// A command that cannot be delivered (no queue for its service, or too large) fails its
     /// step for good. Returns the message ids whose failure was recorded (or that need none).
-    async fn fail_undeliverable(&self, unroutable: &[Envelope]) -> Result<Vec<uuid::Uuid>> {
+    async fn fail_undeliverable(
+        &self,
+        unroutable: &[Envelope],
+        published: &mpsc::UnboundedSender<Vec<i64>>,
+    ) -> Result<Vec<uuid::Uuid>> {
         let mut handled = Vec::with_capacity(unroutable.len());
         let mut batch = Vec::with_capacity(unroutable.len());
         let mut pending = Vec::with_capacity(unroutable.len());
@@ -213,7 +243,7 @@ impl Relay {
             }
             follow_up.extend(a.outbox);
         }
-        Box::pin(self.publish(follow_up)).await;
+        Box::pin(self.publish(follow_up, published)).await;
         Ok(handled)
     }
 }
