@@ -220,20 +220,20 @@ impl PgStore {
         for row in writes.events {
             seqs.push(row.seq);
             kinds.push(row.event.kind());
-            data.push(serde_json::to_value(&row.event)?);
+            data.push(Json(row.event));
         }
         let (mut destinations, mut message_ids, mut headers, mut bodies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (_, envelope) in writes.outbox {
             destinations.push(envelope.destination.encode());
             message_ids.push(envelope.message.id);
-            headers.push(serde_json::to_value(&envelope.message.headers)?);
+            headers.push(Json(envelope.message.headers));
             bodies.push(envelope.message.body);
         }
         let (mut keys, mut timers, mut due_ats) = (Vec::new(), Vec::new(), Vec::new());
         for row in writes.timers_set {
             keys.push(row.timer.key());
-            timers.push(serde_json::to_value(row.timer)?);
+            timers.push(Json(row.timer));
             due_ats.push(row.due_at);
         }
         // Left unclaimed: the relay's poller publishes it, woken by the notification.
@@ -504,7 +504,7 @@ impl PgStore {
             e_sagas.push(row.saga_id);
             seqs.push(row.seq);
             kinds.push(row.event.kind());
-            data.push(serde_json::to_value(&row.event)?);
+            data.push(Json(row.event));
         }
         let n = writes.timers_set.len();
         let (mut t_sagas, mut keys, mut timers, mut due_ats) = (
@@ -516,7 +516,7 @@ impl PgStore {
         for row in writes.timers_set {
             t_sagas.push(row.saga_id);
             keys.push(row.timer.key());
-            timers.push(serde_json::to_value(row.timer)?);
+            timers.push(Json(row.timer));
             due_ats.push(row.due_at);
         }
         // A timer cancelled and set again in one batch is replaced by the upsert; one statement
@@ -553,7 +553,7 @@ impl PgStore {
             o_sagas.push(*saga_id);
             destinations.push(envelope.destination.encode());
             message_ids.push(envelope.message.id);
-            headers.push(serde_json::to_value(&envelope.message.headers)?);
+            headers.push(Json(&envelope.message.headers));
             bodies.push(envelope.message.body.clone());
         }
         let rows = sqlx::query(self.sql.write.clone())
