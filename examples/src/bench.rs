@@ -127,6 +127,7 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
 
     let options: PgConnectOptions = url.parse().context("DATABASE_URL")?;
     let search_path = format!("\"{schema}\", public");
+    // The orchestrator's pool: no ping before each transaction (a failed one is retried).
     let pool = PgPoolOptions::new()
         .max_connections(24)
         .test_before_acquire(false)
@@ -213,7 +214,6 @@ where
     // in production do: starts do not queue for the orchestrator's connections.
     let client_pool = PgPoolOptions::new()
         .max_connections(16)
-        .test_before_acquire(false)
         .connect_with(
             pool.connect_options()
                 .as_ref()

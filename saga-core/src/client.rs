@@ -207,8 +207,8 @@ impl Client {
         self.store.list(filter).await
     }
 
-    /// Deletes finished sagas (completed, compensated, cancelled) last changed before
-    /// `before`, with their logs; returns how many.
+    /// Deletes sagas that finished (completed, compensated, cancelled) before `before`, with
+    /// their logs and timers; returns how many.
     pub async fn purge(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
         self.store.purge(before).await
     }

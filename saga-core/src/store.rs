@@ -181,8 +181,8 @@ pub trait Store: Send + Sync + 'static {
     /// Sagas matching `filter`, newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>>;
 
-    /// Deletes finished sagas (completed, compensated, cancelled) last changed before
-    /// `before`, with their logs and timers; returns how many.
+    /// Deletes sagas that finished (completed, compensated, cancelled) before `before`, with
+    /// their logs and timers; returns how many.
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64>;
 
     /// Figures for metrics: sagas by name and status, outbox backlog, timers.

@@ -302,8 +302,8 @@ async fn operators_find_inspect_and_fix_sagas() {
 
     // purge: finished sagas older than a day go, with their logs.
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE \"{}\".instances SET updated_at = now() - interval '2 days', \
-         finished_at = now() - interval '2 days'",
+        "UPDATE \"{}\".instances SET updated_at = updated_at - interval '2 days', \
+         finished_at = finished_at - interval '2 days'",
         db.schema
     )))
     .execute(&db.pool)

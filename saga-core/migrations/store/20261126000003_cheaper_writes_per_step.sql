@@ -1,7 +1,7 @@
 -- Cheaper writes per step (docs/PERFORMANCE.md).
 --
--- Events and timers are written only by the store, after it has locked the saga's row, and
--- purge deletes them with their instance: the foreign keys' per-row checks bought nothing.
+-- Events and timers are written only by the store, under a lock on the saga's row, and purge
+-- deletes them with their instance: the foreign keys' per-row checks bought nothing.
 ALTER TABLE events DROP CONSTRAINT IF EXISTS events_saga_id_fkey;
 ALTER TABLE timers DROP CONSTRAINT IF EXISTS timers_saga_id_fkey;
 
@@ -19,8 +19,8 @@ CREATE INDEX instances_finished ON instances (finished_at) WHERE finished_at IS 
 -- Room on each page for the updated versions of its rows.
 ALTER TABLE instances SET (fillfactor = 80);
 
--- The outbox holds only unpublished rows: the poller finds the unclaimed ones by walking the
--- primary key. Without an index on `claimed_until`, a claim is a heap-only update and an
+-- The outbox holds only rows not yet published (or published and about to be deleted): the
+-- poller finds the unclaimed ones by walking the primary key. Without an index on `claimed_until`, a claim is a heap-only update and an
 -- inserted row writes one index entry instead of two.
 DROP INDEX outbox_claimable;
 ALTER TABLE outbox SET (fillfactor = 80);

@@ -23,6 +23,8 @@ use crate::state::{SagaState, SagaStatus, replay};
 struct Instance {
     summary: SagaSummary,
     events: Vec<RecordedEvent>,
+    /// When the saga finished, for purge.
+    finished_at: Option<DateTime<Utc>>,
 }
 
 struct PendingTimer {
@@ -167,14 +169,13 @@ impl Inner {
             });
         }
         for (saga_id, update) in writes.instances {
-            let summary = &mut self
-                .instances
-                .get_mut(&saga_id)
-                .expect("locked instance")
-                .summary;
-            summary.status = update.status;
-            summary.reason = update.reason;
-            summary.updated_at = now;
+            let instance = self.instances.get_mut(&saga_id).expect("locked instance");
+            instance.summary.status = update.status;
+            instance.summary.reason = update.reason;
+            instance.summary.updated_at = now;
+            if update.status.is_terminal() {
+                instance.finished_at.get_or_insert(now);
+            }
         }
         for (saga_id, key) in writes.timers_cancelled {
             self.timers.remove(&(saga_id, key));
@@ -250,6 +251,7 @@ impl Store for MemoryStore {
                     at: now,
                     event: started,
                 }],
+                finished_at: None,
             },
         );
         if let Some(key) = request.business_key {
@@ -424,7 +426,7 @@ impl Store for MemoryStore {
         let old: Vec<Uuid> = inner
             .instances
             .values()
-            .filter(|i| i.summary.status.is_terminal() && i.summary.updated_at < before)
+            .filter(|i| i.finished_at.is_some_and(|at| at < before))
             .map(|i| i.summary.id)
             .collect();
         for id in &old {

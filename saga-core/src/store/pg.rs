@@ -128,9 +128,6 @@ impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            // No ping before each use: a broken connection fails its transaction, which is
-            // retried, and the pool drops it; the ping cost a round trip per transaction.
-            .test_before_acquire(false)
             .connect(url)
             .await?;
         Self::builder(pool).build()
@@ -288,6 +285,8 @@ impl PgStore {
                     .as_ref()
                     .clone()
                     .options([("synchronous_commit", "off")]);
+                // No ping before each use: a claim or delete on a connection a restart broke
+                // fails, is retried by the relay, and the pool drops the connection.
                 PgPoolOptions::new()
                     .max_connections(4)
                     .test_before_acquire(false)
@@ -779,11 +778,28 @@ impl Store for PgStore {
     }
 
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
-        let purged: i64 = sqlx::query_scalar(self.sql.purge.clone())
-            .bind(before)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(purged as u64)
+        // In chunks, each its own transaction, so no lock is held long.
+        const CHUNK: i64 = 10_000;
+        let mut purged = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let ids: Vec<Uuid> = sqlx::query_scalar(self.sql.purge.clone())
+                .bind(before)
+                .bind(CHUNK)
+                .fetch_all(&mut *tx)
+                .await?;
+            for sql in [&self.sql.purge_events, &self.sql.purge_timers] {
+                sqlx::query(sql.clone())
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            purged += ids.len() as u64;
+            if (ids.len() as i64) < CHUNK {
+                return Ok(purged);
+            }
+        }
     }
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {

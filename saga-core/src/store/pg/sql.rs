@@ -22,6 +22,8 @@ pub(super) struct Sql {
     pub(super) count_by_status: SqlStr,
     pub(super) list: SqlStr,
     pub(super) purge: SqlStr,
+    pub(super) purge_events: SqlStr,
+    pub(super) purge_timers: SqlStr,
     pub(super) stats_sagas: SqlStr,
     pub(super) stats_queues: SqlStr,
 }
@@ -34,8 +36,10 @@ impl Sql {
             // the business key was taken), and the relay's poller is woken.
             start: sql(format!(
                 "WITH i AS (INSERT INTO {s}.instances \
-                 (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $7, $8, $6, $6) \
+                 (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at, \
+                 finished_at) \
+                 VALUES ($1, $2, $3, $4, $5, $7, $8, $6, $6, \
+                 CASE WHEN $4 IN ('completed', 'compensated', 'cancelled') THEN $6::timestamptz END) \
                  ON CONFLICT (saga, business_key) WHERE business_key IS NOT NULL DO NOTHING RETURNING id), \
                  e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
                  SELECT i.id, u.*, $6 FROM i, UNNEST($9::int8[], $10::text[], $11::jsonb[]) AS u), \
@@ -84,8 +88,8 @@ impl Sql {
                  RETURNING id, message_id) \
                  SELECT id, message_id FROM o"
             )),
-            // Only for a saga that exists; its row is share-locked so a purge cannot remove it
-            // meanwhile.
+            // Only for a saga that exists; its row is share-locked, so a purge that takes the saga
+            // waits for this transaction and then deletes the timer with it.
             set_timers: sql(format!(
                 "INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
                  SELECT i.id, $2, $3, $4, $4 FROM {s}.instances i WHERE i.id = $1 FOR KEY SHARE \
@@ -145,13 +149,16 @@ impl Sql {
                  (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1), \
                  (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL)"
             )),
-            // A finished saga's events and timers go with it.
+            // A chunk of finished sagas; their events and timers are deleted by the next two
+            // statements of the same transaction, whose snapshots see every row written under
+            // the sagas' locks before they went.
             purge: sql(format!(
-                "WITH gone AS (DELETE FROM {s}.instances WHERE finished_at < $1 RETURNING id), \
-                 e AS (DELETE FROM {s}.events WHERE saga_id IN (SELECT id FROM gone)), \
-                 t AS (DELETE FROM {s}.timers WHERE saga_id IN (SELECT id FROM gone)) \
-                 SELECT count(*) FROM gone"
+                "DELETE FROM {s}.instances WHERE id IN \
+                 (SELECT id FROM {s}.instances WHERE finished_at < $1 ORDER BY finished_at LIMIT $2) \
+                 RETURNING id"
             )),
+            purge_events: sql(format!("DELETE FROM {s}.events WHERE saga_id = ANY($1)")),
+            purge_timers: sql(format!("DELETE FROM {s}.timers WHERE saga_id = ANY($1)")),
             count_by_status: sql(format!(
                 "SELECT status, count(*) AS n FROM {s}.instances GROUP BY status"
             )),
