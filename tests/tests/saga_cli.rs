@@ -309,34 +309,26 @@ async fn operators_find_inspect_and_fix_sagas() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let timers_before: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM \"{}\".timers",
-        db.schema
-    )))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert!(timers_before > 0, "the sagas left timer rows to purge");
+    let rows = |table: &'static str| {
+        let sql = format!("SELECT count(*) FROM \"{}\".{table}", db.schema);
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        rows("timers").await > 0,
+        "the sagas left timer rows to purge"
+    );
     let purged: Value =
         serde_json::from_str(&ok(&db, &["purge", "--older-than", "1d", "--json"]).await).unwrap();
     assert_eq!(purged["purged"], 4);
     assert!(store.count_by_status().await.unwrap().is_empty());
-    let events: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM \"{}\".events",
-        db.schema
-    )))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(events, 0);
-    let timers: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM \"{}\".timers",
-        db.schema
-    )))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(timers, 0, "purged sagas keep no timer rows");
+    assert_eq!(rows("events").await, 0);
+    assert_eq!(rows("timers").await, 0, "purged sagas keep no timer rows");
 
     shutdown.cancel();
     w.await.unwrap().unwrap();

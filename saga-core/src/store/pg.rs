@@ -1,6 +1,6 @@
 //! The PostgreSQL store: the durable event log, instances, outbox and timers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 mod cache;
+mod columns;
 mod sql;
 
 use super::transition::{Decided, Loaded, Writes, apply_input, report};
@@ -28,6 +29,7 @@ use crate::registry::Registry;
 use crate::schema;
 use crate::state::{SagaState, SagaStatus, replay};
 use cache::StateCache;
+use columns::Columns;
 use sql::Sql;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
@@ -213,26 +215,7 @@ impl PgStore {
             writes.timers_cancelled.is_empty(),
             "a start cancels no timer"
         );
-        let (mut seqs, mut kinds, mut data) = (Vec::new(), Vec::new(), Vec::new());
-        for row in writes.events {
-            seqs.push(row.seq);
-            kinds.push(row.event.kind());
-            data.push(Json(row.event));
-        }
-        let (mut destinations, mut message_ids, mut headers, mut bodies) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (_, envelope) in writes.outbox {
-            destinations.push(envelope.destination.encode());
-            message_ids.push(envelope.message.id);
-            headers.push(Json(envelope.message.headers));
-            bodies.push(envelope.message.body);
-        }
-        let (mut keys, mut timers, mut due_ats) = (Vec::new(), Vec::new(), Vec::new());
-        for row in writes.timers_set {
-            keys.push(row.timer.key());
-            timers.push(Json(row.timer));
-            due_ats.push(row.due_at);
-        }
+        let c = Columns::from(writes);
         // Left unclaimed: the relay's poller publishes it, woken by the notification.
         let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.start.clone())
             .bind(saga_id)
@@ -243,16 +226,16 @@ impl PgStore {
             .bind(now)
             .bind(instance.last_seq)
             .bind(&instance.reason)
-            .bind(seqs)
-            .bind(kinds)
-            .bind(data)
-            .bind(destinations)
-            .bind(message_ids)
-            .bind(headers)
-            .bind(bodies)
-            .bind(keys)
-            .bind(timers)
-            .bind(due_ats)
+            .bind(c.seqs)
+            .bind(c.kinds)
+            .bind(c.data)
+            .bind(c.destinations)
+            .bind(c.message_ids)
+            .bind(c.headers)
+            .bind(c.bodies)
+            .bind(c.keys)
+            .bind(c.timers)
+            .bind(c.due_ats)
             .bind(self.notify_channel())
             .fetch_optional(&mut *conn)
             .await?;
@@ -492,99 +475,37 @@ impl PgStore {
         now: DateTime<Utc>,
         claimed_until: DateTime<Utc>,
     ) -> Result<Vec<i64>> {
-        let n = writes.events.len();
-        let (mut e_sagas, mut seqs, mut kinds, mut data) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for row in writes.events {
-            e_sagas.push(row.saga_id);
-            seqs.push(row.seq);
-            kinds.push(row.event.kind());
-            data.push(Json(row.event));
-        }
-        let n = writes.timers_set.len();
-        let (mut t_sagas, mut keys, mut timers, mut due_ats) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for row in writes.timers_set {
-            t_sagas.push(row.saga_id);
-            keys.push(row.timer.key());
-            timers.push(Json(row.timer));
-            due_ats.push(row.due_at);
-        }
-        // A timer cancelled and set again in one batch is replaced by the upsert; one statement
-        // must not touch a row twice.
-        let set: HashSet<(&Uuid, &String)> = t_sagas.iter().zip(&keys).collect();
-        let (c_sagas, c_keys): (Vec<Uuid>, Vec<String>) = writes
-            .timers_cancelled
-            .into_iter()
-            .filter(|(saga, key)| !set.contains(&(saga, key)))
-            .unzip();
-        drop(set);
-        let n = writes.instances.len();
-        let (mut i_ids, mut statuses, mut last_seqs, mut reasons) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (id, update) in writes.instances {
-            i_ids.push(id);
-            statuses.push(update.status.as_str());
-            last_seqs.push(update.last_seq);
-            reasons.push(update.reason);
-        }
-        let n = writes.outbox.len();
-        let (mut o_sagas, mut destinations, mut message_ids, mut headers, mut bodies) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (saga_id, envelope) in &writes.outbox {
-            o_sagas.push(*saga_id);
-            destinations.push(envelope.destination.encode());
-            message_ids.push(envelope.message.id);
-            headers.push(Json(&envelope.message.headers));
-            bodies.push(envelope.message.body.clone());
-        }
+        let c = Columns::from(writes);
         let rows = sqlx::query(self.sql.write.clone())
             .persistent(false)
             .bind(now)
-            .bind(e_sagas)
-            .bind(seqs)
-            .bind(kinds)
-            .bind(data)
-            .bind(c_sagas)
-            .bind(c_keys)
-            .bind(t_sagas)
-            .bind(keys)
-            .bind(timers)
-            .bind(due_ats)
-            .bind(i_ids)
-            .bind(statuses)
-            .bind(last_seqs)
-            .bind(reasons)
+            .bind(c.event_sagas)
+            .bind(c.seqs)
+            .bind(c.kinds)
+            .bind(c.data)
+            .bind(c.cancelled_sagas)
+            .bind(c.cancelled_keys)
+            .bind(c.timer_sagas)
+            .bind(c.keys)
+            .bind(c.timers)
+            .bind(c.due_ats)
+            .bind(c.instances)
+            .bind(c.statuses)
+            .bind(c.last_seqs)
+            .bind(c.reasons)
             .bind(claimed_until)
-            .bind(o_sagas)
-            .bind(destinations)
-            .bind(&message_ids)
-            .bind(headers)
-            .bind(bodies)
+            .bind(c.outbox_sagas)
+            .bind(c.destinations)
+            .bind(&c.message_ids)
+            .bind(c.headers)
+            .bind(c.bodies)
             .fetch_all(&mut *conn)
             .await?;
         let mut by_message: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
         for row in rows {
             by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
         }
-        Ok(message_ids.iter().map(|m| by_message[m]).collect())
+        Ok(c.message_ids.iter().map(|m| by_message[m]).collect())
     }
 }
 
