@@ -1,6 +1,6 @@
 //! The PostgreSQL store: the durable event log, instances, outbox and timers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use uuid::Uuid;
 mod cache;
 mod columns;
 mod sql;
+mod starts;
 
 use super::transition::{Decided, Loaded, Writes, apply_input, report};
 use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
@@ -31,6 +32,7 @@ use crate::state::{SagaState, SagaStatus, replay};
 use cache::StateCache;
 use columns::Columns;
 use sql::Sql;
+use starts::{Pending, PreparedStart, StartQueue, prepare_start};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
 
@@ -53,6 +55,8 @@ pub struct PgStore {
     lease: Duration,
     /// Replayed states of sagas in progress, shared by the store's clones.
     cache: Arc<StateCache>,
+    /// Starts waiting to be written together, shared by the store's clones.
+    starts: Arc<StartQueue>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -104,6 +108,7 @@ impl PgStoreBuilder {
             schema: self.schema,
             lease: self.lease,
             cache: Arc::new(StateCache::new(self.cached_sagas)),
+            starts: Arc::new(StartQueue::new()),
         })
     }
 }
@@ -173,87 +178,150 @@ impl PgStore {
             input: serde_json::to_value(input)?,
             business_key,
         };
-        self.start_on(conn, request).await
+        let now = Utc::now();
+        let start = prepare_start(request, now)?;
+        let mut started = self
+            .insert_starts(conn, std::slice::from_ref(&start), now)
+            .await?;
+        started.pop().expect("one start, one result")
     }
 
-    async fn start_on(&self, conn: &mut PgConnection, request: StartRequest) -> Result<Started> {
-        let now = Utc::now();
-        let definition = request.definition;
-        let saga_id = Uuid::now_v7();
-        let business_key = request.business_key.clone();
-        let started = Event::Started {
-            saga: definition.name().to_owned(),
-            version: definition.version(),
-            input: request.input,
-            business_key: request.business_key,
-        };
-        // Decided first, so the instance row is inserted once with its final status.
-        let mut loaded = Loaded {
-            state: replay(&definition, [&started])?,
-            last_seq: 1,
-        };
-        let mut writes = Writes::default();
-        writes.events.push(super::transition::EventRow {
-            saga_id,
-            seq: 1,
-            event: started,
-            at: now,
-        });
-        apply_input(
-            &definition,
-            saga_id,
-            &mut loaded,
-            &Input::Start,
-            now,
-            &mut writes,
-        )?;
-        let instance = writes
-            .instances
-            .remove(&saga_id)
-            .expect("the start updates the instance");
-        debug_assert!(
-            writes.timers_cancelled.is_empty(),
-            "a start cancels no timer"
-        );
-        let c = Columns::from(writes);
-        // Left unclaimed: the relay's poller publishes it, woken by the notification.
-        let inserted: Option<Uuid> = sqlx::query_scalar(self.sql.start.clone())
-            .bind(saga_id)
-            .bind(definition.name())
-            .bind(definition.version() as i32)
-            .bind(instance.status.as_str())
-            .bind(&business_key)
+    /// Writes `starts` in one statement on `conn`, then looks up the sagas whose business key
+    /// was taken. The error is the statement's; the results, each start's.
+    async fn insert_starts(
+        &self,
+        conn: &mut PgConnection,
+        starts: &[PreparedStart],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Started>>> {
+        let mut c = Columns::default();
+        let (mut ids, mut names, mut versions, mut statuses) = (vec![], vec![], vec![], vec![]);
+        let (mut keys, mut last_seqs, mut reasons) = (vec![], vec![], vec![]);
+        for start in starts {
+            ids.push(start.saga_id);
+            names.push(start.definition.name());
+            versions.push(start.definition.version() as i32);
+            statuses.push(start.instance.status.as_str());
+            keys.push(start.business_key.as_deref());
+            last_seqs.push(start.instance.last_seq);
+            reasons.push(start.instance.reason.as_deref());
+            c.add(&start.writes);
+        }
+        // Left unclaimed: the relay's poller publishes them, woken by the notification.
+        let inserted: HashSet<Uuid> = sqlx::query_scalar(self.sql.start.clone())
             .bind(now)
-            .bind(instance.last_seq)
-            .bind(&instance.reason)
+            .bind(&ids)
+            .bind(&names)
+            .bind(&versions)
+            .bind(&statuses)
+            .bind(&keys)
+            .bind(&last_seqs)
+            .bind(&reasons)
+            .bind(c.event_sagas)
             .bind(c.seqs)
             .bind(c.kinds)
             .bind(c.data)
+            .bind(c.outbox_sagas)
             .bind(c.destinations)
             .bind(c.message_ids)
             .bind(c.headers)
             .bind(c.bodies)
+            .bind(c.timer_sagas)
             .bind(c.keys)
             .bind(c.timers)
             .bind(c.due_ats)
             .bind(self.notify_channel())
-            .fetch_optional(&mut *conn)
-            .await?;
-        if inserted.is_none() {
-            let existing: Uuid = sqlx::query_scalar(self.sql.instance_by_key.clone())
-                .bind(definition.name())
-                .bind(&business_key)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        let mut started = Vec::with_capacity(starts.len());
+        for start in starts {
+            if inserted.contains(&start.saga_id) {
+                started.push(Ok(Started {
+                    saga_id: start.saga_id,
+                    created: true,
+                }));
+                continue;
+            }
+            // Its own id when an earlier attempt of this very start was written; else the
+            // saga that holds its business key.
+            let existing = sqlx::query_scalar(self.sql.start_conflict.clone())
+                .bind(start.saga_id)
+                .bind(start.definition.name())
+                .bind(&start.business_key)
                 .fetch_one(&mut *conn)
-                .await?;
-            return Ok(Started {
-                saga_id: existing,
-                created: false,
-            });
+                .await;
+            started.push(existing.map_err(Error::from).map(|saga_id| Started {
+                saga_id,
+                created: saga_id == start.saga_id,
+            }));
         }
-        Ok(Started {
-            saga_id,
-            created: true,
-        })
+        Ok(started)
+    }
+
+    /// Writes queued starts, a batch at a time, until none is left (see [`starts`]).
+    async fn write_starts(self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let mut permit = Some(permit);
+        while let Some(batch) = self.starts.next_batch(&mut permit) {
+            let now = Utc::now();
+            let (mut prepared, mut replies) = (Vec::new(), Vec::new());
+            for Pending { request, reply } in batch {
+                match prepare_start(request, now) {
+                    Ok(start) => {
+                        prepared.push(start);
+                        replies.push(reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            if prepared.is_empty() {
+                continue;
+            }
+            let mut conn = match self.pool.acquire().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(Error::Database(same_error(&e))));
+                    }
+                    continue;
+                }
+            };
+            let results = match self.insert_starts(&mut conn, &prepared, now).await {
+                Ok(started) => started,
+                Err(e) if prepared.len() == 1 => vec![Err(e)],
+                Err(e) => {
+                    drop(conn);
+                    // Rolled back (a deadlock with another writer of the same business keys,
+                    // say) or not known: each start again on its own, so that one cannot fail
+                    // the rest. A start the statement did write finds its own id.
+                    tracing::debug!(error = %e, starts = prepared.len(), "a batch of starts failed; writing them one by one");
+                    let mut one_by_one = Vec::with_capacity(prepared.len());
+                    for start in &prepared {
+                        let started = self
+                            .insert_on_pool(std::slice::from_ref(start), now)
+                            .await
+                            .and_then(|mut started| started.pop().expect("one start, one result"));
+                        one_by_one.push(started);
+                    }
+                    one_by_one
+                }
+            };
+            for (reply, started) in replies.into_iter().zip(results) {
+                let _ = reply.send(started);
+            }
+        }
+    }
+
+    async fn insert_on_pool(
+        &self,
+        starts: &[PreparedStart],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Result<Started>>> {
+        let mut conn = self.pool.acquire().await?;
+        self.insert_starts(&mut conn, starts, now).await
     }
 
     /// A small pool whose commits do not wait for the disk, for claiming and deleting outbox
@@ -458,11 +526,14 @@ impl PgStore {
                 )),
             }
         }
-        let envelopes: Vec<Envelope> = writes.outbox.iter().map(|(_, e)| e.clone()).collect();
-        let ids = self.write(conn, writes, now, now + self.lease).await?;
+        let ids = self.write(conn, &writes, now, now + self.lease).await?;
+        let mut envelopes: Vec<Option<Envelope>> =
+            writes.outbox.into_iter().map(|(_, e)| Some(e)).collect();
         Ok(report(decided, |i| OutboxRecord {
             id: ids[i],
-            envelope: envelopes[i].clone(),
+            envelope: envelopes[i]
+                .take()
+                .expect("each outbox row is reported once"),
         }))
     }
 
@@ -471,7 +542,7 @@ impl PgStore {
     async fn write(
         &self,
         conn: &mut PgConnection,
-        writes: Writes,
+        writes: &Writes,
         now: DateTime<Utc>,
         claimed_until: DateTime<Utc>,
     ) -> Result<Vec<i64>> {
@@ -512,9 +583,16 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn start(&self, request: StartRequest) -> Result<Started> {
-        // One statement, atomic on its own: no BEGIN and COMMIT round trips.
-        let mut conn = self.pool.acquire().await?;
-        self.start_on(&mut conn, request).await
+        // Written with the starts that queue up meanwhile, in one statement atomic on its own
+        // (no BEGIN and COMMIT round trips), by a task of its own: a caller that gives up
+        // waiting does not take the others' starts down with it.
+        let (reply, started) = tokio::sync::oneshot::channel();
+        if let Some(permit) = self.starts.push(Pending { request, reply }) {
+            tokio::spawn(self.clone().write_starts(permit));
+        }
+        started
+            .await
+            .unwrap_or(Err(Error::Database(sqlx::Error::WorkerCrashed)))
     }
 
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
@@ -774,4 +852,14 @@ fn registered(registry: &Registry) -> (Vec<String>, Vec<i32>) {
         .iter()
         .map(|d| (d.name().to_owned(), d.version() as i32))
         .unzip()
+}
+
+/// The same error again, for each start of a batch that shares it: pool errors as they are,
+/// any other as an I/O error with its text (transient, as a failed connection is).
+fn same_error(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        e => sqlx::Error::Io(std::io::Error::other(e.to_string())),
+    }
 }

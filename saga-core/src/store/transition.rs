@@ -144,7 +144,7 @@ pub(crate) fn apply_input(
 /// at position `i` of [`Writes::outbox`].
 pub(crate) fn report(
     decided: Vec<(Uuid, std::result::Result<Decided, Verdict>)>,
-    record: impl Fn(usize) -> crate::store::OutboxRecord,
+    mut record: impl FnMut(usize) -> crate::store::OutboxRecord,
 ) -> Vec<crate::store::Applied> {
     decided
         .into_iter()
@@ -162,7 +162,7 @@ pub(crate) fn report(
             Ok(d) => crate::store::Applied {
                 saga_id,
                 verdict: d.verdict,
-                outbox: d.outbox.into_iter().map(&record).collect(),
+                outbox: d.outbox.into_iter().map(&mut record).collect(),
                 wake_at: d.wake_at,
                 status: Some(d.status),
                 settled: d.settled,

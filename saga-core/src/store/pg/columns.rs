@@ -10,67 +10,83 @@ use crate::decide::Timer;
 use crate::event::Event;
 use crate::store::transition::Writes;
 
-/// The rows of [`Writes`], column by column, in the order of its lists.
+/// The rows of one or more [`Writes`], column by column, in the order of their lists;
+/// borrowed, so the rows stay with their owner.
 #[derive(Default)]
-pub(super) struct Columns {
+pub(super) struct Columns<'a> {
     pub(super) event_sagas: Vec<Uuid>,
     pub(super) seqs: Vec<i64>,
     pub(super) kinds: Vec<&'static str>,
-    pub(super) data: Vec<Json<Event>>,
+    pub(super) data: Vec<Json<&'a Event>>,
     pub(super) cancelled_sagas: Vec<Uuid>,
-    pub(super) cancelled_keys: Vec<String>,
+    pub(super) cancelled_keys: Vec<&'a str>,
     pub(super) timer_sagas: Vec<Uuid>,
     pub(super) keys: Vec<String>,
-    pub(super) timers: Vec<Json<Timer>>,
+    pub(super) timers: Vec<Json<&'a Timer>>,
     pub(super) due_ats: Vec<DateTime<Utc>>,
     pub(super) instances: Vec<Uuid>,
     pub(super) statuses: Vec<&'static str>,
     pub(super) last_seqs: Vec<i64>,
-    pub(super) reasons: Vec<Option<String>>,
+    pub(super) reasons: Vec<Option<&'a str>>,
     pub(super) outbox_sagas: Vec<Uuid>,
     pub(super) destinations: Vec<String>,
     pub(super) message_ids: Vec<Uuid>,
-    pub(super) headers: Vec<Json<BTreeMap<String, String>>>,
-    pub(super) bodies: Vec<Vec<u8>>,
+    pub(super) headers: Vec<Json<&'a BTreeMap<String, String>>>,
+    pub(super) bodies: Vec<&'a [u8]>,
 }
 
-impl From<Writes> for Columns {
-    fn from(writes: Writes) -> Self {
-        let mut c = Columns::default();
-        for row in writes.events {
-            c.event_sagas.push(row.saga_id);
-            c.seqs.push(row.seq);
-            c.kinds.push(row.event.kind());
-            c.data.push(Json(row.event));
+impl<'a> Columns<'a> {
+    /// Appends the rows of `writes`.
+    pub(super) fn add(&mut self, writes: &'a Writes) {
+        for row in &writes.events {
+            self.event_sagas.push(row.saga_id);
+            self.seqs.push(row.seq);
+            self.kinds.push(row.event.kind());
+            self.data.push(Json(&row.event));
         }
-        for row in writes.timers_set {
-            c.timer_sagas.push(row.saga_id);
-            c.keys.push(row.timer.key());
-            c.timers.push(Json(row.timer));
-            c.due_ats.push(row.due_at);
+        let first_set = self.timer_sagas.len();
+        for row in &writes.timers_set {
+            self.timer_sagas.push(row.saga_id);
+            self.keys.push(row.timer.key());
+            self.timers.push(Json(&row.timer));
+            self.due_ats.push(row.due_at);
         }
         // A timer cancelled and set again in one batch is replaced by the upsert; one statement
         // must not touch a row twice.
-        let set: HashSet<(&Uuid, &String)> = c.timer_sagas.iter().zip(&c.keys).collect();
-        let (sagas, keys) = writes
+        let set: HashSet<(&Uuid, &String)> = self.timer_sagas[first_set..]
+            .iter()
+            .zip(&self.keys[first_set..])
+            .collect();
+        let cancelled: Vec<(Uuid, &str)> = writes
             .timers_cancelled
-            .into_iter()
+            .iter()
             .filter(|(saga, key)| !set.contains(&(saga, key)))
-            .unzip();
-        (c.cancelled_sagas, c.cancelled_keys) = (sagas, keys);
-        for (id, update) in writes.instances {
-            c.instances.push(id);
-            c.statuses.push(update.status.as_str());
-            c.last_seqs.push(update.last_seq);
-            c.reasons.push(update.reason);
+            .map(|(saga, key)| (*saga, key.as_str()))
+            .collect();
+        for (saga, key) in cancelled {
+            self.cancelled_sagas.push(saga);
+            self.cancelled_keys.push(key);
         }
-        for (saga_id, envelope) in writes.outbox {
-            c.outbox_sagas.push(saga_id);
-            c.destinations.push(envelope.destination.encode());
-            c.message_ids.push(envelope.message.id);
-            c.headers.push(Json(envelope.message.headers));
-            c.bodies.push(envelope.message.body);
+        for (id, update) in &writes.instances {
+            self.instances.push(*id);
+            self.statuses.push(update.status.as_str());
+            self.last_seqs.push(update.last_seq);
+            self.reasons.push(update.reason.as_deref());
         }
+        for (saga_id, envelope) in &writes.outbox {
+            self.outbox_sagas.push(*saga_id);
+            self.destinations.push(envelope.destination.encode());
+            self.message_ids.push(envelope.message.id);
+            self.headers.push(Json(&envelope.message.headers));
+            self.bodies.push(&envelope.message.body);
+        }
+    }
+}
+
+impl<'a> From<&'a Writes> for Columns<'a> {
+    fn from(writes: &'a Writes) -> Self {
+        let mut c = Columns::default();
+        c.add(writes);
         c
     }
 }

@@ -1,0 +1,170 @@
+//! Starts against the real PostgreSQL when many arrive at once: they share statements and
+//! commits, yet each gets exactly the rows a lone start writes, a business key still makes
+//! one saga, and a start the database rejects fails alone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use saga_core::Client;
+use saga_core::store::Started;
+use saga_tests::order::{self, Order};
+use saga_tests::{TestDb, database};
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+fn order(id: u32) -> Order {
+    Order {
+        id,
+        ..Order::default()
+    }
+}
+
+/// Starts `n` orders at once, the `i`-th with the key `key(i)`.
+async fn start_at_once(
+    client: &Client,
+    n: u32,
+    key: impl Fn(u32) -> Option<String>,
+) -> Vec<saga_core::Result<Started>> {
+    let def = order::definition();
+    join_all((0..n).map(|i| {
+        let (client, def, key) = (client.clone(), def.clone(), key(i));
+        async move {
+            match key {
+                Some(key) => client.start_with_key(&def, &order(i), &key).await,
+                None => client.start(&def, &order(i)).await,
+            }
+        }
+    }))
+    .await
+}
+
+/// Rows per saga in `table` of the test's schema.
+async fn rows_per_saga(db: &TestDb, table: &str, column: &str) -> HashMap<Uuid, i64> {
+    let sql = format!(
+        "SELECT {column}, count(*) FROM \"{}\".{table} GROUP BY {column}",
+        db.schema
+    );
+    sqlx::query_as::<_, (Uuid, i64)>(AssertSqlSafe(sql))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// How many transactions wrote the saga rows: rows written by one share its `xmin`.
+async fn transactions(db: &TestDb) -> i64 {
+    let sql = format!(
+        "SELECT count(DISTINCT xmin::text) FROM \"{}\".instances",
+        db.schema
+    );
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn starts_at_once_share_commits_and_each_gets_the_rows_of_a_lone_start() {
+    let db = database().await;
+    let client = Client::new(Arc::new(db.store()));
+    let lone = client
+        .start(&order::definition(), &order(0))
+        .await
+        .unwrap()
+        .saga_id;
+
+    let started = start_at_once(&client, 200, |_| None).await;
+    let ids: HashSet<Uuid> = started
+        .into_iter()
+        .map(|s| {
+            let s = s.unwrap();
+            assert!(s.created);
+            s.saga_id
+        })
+        .collect();
+    assert_eq!(ids.len(), 200, "every start has an id of its own");
+    assert!(!ids.contains(&lone));
+
+    let sagas = transactions(&db).await;
+    assert!(
+        sagas < 201,
+        "201 starts took {sagas} transactions: none was shared"
+    );
+    for (table, column) in [
+        ("events", "saga_id"),
+        ("outbox", "saga_id"),
+        ("timers", "saga_id"),
+    ] {
+        let rows = rows_per_saga(&db, table, column).await;
+        for id in &ids {
+            assert_eq!(
+                rows.get(id),
+                rows.get(&lone),
+                "saga {id} has the {table} rows of a lone start"
+            );
+        }
+    }
+    for id in ids {
+        let summary = client.summary(id).await.unwrap().unwrap();
+        assert_eq!(summary.saga, "order");
+        let history = client.history(id).await.unwrap();
+        assert_eq!(
+            history.len(),
+            client.history(lone).await.unwrap().len(),
+            "saga {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_business_key_started_at_once_makes_one_saga() {
+    let db = database().await;
+    let client = Client::new(Arc::new(db.store()));
+    // Even i: the same key; odd i: a key of its own.
+    let started = start_at_once(&client, 100, |i| {
+        Some(if i % 2 == 0 {
+            "order-shared".to_owned()
+        } else {
+            format!("order-{i}")
+        })
+    })
+    .await;
+    let started: Vec<Started> = started.into_iter().map(Result::unwrap).collect();
+    let shared: Vec<&Started> = started.iter().step_by(2).collect();
+    assert_eq!(
+        shared.iter().filter(|s| s.created).count(),
+        1,
+        "one start of the shared key created the saga"
+    );
+    assert!(shared.iter().all(|s| s.saga_id == shared[0].saga_id));
+    assert!(started.iter().skip(1).step_by(2).all(|s| s.created));
+    let counts = client.count_by_status().await.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 51);
+    // The saga of the shared key has the rows of one start, not of fifty.
+    let events = rows_per_saga(&db, "events", "saga_id").await;
+    let own = started[1].saga_id;
+    assert_eq!(events.get(&shared[0].saga_id), events.get(&own));
+}
+
+#[tokio::test]
+async fn a_start_the_database_rejects_fails_alone() {
+    let db = database().await;
+    let client = Client::new(Arc::new(db.store()));
+    // PostgreSQL's text cannot hold a NUL: the statement holding this key fails.
+    let started = start_at_once(&client, 100, |i| {
+        (i == 50).then(|| "order-\0-50".to_owned())
+    })
+    .await;
+    for (i, s) in started.iter().enumerate() {
+        match (i, s) {
+            (50, Err(e)) => assert!(e.to_string().contains("database"), "{e}"),
+            (50, Ok(s)) => panic!("a key with a NUL was stored: {s:?}"),
+            (_, Err(e)) => panic!("start {i} failed with the bad one: {e}"),
+            (_, Ok(s)) => assert!(s.created),
+        }
+    }
+    let counts = client.count_by_status().await.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 99);
+}
