@@ -168,3 +168,45 @@ async fn a_start_the_database_rejects_fails_alone() {
     let counts = client.count_by_status().await.unwrap();
     assert_eq!(counts.values().sum::<u64>(), 99);
 }
+
+#[tokio::test]
+async fn two_stores_starting_the_same_keys_at_once_make_one_saga_per_key() {
+    let db = database().await;
+    // Two stores, as two processes would have, each with its own queue of starts.
+    let (one, two) = (
+        Client::new(Arc::new(db.store())),
+        Client::new(Arc::new(db.store())),
+    );
+    let key = |i: u32| Some(format!("order-{}", i % 40));
+    let reversed = |i: u32| Some(format!("order-{}", 39 - i % 40));
+    let (a, b) = tokio::join!(
+        start_at_once(&one, 80, key),
+        start_at_once(&two, 80, reversed)
+    );
+    let mut by_key: HashMap<String, HashSet<Uuid>> = HashMap::new();
+    let mut created = 0;
+    for (i, s) in a.into_iter().enumerate() {
+        let s = s.unwrap_or_else(|e| panic!("start {i} of the first store: {e}"));
+        created += usize::from(s.created);
+        by_key
+            .entry(key(i as u32).unwrap())
+            .or_default()
+            .insert(s.saga_id);
+    }
+    for (i, s) in b.into_iter().enumerate() {
+        let s = s.unwrap_or_else(|e| panic!("start {i} of the second store: {e}"));
+        created += usize::from(s.created);
+        by_key
+            .entry(reversed(i as u32).unwrap())
+            .or_default()
+            .insert(s.saga_id);
+    }
+    assert_eq!(by_key.len(), 40);
+    assert!(
+        by_key.values().all(|ids| ids.len() == 1),
+        "every caller of a key got the same saga"
+    );
+    assert_eq!(created, 40, "one start per key created its saga");
+    let counts = one.count_by_status().await.unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 40);
+}

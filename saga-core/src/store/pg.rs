@@ -265,21 +265,24 @@ impl PgStore {
         let mut permit = Some(permit);
         while let Some(batch) = self.starts.next_batch(&mut permit) {
             let now = Utc::now();
-            let (mut prepared, mut replies) = (Vec::new(), Vec::new());
+            let mut ready = Vec::with_capacity(batch.len());
             for Pending { request, reply } in batch {
                 match prepare_start(request, now) {
-                    Ok(start) => {
-                        prepared.push(start);
-                        replies.push(reply);
-                    }
+                    Ok(start) => ready.push((start, reply)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
-            if prepared.is_empty() {
+            if ready.is_empty() {
                 continue;
             }
+            // Business keys taken in one order by every writer, here and in other processes:
+            // two statements waiting on each other's keys would deadlock.
+            ready.sort_by(|(a, _), (b, _)| {
+                (a.definition.name(), &a.business_key).cmp(&(b.definition.name(), &b.business_key))
+            });
+            let (prepared, replies): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
             let mut conn = match self.pool.acquire().await {
                 Ok(conn) => conn,
                 Err(e) => {
