@@ -66,6 +66,9 @@ pub enum Error {
     /// Invalid configuration, naming the setting.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// One error for several calls served together (starts written in one statement, say).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
 }
 
 impl Error {
@@ -88,6 +91,7 @@ impl Error {
                 _ => false,
             },
             Error::Transport(_) => true,
+            Error::Shared(e) => e.is_transient(),
             _ => false,
         }
     }

@@ -1,6 +1,7 @@
 //! The PostgreSQL store: the durable event log, instances, outbox and timers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use crate::state::{SagaState, SagaStatus, replay};
 use cache::StateCache;
 use columns::Columns;
 use sql::Sql;
-use starts::{Pending, PreparedStart, StartQueue, prepare_start};
+use starts::{Pending, PreparedStart, StartQueue, Writer, prepare_start};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
 
@@ -158,6 +159,12 @@ impl PgStore {
     /// Starts a saga inside the caller's transaction, so that it exists exactly when the
     /// caller's own writes commit (the transactional outbox from the caller's side).
     ///
+    /// A business key started here is held until the transaction ends: starts of the same
+    /// key elsewhere wait for it, and with them the other starts written in their statement
+    /// (see [`Client::start`](crate::Client::start)). Keep such transactions short, and start
+    /// several keyed sagas in one in the order of (saga name, key), the order in which shared
+    /// statements take them, so that neither side can deadlock.
+    ///
     /// ```no_run
     /// # async fn demo(store: saga_core::PgStore, def: saga_core::SagaDefinition<u32>) -> saga_core::Result<()> {
     /// let mut tx = store.pool().begin().await?;
@@ -261,16 +268,21 @@ impl PgStore {
     }
 
     /// Writes queued starts, a batch at a time, until none is left (see [`starts`]).
-    async fn write_starts(self, permit: tokio::sync::OwnedSemaphorePermit) {
-        let mut permit = Some(permit);
-        while let Some(batch) = self.starts.next_batch(&mut permit) {
+    async fn write_starts(self, mut writer: Writer) {
+        while let Some(batch) = StartQueue::next_batch(&mut writer) {
             let now = Utc::now();
             let mut ready = Vec::with_capacity(batch.len());
             for Pending { request, reply } in batch {
-                match prepare_start(request, now) {
-                    Ok(start) => ready.push((start, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
+                // The definition's code runs here: a panic in it goes to its own caller.
+                let prepared =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| prepare_start(request, now)));
+                match prepared {
+                    Ok(Ok(start)) => ready.push((start, reply)),
+                    Ok(Err(e)) => {
+                        let _ = reply.send(Ok(Err(e)));
+                    }
+                    Err(panic) => {
+                        let _ = reply.send(Err(panic));
                     }
                 }
             }
@@ -286,8 +298,9 @@ impl PgStore {
             let mut conn = match self.pool.acquire().await {
                 Ok(conn) => conn,
                 Err(e) => {
+                    let shared = Arc::new(Error::from(e));
                     for reply in replies {
-                        let _ = reply.send(Err(Error::Database(same_error(&e))));
+                        let _ = reply.send(Ok(Err(Error::Shared(Arc::clone(&shared)))));
                     }
                     continue;
                 }
@@ -313,7 +326,7 @@ impl PgStore {
                 }
             };
             for (reply, started) in replies.into_iter().zip(results) {
-                let _ = reply.send(started);
+                let _ = reply.send(Ok(started));
             }
         }
     }
@@ -590,12 +603,15 @@ impl Store for PgStore {
         // (no BEGIN and COMMIT round trips), by a task of its own: a caller that gives up
         // waiting does not take the others' starts down with it.
         let (reply, started) = tokio::sync::oneshot::channel();
-        if let Some(permit) = self.starts.push(Pending { request, reply }) {
-            tokio::spawn(self.clone().write_starts(permit));
+        if let Some(writer) = self.starts.push(Pending { request, reply }) {
+            tokio::spawn(self.clone().write_starts(writer));
         }
-        started
-            .await
-            .unwrap_or(Err(Error::Database(sqlx::Error::WorkerCrashed)))
+        match started.await {
+            Ok(Ok(started)) => started,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            // The writer is gone without a word (its runtime shut down).
+            Err(_) => Err(Error::Database(sqlx::Error::WorkerCrashed)),
+        }
     }
 
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
@@ -855,14 +871,4 @@ fn registered(registry: &Registry) -> (Vec<String>, Vec<i32>) {
         .iter()
         .map(|d| (d.name().to_owned(), d.version() as i32))
         .unzip()
-}
-
-/// The same error again, for each start of a batch that shares it: pool errors as they are,
-/// any other as an I/O error with its text (transient, as a failed connection is).
-fn same_error(e: &sqlx::Error) -> sqlx::Error {
-    match e {
-        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
-        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
-        e => sqlx::Error::Io(std::io::Error::other(e.to_string())),
-    }
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::decide::Input;
 use crate::definition::Definition;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::state::replay;
 use crate::store::transition::{EventRow, InstanceUpdate, Loaded, Writes, apply_input};
@@ -73,16 +73,41 @@ pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result
     })
 }
 
+/// What a start's caller gets: its result, or the panic of the definition's code that ran
+/// for it (resumed in the caller, as if the start had run there).
+pub(super) type Reply = std::thread::Result<Result<Started>>;
+
 /// A start waiting for its batch, and where its result goes.
 pub(super) struct Pending {
     pub(super) request: StartRequest,
-    pub(super) reply: oneshot::Sender<Result<Started>>,
+    pub(super) reply: oneshot::Sender<Reply>,
 }
 
 /// The starts waiting to be written, and the permits of the tasks writing them.
 pub(super) struct StartQueue {
     pending: Mutex<Vec<Pending>>,
     writers: Arc<Semaphore>,
+}
+
+/// A writer's permit. A writer that ends before the queue is empty (it panicked, or its
+/// runtime dropped it) answers the starts still queued with an error as it goes, so none
+/// waits for a writer that may never come.
+pub(super) struct Writer {
+    queue: Arc<StartQueue>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.permit.take().is_some() {
+            let stranded: Vec<Pending> = self.queue.lock().drain(..).collect();
+            for pending in stranded {
+                let _ = pending
+                    .reply
+                    .send(Ok(Err(Error::Database(sqlx::Error::WorkerCrashed))));
+            }
+        }
+    }
 }
 
 impl StartQueue {
@@ -98,33 +123,39 @@ impl StartQueue {
         }
     }
 
-    /// Queues a start; returns a permit when the caller is to spawn a writer, because fewer
-    /// than [`Self::WRITERS`] are running.
-    pub(super) fn push(&self, pending: Pending) -> Option<OwnedSemaphorePermit> {
+    /// Queues a start; returns a writer's permit when the caller is to spawn one, because
+    /// fewer than [`Self::WRITERS`] are running.
+    pub(super) fn push(self: &Arc<Self>, pending: Pending) -> Option<Writer> {
         self.lock().push(pending);
-        Arc::clone(&self.writers).try_acquire_owned().ok()
+        self.writer()
     }
 
-    /// The next batch for the writer holding `permit`; `None` once the queue is empty, the
-    /// permit then given back. A start queued after the writer looked finds the permit free
-    /// and spawns a writer, or is seen by the writer's second look: none is left behind.
-    pub(super) fn next_batch(
-        &self,
-        permit: &mut Option<OwnedSemaphorePermit>,
-    ) -> Option<Vec<Pending>> {
-        while permit.is_some() {
+    fn writer(self: &Arc<Self>) -> Option<Writer> {
+        let permit = Arc::clone(&self.writers).try_acquire_owned().ok()?;
+        Some(Writer {
+            queue: Arc::clone(self),
+            permit: Some(permit),
+        })
+    }
+
+    /// The next batch for `writer`; `None` once the queue is empty, its permit then given
+    /// back. A start queued after the writer looked finds the permit free and spawns a
+    /// writer, or is seen by the writer's second look: none is left behind.
+    pub(super) fn next_batch(writer: &mut Writer) -> Option<Vec<Pending>> {
+        let queue = Arc::clone(&writer.queue);
+        while writer.permit.is_some() {
             {
-                let mut pending = self.lock();
+                let mut pending = queue.lock();
                 if !pending.is_empty() {
                     let n = pending.len().min(Self::BATCH);
                     return Some(pending.drain(..n).collect());
                 }
             }
-            drop(permit.take());
-            if self.lock().is_empty() {
+            drop(writer.permit.take());
+            if queue.lock().is_empty() {
                 return None;
             }
-            *permit = Arc::clone(&self.writers).try_acquire_owned().ok();
+            writer.permit = Arc::clone(&queue.writers).try_acquire_owned().ok();
         }
         None
     }
