@@ -80,7 +80,7 @@ impl OrchestratorConfig {
     /// Default batch size.
     pub const DEFAULT_BATCH_SIZE: usize = 128;
     /// Default number of batches applied at once.
-    pub const DEFAULT_CONCURRENT_BATCHES: usize = 4;
+    pub const DEFAULT_CONCURRENT_BATCHES: usize = 2;
     /// Default poll interval.
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
     /// Default outbox lease for polled rows.

@@ -112,7 +112,7 @@ impl Drop for Writer {
 
 impl StartQueue {
     /// Batches written at once, each on its own connection.
-    const WRITERS: usize = 4;
+    const WRITERS: usize = 2;
     /// Starts in one statement at most.
     const BATCH: usize = 256;
 
