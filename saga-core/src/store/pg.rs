@@ -313,14 +313,29 @@ impl PgStore {
                     // Rolled back (a deadlock with another writer of the same business keys,
                     // say) or not known: each start again on its own, so that one cannot fail
                     // the rest. A start the statement did write finds its own id.
+                    // Once the database cannot be reached (an error that is not its answer),
+                    // the starts left get that error rather than wait for it, one by one.
                     tracing::debug!(error = %e, starts = prepared.len(), "a batch of starts failed; writing them one by one");
                     let mut one_by_one = Vec::with_capacity(prepared.len());
+                    let mut unreachable: Option<Arc<Error>> = None;
                     for start in &prepared {
-                        let started = self
-                            .insert_on_pool(std::slice::from_ref(start), now)
-                            .await
-                            .and_then(|mut started| started.pop().expect("one start, one result"));
-                        one_by_one.push(started);
+                        if let Some(e) = &unreachable {
+                            one_by_one.push(Err(Error::Shared(Arc::clone(e))));
+                            continue;
+                        }
+                        match self.insert_on_pool(std::slice::from_ref(start), now).await {
+                            Ok(mut started) => {
+                                one_by_one.push(started.pop().expect("one start, one result"))
+                            }
+                            Err(e @ Error::Database(sqlx::Error::Database(_))) => {
+                                one_by_one.push(Err(e))
+                            }
+                            Err(e) => {
+                                let e = Arc::new(e);
+                                one_by_one.push(Err(Error::Shared(Arc::clone(&e))));
+                                unreachable = Some(e);
+                            }
+                        }
                     }
                     one_by_one
                 }
