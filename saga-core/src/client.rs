@@ -45,6 +45,9 @@ impl Client {
     }
 
     /// Starts a saga. Once this returns, the saga runs to its end through any crash.
+    ///
+    /// On [`PgStore`](crate::PgStore), starts made at the same time (from many tasks) share
+    /// one statement and one commit; a lone start is written at once.
     pub async fn start<I: Serialize>(
         &self,
         definition: &SagaDefinition<I>,
