@@ -4,7 +4,7 @@
 //! service and may have a compensation that undoes it. The [`Orchestrator`] appends every
 //! transition to an event log (the [`Store`]) in the same transaction as the commands it sends,
 //! publishes them through a [`Transport`], applies the participants' results, and replays the
-//! log ([`replay`] + [`decide`]) to go forward or, after a step failed for good, to compensate
+//! log ([`replay`] + [`decide`](fn@decide)) to go forward or, after a step failed for good, to compensate
 //! the completed steps in reverse order. Participants run step handlers in a [`Worker`], and
 //! use the [`Inbox`] to apply each effect once.
 //!
