@@ -262,3 +262,17 @@ async fn a_panic_in_the_definition_reaches_its_own_caller_only() {
     let counts = client.count_by_status().await.unwrap();
     assert_eq!(counts.values().sum::<u64>(), 30);
 }
+
+#[tokio::test]
+async fn starts_without_a_connection_all_get_the_error() {
+    let db = database().await;
+    let store = db.store();
+    store.pool().close().await;
+    let client = Client::new(Arc::new(store));
+    let started = start_at_once(&client, 20, |_| None).await;
+    for s in started {
+        let e = s.expect_err("no connection to start on");
+        assert!(e.is_transient(), "a closed pool may open again: {e}");
+        assert!(e.to_string().contains("closed"), "{e}");
+    }
+}
