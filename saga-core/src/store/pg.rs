@@ -310,34 +310,8 @@ impl PgStore {
                 Err(e) if prepared.len() == 1 => vec![Err(e)],
                 Err(e) => {
                     drop(conn);
-                    // Rolled back (a deadlock with another writer of the same business keys,
-                    // say) or not known: each start again on its own, so that one cannot fail
-                    // the rest. A start the statement did write finds its own id.
-                    // Once the database cannot be reached (an error that is not its answer),
-                    // the starts left get that error rather than wait for it, one by one.
                     tracing::debug!(error = %e, starts = prepared.len(), "a batch of starts failed; writing them one by one");
-                    let mut one_by_one = Vec::with_capacity(prepared.len());
-                    let mut unreachable: Option<Arc<Error>> = None;
-                    for start in &prepared {
-                        if let Some(e) = &unreachable {
-                            one_by_one.push(Err(Error::Shared(Arc::clone(e))));
-                            continue;
-                        }
-                        match self.insert_on_pool(std::slice::from_ref(start), now).await {
-                            Ok(mut started) => {
-                                one_by_one.push(started.pop().expect("one start, one result"))
-                            }
-                            Err(e @ Error::Database(sqlx::Error::Database(_))) => {
-                                one_by_one.push(Err(e))
-                            }
-                            Err(e) => {
-                                let e = Arc::new(e);
-                                one_by_one.push(Err(Error::Shared(Arc::clone(&e))));
-                                unreachable = Some(e);
-                            }
-                        }
-                    }
-                    one_by_one
+                    self.insert_one_by_one(&prepared, now).await
                 }
             };
             for (reply, started) in replies.into_iter().zip(results) {
@@ -346,6 +320,37 @@ impl PgStore {
         }
     }
 
+    /// The starts of a failed statement, each again on its own: it was rolled back (a
+    /// deadlock with another writer of the same business keys, say) or its fate is not known,
+    /// and one start must not fail the rest. A start the statement did write finds its own
+    /// id. Once the database cannot be reached (an error that is not its answer), the starts
+    /// left get that error rather than wait for it one by one.
+    async fn insert_one_by_one(
+        &self,
+        starts: &[PreparedStart],
+        now: DateTime<Utc>,
+    ) -> Vec<Result<Started>> {
+        let mut results = Vec::with_capacity(starts.len());
+        let mut unreachable: Option<Arc<Error>> = None;
+        for start in starts {
+            if let Some(e) = &unreachable {
+                results.push(Err(Error::Shared(Arc::clone(e))));
+                continue;
+            }
+            match self.insert_on_pool(std::slice::from_ref(start), now).await {
+                Ok(mut started) => results.push(started.pop().expect("one start, one result")),
+                Err(e @ Error::Database(sqlx::Error::Database(_))) => results.push(Err(e)),
+                Err(e) => {
+                    let e = Arc::new(e);
+                    results.push(Err(Error::Shared(Arc::clone(&e))));
+                    unreachable = Some(e);
+                }
+            }
+        }
+        results
+    }
+
+    /// [`Self::insert_starts`] on a connection of the pool.
     async fn insert_on_pool(
         &self,
         starts: &[PreparedStart],
