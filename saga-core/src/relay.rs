@@ -146,10 +146,7 @@ impl Relay {
         if !oversized.is_empty() {
             match self.fail_undeliverable(&oversized, published).await {
                 Ok(handled) => {
-                    let handled: Vec<i64> = handled.iter().map(|id| ids[id]).collect();
-                    if let Err(e) = self.store.delete_outbox(&handled).await {
-                        warn!(error = %e, "deleting failed outbox rows failed");
-                    }
+                    let _ = published.send(handled.iter().map(|id| ids[id]).collect());
                 }
                 Err(e) => warn!(error = %e, "failing oversized commands failed; will retry"),
             }

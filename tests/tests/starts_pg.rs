@@ -187,29 +187,20 @@ async fn two_stores_starting_the_same_keys_at_once_make_one_saga_per_key() {
         Client::new(Arc::new(db.store())),
         Client::new(Arc::new(db.store())),
     );
-    let key = |i: u32| Some(format!("order-{}", i % 40));
-    let reversed = |i: u32| Some(format!("order-{}", 39 - i % 40));
+    let key: fn(u32) -> Option<String> = |i| Some(format!("order-{}", i % 40));
+    let reversed: fn(u32) -> Option<String> = |i| Some(format!("order-{}", 39 - i % 40));
     let (a, b) = tokio::join!(
         start_at_once(&one, 80, key),
         start_at_once(&two, 80, reversed)
     );
     let mut by_key: HashMap<String, HashSet<Uuid>> = HashMap::new();
     let mut created = 0;
-    for (i, s) in a.into_iter().enumerate() {
-        let s = s.unwrap_or_else(|e| panic!("start {i} of the first store: {e}"));
-        created += usize::from(s.created);
-        by_key
-            .entry(key(i as u32).unwrap())
-            .or_default()
-            .insert(s.saga_id);
-    }
-    for (i, s) in b.into_iter().enumerate() {
-        let s = s.unwrap_or_else(|e| panic!("start {i} of the second store: {e}"));
-        created += usize::from(s.created);
-        by_key
-            .entry(reversed(i as u32).unwrap())
-            .or_default()
-            .insert(s.saga_id);
+    for (store, started, key) in [("first", a, key), ("second", b, reversed)] {
+        for (i, s) in (0u32..).zip(started) {
+            let s = s.unwrap_or_else(|e| panic!("start {i} of the {store} store: {e}"));
+            created += usize::from(s.created);
+            by_key.entry(key(i).unwrap()).or_default().insert(s.saga_id);
+        }
     }
     assert_eq!(by_key.len(), 40);
     assert!(
