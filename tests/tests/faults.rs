@@ -260,7 +260,7 @@ async fn a_participant_paused_past_its_step_timeout_does_nothing_twice() {
             payment = pid;
         }
     }
-    stack.spawn_with(&["start", "--count", "300", "--fail-every", "10"], &env);
+    stack.spawn_with(&["start", "--count", "100", "--fail-every", "10"], &env);
     assert!(
         wait_until(Duration::from_secs(60), || async {
             finished(&stack).await >= 30
@@ -270,6 +270,8 @@ async fn a_participant_paused_past_its_step_timeout_does_nothing_twice() {
     );
     let before = timed_out_charges(&stack).await;
     stack.signal(payment, "STOP");
+    // Started during the pause, so charges are pending however fast the first ones went.
+    stack.spawn_with(&["start", "--count", "200", "--fail-every", "10"], &env);
     // Paused until the orchestrator has timed out several more charge attempts.
     let timed_out = wait_until(Duration::from_secs(30), || async {
         timed_out_charges(&stack).await >= before + 5
@@ -280,6 +282,15 @@ async fn a_participant_paused_past_its_step_timeout_does_nothing_twice() {
         timed_out,
         "charge attempts timed out while the payment service was paused"
     );
+    let all_started = wait_until(Duration::from_secs(60), || async {
+        let started: i64 = sqlx::query_scalar("SELECT count(*) FROM saga.instances")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+        started == 300
+    })
+    .await;
+    assert!(all_started, "both starters started their sagas");
     let waited = stack.run(&["wait", "--timeout", "120"]).await;
     let counts: serde_json::Value = serde_json::from_str(waited.trim()).unwrap();
     let count = |k: &str| counts[k].as_i64().unwrap();
