@@ -34,6 +34,8 @@ pub struct BenchArgs {
     pub inbox: bool,
     /// Finished sagas put in the log before the run.
     pub history: u64,
+    /// Sagas are started through a store of their own, not the orchestrator's.
+    pub remote_starts: bool,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -210,20 +212,26 @@ where
         })
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
-    // The load generator starts sagas on a pool of its own, as the services that start sagas
-    // in production do: starts do not queue for the orchestrator's connections.
-    let client_pool = PgPoolOptions::new()
-        .max_connections(16)
-        .connect_with(
-            pool.connect_options()
-                .as_ref()
-                .clone()
-                .application_name(&format!("{} bench client", E::PROGRAM)),
-        )
-        .await?;
-    let client = Client::new(Arc::new(
-        PgStore::builder(client_pool).schema(schema).build()?,
-    ));
+    // Sagas are started through the orchestrator's store, as a service that runs its
+    // orchestrator does: their first commands go to its relay in memory. With
+    // `--remote-starts`, through a store and pool of their own, as another service's would:
+    // their first commands wait for the relay's poller.
+    let client = if args.remote_starts {
+        let client_pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name(&format!("{} bench client", E::PROGRAM)),
+            )
+            .await?;
+        Client::new(Arc::new(
+            PgStore::builder(client_pool).schema(schema).build()?,
+        ))
+    } else {
+        Client::new(store.clone())
+    };
     if args.history > 0 {
         // One real saga, then its rows copied under new ids, finished a day ago.
         let model = client.start(&def, &E::input(0, false)).await?.saga_id;

@@ -103,6 +103,10 @@ enum Command {
         /// rows), to measure throughput with a large log.
         #[arg(long, value_name = "N", default_value_t = 0)]
         history: u64,
+        /// Start sagas through a store of their own, as another service would (their first
+        /// commands then wait for the relay's poller), rather than through the orchestrator's.
+        #[arg(long)]
+        remote_starts: bool,
     },
 }
 
@@ -297,9 +301,11 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             fail_every,
             inbox,
             history,
+            remote_starts,
         } => {
             let args = crate::bench::BenchArgs {
                 history,
+                remote_starts,
                 count,
                 in_flight,
                 fail_every,

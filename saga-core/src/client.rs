@@ -47,7 +47,11 @@ impl Client {
     /// Starts a saga. Once this returns, the saga runs to its end through any crash.
     ///
     /// On [`PgStore`](crate::PgStore), starts made at the same time (from many tasks) share
-    /// one statement and one commit; a lone start is written at once.
+    /// one statement and one commit; a lone start is written at once. Through the store (or a
+    /// clone of it) an [`Orchestrator`](crate::Orchestrator) of this process runs on, the
+    /// saga's first command goes to that orchestrator's relay right after the commit, and its
+    /// state stays in memory for its first result; through any other store, the relays'
+    /// pollers are woken to publish it.
     pub async fn start<I: Serialize>(
         &self,
         definition: &SagaDefinition<I>,

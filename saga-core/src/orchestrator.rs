@@ -17,7 +17,7 @@ use crate::message::{Destination, Reply};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::relay::{Relay, RelayConfig};
-use crate::store::{Applied, OutboxRecord, Store};
+use crate::store::{Applied, LocalRelay, OutboxRecord, Store};
 use crate::transport::{Delivery, Transport};
 
 /// Drives saga instances: applies results and due timers to the log, and publishes commands.
@@ -200,6 +200,11 @@ impl Orchestrator {
         // The relay stops after the loops that feed it, so what they committed is published.
         let relay_stop = CancellationToken::new();
         tracker.spawn(relay.run(relay_rx, relay_stop.clone()));
+        // Sagas started through this store in this process hand their first commands to the
+        // relay as well, until it stops.
+        let local = LocalRelay::new(relay_tx.clone());
+        let store = Arc::clone(&self.store);
+        store.attach_relay(local.clone());
         let engine = Arc::new(Engine {
             store: self.store,
             registry: self.registry,
@@ -214,7 +219,8 @@ impl Orchestrator {
         feeders.spawn(Arc::clone(&engine).fire_timers(wake_rx, shutdown.clone()));
         feeders.close();
         feeders.wait().await;
-        drop(engine);
+        store.detach_relay(&local);
+        drop((engine, local));
         relay_stop.cancel();
         tracker.close();
         tracker.wait().await;

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::decide::{Input, Timer, Verdict};
@@ -39,6 +40,29 @@ pub struct OutboxRecord {
     pub id: i64,
     /// What to publish.
     pub envelope: Envelope,
+}
+
+/// The relay of an orchestrator that runs in this process: committed outbox rows handed to
+/// it are published at once, without waiting for a poller. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LocalRelay(mpsc::UnboundedSender<Vec<OutboxRecord>>);
+
+impl LocalRelay {
+    /// A relay fed through `sender`.
+    pub fn new(sender: mpsc::UnboundedSender<Vec<OutboxRecord>>) -> Self {
+        Self(sender)
+    }
+
+    /// Hands over committed rows, claimed for the hand-over; false if the relay has stopped
+    /// (the rows are then published by a poller once their claim lapses).
+    pub fn hand_over(&self, records: Vec<OutboxRecord>) -> bool {
+        self.0.send(records).is_ok()
+    }
+
+    /// Whether `self` and `other` feed the same relay.
+    pub fn same_relay(&self, other: &LocalRelay) -> bool {
+        self.0.same_channel(&other.0)
+    }
 }
 
 /// What applying one input did, after the commit.
@@ -190,4 +214,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;
+
+    /// Called by an orchestrator that runs on this store, in this process, with its relay. The
+    /// store may then hand the first commands of the sagas started through it to that relay
+    /// right after their commit, instead of leaving them to a poller. Ignored by default.
+    fn attach_relay(&self, relay: LocalRelay) {
+        let _ = relay;
+    }
+
+    /// Undoes [`Store::attach_relay`] for `relay` (a relay attached since is kept).
+    fn detach_relay(&self, relay: &LocalRelay) {
+        let _ = relay;
+    }
 }

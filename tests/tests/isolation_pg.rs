@@ -32,13 +32,16 @@ fn definition() -> SagaDefinition<u32> {
 }
 
 /// Appends an event naming a step the definition lacks, so the saga's log no longer replays.
+/// Like every writer of the log, it raises the saga's `last_seq`: a state kept in memory is
+/// then read again from the log.
 async fn corrupt(db: &saga_tests::TestDb, saga_id: Uuid) {
+    let s = &db.schema;
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO \"{}\".events (saga_id, seq, kind, data, recorded_at) \
+        "WITH e AS (INSERT INTO \"{s}\".events (saga_id, seq, kind, data, recorded_at) \
          SELECT $1, max(seq) + 1, 'succeeded', \
          '{{\"type\":\"succeeded\",\"step\":99,\"direction\":\"forward\",\"attempt\":1,\"output\":null}}', now() \
-         FROM \"{}\".events WHERE saga_id = $1",
-        db.schema, db.schema
+         FROM \"{s}\".events WHERE saga_id = $1 RETURNING seq) \
+         UPDATE \"{s}\".instances SET last_seq = (SELECT seq FROM e) WHERE id = $1"
     )))
     .bind(saga_id)
     .execute(&db.pool)

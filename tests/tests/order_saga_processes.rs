@@ -212,3 +212,26 @@ async fn the_bench_checks_every_outcome_and_prints_its_figures() {
     assert_eq!(left, 0);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_with_remote_starts_checks_every_outcome() {
+    let stack = Stack::new("order-saga").await;
+    let stdout = stack
+        .run(&[
+            "bench",
+            "--count",
+            "20",
+            "--in-flight",
+            "4",
+            "--fail-every",
+            "4",
+            "--remote-starts",
+        ])
+        .await;
+    let last = stdout.lines().last().expect("a JSON line");
+    let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
+    assert_eq!(figures["sagas"], 20, "{last}");
+    assert_eq!(figures["completed"], 15, "{last}");
+    assert_eq!(figures["compensated"], 5, "{last}");
+    stack.shutdown().await;
+}

@@ -1,13 +1,16 @@
 //! Starts against the real PostgreSQL when many arrive at once: they share statements and
 //! commits, yet each gets exactly the rows a lone start writes, a business key still makes
-//! one saga, and a start the database rejects fails alone.
+//! one saga, and a start the database rejects fails alone. Beside a running orchestrator,
+//! starts hand their first commands to its relay.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
-use saga_core::Client;
-use saga_core::store::Started;
+
+use saga_core::store::{LocalRelay, Started};
+use saga_core::{Client, Store};
 use saga_tests::order::{self, Order};
 use saga_tests::{TestDb, database};
 use sqlx::AssertSqlSafe;
@@ -266,4 +269,88 @@ async fn starts_without_a_connection_all_get_the_error() {
         assert!(e.is_transient(), "a closed pool may open again: {e}");
         assert!(e.to_string().contains("closed"), "{e}");
     }
+}
+
+/// The outbox rows of the test's schema: id, saga, message id, and whether a relay holds it.
+async fn outbox_rows(db: &TestDb) -> Vec<(i64, Uuid, Uuid, bool)> {
+    let sql = format!(
+        "SELECT id, saga_id, message_id, claimed_until > now() FROM \"{}\".outbox ORDER BY id",
+        db.schema
+    );
+    sqlx::query_as(AssertSqlSafe(sql))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn starts_hand_their_first_commands_to_the_relay_of_an_orchestrator_beside_them() {
+    let db = database().await;
+    let store = Arc::new(db.store());
+    let (sender, mut handed) = tokio::sync::mpsc::unbounded_channel();
+    let relay = LocalRelay::new(sender);
+    store.attach_relay(relay.clone());
+    // Detaching a relay that is not the attached one changes nothing.
+    store.detach_relay(&LocalRelay::new(tokio::sync::mpsc::unbounded_channel().0));
+    let client = Client::new(store.clone());
+
+    // 50 starts of 40 keys: 40 sagas.
+    let created: HashSet<Uuid> = start_at_once(&client, 50, |i| Some(format!("k{}", i % 40)))
+        .await
+        .into_iter()
+        .map(|s| s.unwrap())
+        .filter(|s| s.created)
+        .map(|s| s.saga_id)
+        .collect();
+    assert_eq!(created.len(), 40, "one saga per key");
+    // Handed before the starts returned: each saga's first command, claimed for the relay.
+    let mut records = Vec::new();
+    while let Ok(batch) = handed.try_recv() {
+        records.extend(batch);
+    }
+    let rows = outbox_rows(&db).await;
+    assert_eq!(rows.len(), 40, "one first command per saga");
+    assert_eq!(records.len(), rows.len(), "every row handed over");
+    let by_id: HashMap<i64, (Uuid, Uuid, bool)> = rows
+        .iter()
+        .map(|&(id, saga, message, held)| (id, (saga, message, held)))
+        .collect();
+    let mut sagas = HashSet::new();
+    for record in &records {
+        let (saga, message, held) = by_id[&record.id];
+        assert_eq!(record.envelope.message.id, message, "row {}", record.id);
+        assert!(
+            held,
+            "row {} is claimed for the relay it went to",
+            record.id
+        );
+        sagas.insert(saga);
+    }
+    assert_eq!(sagas, created);
+    let lease = Duration::from_secs(10);
+    assert!(
+        store.claim_outbox(100, lease).await.unwrap().is_empty(),
+        "no poller takes a handed row"
+    );
+
+    // Once detached, a start's command is left to the pollers.
+    store.detach_relay(&relay);
+    let lone = client
+        .start(&order::definition(), &order(99))
+        .await
+        .unwrap()
+        .saga_id;
+    assert!(handed.try_recv().is_err(), "nothing handed once detached");
+    let claimed = store.claim_outbox(100, lease).await.unwrap();
+    let row = outbox_rows(&db)
+        .await
+        .into_iter()
+        .find(|r| r.1 == lone)
+        .expect("the lone saga's command");
+    assert_eq!(
+        claimed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [row.0],
+        "a poller takes the lone saga's command"
+    );
+    db.drop_schema().await;
 }

@@ -1,10 +1,11 @@
 //! The stores keep replayed states between transactions; a kept state must never be used once
 //! another writer appended to the saga's log. Two stores (as two orchestrators would have,
-//! each with its own memory) apply one saga's results in turn.
+//! each with its own memory) apply one saga's results in turn. A saga started through the
+//! store of an orchestrator running in the same process is kept from its start.
 
 use std::sync::Arc;
 
-use saga_core::store::Applied;
+use saga_core::store::{Applied, LocalRelay};
 use saga_core::{
     Client, Direction, Event, Input, Outcome, Registry, Reply, SagaStatus, Store, Verdict,
 };
@@ -92,5 +93,52 @@ async fn a_kept_state_is_not_used_after_another_writer_appended() {
         })
         .collect();
     assert_eq!(succeeded, [0, 1, 2]);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_saga_started_beside_a_running_orchestrator_is_kept_for_its_first_result() {
+    let db = database().await;
+    let def = order::definition();
+    let mut registry = Registry::new();
+    registry.register(&def);
+    // The orchestrator's store, with its relay attached as a running orchestrator does.
+    let store = db.store();
+    let (relay, _handed) = tokio::sync::mpsc::unbounded_channel();
+    store.attach_relay(LocalRelay::new(relay));
+    let beside = Client::new(Arc::new(store.clone()))
+        .start(&def, &Order::default())
+        .await
+        .unwrap()
+        .saga_id;
+    // Another service's store: its start leaves nothing in the orchestrator's memory.
+    let elsewhere = Client::new(Arc::new(db.store()))
+        .start(&def, &Order::default())
+        .await
+        .unwrap()
+        .saga_id;
+    let answers = [
+        answer_last(&store, beside).await,
+        answer_last(&store, elsewhere).await,
+    ];
+    // Both logs gone: only a state kept in memory can still apply a result.
+    let sql = format!(
+        "DELETE FROM \"{}\".events WHERE saga_id = ANY($1)",
+        db.schema
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(vec![beside, elsewhere])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let [kept, read] = answers;
+    let applied = store.apply(&registry, vec![kept]).await.unwrap();
+    assert_eq!(verdict(&applied), &Verdict::Applied, "{applied:?}");
+    let applied = store.apply(&registry, vec![read]).await;
+    assert!(
+        !matches!(&applied, Ok(a) if verdict(a) == &Verdict::Applied),
+        "a saga started elsewhere is read from its log: {applied:?}"
+    );
     db.drop_schema().await;
 }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +21,9 @@ mod sql;
 mod starts;
 
 use super::transition::{Decided, Loaded, Writes, apply_input, report};
-use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use super::{
+    Applied, ListFilter, LocalRelay, OutboxRecord, SagaSummary, StartRequest, Started, Store,
+};
 use crate::decide::{Input, Timer, Verdict};
 use crate::definition::Definition;
 use crate::error::{Error, Result};
@@ -58,6 +60,8 @@ pub struct PgStore {
     cache: Arc<StateCache>,
     /// Starts waiting to be written together, shared by the store's clones.
     starts: Arc<StartQueue>,
+    /// The relay of an orchestrator running on this store (or a clone) in this process.
+    local_relay: Arc<Mutex<Option<LocalRelay>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -110,6 +114,7 @@ impl PgStoreBuilder {
             lease: self.lease,
             cache: Arc::new(StateCache::new(self.cached_sagas)),
             starts: Arc::new(StartQueue::new()),
+            local_relay: Arc::default(),
         })
     }
 }
@@ -187,19 +192,26 @@ impl PgStore {
         };
         let now = Utc::now();
         let start = prepare_start(request, now)?;
+        // Not handed to a relay: the caller's transaction may yet roll back.
         let mut started = self
-            .insert_starts(conn, std::slice::from_ref(&start), now)
+            .insert_starts(conn, std::slice::from_ref(&start), now, None)
             .await?;
         started.pop().expect("one start, one result")
     }
 
     /// Writes `starts` in one statement on `conn`, then looks up the sagas whose business key
     /// was taken. The error is the statement's; the results, each start's.
+    ///
+    /// With `relay` (an orchestrator of this process), the first commands are claimed for the
+    /// store's lease and handed to it after the commit, and the new sagas' states are kept
+    /// for the orchestrator's first transaction on them; without, the commands are left to
+    /// the pollers, which the statement wakes.
     async fn insert_starts(
         &self,
         conn: &mut PgConnection,
         starts: &[PreparedStart],
         now: DateTime<Utc>,
+        relay: Option<&LocalRelay>,
     ) -> Result<Vec<Result<Started>>> {
         let mut c = Columns::default();
         let (mut ids, mut names, mut versions, mut statuses) = (vec![], vec![], vec![], vec![]);
@@ -214,34 +226,57 @@ impl PgStore {
             reasons.push(start.instance.reason.as_deref());
             c.add(&start.writes);
         }
-        // Left unclaimed: the relay's poller publishes them, woken by the notification.
-        let inserted: HashSet<Uuid> = sqlx::query_scalar(self.sql.start.clone())
-            .bind(now)
-            .bind(&ids)
-            .bind(&names)
-            .bind(&versions)
-            .bind(&statuses)
-            .bind(&keys)
-            .bind(&last_seqs)
-            .bind(&reasons)
-            .bind(c.event_sagas)
-            .bind(c.seqs)
-            .bind(c.kinds)
-            .bind(c.data)
-            .bind(c.outbox_sagas)
-            .bind(c.destinations)
-            .bind(c.message_ids)
-            .bind(c.headers)
-            .bind(c.bodies)
-            .bind(c.timer_sagas)
-            .bind(c.keys)
-            .bind(c.timers)
-            .bind(c.due_ats)
-            .bind(self.notify_channel())
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
+        let query = sqlx::query(if relay.is_some() {
+            self.sql.start_handed.clone()
+        } else {
+            self.sql.start.clone()
+        })
+        .bind(now)
+        .bind(&ids)
+        .bind(&names)
+        .bind(&versions)
+        .bind(&statuses)
+        .bind(&keys)
+        .bind(&last_seqs)
+        .bind(&reasons)
+        .bind(c.event_sagas)
+        .bind(c.seqs)
+        .bind(c.kinds)
+        .bind(c.data)
+        .bind(c.outbox_sagas)
+        .bind(c.destinations)
+        .bind(c.message_ids)
+        .bind(c.headers)
+        .bind(c.bodies)
+        .bind(c.timer_sagas)
+        .bind(c.keys)
+        .bind(c.timers)
+        .bind(c.due_ats);
+        let query = match relay {
+            Some(_) => query.bind(now + self.lease),
+            None => query.bind(self.notify_channel()),
+        };
+        let mut inserted = HashSet::with_capacity(starts.len());
+        let mut outbox: HashMap<Uuid, i64> = HashMap::new();
+        for row in query.fetch_all(&mut *conn).await? {
+            let saga_id: Uuid = row.try_get(0)?;
+            match (
+                row.try_get::<Option<i64>, _>(1)?,
+                row.try_get::<Option<Uuid>, _>(2)?,
+            ) {
+                (Some(id), Some(message_id)) => {
+                    outbox.insert(message_id, id);
+                }
+                _ => {
+                    inserted.insert(saga_id);
+                }
+            }
+        }
+        // `fetch_all` returns at `ReadyForQuery`, after the statement's implicit commit: what
+        // is handed over is durable.
+        if let Some(relay) = relay {
+            self.hand_over_starts(relay, starts, &inserted, &outbox);
+        }
         let mut started = Vec::with_capacity(starts.len());
         for start in starts {
             if inserted.contains(&start.saga_id) {
@@ -305,13 +340,17 @@ impl PgStore {
                     continue;
                 }
             };
-            let results = match self.insert_starts(&mut conn, &prepared, now).await {
+            let relay = self.local_relay();
+            let results = match self
+                .insert_starts(&mut conn, &prepared, now, relay.as_ref())
+                .await
+            {
                 Ok(started) => started,
                 Err(e) if prepared.len() == 1 => vec![Err(e)],
                 Err(e) => {
                     drop(conn);
                     tracing::debug!(error = %e, starts = prepared.len(), "a batch of starts failed; writing them one by one");
-                    self.insert_one_by_one(&prepared, now).await
+                    self.insert_one_by_one(&prepared, now, relay.as_ref()).await
                 }
             };
             for (reply, started) in replies.into_iter().zip(results) {
@@ -329,6 +368,7 @@ impl PgStore {
         &self,
         starts: &[PreparedStart],
         now: DateTime<Utc>,
+        relay: Option<&LocalRelay>,
     ) -> Vec<Result<Started>> {
         let mut results = Vec::with_capacity(starts.len());
         let mut unreachable: Option<Arc<Error>> = None;
@@ -337,7 +377,10 @@ impl PgStore {
                 results.push(Err(Error::Shared(Arc::clone(e))));
                 continue;
             }
-            match self.insert_on_pool(std::slice::from_ref(start), now).await {
+            match self
+                .insert_on_pool(std::slice::from_ref(start), now, relay)
+                .await
+            {
                 Ok(mut started) => results.push(started.pop().expect("one start, one result")),
                 Err(e @ Error::Database(sqlx::Error::Database(_))) => results.push(Err(e)),
                 Err(e) => {
@@ -355,9 +398,52 @@ impl PgStore {
         &self,
         starts: &[PreparedStart],
         now: DateTime<Utc>,
+        relay: Option<&LocalRelay>,
     ) -> Result<Vec<Result<Started>>> {
         let mut conn = self.pool.acquire().await?;
-        self.insert_starts(&mut conn, starts, now).await
+        self.insert_starts(&mut conn, starts, now, relay).await
+    }
+
+    /// The relay attached by an orchestrator of this process, if one runs.
+    fn local_relay(&self) -> Option<LocalRelay> {
+        self.local_relay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After the commit of `starts`: keeps the states of the sagas written (`inserted`) for
+    /// the orchestrator's first transaction on them, then hands their outbox rows (ids by
+    /// message id) to its relay.
+    fn hand_over_starts(
+        &self,
+        relay: &LocalRelay,
+        starts: &[PreparedStart],
+        inserted: &HashSet<Uuid>,
+        outbox: &HashMap<Uuid, i64>,
+    ) {
+        let written = || starts.iter().filter(|s| inserted.contains(&s.saga_id));
+        self.cache.put(written().map(|s| {
+            (
+                s.saga_id,
+                s.definition.name().to_owned(),
+                s.definition.version(),
+                s.loaded.last_seq,
+                s.loaded.state.clone(),
+            )
+        }));
+        let records: Vec<OutboxRecord> = written()
+            .flat_map(|s| &s.writes.outbox)
+            .filter_map(|(_, envelope)| {
+                outbox.get(&envelope.message.id).map(|&id| OutboxRecord {
+                    id,
+                    envelope: envelope.clone(),
+                })
+            })
+            .collect();
+        if !records.is_empty() && !relay.hand_over(records) {
+            tracing::debug!("the local relay has stopped; started sagas wait for a poller");
+        }
     }
 
     /// A small pool whose commits do not wait for the disk, for claiming and deleting outbox
@@ -855,6 +941,17 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    fn attach_relay(&self, relay: LocalRelay) {
+        *self.local_relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
+    }
+
+    fn detach_relay(&self, relay: &LocalRelay) {
+        let mut attached = self.local_relay.lock().unwrap_or_else(|e| e.into_inner());
+        if attached.as_ref().is_some_and(|a| a.same_relay(relay)) {
+            *attached = None;
+        }
     }
 
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>> {

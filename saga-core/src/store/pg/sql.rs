@@ -5,6 +5,7 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 /// The store's statements, with the schema filled in once.
 pub(super) struct Sql {
     pub(super) start: SqlStr,
+    pub(super) start_handed: SqlStr,
     pub(super) start_conflict: SqlStr,
     pub(super) lock_instances: SqlStr,
     pub(super) lock_instances_skip: SqlStr,
@@ -31,37 +32,8 @@ pub(super) struct Sql {
 impl Sql {
     pub(super) fn new(s: &str) -> Self {
         Self {
-            // Starts in one statement (one round trip, atomic without a transaction of its
-            // own), one row per saga in each array: a saga's rows after its instance are
-            // written only if the instance was (not when its business key was taken, by an
-            // earlier saga or one earlier in the arrays, nor when its id was, by an earlier
-            // attempt of the same start), and the relay's poller is woken (once:
-            // notifications within a transaction are folded). The outbox rows keep the order of
-            // the arrays, which is the order of their ids.
-            start: sql(format!(
-                "WITH i AS (INSERT INTO {s}.instances \
-                 (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at, \
-                 finished_at) \
-                 SELECT u.id, u.saga, u.version, u.status, u.business_key, u.last_seq, u.reason, $1, $1, \
-                 CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') THEN $1::timestamptz END \
-                 FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::int8[], $8::text[]) \
-                 AS u(id, saga, version, status, business_key, last_seq, reason) \
-                 ON CONFLICT DO NOTHING RETURNING id), \
-                 e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
-                 SELECT u.saga_id, u.seq, u.kind, u.data, $1 \
-                 FROM UNNEST($9::uuid[], $10::int8[], $11::text[], $12::jsonb[]) AS u(saga_id, seq, kind, data) \
-                 WHERE u.saga_id IN (SELECT id FROM i)), \
-                 o AS (INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
-                 SELECT u.saga_id, u.destination, u.message_id, u.headers, u.body, $1 \
-                 FROM UNNEST($13::uuid[], $14::text[], $15::uuid[], $16::jsonb[], $17::bytea[]) \
-                 WITH ORDINALITY AS u(saga_id, destination, message_id, headers, body, n) \
-                 WHERE u.saga_id IN (SELECT id FROM i) ORDER BY u.n), \
-                 t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
-                 SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
-                 FROM UNNEST($18::uuid[], $19::text[], $20::jsonb[], $21::timestamptz[]) AS u(saga_id, key, timer, due_at) \
-                 WHERE u.saga_id IN (SELECT id FROM i)) \
-                 SELECT i.id, pg_notify($22, '') FROM i"
-            )),
+            start: start(s, false),
+            start_handed: start(s, true),
             start_conflict: sql(format!(
                 "SELECT id FROM {s}.instances WHERE id = $1 \
                  UNION ALL SELECT id FROM {s}.instances WHERE saga = $2 AND business_key = $3 LIMIT 1"
@@ -177,6 +149,58 @@ impl Sql {
             )),
         }
     }
+}
+
+/// Starts in one statement (one round trip, atomic without a transaction of its own), one row
+/// per saga in each array: a saga's rows after its instance are written only if the instance
+/// was (not when its business key was taken, by an earlier saga or one earlier in the arrays,
+/// nor when its id was, by an earlier attempt of the same start). The outbox rows keep the
+/// order of the arrays, which is the order of their ids. Returns `(saga_id, NULL, NULL)` for
+/// each saga written and, when `handed`, `(saga_id, outbox id, message_id)` for each of its
+/// outbox rows.
+///
+/// Not `handed`, the outbox rows are left unclaimed and the relays' pollers are woken (once:
+/// notifications within a transaction are folded); `handed`, they are claimed until `$22` for
+/// the relay they are handed to after the commit.
+fn start(s: &str, handed: bool) -> SqlStr {
+    let (claimed_until, returning, tail) = if handed {
+        (
+            "$22",
+            " RETURNING saga_id, id, message_id",
+            "SELECT i.id, NULL::int8, NULL::uuid FROM i \
+             UNION ALL SELECT o.saga_id, o.id, o.message_id FROM o",
+        )
+    } else {
+        (
+            "$1",
+            "",
+            "SELECT i.id, NULL::int8, NULL::uuid, pg_notify($22, '') FROM i",
+        )
+    };
+    sql(format!(
+        "WITH i AS (INSERT INTO {s}.instances \
+         (id, saga, version, status, business_key, last_seq, reason, created_at, updated_at, \
+         finished_at) \
+         SELECT u.id, u.saga, u.version, u.status, u.business_key, u.last_seq, u.reason, $1, $1, \
+         CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') THEN $1::timestamptz END \
+         FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[], $7::int8[], $8::text[]) \
+         AS u(id, saga, version, status, business_key, last_seq, reason) \
+         ON CONFLICT DO NOTHING RETURNING id), \
+         e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
+         SELECT u.saga_id, u.seq, u.kind, u.data, $1 \
+         FROM UNNEST($9::uuid[], $10::int8[], $11::text[], $12::jsonb[]) AS u(saga_id, seq, kind, data) \
+         WHERE u.saga_id IN (SELECT id FROM i)), \
+         o AS (INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
+         SELECT u.saga_id, u.destination, u.message_id, u.headers, u.body, {claimed_until} \
+         FROM UNNEST($13::uuid[], $14::text[], $15::uuid[], $16::jsonb[], $17::bytea[]) \
+         WITH ORDINALITY AS u(saga_id, destination, message_id, headers, body, n) \
+         WHERE u.saga_id IN (SELECT id FROM i) ORDER BY u.n{returning}), \
+         t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
+         SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
+         FROM UNNEST($18::uuid[], $19::text[], $20::jsonb[], $21::timestamptz[]) AS u(saga_id, key, timer, due_at) \
+         WHERE u.saga_id IN (SELECT id FROM i)) \
+         {tail}"
+    ))
 }
 
 fn sql(text: String) -> SqlStr {

@@ -23,6 +23,8 @@ pub(super) struct PreparedStart {
     pub(super) business_key: Option<String>,
     pub(super) instance: InstanceUpdate,
     pub(super) writes: Writes,
+    /// The saga as its rows leave it: what replaying them gives.
+    pub(super) loaded: Loaded,
 }
 
 /// Decides a start at `now`: the `Started` event, and what the definition does first.
@@ -70,6 +72,7 @@ pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result
         business_key,
         instance,
         writes,
+        loaded,
     })
 }
 
