@@ -50,8 +50,9 @@ impl Client {
     /// one statement and one commit; a lone start is written at once. Through the store (or a
     /// clone of it) an [`Orchestrator`](crate::Orchestrator) of this process runs on, the
     /// saga's first command goes to that orchestrator's relay right after the commit, and its
-    /// state stays in memory for its first result; through any other store, the relays'
-    /// pollers are woken to publish it.
+    /// state is kept in memory for its first result (among the store's
+    /// [`cached_sagas`](crate::PgStoreBuilder::cached_sagas)); through any other store, the
+    /// relays' pollers are woken to publish it.
     pub async fn start<I: Serialize>(
         &self,
         definition: &SagaDefinition<I>,

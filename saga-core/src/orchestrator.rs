@@ -201,10 +201,8 @@ impl Orchestrator {
         let relay_stop = CancellationToken::new();
         tracker.spawn(relay.run(relay_rx, relay_stop.clone()));
         // Sagas started through this store in this process hand their first commands to the
-        // relay as well, until it stops.
-        let local = LocalRelay::new(relay_tx.clone());
-        let store = Arc::clone(&self.store);
-        store.attach_relay(local.clone());
+        // relay as well, until the loops stop (or this future is dropped).
+        let attached = Attached::new(&self.store, LocalRelay::new(relay_tx.clone()));
         let engine = Arc::new(Engine {
             store: self.store,
             registry: self.registry,
@@ -219,13 +217,35 @@ impl Orchestrator {
         feeders.spawn(Arc::clone(&engine).fire_timers(wake_rx, shutdown.clone()));
         feeders.close();
         feeders.wait().await;
-        store.detach_relay(&local);
-        drop((engine, local));
+        drop((attached, engine));
         relay_stop.cancel();
         tracker.close();
         tracker.wait().await;
         info!("orchestrator stopped");
         Ok(())
+    }
+}
+
+/// A relay attached to a store, detached when dropped: a `run` future dropped half-way does
+/// not leave the store holding a relay that no longer runs.
+struct Attached {
+    store: Arc<dyn Store>,
+    relay: LocalRelay,
+}
+
+impl Attached {
+    fn new(store: &Arc<dyn Store>, relay: LocalRelay) -> Self {
+        store.attach_relay(relay.clone());
+        Self {
+            store: Arc::clone(store),
+            relay,
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.store.detach_relay(&self.relay);
     }
 }
 

@@ -1,9 +1,10 @@
 //! The outbox relay: publishes committed outbox rows, then deletes them.
 //!
 //! Rows come two ways: handed over in memory right after the commit that wrote them (fast
-//! path), and claimed by a poller once their lease has lapsed or when nobody holds them (rows
-//! written by `start`, or left behind by a crash). A row is deleted only after the broker
-//! confirmed it, so every logged command is published at least once.
+//! path: rows written by results and timers, and by starts through the orchestrator's own
+//! store), and claimed by a poller once their lease has lapsed or when nobody holds them
+//! (rows written by starts elsewhere, or left behind by a crash). A row is deleted only after
+//! the broker confirmed it, so every logged command is published at least once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,8 +73,8 @@ impl Relay {
         let (published, to_delete) = mpsc::unbounded_channel();
         let deleter = tokio::spawn(delete_published(Arc::clone(&self.store), to_delete));
         loop {
-            // Unbiased: under steady hand-overs the poller still gets its turn (rows written by
-            // `start`, unconfirmed rows, a crashed peer's rows).
+            // Unbiased: under steady hand-overs the poller still gets its turn (rows of starts
+            // made elsewhere, unconfirmed rows, a crashed peer's rows).
             tokio::select! {
                 records = handed.recv() => match records {
                     Some(mut records) => {

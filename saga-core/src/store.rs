@@ -54,7 +54,8 @@ impl LocalRelay {
     }
 
     /// Hands over committed rows, claimed for the hand-over; false if the relay has stopped
-    /// (the rows are then published by a poller once their claim lapses).
+    /// (the rows are then published by a poller once their claim lapses, up to a lease
+    /// later).
     pub fn hand_over(&self, records: Vec<OutboxRecord>) -> bool {
         self.0.send(records).is_ok()
     }
@@ -217,7 +218,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Called by an orchestrator that runs on this store, in this process, with its relay. The
     /// store may then hand the first commands of the sagas started through it to that relay
-    /// right after their commit, instead of leaving them to a poller. Ignored by default.
+    /// right after their commit, instead of leaving them to a poller. One relay at a time: a
+    /// second orchestrator's replaces the first's, and once it is detached, starts go to the
+    /// pollers again. Ignored by default.
     fn attach_relay(&self, relay: LocalRelay) {
         let _ = relay;
     }

@@ -260,7 +260,8 @@ impl Store for MemoryStore {
         let mut registry = Registry::new();
         registry.insert(definition);
         let applied = inner.apply(&registry, &[(saga_id, Input::Start)], now)?;
-        // Rows written by a start are left for the relay's poller, as with PostgreSQL.
+        // Rows written by a start are left for the relay's poller, as with a PostgreSQL store
+        // that no orchestrator of this process runs on.
         for record in applied.iter().flat_map(|a| &a.outbox) {
             if let Some(row) = inner.outbox.get_mut(&record.id) {
                 row.1 = now;

@@ -253,7 +253,8 @@ impl PgStore {
         .bind(c.timers)
         .bind(c.due_ats);
         let query = match relay {
-            Some(_) => query.bind(now + self.lease),
+            // From now, not from `now`: the batch may have waited for a connection.
+            Some(_) => query.bind(Utc::now() + self.lease),
             None => query.bind(self.notify_channel()),
         };
         let mut inserted = HashSet::with_capacity(starts.len());
