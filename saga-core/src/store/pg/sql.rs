@@ -2,6 +2,12 @@
 
 use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 
+/// Begins a transaction of the hot path, whose statements find rows by key only: their plans,
+/// cached per connection, must not scan a table that was small when they were made (it may
+/// hold millions of rows by the time autovacuum's `ANALYZE` has the plan made again). One
+/// simple query, so no extra round trip.
+pub(super) const BEGIN_BY_KEY: &str = "BEGIN; SET LOCAL enable_seqscan = off";
+
 /// The store's statements, with the schema filled in once.
 pub(super) struct Sql {
     pub(super) start: SqlStr,
