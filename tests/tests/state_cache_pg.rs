@@ -96,6 +96,78 @@ async fn a_kept_state_is_not_used_after_another_writer_appended() {
     db.drop_schema().await;
 }
 
+/// Counts the saga's events that match `pick`.
+async fn count(store: &dyn Store, id: Uuid, pick: impl Fn(&Event) -> bool) -> usize {
+    let history = store.history(id).await.unwrap();
+    history.iter().filter(|e| pick(&e.event)).count()
+}
+
+#[tokio::test]
+async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_written_twice() {
+    let db = database().await;
+    let (a, b) = (db.store(), db.store());
+    let def = order::definition();
+    let mut registry = Registry::new();
+    registry.register(&def);
+    let client = Client::new(Arc::new(a.clone()));
+    let moved = client.start(&def, &Order::default()).await.unwrap().saga_id;
+    let still = client.start(&def, &Order::default()).await.unwrap().saga_id;
+
+    // A applies both reservations' results and keeps both states (charges dispatched).
+    let applied = a
+        .apply(
+            &registry,
+            vec![answer_last(&a, moved).await, answer_last(&a, still).await],
+        )
+        .await
+        .unwrap();
+    assert!(
+        applied.iter().all(|x| x.verdict == Verdict::Applied),
+        "{applied:?}"
+    );
+    // B applies `moved`'s charge result; A's kept state of `moved` still waits for it.
+    let charge = answer_last(&b, moved).await;
+    let applied = b.apply(&registry, vec![charge.clone()]).await.unwrap();
+    assert_eq!(verdict(&applied), &Verdict::Applied);
+
+    // The same charge result reaches A again (a redelivery), with `still`'s charge result in
+    // the same batch. From its kept state A would take the duplicate for new and dispatch the
+    // shipment a second time; its row shows the log moved on, so A reads the log again.
+    let applied = a
+        .apply(&registry, vec![charge, answer_last(&a, still).await])
+        .await
+        .unwrap();
+    assert_eq!(applied[0].saga_id, moved);
+    assert!(
+        matches!(applied[0].verdict, Verdict::Ignored(_)),
+        "the duplicate is dropped: {applied:?}"
+    );
+    assert!(applied[0].outbox.is_empty(), "{applied:?}");
+    assert_eq!(applied[1].saga_id, still);
+    assert_eq!(applied[1].verdict, Verdict::Applied, "{applied:?}");
+    assert_eq!(applied[1].outbox.len(), 1, "the shipment: {applied:?}");
+
+    let charged = |e: &Event| matches!(e, Event::Succeeded { step: 1, .. });
+    let shipped = |e: &Event| matches!(e, Event::Dispatched { step: 2, .. });
+    assert_eq!(count(&a, moved, charged).await, 1);
+    assert_eq!(count(&a, moved, shipped).await, 1);
+    assert_eq!(count(&a, still, charged).await, 1);
+    assert_eq!(count(&a, still, shipped).await, 1);
+    // Both sagas go on from what A now keeps.
+    for id in [moved, still] {
+        let applied = a
+            .apply(&registry, vec![answer_last(&a, id).await])
+            .await
+            .unwrap();
+        assert_eq!(
+            applied[0].status,
+            Some(SagaStatus::Completed),
+            "{applied:?}"
+        );
+    }
+    db.drop_schema().await;
+}
+
 #[tokio::test]
 async fn a_saga_started_beside_a_running_orchestrator_is_kept_for_its_first_result() {
     let db = database().await;

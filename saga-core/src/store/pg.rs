@@ -519,20 +519,26 @@ impl PgStore {
     async fn commit_decided(
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        mut loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
+        mut loaded: LoadedSagas,
         batch: &[(Uuid, Input)],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
-        let applied = self
+        let (applied, stale) = self
             .decide_and_write(&mut tx, &mut loaded, batch, now)
             .await?;
+        if let Some(id) = stale.iter().next() {
+            // Cannot happen under the row lock; the transaction rolls back, the batch is retried.
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "saga {id} changed while its row was locked"
+            ))));
+        }
         tx.commit().await?;
         self.keep(loaded);
         Ok(applied)
     }
 
     /// Keeps the states of a committed transaction's sagas for the next one.
-    fn keep(&self, loaded: HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>) {
+    fn keep(&self, loaded: LoadedSagas) {
         self.cache.put(loaded.into_iter().filter_map(|(id, l)| {
             let (definition, l) = l.ok()?;
             Some((
@@ -552,7 +558,7 @@ impl PgStore {
         registry: &Registry,
         ids: &[Uuid],
         skip_locked: bool,
-    ) -> Result<HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>> {
+    ) -> Result<LoadedSagas> {
         let sql = if skip_locked {
             self.sql.lock_instances_skip.clone()
         } else {
@@ -616,14 +622,52 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Decides every input of `batch` over the loaded sagas, writes the result, and reports.
+    /// The kept states of all of `ids`, ready to decide from without reading or locking
+    /// anything; `None` unless every one is kept and its definition registered here.
+    fn kept(&self, registry: &Registry, ids: &[Uuid]) -> Option<LoadedSagas> {
+        let states = self.cache.get_all(ids)?;
+        ids.iter()
+            .zip(states)
+            .map(|(id, (saga, version, last_seq, state))| {
+                let definition = Arc::clone(registry.get(&saga, version)?);
+                Some((*id, Ok((definition, Loaded { state, last_seq }))))
+            })
+            .collect()
+    }
+
+    /// Applies `batch` under the row locks of its sagas, from their kept states or their logs.
+    async fn apply_locked(
+        &self,
+        registry: &Registry,
+        batch: Vec<(Uuid, Input)>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
+        let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.begin().await?;
+        let loaded = self.load(&mut tx, registry, &ids, false).await?;
+        self.commit_decided(tx, loaded, &batch, now).await
+    }
+
+    /// Decides every input of `batch` over the loaded sagas, writes the rows of those whose
+    /// row still shows the `last_seq` they were decided from, and reports. Returns the sagas
+    /// another writer moved on (none under the row locks): nothing of theirs was written, their
+    /// states are dropped from `loaded`, and their reports are placeholders to replace.
     async fn decide_and_write(
         &self,
         conn: &mut PgConnection,
-        loaded: &mut HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>,
+        loaded: &mut LoadedSagas,
         batch: &[(Uuid, Input)],
         now: DateTime<Utc>,
-    ) -> Result<Vec<Applied>> {
+    ) -> Result<(Vec<Applied>, HashSet<Uuid>)> {
+        let seen: HashMap<Uuid, i64> = batch
+            .iter()
+            .filter_map(|(id, _)| match loaded.get(id) {
+                Some(Ok((_, l))) => Some((*id, l.last_seq)),
+                _ => None,
+            })
+            .collect();
         let mut writes = Writes::default();
         let mut decided: Vec<(Uuid, std::result::Result<Decided, Verdict>)> =
             Vec::with_capacity(batch.len());
@@ -649,27 +693,45 @@ impl PgStore {
                 )),
             }
         }
-        let ids = self.write(conn, &writes, now, now + self.lease).await?;
+        let written = self
+            .write(conn, &writes, &seen, now, now + self.lease)
+            .await?;
+        for (id, d) in &mut decided {
+            if written.stale.contains(id) {
+                *d = Err(Verdict::Deferred(format!(
+                    "saga {id} was moved on by another writer"
+                )));
+                loaded.remove(id);
+            }
+        }
         let mut envelopes: Vec<Option<Envelope>> =
             writes.outbox.into_iter().map(|(_, e)| Some(e)).collect();
-        Ok(report(decided, |i| OutboxRecord {
-            id: ids[i],
+        let applied = report(decided, |i| OutboxRecord {
+            id: written.outbox_ids[i].expect("the rows of sagas that passed are written"),
             envelope: envelopes[i]
                 .take()
                 .expect("each outbox row is reported once"),
-        }))
+        });
+        Ok((applied, written.stale))
     }
 
-    /// Writes a transaction's rows in one statement; returns the outbox ids in the order of
-    /// `writes.outbox`.
+    /// Writes the rows of `writes` in one statement, for the sagas whose row still shows the
+    /// `last_seq` in `seen` (every saga decided, with rows to write or not).
     async fn write(
         &self,
         conn: &mut PgConnection,
         writes: &Writes,
+        seen: &HashMap<Uuid, i64>,
         now: DateTime<Utc>,
         claimed_until: DateTime<Utc>,
-    ) -> Result<Vec<i64>> {
+    ) -> Result<Written> {
         let c = Columns::from(writes);
+        let seen_by_update: Vec<i64> = c.instances.iter().map(|id| seen[id]).collect();
+        let (checked, checked_seqs): (Vec<Uuid>, Vec<i64>) = seen
+            .iter()
+            .filter(|(id, _)| !writes.instances.contains_key(id))
+            .map(|(id, seq)| (*id, *seq))
+            .unzip();
         let rows = sqlx::query(self.sql.write.clone())
             .bind(now)
             .bind(c.event_sagas)
@@ -692,14 +754,48 @@ impl PgStore {
             .bind(&c.message_ids)
             .bind(c.headers)
             .bind(c.bodies)
+            .bind(seen_by_update)
+            .bind(checked)
+            .bind(checked_seqs)
             .fetch_all(&mut *conn)
             .await?;
         let mut by_message: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+        let mut passed: HashSet<Uuid> = HashSet::with_capacity(seen.len());
         for row in rows {
-            by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
+            match row.try_get::<Option<Uuid>, _>("saga_id")? {
+                Some(saga_id) => {
+                    passed.insert(saga_id);
+                }
+                None => {
+                    by_message.insert(row.try_get("message_id")?, row.try_get("id")?);
+                }
+            }
         }
-        Ok(c.message_ids.iter().map(|m| by_message[m]).collect())
+        Ok(Written {
+            outbox_ids: c
+                .message_ids
+                .iter()
+                .map(|m| by_message.get(m).copied())
+                .collect(),
+            stale: seen
+                .keys()
+                .filter(|id| !passed.contains(id))
+                .copied()
+                .collect(),
+        })
     }
+}
+
+/// The sagas of a transaction, each loaded with its definition, or the verdict its inputs get
+/// instead (an unknown saga or definition).
+type LoadedSagas = HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>;
+
+/// What a write statement did.
+struct Written {
+    /// The outbox rows' ids, in the order of [`Writes::outbox`]; `None` for sagas in `stale`.
+    outbox_ids: Vec<Option<i64>>,
+    /// The sagas whose row had moved on from the `last_seq` they were decided from.
+    stale: HashSet<Uuid>,
 }
 
 #[async_trait]
@@ -720,14 +816,38 @@ impl Store for PgStore {
         }
     }
 
+    /// When every saga of the batch has its state kept here (the usual case for an orchestrator
+    /// that runs them), the batch is decided from those states and written without taking the
+    /// row locks first: the write statement writes a saga's rows only if its row still shows
+    /// the `last_seq` the state was kept at, and the inputs of sagas another writer moved on
+    /// meanwhile are applied again under their row locks, from their logs. Otherwise the batch
+    /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
         let now = Utc::now();
         let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
+        let Some(mut loaded) = self.kept(registry, &ids) else {
+            return self.apply_locked(registry, batch, now).await;
+        };
         let mut tx = self.begin().await?;
-        let loaded = self.load(&mut tx, registry, &ids, false).await?;
-        self.commit_decided(tx, loaded, &batch, now).await
+        let (mut applied, stale) = self
+            .decide_and_write(&mut tx, &mut loaded, &batch, now)
+            .await?;
+        tx.commit().await?;
+        self.keep(loaded);
+        if !stale.is_empty() {
+            let (positions, again): (Vec<usize>, Vec<(Uuid, Input)>) = batch
+                .into_iter()
+                .enumerate()
+                .filter(|(_, (id, _))| stale.contains(id))
+                .unzip();
+            let redone = self.apply_locked(registry, again, Utc::now()).await?;
+            for (position, a) in positions.into_iter().zip(redone) {
+                applied[position] = a;
+            }
+        }
+        Ok(applied)
     }
 
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {

@@ -57,6 +57,18 @@ impl StateCache {
 
     /// Keeps the states of sagas still in progress (after their transaction committed); drops
     /// those that finished.
+    /// The kept states of all of `ids`, with their definitions and `last_seq`s; `None` unless
+    /// every one is kept.
+    pub(super) fn get_all(&self, ids: &[Uuid]) -> Option<Vec<(String, u32, i64, SagaState)>> {
+        let entries = self.entries.lock().expect("state cache lock");
+        ids.iter()
+            .map(|id| {
+                let e = entries.get(id)?;
+                Some((e.saga.clone(), e.version, e.last_seq, e.state.clone()))
+            })
+            .collect()
+    }
+
     pub(super) fn put(
         &self,
         states: impl IntoIterator<Item = (Uuid, String, u32, i64, SagaState)>,

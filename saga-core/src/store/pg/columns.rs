@@ -67,7 +67,11 @@ impl<'a> Columns<'a> {
             self.cancelled_sagas.push(saga);
             self.cancelled_keys.push(key);
         }
-        for (id, update) in &writes.instances {
+        // In id order, as the row locks are taken: writers that lock while updating do not
+        // deadlock on sagas they share.
+        let mut instances: Vec<_> = writes.instances.iter().collect();
+        instances.sort_unstable_by_key(|(id, _)| **id);
+        for (id, update) in instances {
             self.instances.push(*id);
             self.statuses.push(update.status.as_str());
             self.last_seqs.push(update.last_seq);

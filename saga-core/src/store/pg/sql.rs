@@ -53,31 +53,43 @@ impl Sql {
             load_events: sql(format!(
                 "SELECT saga_id, data FROM {s}.events WHERE saga_id = ANY($1) ORDER BY saga_id, seq"
             )),
-            // A transaction's rows in one statement: its events, timers cancelled and set (no
-            // key in both: the writer drops a cancellation its own upsert replaces), instance
-            // updates, and outbox rows, whose ids it returns. Cancelled timers are found by
-            // primary key: `(fired_at IS NULL) IS TRUE` keeps the planner off `timers_pending`,
-            // which holds every pending timer and, between vacuums, the dead entries of the
-            // cancelled ones.
+            // A transaction's rows in one statement, written only for the sagas whose row still
+            // shows the `last_seq` their state was decided from (`i`, which every saga with rows
+            // has): its events, timers cancelled and set (no key in both: the writer drops a
+            // cancellation its own upsert replaces), instance updates, and outbox rows. Sagas
+            // decided with nothing to write are checked the same way (`r`). Returns the outbox
+            // rows' ids and the sagas that passed. Under the row locks every saga passes; written
+            // from states kept in memory without the locks, it reports the sagas another writer
+            // moved on (the update waits for a writer holding the row, then checks again).
+            // Cancelled timers are found by primary key: `(fired_at IS NULL) IS TRUE` keeps the
+            // planner off `timers_pending`, which holds every pending timer and, between
+            // vacuums, the dead entries of the cancelled ones.
             write: sql(format!(
-                "WITH e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
-                 SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u), \
+                "WITH i AS (UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, \
+                 updated_at = $1, finished_at = CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') \
+                 THEN coalesce(i.finished_at, $1) END \
+                 FROM UNNEST($12::uuid[], $13::text[], $14::int8[], $15::text[], $22::int8[]) AS u(id, status, last_seq, reason, seen) \
+                 WHERE i.id = u.id AND i.last_seq = u.seen RETURNING i.id), \
+                 e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
+                 SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u(saga_id, seq, kind, data) \
+                 WHERE u.saga_id IN (SELECT id FROM i)), \
                  c AS (DELETE FROM {s}.timers t USING UNNEST($6::uuid[], $7::text[]) AS c(saga_id, key) \
-                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND (t.fired_at IS NULL) IS TRUE), \
+                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND (t.fired_at IS NULL) IS TRUE \
+                 AND c.saga_id IN (SELECT id FROM i)), \
                  t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
                  SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
                  FROM UNNEST($8::uuid[], $9::text[], $10::jsonb[], $11::timestamptz[]) AS u(saga_id, key, timer, due_at) \
+                 WHERE u.saga_id IN (SELECT id FROM i) \
                  ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, set_at = EXCLUDED.set_at, \
                  due_at = EXCLUDED.due_at, fired_at = NULL), \
-                 i AS (UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, \
-                 updated_at = $1, finished_at = CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') \
-                 THEN coalesce(i.finished_at, $1) END \
-                 FROM UNNEST($12::uuid[], $13::text[], $14::int8[], $15::text[]) AS u(id, status, last_seq, reason) \
-                 WHERE i.id = u.id), \
                  o AS (INSERT INTO {s}.outbox (saga_id, destination, message_id, headers, body, claimed_until) \
-                 SELECT u.*, $16 FROM UNNEST($17::uuid[], $18::text[], $19::uuid[], $20::jsonb[], $21::bytea[]) AS u \
-                 RETURNING id, message_id) \
-                 SELECT id, message_id FROM o"
+                 SELECT u.*, $16 FROM UNNEST($17::uuid[], $18::text[], $19::uuid[], $20::jsonb[], $21::bytea[]) \
+                 AS u(saga_id, destination, message_id, headers, body) WHERE u.saga_id IN (SELECT id FROM i) \
+                 RETURNING id, message_id), \
+                 r AS (SELECT x.id FROM {s}.instances x JOIN UNNEST($23::uuid[], $24::int8[]) AS g(id, seen) \
+                 ON x.id = g.id AND x.last_seq = g.seen) \
+                 SELECT id, message_id, NULL::uuid AS saga_id FROM o \
+                 UNION ALL SELECT NULL, NULL, id FROM i UNION ALL SELECT NULL, NULL, id FROM r"
             )),
             // Only for a saga that exists; its row is share-locked, so a purge that takes the saga
             // waits for this transaction and then deletes the timer with it.
