@@ -853,14 +853,16 @@ impl Store for PgStore {
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
         let now = Utc::now();
         let (names, versions) = registered(registry);
+        // By key, like the hot path: the loop asks this at every wake-up.
+        let mut tx = self.begin().await?;
         let mut candidates: Vec<Uuid> = sqlx::query_scalar(self.sql.due_timer_sagas.clone())
-            .persistent(false)
             .bind(now)
             .bind(limit as i64)
             .bind(&names)
             .bind(&versions)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         candidates.sort_unstable();
         candidates.dedup();
         match self.fire_for(registry, &candidates, now).await {
@@ -890,12 +892,14 @@ impl Store for PgStore {
 
     async fn next_timer_due(&self, registry: &Registry) -> Result<Option<DateTime<Utc>>> {
         let (names, versions) = registered(registry);
-        Ok(sqlx::query_scalar(self.sql.next_timer.clone())
-            .persistent(false)
+        let mut tx = self.begin().await?;
+        let next = sqlx::query_scalar(self.sql.next_timer.clone())
             .bind(&names)
             .bind(&versions)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(next)
     }
 
     async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
