@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::AmqpConfig;
 use crate::convert::message;
-use crate::link::{Link, amqp_error};
+use crate::link::{Link, amqp_error, within_setup_timeout};
 use crate::publisher::{Outgoing, publish_outgoing};
 use crate::topology::declare_source;
 
@@ -64,7 +64,13 @@ impl Drop for State {
 }
 
 impl Subscription {
+    /// Opens a channel and consumes the queue; fails after the setup timeout rather than wait
+    /// for a broker that stopped answering.
     async fn subscribe(&self) -> Result<Active, TransportError> {
+        within_setup_timeout("subscribing", self.try_subscribe()).await
+    }
+
+    async fn try_subscribe(&self) -> Result<Active, TransportError> {
         let channel = self.consume.extra_channel().await?;
         let queue = self.config.queue(&self.source);
         declare_source(&channel, &self.config, &self.source)

@@ -48,8 +48,13 @@ impl Link {
         }
     }
 
-    /// The link's healthy channel, connecting first if the connection is gone.
+    /// The link's healthy channel, connecting first if the connection is gone; fails after
+    /// [`SETUP_TIMEOUT`] rather than wait on a connection that stopped answering.
     pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
+        within_setup_timeout("opening a channel", self.open_channel()).await
+    }
+
+    async fn open_channel(&self) -> Result<Channel, TransportError> {
         let mut current = self.current.lock().await;
         if let Some((conn, channel)) = current.as_ref() {
             if conn.status().connected() && channel.status().connected() {
@@ -70,11 +75,14 @@ impl Link {
     /// A new channel on the link's connection, for one consumer.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
         let channel = self.channel().await?;
-        let current = self.current.lock().await;
-        match current.as_ref() {
-            Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
-            None => Ok(channel),
-        }
+        within_setup_timeout("opening a consumer's channel", async {
+            let current = self.current.lock().await;
+            match current.as_ref() {
+                Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
+                None => Ok(channel),
+            }
+        })
+        .await
     }
 
     async fn connect(&self) -> Result<Connection, TransportError> {
@@ -129,6 +137,25 @@ impl Link {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection, channel or subscription may take to set up. A broker that
+/// answers a connection but then stops answering (one restarting, say) would otherwise hold a
+/// consumer waiting for a reply that never comes, instead of trying again.
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs `setup`, failing with a transport error naming `what` after [`SETUP_TIMEOUT`].
+pub(crate) async fn within_setup_timeout<T>(
+    what: &str,
+    setup: impl Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(TransportError(format!(
+                "{what} took longer than {SETUP_TIMEOUT:?}"
+            )))
+        })
+}
 
 /// A broker error as a transport error.
 pub(crate) fn amqp_error(error: lapin::Error) -> TransportError {

@@ -214,6 +214,9 @@ impl ReplayError {
     pub const AFTER_END: &'static str = "SAGA-R003";
     /// The log was written by another definition.
     pub const WRONG_DEFINITION: &'static str = "SAGA-R004";
+    /// The log holds more or fewer events than the saga's row counts (events deleted or
+    /// written around the store).
+    pub const MISCOUNTED: &'static str = "SAGA-R005";
 
     fn new(def: &Definition, code: &'static str, message: String) -> Self {
         Self {

@@ -73,7 +73,8 @@ async fn a_kept_state_is_not_used_after_another_writer_appended() {
         .await
         .unwrap();
     assert_eq!(verdict(&applied), &Verdict::Applied);
-    // A must read the log again: with its kept state the shipment's command would be unknown.
+    // A must read the log again: with its kept state the shipment's command would be unknown
+    // (a verdict with nothing to write, which the write statement checks like the others).
     let applied = a
         .apply(&registry, vec![answer_last(&a, id).await])
         .await
@@ -130,19 +131,25 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
     let applied = b.apply(&registry, vec![charge.clone()]).await.unwrap();
     assert_eq!(verdict(&applied), &Verdict::Applied);
 
-    // The same charge result reaches A again (a redelivery), with `still`'s charge result in
-    // the same batch. From its kept state A would take the duplicate for new and dispatch the
-    // shipment a second time; its row shows the log moved on, so A reads the log again.
+    // The same charge result reaches A again, twice (redeliveries), around `still`'s charge
+    // result in the same batch. From its kept state A would take the first duplicate for new
+    // and dispatch the shipment a second time; its row shows the log moved on, so A applies
+    // `moved`'s inputs again from the log, and `still`'s as decided.
     let applied = a
-        .apply(&registry, vec![charge, answer_last(&a, still).await])
+        .apply(
+            &registry,
+            vec![charge.clone(), answer_last(&a, still).await, charge],
+        )
         .await
         .unwrap();
-    assert_eq!(applied[0].saga_id, moved);
-    assert!(
-        matches!(applied[0].verdict, Verdict::Ignored(_)),
-        "the duplicate is dropped: {applied:?}"
-    );
-    assert!(applied[0].outbox.is_empty(), "{applied:?}");
+    for duplicate in [&applied[0], &applied[2]] {
+        assert_eq!(duplicate.saga_id, moved);
+        assert!(
+            matches!(duplicate.verdict, Verdict::Ignored(_)),
+            "the duplicate is dropped: {applied:?}"
+        );
+        assert!(duplicate.outbox.is_empty(), "{applied:?}");
+    }
     assert_eq!(applied[1].saga_id, still);
     assert_eq!(applied[1].verdict, Verdict::Applied, "{applied:?}");
     assert_eq!(applied[1].outbox.len(), 1, "the shipment: {applied:?}");
@@ -165,6 +172,42 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
             "{applied:?}"
         );
     }
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_log_missing_an_event_its_row_counts_is_not_appended_to() {
+    let db = database().await;
+    let def = order::definition();
+    let mut registry = Registry::new();
+    registry.register(&def);
+    let store = db.store();
+    let id = Client::new(Arc::new(store.clone()))
+        .start(&def, &Order::default())
+        .await
+        .unwrap()
+        .saga_id;
+    let answer = answer_last(&store, id).await;
+    // The log's last event (the reservation's dispatch) is deleted around the store.
+    let sql = format!(
+        "DELETE FROM \"{0}\".events WHERE saga_id = $1 \
+         AND seq = (SELECT max(seq) FROM \"{0}\".events WHERE saga_id = $1)",
+        db.schema
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A store with nothing kept reads the log: it still replays, but appending after it would
+    // number the next events as ones the row already counts.
+    let err = db
+        .store()
+        .apply(&registry, vec![answer])
+        .await
+        .expect_err("a log shorter than its row");
+    assert!(err.to_string().contains("SAGA-R005"), "{err}");
+    assert!(!err.is_transient(), "{err}");
     db.drop_schema().await;
 }
 

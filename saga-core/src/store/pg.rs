@@ -31,7 +31,7 @@ use crate::event::{Event, RecordedEvent};
 use crate::message::{Destination, Envelope, Message};
 use crate::registry::Registry;
 use crate::schema;
-use crate::state::{SagaState, SagaStatus, replay};
+use crate::state::{ReplayError, SagaState, SagaStatus, replay};
 use cache::StateCache;
 use columns::Columns;
 use sql::Sql;
@@ -579,7 +579,7 @@ impl PgStore {
                         out.insert(id, Ok((Arc::clone(def), Loaded { state, last_seq })));
                     }
                     None => {
-                        definitions.insert(id, Arc::clone(def));
+                        definitions.insert(id, (Arc::clone(def), last_seq));
                         known.push(id);
                     }
                 },
@@ -613,10 +613,22 @@ impl PgStore {
             let Json(event): Json<Event> = row.try_get("data")?;
             logs.entry(id).or_default().push(event);
         }
-        for (id, definition) in definitions {
+        for (id, (definition, last_seq)) in definitions {
             let events = logs.remove(&id).unwrap_or_default();
             let state: SagaState = replay(&definition, &events)?;
-            let last_seq = events.len() as i64;
+            if events.len() as i64 != last_seq {
+                // Events deleted or written around the store: appending would misnumber them.
+                return Err(ReplayError {
+                    code: ReplayError::MISCOUNTED,
+                    saga: definition.name().to_owned(),
+                    version: definition.version(),
+                    message: format!(
+                        "saga {id}: the log holds {} events, its row counts {last_seq}",
+                        events.len()
+                    ),
+                }
+                .into());
+            }
             out.insert(id, Ok((definition, Loaded { state, last_seq })));
         }
         Ok(out)
@@ -837,14 +849,25 @@ impl Store for PgStore {
         tx.commit().await?;
         self.keep(loaded);
         if !stale.is_empty() {
+            self.cache.forget(stale.iter().copied());
             let (positions, again): (Vec<usize>, Vec<(Uuid, Input)>) = batch
                 .into_iter()
                 .enumerate()
                 .filter(|(_, (id, _))| stale.contains(id))
                 .unzip();
-            let redone = self.apply_locked(registry, again, Utc::now()).await?;
-            for (position, a) in positions.into_iter().zip(redone) {
-                applied[position] = a;
+            match self.apply_locked(registry, again, Utc::now()).await {
+                Ok(redone) => {
+                    for (position, a) in positions.into_iter().zip(redone) {
+                        applied[position] = a;
+                    }
+                }
+                // The rest of the batch is committed and reported as such; these keep their
+                // deferred verdicts, so their inputs are handed back and come again.
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    count = positions.len(),
+                    "applying results again under the row lock failed; deferring them"
+                ),
             }
         }
         Ok(applied)

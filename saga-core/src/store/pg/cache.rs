@@ -55,8 +55,6 @@ impl StateCache {
             .map(|e| e.state.clone())
     }
 
-    /// Keeps the states of sagas still in progress (after their transaction committed); drops
-    /// those that finished.
     /// The kept states of all of `ids`, with their definitions and `last_seq`s; `None` unless
     /// every one is kept.
     pub(super) fn get_all(&self, ids: &[Uuid]) -> Option<Vec<(String, u32, i64, SagaState)>> {
@@ -69,6 +67,16 @@ impl StateCache {
             .collect()
     }
 
+    /// Drops the states of `ids` (another writer moved those sagas on).
+    pub(super) fn forget(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut entries = self.entries.lock().expect("state cache lock");
+        for id in ids {
+            entries.remove(&id);
+        }
+    }
+
+    /// Keeps the states of sagas still in progress (after their transaction committed); drops
+    /// those that finished.
     pub(super) fn put(
         &self,
         states: impl IntoIterator<Item = (Uuid, String, u32, i64, SagaState)>,
