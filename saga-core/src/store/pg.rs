@@ -288,8 +288,10 @@ impl PgStore {
                 continue;
             }
             // Its own id when an earlier attempt of this very start was written; else the
-            // saga that holds its business key.
+            // saga that holds its business key. Unnamed, so planned with the table as it is
+            // now, like the other lookups made outside the hot path's transactions.
             let existing = sqlx::query_scalar(self.sql.start_conflict.clone())
+                .persistent(false)
                 .bind(start.saga_id)
                 .bind(start.definition.name())
                 .bind(&start.business_key)
@@ -898,6 +900,7 @@ impl Store for PgStore {
                         Err(e) if !e.is_transient() => {
                             tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
                             sqlx::query(self.sql.postpone_timers.clone())
+                                .persistent(false)
                                 .bind(saga_id)
                                 .bind(now)
                                 .bind(now + crate::store::TIMER_FAILURE_BACKOFF)
@@ -927,7 +930,7 @@ impl Store for PgStore {
 
     async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
         let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let inserted = sqlx::query(self.sql.set_timers.clone())
             .bind(saga_id)
             .bind(timer.key())
@@ -998,7 +1001,9 @@ impl Store for PgStore {
     }
 
     async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>> {
+        // Unnamed: a plan cached while `instances` was small would scan it once it has grown.
         let row = sqlx::query(self.sql.summary.clone())
+            .persistent(false)
             .bind(saga_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -1073,6 +1078,7 @@ impl Store for PgStore {
 
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>> {
         let rows = sqlx::query(self.sql.history.clone())
+            .persistent(false)
             .bind(saga_id)
             .fetch_all(&self.pool)
             .await?;
