@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::AmqpConfig;
 use crate::convert::message;
-use crate::link::{Link, amqp_error, within_setup_timeout};
+use crate::link::{Link, SETUP_TIMEOUT, amqp_error, timed_out};
 use crate::publisher::{Outgoing, publish_outgoing};
 use crate::topology::declare_source;
 
@@ -65,22 +65,35 @@ impl Drop for State {
 
 impl Subscription {
     /// Opens a channel and consumes the queue; fails after the setup timeout rather than wait
-    /// for a broker that stopped answering.
+    /// for a broker that stopped answering. A timed-out channel is closed, so a consumer the
+    /// broker registers late gives its deliveries back instead of holding them unread, and
+    /// the link connects afresh for the next attempt.
     async fn subscribe(&self) -> Result<Active, TransportError> {
-        within_setup_timeout("subscribing", self.try_subscribe()).await
+        let channel = self.consume.extra_channel().await?;
+        let failed = match tokio::time::timeout(SETUP_TIMEOUT, self.consume_on(&channel)).await {
+            Ok(Ok(consumer)) => return Ok(Active { channel, consumer }),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                self.consume.reset().await;
+                timed_out("subscribing")
+            }
+        };
+        tokio::spawn(async move {
+            let _ = channel.close(200, "subscribing failed".into()).await;
+        });
+        Err(failed)
     }
 
-    async fn try_subscribe(&self) -> Result<Active, TransportError> {
-        let channel = self.consume.extra_channel().await?;
+    async fn consume_on(&self, channel: &Channel) -> Result<lapin::Consumer, TransportError> {
         let queue = self.config.queue(&self.source);
-        declare_source(&channel, &self.config, &self.source)
+        declare_source(channel, &self.config, &self.source)
             .await
             .map_err(amqp_error)?;
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await
             .map_err(amqp_error)?;
-        let consumer = channel
+        channel
             .basic_consume(
                 queue.into(),
                 "".into(),
@@ -88,8 +101,7 @@ impl Subscription {
                 FieldTable::default(),
             )
             .await
-            .map_err(amqp_error)?;
-        Ok(Active { channel, consumer })
+            .map_err(amqp_error)
     }
 }
 

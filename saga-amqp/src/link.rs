@@ -51,7 +51,18 @@ impl Link {
     /// The link's healthy channel, connecting first if the connection is gone; fails after
     /// [`SETUP_TIMEOUT`] rather than wait on a connection that stopped answering.
     pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
-        within_setup_timeout("opening a channel", self.open_channel()).await
+        match tokio::time::timeout(SETUP_TIMEOUT, self.open_channel()).await {
+            Ok(opened) => opened,
+            Err(_) => {
+                self.reset().await;
+                Err(timed_out("opening a channel"))
+            }
+        }
+    }
+
+    /// Forgets the link's connection, so the next use connects afresh: it stopped answering.
+    pub(crate) async fn reset(&self) {
+        *self.current.lock().await = None;
     }
 
     async fn open_channel(&self) -> Result<Channel, TransportError> {
@@ -75,14 +86,21 @@ impl Link {
     /// A new channel on the link's connection, for one consumer.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
         let channel = self.channel().await?;
-        within_setup_timeout("opening a consumer's channel", async {
+        let opened = tokio::time::timeout(SETUP_TIMEOUT, async {
             let current = self.current.lock().await;
             match current.as_ref() {
                 Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
                 None => Ok(channel),
             }
         })
-        .await
+        .await;
+        match opened {
+            Ok(opened) => opened,
+            Err(_) => {
+                self.reset().await;
+                Err(timed_out("opening a consumer's channel"))
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Connection, TransportError> {
@@ -143,18 +161,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// consumer waiting for a reply that never comes, instead of trying again.
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Runs `setup`, failing with a transport error naming `what` after [`SETUP_TIMEOUT`].
-pub(crate) async fn within_setup_timeout<T>(
-    what: &str,
-    setup: impl Future<Output = Result<T, TransportError>>,
-) -> Result<T, TransportError> {
-    tokio::time::timeout(SETUP_TIMEOUT, setup)
-        .await
-        .unwrap_or_else(|_| {
-            Err(TransportError(format!(
-                "{what} took longer than {SETUP_TIMEOUT:?}"
-            )))
-        })
+/// The error of a setup step that took longer than [`SETUP_TIMEOUT`].
+pub(crate) fn timed_out(what: &str) -> TransportError {
+    TransportError(format!("{what} took longer than {SETUP_TIMEOUT:?}"))
 }
 
 /// A broker error as a transport error.

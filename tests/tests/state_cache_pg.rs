@@ -176,6 +176,63 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
 }
 
 #[tokio::test]
+async fn a_moved_on_saga_whose_log_fails_is_deferred_and_the_rest_of_its_batch_commits() {
+    let db = database().await;
+    let (a, b) = (db.store(), db.store());
+    let def = order::definition();
+    let mut registry = Registry::new();
+    registry.register(&def);
+    let client = Client::new(Arc::new(a.clone()));
+    let moved = client.start(&def, &Order::default()).await.unwrap().saga_id;
+    let still = client.start(&def, &Order::default()).await.unwrap().saga_id;
+    a.apply(
+        &registry,
+        vec![answer_last(&a, moved).await, answer_last(&a, still).await],
+    )
+    .await
+    .unwrap();
+    // B moves `moved` on, then its log loses an event: A's kept state fails the write's
+    // check, and applying it again from the log fails.
+    let charge = answer_last(&b, moved).await;
+    b.apply(&registry, vec![charge.clone()]).await.unwrap();
+    let sql = format!(
+        "DELETE FROM \"{0}\".events WHERE saga_id = $1 \
+         AND seq = (SELECT max(seq) FROM \"{0}\".events WHERE saga_id = $1)",
+        db.schema
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(moved)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let applied = a
+        .apply(
+            &registry,
+            vec![charge.clone(), answer_last(&a, still).await],
+        )
+        .await
+        .expect("the batch is reported, not failed");
+    assert!(
+        matches!(applied[0].verdict, Verdict::Deferred(_)),
+        "handed back: {applied:?}"
+    );
+    assert!(applied[0].outbox.is_empty(), "{applied:?}");
+    assert_eq!(applied[1].verdict, Verdict::Applied, "{applied:?}");
+    assert_eq!(applied[1].outbox.len(), 1, "the shipment: {applied:?}");
+    let shipped = |e: &Event| matches!(e, Event::Dispatched { step: 2, .. });
+    assert_eq!(count(&a, still, shipped).await, 1, "committed");
+    // A no longer keeps `moved`: the next try reads the log and fails for good.
+    let err = a
+        .apply(&registry, vec![charge])
+        .await
+        .expect_err("the log is miscounted");
+    assert!(err.to_string().contains("SAGA-R005"), "{err}");
+    assert!(!err.is_transient(), "{err}");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn a_log_missing_an_event_its_row_counts_is_not_appended_to() {
     let db = database().await;
     let def = order::definition();

@@ -619,7 +619,8 @@ impl PgStore {
             let events = logs.remove(&id).unwrap_or_default();
             let state: SagaState = replay(&definition, &events)?;
             if events.len() as i64 != last_seq {
-                // Events deleted or written around the store: appending would misnumber them.
+                // Events deleted or written around the store: the next events' numbers would not
+                // follow the row's count. Not transient: the result is dead-lettered.
                 return Err(ReplayError {
                     code: ReplayError::MISCOUNTED,
                     saga: definition.name().to_owned(),
