@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::AmqpConfig;
 use crate::convert::message;
-use crate::link::{Link, SETUP_TIMEOUT, amqp_error, timed_out};
+use crate::link::{Link, amqp_error};
 use crate::publisher::{Outgoing, publish_outgoing};
 use crate::topology::declare_source;
 
@@ -70,18 +70,19 @@ impl Subscription {
     /// the link connects afresh for the next attempt.
     async fn subscribe(&self) -> Result<Active, TransportError> {
         let channel = self.consume.extra_channel().await?;
-        let failed = match tokio::time::timeout(SETUP_TIMEOUT, self.consume_on(&channel)).await {
-            Ok(Ok(consumer)) => return Ok(Active { channel, consumer }),
-            Ok(Err(e)) => e,
-            Err(_) => {
-                self.consume.reset().await;
-                timed_out("subscribing")
+        let consumed = self
+            .consume
+            .within_setup_timeout("subscribing", self.consume_on(&channel))
+            .await;
+        match consumed {
+            Ok(consumer) => Ok(Active { channel, consumer }),
+            Err(e) => {
+                tokio::spawn(async move {
+                    let _ = channel.close(200, "subscribing failed".into()).await;
+                });
+                Err(e)
             }
-        };
-        tokio::spawn(async move {
-            let _ = channel.close(200, "subscribing failed".into()).await;
-        });
-        Err(failed)
+        }
     }
 
     async fn consume_on(&self, channel: &Channel) -> Result<lapin::Consumer, TransportError> {

@@ -51,18 +51,26 @@ impl Link {
     /// The link's healthy channel, connecting first if the connection is gone; fails after
     /// [`SETUP_TIMEOUT`] rather than wait on a connection that stopped answering.
     pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
-        match tokio::time::timeout(SETUP_TIMEOUT, self.open_channel()).await {
-            Ok(opened) => opened,
-            Err(_) => {
-                self.reset().await;
-                Err(timed_out("opening a channel"))
-            }
-        }
+        self.within_setup_timeout("opening a channel", self.open_channel())
+            .await
     }
 
-    /// Forgets the link's connection, so the next use connects afresh: it stopped answering.
-    pub(crate) async fn reset(&self) {
-        *self.current.lock().await = None;
+    /// Runs `setup` on this link for at most [`SETUP_TIMEOUT`]; past it, fails naming `what`
+    /// and forgets the connection, which stopped answering, so the next use connects afresh.
+    pub(crate) async fn within_setup_timeout<T>(
+        &self,
+        what: &str,
+        setup: impl Future<Output = Result<T, TransportError>>,
+    ) -> Result<T, TransportError> {
+        match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+            Ok(done) => done,
+            Err(_) => {
+                *self.current.lock().await = None;
+                Err(TransportError(format!(
+                    "{what} took longer than {SETUP_TIMEOUT:?}"
+                )))
+            }
+        }
     }
 
     async fn open_channel(&self) -> Result<Channel, TransportError> {
@@ -86,21 +94,14 @@ impl Link {
     /// A new channel on the link's connection, for one consumer.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
         let channel = self.channel().await?;
-        let opened = tokio::time::timeout(SETUP_TIMEOUT, async {
+        self.within_setup_timeout("opening a consumer's channel", async {
             let current = self.current.lock().await;
             match current.as_ref() {
                 Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
                 None => Ok(channel),
             }
         })
-        .await;
-        match opened {
-            Ok(opened) => opened,
-            Err(_) => {
-                self.reset().await;
-                Err(timed_out("opening a consumer's channel"))
-            }
-        }
+        .await
     }
 
     async fn connect(&self) -> Result<Connection, TransportError> {
@@ -159,12 +160,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a connection, channel or subscription may take to set up. A broker that
 /// answers a connection but then stops answering (one restarting, say) would otherwise hold a
 /// consumer waiting for a reply that never comes, instead of trying again.
-pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The error of a setup step that took longer than [`SETUP_TIMEOUT`].
-pub(crate) fn timed_out(what: &str) -> TransportError {
-    TransportError(format!("{what} took longer than {SETUP_TIMEOUT:?}"))
-}
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A broker error as a transport error.
 pub(crate) fn amqp_error(error: lapin::Error) -> TransportError {

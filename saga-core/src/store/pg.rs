@@ -650,18 +650,17 @@ impl PgStore {
             .collect()
     }
 
-    /// Applies `batch` under the row locks of its sagas, from their kept states or their logs.
+    /// Applies `batch` under the row locks of its sagas (`ids`, from [`saga_ids`]), from their
+    /// kept states or their logs.
     async fn apply_locked(
         &self,
         registry: &Registry,
         batch: Vec<(Uuid, Input)>,
+        ids: &[Uuid],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
-        let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
         let mut tx = self.begin().await?;
-        let loaded = self.load(&mut tx, registry, &ids, false).await?;
+        let loaded = self.load(&mut tx, registry, ids, false).await?;
         self.commit_decided(tx, loaded, &batch, now).await
     }
 
@@ -801,6 +800,14 @@ impl PgStore {
     }
 }
 
+/// The sagas `batch` names, in id order (the order rows are locked in), each once.
+fn saga_ids(batch: &[(Uuid, Input)]) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The sagas of a transaction, each loaded with its definition, or the verdict its inputs get
 /// instead (an unknown saga or definition).
 type LoadedSagas = HashMap<Uuid, std::result::Result<(Arc<Definition>, Loaded), Verdict>>;
@@ -839,11 +846,9 @@ impl Store for PgStore {
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
         let now = Utc::now();
-        let mut ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = saga_ids(&batch);
         let Some(mut loaded) = self.kept(registry, &ids) else {
-            return self.apply_locked(registry, batch, now).await;
+            return self.apply_locked(registry, batch, &ids, now).await;
         };
         let mut tx = self.begin().await?;
         let (mut applied, stale) = self
@@ -858,7 +863,11 @@ impl Store for PgStore {
                 .enumerate()
                 .filter(|(_, (id, _))| stale.contains(id))
                 .unzip();
-            match self.apply_locked(registry, again, Utc::now()).await {
+            let again_ids = saga_ids(&again);
+            match self
+                .apply_locked(registry, again, &again_ids, Utc::now())
+                .await
+            {
                 Ok(redone) => {
                     for (position, a) in positions.into_iter().zip(redone) {
                         applied[position] = a;
