@@ -12,7 +12,7 @@ use lapin::options::{
     BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, ConnectionStatus};
 use saga_core::message::headers;
 use saga_core::transport::{Acker, Delivery, TransportError};
 use saga_core::{Destination, Envelope};
@@ -37,8 +37,22 @@ pub(crate) struct Subscription {
 
 struct Active {
     channel: Channel,
+    connection: ConnectionStatus,
     consumer: lapin::Consumer,
+    /// Ticks every [`WATCH_EVERY`], to check that the channel is still open.
+    watch: tokio::time::Interval,
 }
+
+impl Active {
+    /// Whether the consumer can still deliver: its channel and connection are open.
+    fn open(&self) -> bool {
+        self.channel.status().connected() && self.connection.connected()
+    }
+}
+
+/// How often a consumer checks its channel. A consumer whose channel or connection closed
+/// without ending its stream would otherwise wait for deliveries forever.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 struct State {
     sub: Arc<Subscription>,
@@ -69,13 +83,25 @@ impl Subscription {
     /// broker registers late gives its deliveries back instead of holding them unread, and
     /// the link connects afresh for the next attempt.
     async fn subscribe(&self) -> Result<Active, TransportError> {
-        let channel = self.consume.extra_channel().await?;
+        let (channel, connection) = self.consume.watched_channel().await?;
         let consumed = self
             .consume
             .within_setup_timeout("subscribing", self.consume_on(&channel))
             .await;
         match consumed {
-            Ok(consumer) => Ok(Active { channel, consumer }),
+            Ok(consumer) => {
+                let mut watch = tokio::time::interval_at(
+                    tokio::time::Instant::now() + WATCH_EVERY,
+                    WATCH_EVERY,
+                );
+                watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                Ok(Active {
+                    channel,
+                    connection,
+                    consumer,
+                    watch,
+                })
+            }
             Err(e) => {
                 tokio::spawn(async move {
                     let _ = channel.close(200, "subscribing failed".into()).await;
@@ -129,13 +155,20 @@ pub(crate) fn stream(sub: Subscription) -> BoxStream<'static, Delivery> {
                     }
                 }
             }
-            let next = state
-                .active
-                .as_mut()
-                .expect("subscribed above")
-                .consumer
-                .next()
-                .await;
+            let active = state.active.as_mut().expect("subscribed above");
+            let next = tokio::select! {
+                next = active.consumer.next() => next,
+                _ = active.watch.tick() => {
+                    if !active.open() {
+                        warn!(
+                            queue = %state.sub.config.queue(&state.sub.source),
+                            "the consumer's channel closed without ending it; re-subscribing"
+                        );
+                        state.active = None;
+                    }
+                    continue;
+                }
+            };
             match next {
                 Some(Ok(d)) => {
                     state.backoff = MIN_BACKOFF;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, ConnectionStatus};
 use tokio::sync::Mutex;
 use tracing::info;
 
@@ -91,14 +91,27 @@ impl Link {
         Ok(channel)
     }
 
-    /// A new channel on the link's connection, for one consumer.
+    /// A new channel on the link's connection, for one consumer or one task.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
-        let channel = self.channel().await?;
+        Ok(self.watched_channel().await?.0)
+    }
+
+    /// A new channel on the link's connection, with that connection's status, which a
+    /// consumer watches: a channel whose connection is gone can no longer deliver.
+    pub(crate) async fn watched_channel(
+        &self,
+    ) -> Result<(Channel, ConnectionStatus), TransportError> {
+        self.channel().await?;
         self.within_setup_timeout("opening a consumer's channel", async {
             let current = self.current.lock().await;
             match current.as_ref() {
-                Some((conn, _)) => conn.create_channel().await.map_err(amqp_error),
-                None => Ok(channel),
+                Some((conn, _)) => Ok((
+                    conn.create_channel().await.map_err(amqp_error)?,
+                    conn.status().clone(),
+                )),
+                None => Err(TransportError(
+                    "the connection was lost while opening a channel".to_owned(),
+                )),
             }
         })
         .await

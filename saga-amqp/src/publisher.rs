@@ -61,35 +61,46 @@ pub(crate) async fn publish_outgoing(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
+    // One deadline for sending and confirming: a broker that stops reading (a resource
+    // alarm, a restart) must not hold the publisher forever.
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut confirms = Vec::with_capacity(items.len());
     let mut send_error = None;
+    let mut timed_out = false;
     for o in &items {
-        let sent = channel
-            .basic_publish(
+        let sent = tokio::time::timeout_at(
+            deadline,
+            channel.basic_publish(
                 o.exchange.as_str().into(),
                 o.routing_key.as_str().into(),
                 options,
                 &o.envelope.message.body,
                 o.properties.clone(),
-            )
-            .await;
+            ),
+        )
+        .await;
         match sent {
-            Ok(confirm) => confirms.push(confirm),
-            Err(e) => {
+            Ok(Ok(confirm)) => confirms.push(confirm),
+            Ok(Err(e)) => {
                 send_error = Some(e.to_string());
+                break;
+            }
+            Err(_) => {
+                timed_out = true;
                 break;
             }
         }
     }
     let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
-    let outcomes = match tokio::time::timeout(timeout, join_all(confirms)).await {
-        Ok(outcomes) => outcomes,
-        Err(_) => {
-            // A channel that stopped confirming is replaced; the connection's heartbeat judges
-            // the connection.
-            let _ = channel.close(200, "confirm timeout".into()).await;
+    let outcomes = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
+        Ok(outcomes) if !timed_out => outcomes,
+        _ => {
+            // A channel that stopped sending or confirming is replaced; the connection's
+            // heartbeat judges the connection.
+            let closing = channel.close(200, "confirm timeout".into());
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
             return Err(not_confirmed(
-                format!("no confirm within {timeout:?}"),
+                format!("not sent and confirmed within {timeout:?}"),
                 batch,
                 Vec::new(),
             ));

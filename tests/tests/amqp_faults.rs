@@ -123,3 +123,80 @@ async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
     }
     settle_and_check(running, db, broker, &ids, Duration::from_secs(180)).await;
 }
+
+/// Restores the memory watermark when dropped, so a failing test leaves the broker usable.
+struct WatermarkGuard;
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}
+
+/// Whether the broker has raised its memory alarm (it then stops reading from publishers).
+async fn memory_alarm_raised() -> bool {
+    rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."])
+        .await
+        .contains("memory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_stops_reading_fails_within_the_confirm_timeout() {
+    use saga_core::transport::{PublishError, Transport};
+    use saga_core::{Destination, Envelope, Message};
+
+    let broker = broker().await;
+    let mut config = broker.config.clone();
+    config.confirm_timeout = Duration::from_secs(2);
+    let transport = saga_amqp::AmqpTransport::connect(config).await.unwrap();
+    let big = Destination::Service("big".into());
+    transport.declare(std::slice::from_ref(&big)).await.unwrap();
+    // 64 MiB: more than the socket's buffers hold, so sending itself waits on the broker.
+    let envelopes = |n: usize, size: usize| -> Vec<Envelope> {
+        (0..n)
+            .map(|_| Envelope {
+                destination: big.clone(),
+                message: Message {
+                    id: uuid::Uuid::new_v4(),
+                    headers: Default::default(),
+                    body: vec![b'1'; size],
+                },
+            })
+            .collect()
+    };
+    {
+        let _guard = WatermarkGuard;
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]).await;
+        assert!(
+            wait_until(Duration::from_secs(30), memory_alarm_raised).await,
+            "the broker raised its memory alarm"
+        );
+        let began = std::time::Instant::now();
+        let published = tokio::time::timeout(
+            Duration::from_secs(30),
+            transport.publish(envelopes(64, 1 << 20)),
+        )
+        .await
+        .expect("the publish returned instead of waiting for the broker");
+        assert!(
+            matches!(&published, Err(PublishError::NotConfirmed { envelopes, .. }) if envelopes.len() == 64),
+            "every envelope is handed back as not confirmed: {:?}",
+            published.as_ref().err().map(ToString::to_string)
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the publish gave up at its deadline, not after {:?}",
+            began.elapsed()
+        );
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    }
+    // Once the alarm clears, the transport publishes again on a fresh channel.
+    let recovered = wait_until(Duration::from_secs(60), || async {
+        transport.publish(envelopes(1, 16)).await.is_ok()
+    })
+    .await;
+    assert!(recovered, "publishing works again after the alarm");
+    broker.cleanup().await;
+}
