@@ -25,7 +25,7 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Deliveries of one message before a quorum queue dead-letters it (stops poison loops).
     pub delivery_limit: u32,
-    /// How long to wait for the broker to confirm a publish.
+    /// How long a publish may take to be sent and confirmed; past it, the publish fails.
     pub confirm_timeout: Duration,
     /// Heartbeat interval in seconds, unless the URL sets one.
     pub heartbeat_secs: u16,
