@@ -53,6 +53,8 @@ pub struct PgStore {
     pool: PgPool,
     /// Connections with `synchronous_commit = off`, opened on first use (see [`relaxed`]).
     relaxed: Arc<tokio::sync::OnceCell<PgPool>>,
+    /// Connections that never scan a table, opened on first use (see [`by_key`]).
+    by_key: Arc<tokio::sync::OnceCell<PgPool>>,
     schema: String,
     sql: Arc<Sql>,
     lease: Duration,
@@ -109,6 +111,7 @@ impl PgStoreBuilder {
         Ok(PgStore {
             pool: self.pool,
             relaxed: Arc::default(),
+            by_key: Arc::default(),
             sql: Arc::new(Sql::new(&quoted)),
             schema: self.schema,
             lease: self.lease,
@@ -463,6 +466,32 @@ impl PgStore {
                 // fails, is retried by the relay, and the pool drops the connection.
                 PgPoolOptions::new()
                     .max_connections(4)
+                    .test_before_acquire(false)
+                    .connect_with(options)
+                    .await
+            })
+            .await
+            .map_err(Error::from)
+    }
+
+    /// A small pool whose sessions never scan a table (`enable_seqscan = off` for the session),
+    /// for the write of a batch decided from kept states. That write is one statement, atomic
+    /// on its own, so it is sent without `BEGIN` and `COMMIT` (two round trips fewer); being
+    /// outside a transaction, it cannot be protected by `SET LOCAL` (see [`Self::begin`]), so
+    /// its sessions are. Nothing else runs on it.
+    async fn by_key(&self) -> Result<&PgPool> {
+        self.by_key
+            .get_or_try_init(|| async {
+                let options = self
+                    .pool
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .options([("enable_seqscan", "off")]);
+                // No ping before each use: a write on a connection a restart broke fails as
+                // transient, its batch is applied again, and the pool drops the connection.
+                PgPoolOptions::new()
+                    .max_connections(8)
                     .test_before_acquire(false)
                     .connect_with(options)
                     .await
@@ -841,7 +870,8 @@ impl Store for PgStore {
     /// When every saga of the batch has its state kept here (the usual case for an orchestrator
     /// that runs them), the batch is decided from those states and written without taking the
     /// row locks first: the write statement writes a saga's rows only if its row still shows
-    /// the `last_seq` the state was kept at, and the inputs of sagas another writer moved on
+    /// the `last_seq` the state was kept at, and it is sent alone, atomic on its own, without
+    /// `BEGIN` and `COMMIT`. The inputs of sagas another writer moved on
     /// meanwhile are applied again under their row locks, from their logs. Otherwise the batch
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
@@ -850,11 +880,11 @@ impl Store for PgStore {
         let Some(mut loaded) = self.kept(registry, &ids) else {
             return self.apply_locked(registry, batch, &ids, now).await;
         };
-        let mut tx = self.begin().await?;
+        let mut conn = self.by_key().await?.acquire().await?;
         let (mut applied, stale) = self
-            .decide_and_write(&mut tx, &mut loaded, &batch, now)
+            .decide_and_write(&mut conn, &mut loaded, &batch, now)
             .await?;
-        tx.commit().await?;
+        drop(conn);
         self.keep(loaded);
         if !stale.is_empty() {
             self.cache.forget(stale.iter().copied());
