@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use saga_core::store::{LocalRelay, Started};
-use saga_core::{Client, Store};
+use saga_core::{Client, PgStore, Store};
 use saga_tests::order::{self, Order};
 use saga_tests::{TestDb, database};
 use sqlx::AssertSqlSafe;
@@ -122,6 +122,7 @@ async fn starts_at_once_share_commits_and_each_gets_the_rows_of_a_lone_start() {
             "saga {id}"
         );
     }
+    db.drop_schema().await;
 }
 
 #[tokio::test]
@@ -152,6 +153,7 @@ async fn one_business_key_started_at_once_makes_one_saga() {
     let events = rows_per_saga(&db, "events", "saga_id").await;
     let own = started[1].saga_id;
     assert_eq!(events.get(&shared[0].saga_id), events.get(&own));
+    db.drop_schema().await;
 }
 
 #[tokio::test]
@@ -180,6 +182,7 @@ async fn a_start_the_database_rejects_fails_alone() {
     }
     let counts = client.count_by_status().await.unwrap();
     assert_eq!(counts.values().sum::<u64>(), 99);
+    db.drop_schema().await;
 }
 
 #[tokio::test]
@@ -217,6 +220,7 @@ async fn two_stores_starting_the_same_keys_at_once_make_one_saga_per_key() {
     // deadlocked and fell back to one start at a time.
     let written = transactions(&db).await;
     assert!(written <= 2, "40 sagas took {written} transactions");
+    db.drop_schema().await;
 }
 
 /// Panics building its first command for an order whose id is 13.
@@ -255,12 +259,17 @@ async fn a_panic_in_the_definition_reaches_its_own_caller_only() {
     assert!(client.start(&def, &order(31)).await.unwrap().created);
     let counts = client.count_by_status().await.unwrap();
     assert_eq!(counts.values().sum::<u64>(), 30);
+    db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn starts_without_a_connection_all_get_the_error() {
     let db = database().await;
-    let store = db.store();
+    // A pool of its own to close: the test's pool drops the schema at the end.
+    let store = PgStore::builder(saga_tests::admin_pool().await)
+        .schema(&db.schema)
+        .build()
+        .unwrap();
     store.pool().close().await;
     let client = Client::new(Arc::new(store));
     let started = start_at_once(&client, 20, |_| None).await;
@@ -269,6 +278,7 @@ async fn starts_without_a_connection_all_get_the_error() {
         assert!(e.is_transient(), "a closed pool may open again: {e}");
         assert!(e.to_string().contains("closed"), "{e}");
     }
+    db.drop_schema().await;
 }
 
 /// The outbox rows of the test's schema: id, saga, message id, and whether a relay holds it.
