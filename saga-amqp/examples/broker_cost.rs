@@ -66,71 +66,77 @@ async fn run(
     let queues: Vec<String> = (0..QUEUES)
         .map(|i| format!("broker-cost-{run}-{i}"))
         .collect();
-    let per_queue = per_task * in_flight / QUEUES;
-    let mut consumers = Vec::new();
-    for queue in &queues {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(queue.as_str().into(), durable, args)
-            .await?;
-        let consumer_channel = consume.create_channel().await?;
-        consumer_channel
-            .basic_qos(256, BasicQosOptions::default())
-            .await?;
-        let mut consumer = consumer_channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        consumers.push(tokio::spawn(async move {
-            for _ in 0..per_queue {
-                match consumer.next().await {
-                    Some(Ok(delivery)) => {
-                        delivery.ack(BasicAckOptions::default()).await?;
+    // The queues go whatever happened to the run.
+    let measured: Result<(f64, Option<f64>), Box<dyn std::error::Error>> = async {
+        let per_queue = per_task * in_flight / QUEUES;
+        let mut consumers = Vec::new();
+        for queue in &queues {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), durable, args)
+                .await?;
+            let consumer_channel = consume.create_channel().await?;
+            consumer_channel
+                .basic_qos(256, BasicQosOptions::default())
+                .await?;
+            let mut consumer = consumer_channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(tokio::spawn(async move {
+                for _ in 0..per_queue {
+                    match consumer.next().await {
+                        Some(Ok(delivery)) => {
+                            delivery.ack(BasicAckOptions::default()).await?;
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None => break,
                     }
-                    Some(Err(e)) => return Err(e),
-                    None => break,
                 }
-            }
-            Ok(())
-        }));
+                Ok(())
+            }));
+        }
+        let broker_before = broker_cpu_us();
+        let began = Instant::now();
+        let publishers: Vec<_> = (0..in_flight)
+            .map(|task| {
+                let channel = channel.clone();
+                let queue = queues[task % QUEUES].clone();
+                tokio::spawn(async move { publish_one_at_a_time(&channel, &queue, per_task).await })
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.await??;
+        }
+        for consumer in consumers {
+            consumer.await??;
+        }
+        let secs = began.elapsed().as_secs_f64();
+        let broker = broker_before.zip(broker_cpu_us()).map(|(a, b)| b - a);
+        Ok((secs, broker))
     }
-    let broker_before = broker_cpu_us();
-    let began = Instant::now();
-    let publishers: Vec<_> = (0..in_flight)
-        .map(|task| {
-            let channel = channel.clone();
-            let queue = queues[task % QUEUES].clone();
-            tokio::spawn(async move { publish_one_at_a_time(&channel, &queue, per_task).await })
-        })
-        .collect();
-    for publisher in publishers {
-        publisher.await??;
-    }
-    for consumer in consumers {
-        consumer.await??;
-    }
-    let secs = began.elapsed().as_secs_f64();
-    let broker = broker_before.zip(broker_cpu_us()).map(|(a, b)| b - a);
+    .await;
+    let cleanup = publish.create_channel().await?;
     for queue in &queues {
-        channel
+        cleanup
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
     let _ = publish.close(200, "done".into()).await;
     let _ = consume.close(200, "done".into()).await;
-    Ok((secs, broker))
+    measured
 }
 
 /// Publishes `count` messages to `queue`, each confirmed before the next is sent.
@@ -159,7 +165,8 @@ async fn publish_one_at_a_time(channel: &Channel, queue: &str, count: usize) -> 
     Ok(())
 }
 
-/// CPU time (user + system, µs) of the local `beam.smp`, if there is one to read.
+/// CPU time (user + system, µs) of the first `beam.smp` in `/proc` (the local RabbitMQ node,
+/// if it is the only one), if there is one to read.
 fn broker_cpu_us() -> Option<f64> {
     let ticks_per_sec = 100.0; // USER_HZ on Linux
     std::fs::read_dir("/proc")

@@ -25,7 +25,8 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Deliveries of one message before a quorum queue dead-letters it (stops poison loops).
     pub delivery_limit: u32,
-    /// How long a publish may take to be sent and confirmed; past it, the publish fails.
+    /// How long a publish may take (opening the channel, waiting out the broker's block,
+    /// sending, confirms); past it, the publish fails.
     pub confirm_timeout: Duration,
     /// Heartbeat interval in seconds, unless the URL sets one.
     pub heartbeat_secs: u16,

@@ -91,6 +91,25 @@ impl Link {
         Ok(channel)
     }
 
+    /// The status of the link's connection, if it has one.
+    pub(crate) async fn connection_status(&self) -> Option<ConnectionStatus> {
+        let current = self.current.lock().await;
+        current.as_ref().map(|(conn, _)| conn.status().clone())
+    }
+
+    /// Closes the link's connection (waiting at most a second for the broker) and forgets it,
+    /// so the next use connects afresh. For a connection with frames queued that must never
+    /// reach the broker: closing it drops them with it.
+    pub(crate) async fn reset(&self) {
+        let Some((conn, _)) = self.current.lock().await.take() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let closing = conn.close(200, "reset".into());
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+        });
+    }
+
     /// A new channel on the link's connection, for one consumer or one task.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
         Ok(self.watched_channel().await?.0)

@@ -43,27 +43,48 @@ pub(crate) async fn publish(
     publish_outgoing(link, config.confirm_timeout, items).await
 }
 
-/// Publishes every message before awaiting any confirm, then awaits all confirms together
-/// within `timeout`; hands back the envelopes that were not confirmed or were returned.
+/// How often a publisher held by the broker's block looks again.
+const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
+
+/// Publishes every message before awaiting any confirm, then awaits all confirms together;
+/// the whole publish (opening the channel, waiting out a block, sending, confirming) takes at
+/// most `timeout`. Hands back the envelopes that were not confirmed or were returned.
 pub(crate) async fn publish_outgoing(
     link: &Link,
     timeout: Duration,
     items: Vec<Outgoing>,
 ) -> Result<(), PublishError> {
-    let channel = match link.channel().await {
-        Ok(channel) => channel,
-        Err(e) => {
-            let batch = items.into_iter().map(|o| o.envelope).collect();
-            return Err(not_confirmed(e.0, batch, Vec::new()));
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let fail = |reason: String, items: Vec<Outgoing>| {
+        let batch = items.into_iter().map(|o| o.envelope).collect();
+        Err(not_confirmed(reason, batch, Vec::new()))
     };
+    let channel = match tokio::time::timeout_at(deadline, link.channel()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => return fail(e.0, items),
+        Err(_) => return fail(format!("no channel within {timeout:?}"), items),
+    };
+    // A broker short of memory or disk blocks its publishers (`connection.blocked`) and stops
+    // reading from them. Wait for the block to lift, until the deadline, without sending:
+    // frames sent now would sit in the connection's buffers.
+    if let Some(status) = link.connection_status().await {
+        while status.blocked() {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return fail(
+                    format!("the broker blocked publishers (a resource alarm) for {timeout:?}"),
+                    items,
+                );
+            }
+            tokio::time::sleep_until((now + BLOCKED_RECHECK).min(deadline)).await;
+        }
+    }
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    // One deadline for sending and confirming: a broker that stops reading (a resource
-    // alarm, a restart) must not hold the publisher forever.
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Sending shares the deadline: a broker that stops reading (an alarm raised before its
+    // notice arrived, a restart) must not hold the publisher forever.
     let mut confirms = Vec::with_capacity(items.len());
     let mut send_error = None;
     let mut timed_out = false;
@@ -92,15 +113,26 @@ pub(crate) async fn publish_outgoing(
         }
     }
     let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
+    if timed_out {
+        // The rest of the batch is queued in the connection and would follow a channel's
+        // close (the broker closes a connection that publishes on a closed channel): the
+        // whole connection goes, and its queue with it.
+        link.reset().await;
+        return Err(not_confirmed(
+            format!("not sent within {timeout:?}"),
+            batch,
+            Vec::new(),
+        ));
+    }
     let outcomes = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
-        Ok(outcomes) if !timed_out => outcomes,
-        _ => {
-            // A channel that stopped sending or confirming is replaced; the connection's
-            // heartbeat judges the connection.
+        Ok(outcomes) => outcomes,
+        Err(_) => {
+            // A channel that stopped confirming is replaced; the connection's heartbeat judges
+            // the connection.
             let closing = channel.close(200, "confirm timeout".into());
             let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
             return Err(not_confirmed(
-                format!("not sent and confirmed within {timeout:?}"),
+                format!("no confirm within {timeout:?}"),
                 batch,
                 Vec::new(),
             ));

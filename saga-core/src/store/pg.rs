@@ -154,7 +154,9 @@ impl PgStore {
         schema::migrate(&self.pool, &self.schema, &MIGRATOR, "_saga_migrations").await
     }
 
-    /// The pool this store uses.
+    /// The pool this store was built with. The store also opens two small pools of its own on
+    /// first use, with this pool's connection options and settings (docs/OPERATIONS.md); they
+    /// close when the store and its clones are dropped.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -456,22 +458,41 @@ impl PgStore {
     /// rows: if a crash loses one of those, the row is published again and the verdicts drop
     /// the duplicate. Saga state is never written through it.
     async fn relaxed(&self) -> Result<&PgPool> {
+        // No ping before each use: a claim or delete on a connection a restart broke fails, is
+        // retried by the relay, and the pool drops the connection.
         self.relaxed
-            .get_or_try_init(|| async {
-                let options = self.pool.connect_options().as_ref().clone().options([
-                    ("synchronous_commit", "off"),
-                    ("plan_cache_mode", "force_custom_plan"),
-                ]);
-                // No ping before each use: a claim or delete on a connection a restart broke
-                // fails, is retried by the relay, and the pool drops the connection.
-                PgPoolOptions::new()
-                    .max_connections(4)
-                    .test_before_acquire(false)
-                    .connect_with(options)
-                    .await
+            .get_or_try_init(|| {
+                self.own_pool(
+                    4,
+                    &[
+                        ("synchronous_commit", "off"),
+                        ("plan_cache_mode", "force_custom_plan"),
+                    ],
+                )
             })
             .await
             .map_err(Error::from)
+    }
+
+    /// A pool of the store's own, of at most `max` connections opened on demand, with the
+    /// given pool's connection options and settings (its `after_connect` hook, timeouts and
+    /// lifetimes) and the session `settings` on top, sent as startup options. Connections are
+    /// not pinged before use.
+    async fn own_pool(&self, max: u32, settings: &[(&str, &str)]) -> sqlx::Result<PgPool> {
+        let options = self
+            .pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .options(settings.iter().copied());
+        self.pool
+            .options()
+            .clone()
+            .max_connections(max)
+            .min_connections(0)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
     }
 
     /// A small pool whose sessions never scan a table (`enable_seqscan = off` for the session),
@@ -480,22 +501,11 @@ impl PgStore {
     /// outside a transaction, it cannot be protected by `SET LOCAL` (see [`Self::begin`]), so
     /// its sessions are. Nothing else runs on it.
     async fn by_key(&self) -> Result<&PgPool> {
+        // No ping before each use: a write on a connection a restart broke fails as transient,
+        // its batch is applied again (deferred results come back after `defer_delay`), and the
+        // pool drops the connection; each idle connection fails one batch that way.
         self.by_key
-            .get_or_try_init(|| async {
-                let options = self
-                    .pool
-                    .connect_options()
-                    .as_ref()
-                    .clone()
-                    .options([("enable_seqscan", "off")]);
-                // No ping before each use: a write on a connection a restart broke fails as
-                // transient, its batch is applied again, and the pool drops the connection.
-                PgPoolOptions::new()
-                    .max_connections(8)
-                    .test_before_acquire(false)
-                    .connect_with(options)
-                    .await
-            })
+            .get_or_try_init(|| self.own_pool(8, &[("enable_seqscan", "off")]))
             .await
             .map_err(Error::from)
     }
