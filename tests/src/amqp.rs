@@ -133,3 +133,16 @@ pub async fn drain_dead_letters(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Sets the broker's memory watermark back to RabbitMQ's default (0.4) when dropped, so a
+/// test that raised the memory alarm leaves the broker usable even when it fails.
+#[derive(Debug)]
+pub struct WatermarkGuard;
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use saga_core::{SagaStatus, Store};
-use saga_tests::amqp::{broker, rabbitmqctl};
+use saga_tests::amqp::{WatermarkGuard, broker, rabbitmqctl};
 use saga_tests::harness::{self, assert_effects};
 use saga_tests::{database, wait_until};
 
@@ -122,17 +122,6 @@ async fn stopping_and_starting_the_broker_mid_run_loses_nothing() {
         running.spawn(worker, broker.transport().await);
     }
     settle_and_check(running, db, broker, &ids, Duration::from_secs(180)).await;
-}
-
-/// Restores the memory watermark when dropped, so a failing test leaves the broker usable.
-struct WatermarkGuard;
-
-impl Drop for WatermarkGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0.4"])
-            .output();
-    }
 }
 
 /// Whether the broker has raised its memory alarm (it then blocks publishers).

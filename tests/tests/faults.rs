@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use saga_core::message::headers;
 use saga_core::{Destination, Envelope, Message, Reply, Transport};
-use saga_tests::amqp::{drain_dead_letters, rabbitmqctl};
+use saga_tests::amqp::{WatermarkGuard, drain_dead_letters, rabbitmqctl};
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
 
@@ -368,17 +368,6 @@ async fn terminated_sessions_and_a_long_lock_are_ridden_out() {
     assert_invariants(&stack, 400, 10).await;
     stack.shutdown().await;
     // No leaked sessions: with every process stopped, only the test's own pool remains.
-}
-
-/// Restores the memory watermark when dropped, so a failing test leaves the broker usable.
-struct WatermarkGuard;
-
-impl Drop for WatermarkGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0.4"])
-            .output();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

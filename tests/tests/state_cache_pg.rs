@@ -123,8 +123,19 @@ async fn count(store: &dyn Store, id: Uuid, pick: impl Fn(&Event) -> bool) -> us
     history.iter().filter(|e| pick(&e.event)).count()
 }
 
-#[tokio::test]
-async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_written_twice() {
+/// Two stores on one schema, and two order sagas whose reservations store `a` applied (so it
+/// keeps both states, their charges dispatched): `moved`, which the tests move on through
+/// `b`, and `still`, which only `a` touches.
+struct TwoWriters {
+    db: saga_tests::TestDb,
+    a: saga_core::PgStore,
+    b: saga_core::PgStore,
+    registry: Registry,
+    moved: Uuid,
+    still: Uuid,
+}
+
+async fn two_writers() -> TwoWriters {
     let db = database().await;
     let (a, b) = (db.store(), db.store());
     let def = order::definition();
@@ -133,8 +144,6 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
     let client = Client::new(Arc::new(a.clone()));
     let moved = client.start(&def, &Order::default()).await.unwrap().saga_id;
     let still = client.start(&def, &Order::default()).await.unwrap().saga_id;
-
-    // A applies both reservations' results and keeps both states (charges dispatched).
     let applied = a
         .apply(
             &registry,
@@ -146,6 +155,26 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
         applied.iter().all(|x| x.verdict == Verdict::Applied),
         "{applied:?}"
     );
+    TwoWriters {
+        db,
+        a,
+        b,
+        registry,
+        moved,
+        still,
+    }
+}
+
+#[tokio::test]
+async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_written_twice() {
+    let TwoWriters {
+        db,
+        a,
+        b,
+        registry,
+        moved,
+        still,
+    } = two_writers().await;
     // B applies `moved`'s charge result; A's kept state of `moved` still waits for it.
     let charge = answer_last(&b, moved).await;
     let applied = b.apply(&registry, vec![charge.clone()]).await.unwrap();
@@ -197,20 +226,14 @@ async fn a_result_decided_from_a_kept_state_another_writer_moved_on_is_not_writt
 
 #[tokio::test]
 async fn a_moved_on_saga_whose_log_fails_is_deferred_and_the_rest_of_its_batch_commits() {
-    let db = database().await;
-    let (a, b) = (db.store(), db.store());
-    let def = order::definition();
-    let mut registry = Registry::new();
-    registry.register(&def);
-    let client = Client::new(Arc::new(a.clone()));
-    let moved = client.start(&def, &Order::default()).await.unwrap().saga_id;
-    let still = client.start(&def, &Order::default()).await.unwrap().saga_id;
-    a.apply(
-        &registry,
-        vec![answer_last(&a, moved).await, answer_last(&a, still).await],
-    )
-    .await
-    .unwrap();
+    let TwoWriters {
+        db,
+        a,
+        b,
+        registry,
+        moved,
+        still,
+    } = two_writers().await;
     // B moves `moved` on, then its log loses an event: A's kept state fails the write's
     // check, and applying it again from the log fails.
     let charge = answer_last(&b, moved).await;
