@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use saga_core::Envelope;
 use saga_core::transport::PublishError;
 use tracing::warn;
@@ -46,7 +46,8 @@ pub(crate) async fn publish(
 /// How often a publisher held by the broker's block looks again.
 const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
 
-/// Publishes every message before awaiting any confirm, then awaits all confirms together;
+/// Sends every message (a window at a time, see [`send`]) before awaiting any confirm, then
+/// awaits all confirms together;
 /// the whole publish (opening the channel, waiting out a block, sending, confirming) takes at
 /// most `timeout`. Hands back the envelopes that were not confirmed or were returned.
 pub(crate) async fn publish_outgoing(
@@ -85,35 +86,9 @@ pub(crate) async fn publish_outgoing(
     };
     // Sending shares the deadline: a broker that stops reading (an alarm raised before its
     // notice arrived, a restart) must not hold the publisher forever.
-    let mut confirms = Vec::with_capacity(items.len());
-    let mut send_error = None;
-    let mut timed_out = false;
-    for o in &items {
-        let sent = tokio::time::timeout_at(
-            deadline,
-            channel.basic_publish(
-                o.exchange.as_str().into(),
-                o.routing_key.as_str().into(),
-                options,
-                &o.envelope.message.body,
-                o.properties.clone(),
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(confirm)) => confirms.push(confirm),
-            Ok(Err(e)) => {
-                send_error = Some(e.to_string());
-                break;
-            }
-            Err(_) => {
-                timed_out = true;
-                break;
-            }
-        }
-    }
+    let sent = tokio::time::timeout_at(deadline, send(&channel, &items, options)).await;
     let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
-    if timed_out {
+    let Ok(sent) = sent else {
         // The rest of the batch is queued in the connection and would follow a channel's
         // close (the broker closes a connection that publishes on a closed channel): the
         // whole connection goes, and its queue with it.
@@ -123,9 +98,23 @@ pub(crate) async fn publish_outgoing(
             batch,
             Vec::new(),
         ));
+    };
+    let mut reason = None;
+    let mut confirms = Vec::with_capacity(sent.len());
+    let mut slots = Vec::with_capacity(sent.len());
+    for (slot, result) in sent.into_iter().enumerate() {
+        match result {
+            Ok(confirm) => {
+                slots.push(slot);
+                confirms.push(confirm);
+            }
+            Err(e) => {
+                reason.get_or_insert_with(|| e.to_string());
+            }
+        }
     }
-    let outcomes = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
-        Ok(outcomes) => outcomes,
+    let confirmed = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
+        Ok(confirmed) => confirmed,
         Err(_) => {
             // A channel that stopped confirming is replaced; the connection's heartbeat judges
             // the connection.
@@ -138,15 +127,15 @@ pub(crate) async fn publish_outgoing(
             ));
         }
     };
+    // Each message's confirm, or none if it was not sent.
+    let mut outcomes: Vec<Option<lapin::Result<Confirmation>>> =
+        std::iter::repeat_with(|| None).take(batch.len()).collect();
+    for (slot, outcome) in slots.into_iter().zip(confirmed) {
+        outcomes[slot] = Some(outcome);
+    }
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();
-    let mut reason = send_error.clone();
-    for (envelope, outcome) in batch.into_iter().zip(
-        outcomes
-            .into_iter()
-            .map(Some)
-            .chain(std::iter::repeat_with(|| None)),
-    ) {
+    for (envelope, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
             Some(Ok(Confirmation::Ack(None))) => {}
             Some(Ok(Confirmation::Ack(Some(_)))) => unroutable.push(envelope),
@@ -174,6 +163,51 @@ pub(crate) async fn publish_outgoing(
             Err(not_confirmed(reason, unconfirmed, unroutable))
         }
     }
+}
+
+/// The most message bytes [`send`] queues in the connection at once.
+const WINDOW_BYTES: usize = 1 << 20;
+
+/// Sends `items` in order, a window at a time: every message of a window is queued before any
+/// is awaited, so the connection's writer sends the window in one write instead of one round
+/// trip per message, and the broker reads it in one go. A window holds at most
+/// [`WINDOW_BYTES`] of bodies (or one larger message), which bounds the copies queued in the
+/// connection. Stops after the first window with a failure: the messages after it are not sent
+/// and have no entry.
+async fn send(
+    channel: &Channel,
+    items: &[Outgoing],
+    options: BasicPublishOptions,
+) -> Vec<lapin::Result<PublisherConfirm>> {
+    let mut sent = Vec::with_capacity(items.len());
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut bytes = rest[0].envelope.message.body.len();
+        let mut end = 1;
+        while end < rest.len() && bytes + rest[end].envelope.message.body.len() <= WINDOW_BYTES {
+            bytes += rest[end].envelope.message.body.len();
+            end += 1;
+        }
+        let (window, after) = rest.split_at(end);
+        // `join_all` polls the sends in order, and a send queues its frames on its first poll.
+        let results = join_all(window.iter().map(|o| {
+            channel.basic_publish(
+                o.exchange.as_str().into(),
+                o.routing_key.as_str().into(),
+                options,
+                &o.envelope.message.body,
+                o.properties.clone(),
+            )
+        }))
+        .await;
+        let failed = results.iter().any(Result::is_err);
+        sent.extend(results);
+        if failed {
+            break;
+        }
+        rest = after;
+    }
+    sent
 }
 
 fn not_confirmed(

@@ -174,3 +174,53 @@ async fn a_command_for_a_service_without_a_queue_fails_its_step() {
     broker.cleanup().await;
     db.drop_schema().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_a_send_window_arrives_whole_and_in_order() {
+    use futures_util::StreamExt as _;
+    let broker = broker().await;
+    let transport = broker.transport().await;
+    let bulk = Destination::Service("bulk".into());
+    transport
+        .declare(std::slice::from_ref(&bulk))
+        .await
+        .unwrap();
+    // 40 messages, every 8th of 700 KiB (the publisher sends at most 1 MiB of bodies at
+    // once, so the batch leaves in several windows), with one unroutable in the middle.
+    let mut batch: Vec<Envelope> = (0..40)
+        .map(|i| Envelope {
+            destination: bulk.clone(),
+            message: Message {
+                id: uuid::Uuid::new_v4(),
+                headers: Default::default(),
+                body: vec![b'0' + (i % 10) as u8; if i % 8 == 0 { 700 << 10 } else { 200 }],
+            },
+        })
+        .collect();
+    let expected: Vec<uuid::Uuid> = batch.iter().map(|e| e.message.id).collect();
+    let lost = garbage(Destination::Service("nowhere".into()));
+    let lost_id = lost.message.id;
+    batch.insert(20, lost);
+
+    let published = transport.publish(batch).await;
+    assert!(
+        matches!(&published, Err(PublishError::Unroutable(e)) if e.len() == 1 && e[0].message.id == lost_id),
+        "only the unroutable message is handed back: {published:?}"
+    );
+    let mut deliveries = transport.consume(&bulk).await.unwrap();
+    let mut received = Vec::new();
+    while received.len() < expected.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .expect("every published message is delivered")
+            .expect("the consumer's stream goes on");
+        received.push(delivery.message.id);
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        received, expected,
+        "delivered once each, in the batch's order"
+    );
+    drop(deliveries);
+    broker.cleanup().await;
+}
