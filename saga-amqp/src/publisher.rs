@@ -47,9 +47,8 @@ pub(crate) async fn publish(
 const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
 
 /// Sends every message (a window at a time, see [`send`]) before awaiting any confirm, then
-/// awaits all confirms together;
-/// the whole publish (opening the channel, waiting out a block, sending, confirming) takes at
-/// most `timeout`. Hands back the envelopes that were not confirmed or were returned.
+/// awaits all confirms together; the whole publish (opening the channel, waiting out a block,
+/// sending, confirming) takes at most `timeout`. Hands back the envelopes that were not confirmed or were returned.
 pub(crate) async fn publish_outgoing(
     link: &Link,
     timeout: Duration,
