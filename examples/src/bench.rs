@@ -267,28 +267,36 @@ where
             }
         })
     };
-    let mut started: HashMap<Uuid, (bool, Instant)> = HashMap::new();
-    let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while settled.len() < args.count as usize {
-        tokio::select! {
-            Some(s) = started_rx.recv() => {
-                let (id, fail, at) = s.context("starting a saga")?;
-                started.insert(id, (fail, at));
+    // The tally runs as a task, on the runtime's workers, not on the bench's main thread: a
+    // third thread woken for every start and every outcome would compete with the engine
+    // for the cores.
+    let count = args.count as usize;
+    let tally = tokio::spawn(async move {
+        let mut started: HashMap<Uuid, (bool, Instant)> = HashMap::new();
+        let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while settled.len() < count {
+            tokio::select! {
+                Some(s) = started_rx.recv() => {
+                    let (id, fail, at) = s.context("starting a saga")?;
+                    started.insert(id, (fail, at));
+                }
+                Some((id, status, at)) = settled_rx.recv() => {
+                    settled.insert(id, (status, at));
+                    permits.add_permits(1);
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => bail!("the run did not finish within 10 minutes"),
             }
-            Some((id, status, at)) = settled_rx.recv() => {
-                settled.insert(id, (status, at));
-                permits.add_permits(1);
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => bail!("the run did not finish within 10 minutes"),
         }
-    }
-    let secs = begin.elapsed().as_secs_f64();
-    starter.await?;
-    while let Ok(s) = started_rx.try_recv() {
-        let (id, fail, at) = s?;
-        started.insert(id, (fail, at));
-    }
+        let secs = begin.elapsed().as_secs_f64();
+        starter.await?;
+        while let Ok(s) = started_rx.try_recv() {
+            let (id, fail, at) = s?;
+            started.insert(id, (fail, at));
+        }
+        anyhow::Ok((started, settled, secs))
+    });
+    let (started, settled, secs) = tally.await??;
     let rss = peak_rss_mb();
     shutdown.cancel();
     while let Some(task) = tasks.join_next().await {
