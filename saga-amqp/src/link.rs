@@ -1,6 +1,7 @@
 //! A connection to the broker that reconnects on demand, named for its role.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
@@ -32,11 +33,16 @@ impl Role {
     }
 }
 
+/// Which of a link's successive connections something was opened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionId(u64);
+
 /// One connection (and, for publishing, one confirm channel), replaced when it fails.
 pub(crate) struct Link {
     config: Arc<AmqpConfig>,
     role: Role,
-    current: Mutex<Option<(Connection, Channel)>>,
+    current: Mutex<Option<(Connection, Channel, ConnectionId)>>,
+    connections: AtomicU64,
 }
 
 impl Link {
@@ -45,12 +51,20 @@ impl Link {
             config,
             role,
             current: Mutex::new(None),
+            connections: AtomicU64::new(0),
         }
     }
 
     /// The link's healthy channel, connecting first if the connection is gone; fails after
     /// [`SETUP_TIMEOUT`] rather than wait on a connection that stopped answering.
     pub(crate) async fn channel(&self) -> Result<Channel, TransportError> {
+        Ok(self.identified_channel().await?.0)
+    }
+
+    /// [`Link::channel`], with the connection it is on, for [`Link::reset`].
+    pub(crate) async fn identified_channel(
+        &self,
+    ) -> Result<(Channel, ConnectionId), TransportError> {
         self.within_setup_timeout("opening a channel", self.open_channel())
             .await
     }
@@ -73,36 +87,42 @@ impl Link {
         }
     }
 
-    async fn open_channel(&self) -> Result<Channel, TransportError> {
+    async fn open_channel(&self) -> Result<(Channel, ConnectionId), TransportError> {
         let mut current = self.current.lock().await;
-        if let Some((conn, channel)) = current.as_ref() {
+        if let Some((conn, channel, id)) = current.as_ref() {
             if conn.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), *id));
             }
             if conn.status().connected() {
-                let channel = self.setup(conn).await?;
+                let (channel, id) = (self.setup(conn).await?, *id);
                 current.as_mut().expect("checked above").1 = channel.clone();
-                return Ok(channel);
+                return Ok((channel, id));
             }
         }
         let conn = self.connect().await?;
         let channel = self.setup(&conn).await?;
-        *current = Some((conn, channel.clone()));
-        Ok(channel)
+        let id = ConnectionId(self.connections.fetch_add(1, Ordering::Relaxed));
+        *current = Some((conn, channel.clone(), id));
+        Ok((channel, id))
     }
 
     /// The status of the link's connection, if it has one.
     pub(crate) async fn connection_status(&self) -> Option<ConnectionStatus> {
         let current = self.current.lock().await;
-        current.as_ref().map(|(conn, _)| conn.status().clone())
+        current.as_ref().map(|(conn, ..)| conn.status().clone())
     }
 
-    /// Closes the link's connection (waiting at most a second for the broker) and forgets it,
-    /// so the next use connects afresh. For a connection with frames queued that must never
-    /// reach the broker: closing it drops them with it.
-    pub(crate) async fn reset(&self) {
-        let Some((conn, _)) = self.current.lock().await.take() else {
-            return;
+    /// Closes the link's connection if it is still `connection` (waiting at most a second for
+    /// the broker) and forgets it, so the next use connects afresh; a newer connection, opened
+    /// since by another user of the link, is left alone. For a connection with frames queued
+    /// that must never reach the broker: closing it drops them with it.
+    pub(crate) async fn reset(&self, connection: ConnectionId) {
+        let conn = {
+            let mut current = self.current.lock().await;
+            match current.as_ref() {
+                Some((.., id)) if *id == connection => current.take().expect("checked above").0,
+                _ => return,
+            }
         };
         tokio::spawn(async move {
             let closing = conn.close(200, "reset".into());
@@ -124,7 +144,7 @@ impl Link {
         self.within_setup_timeout("opening a consumer's channel", async {
             let current = self.current.lock().await;
             match current.as_ref() {
-                Some((conn, _)) => Ok((
+                Some((conn, ..)) => Ok((
                     conn.create_channel().await.map_err(amqp_error)?,
                     conn.status().clone(),
                 )),

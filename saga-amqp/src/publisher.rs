@@ -59,11 +59,12 @@ pub(crate) async fn publish_outgoing(
         let batch = items.into_iter().map(|o| o.envelope).collect();
         Err(not_confirmed(reason, batch, Vec::new()))
     };
-    let channel = match tokio::time::timeout_at(deadline, link.channel()).await {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => return fail(e.0, items),
-        Err(_) => return fail(format!("no channel within {timeout:?}"), items),
-    };
+    let (channel, connection) =
+        match tokio::time::timeout_at(deadline, link.identified_channel()).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return fail(e.0, items),
+            Err(_) => return fail(format!("no channel within {timeout:?}"), items),
+        };
     // A broker short of memory or disk blocks its publishers (`connection.blocked`) and stops
     // reading from them. Wait for the block to lift, until the deadline, without sending:
     // frames sent now would sit in the connection's buffers.
@@ -91,7 +92,7 @@ pub(crate) async fn publish_outgoing(
         // The rest of the batch is queued in the connection and would follow a channel's
         // close (the broker closes a connection that publishes on a closed channel): the
         // whole connection goes, and its queue with it.
-        link.reset().await;
+        link.reset(connection).await;
         return Err(not_confirmed(
             format!("not sent within {timeout:?}"),
             batch,
