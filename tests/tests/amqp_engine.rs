@@ -224,3 +224,32 @@ async fn a_batch_larger_than_a_send_window_arrives_whole_and_in_order() {
     drop(deliveries);
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_profile_reports_the_brokers_work_by_process_kind() {
+    // The broker must be up, as for every test here (this fails with how to start it).
+    let broker = broker().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/broker-profile");
+    let run = |args: &'static [&'static str]| async move {
+        tokio::process::Command::new(script)
+            .args(args)
+            .output()
+            .await
+            .expect("run scripts/broker-profile")
+    };
+    let out = run(&["1"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("reductions in 1 s"), "{text}");
+    assert!(text.contains("by kind"), "{text}");
+    assert!(text.contains("busiest processes"), "{text}");
+
+    let bad = run(&["soon"]).await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("usage: scripts/broker-profile"));
+    broker.cleanup().await;
+}
