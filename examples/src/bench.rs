@@ -285,7 +285,9 @@ where
                     settled.insert(id, (status, at));
                     permits.add_permits(1);
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => bail!("the run did not finish within 10 minutes"),
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    bail!("the run did not finish within 10 minutes")
+                }
             }
         }
         let secs = begin.elapsed().as_secs_f64();

@@ -1,5 +1,6 @@
 //! A baseline for benchmarks: what the broker itself does with raw lapin, no saga code.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -25,10 +26,22 @@ pub async fn raw_publish_consume(
     size: usize,
 ) -> Result<Duration, TransportError> {
     let queue = format!("saga-baseline-{}", uuid::Uuid::new_v4().simple());
-    run(url, &queue, count, size).await.map_err(amqp_error)
+    let (elapsed, acked) = run(url, &queue, count, size).await.map_err(amqp_error)?;
+    if acked < count {
+        return Err(TransportError(format!(
+            "the baseline's consumer stopped after {acked} of {count} messages"
+        )));
+    }
+    Ok(elapsed)
 }
 
-async fn run(url: &str, queue: &str, count: usize, size: usize) -> lapin::Result<Duration> {
+/// Returns the time until the last delivery was acked, and how many were.
+async fn run(
+    url: &str,
+    queue: &str,
+    count: usize,
+    size: usize,
+) -> lapin::Result<(Duration, usize)> {
     let publish = Connection::connect(url, ConnectionProperties::default()).await?;
     let consume = Connection::connect(url, ConnectionProperties::default()).await?;
     let pch = publish.create_channel().await?;
@@ -56,12 +69,19 @@ async fn run(url: &str, queue: &str, count: usize, size: usize) -> lapin::Result
     let body = vec![b'x'; size];
     let start = Instant::now();
     let consuming = tokio::spawn(async move {
+        let acked = AtomicUsize::new(0);
         consumer
             .take(count)
-            .try_for_each_concurrent(500, |d| async move {
-                d.ack(BasicAckOptions::default()).await.map(drop)
+            .try_for_each_concurrent(500, |d| {
+                let acked = &acked;
+                async move {
+                    d.ack(BasicAckOptions::default()).await?;
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
             })
             .await
+            .map(|()| acked.into_inner())
     });
     let mut sent = 0;
     while sent < count {
@@ -84,11 +104,11 @@ async fn run(url: &str, queue: &str, count: usize, size: usize) -> lapin::Result
         }
         sent += batch;
     }
-    consuming.await.expect("the consumer task")?;
+    let acked = consuming.await.expect("the consumer task")?;
     let elapsed = start.elapsed();
     pch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
     let _ = publish.close(200, "done".into()).await;
     let _ = consume.close(200, "done".into()).await;
-    Ok(elapsed)
+    Ok((elapsed, acked))
 }

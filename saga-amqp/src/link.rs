@@ -1,7 +1,8 @@
 //! A connection to the broker that reconnects on demand, named for its role.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use lapin::options::ConfirmSelectOptions;
@@ -43,7 +44,12 @@ pub(crate) struct Link {
     role: Role,
     current: Mutex<Option<(Connection, Channel, ConnectionId)>>,
     connections: AtomicU64,
+    queueing: std::sync::Mutex<()>,
+    returned: std::sync::Mutex<HashSet<String>>,
 }
+
+/// The most ids of returned messages a link keeps for publishes yet to look for them.
+const RETURNED_KEPT: usize = 4096;
 
 impl Link {
     pub(crate) fn new(config: Arc<AmqpConfig>, role: Role) -> Self {
@@ -52,6 +58,8 @@ impl Link {
             role,
             current: Mutex::new(None),
             connections: AtomicU64::new(0),
+            queueing: std::sync::Mutex::new(()),
+            returned: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -104,6 +112,37 @@ impl Link {
         let id = ConnectionId(self.connections.fetch_add(1, Ordering::Relaxed));
         *current = Some((conn, channel.clone(), id));
         Ok((channel, id))
+    }
+
+    /// Held while a publish queues messages on the link's channel (never across an await):
+    /// lapin numbers a message for its confirm and queues its frames under two locks, so
+    /// publishes interleaving on one channel could swap numbers, and a nack would be blamed on
+    /// another publish's message.
+    pub(crate) fn queueing(&self) -> MutexGuard<'_, ()> {
+        self.queueing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ids of messages the broker returned that reached another publish's confirms (lapin
+    /// hands a returned message to whichever confirm of the channel it completes next): the
+    /// publish that sent them takes them with [`Link::take_returned`].
+    pub(crate) fn note_returned(&self, ids: impl IntoIterator<Item = String>) {
+        let mut returned = self.returned.lock().unwrap_or_else(PoisonError::into_inner);
+        // Ids nobody takes (their publish had already finished) must not pile up.
+        if returned.len() >= RETURNED_KEPT {
+            returned.clear();
+        }
+        returned.extend(ids);
+    }
+
+    /// Takes those of `ids` that another publish noted as returned.
+    pub(crate) fn take_returned(&self, ids: impl IntoIterator<Item = String>) -> Vec<String> {
+        let mut returned = self.returned.lock().unwrap_or_else(PoisonError::into_inner);
+        if returned.is_empty() {
+            return Vec::new();
+        }
+        ids.into_iter()
+            .filter_map(|id| returned.take(&id))
+            .collect()
     }
 
     /// The status of the link's connection, if it has one.

@@ -1,8 +1,11 @@
 //! Publishing batches with pipelined confirms and the mandatory flag.
 
+use std::collections::HashSet;
+use std::future::poll_fn;
+use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, maybe_done};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use saga_core::Envelope;
@@ -48,7 +51,8 @@ const BLOCKED_RECHECK: Duration = Duration::from_millis(50);
 
 /// Sends every message (a window at a time, see [`send`]) before awaiting any confirm, then
 /// awaits all confirms together; the whole publish (opening the channel, waiting out a block,
-/// sending, confirming) takes at most `timeout`. Hands back the envelopes that were not confirmed or were returned.
+/// sending, confirming) takes at most `timeout`. Hands back the envelopes that were not
+/// confirmed or were returned.
 pub(crate) async fn publish_outgoing(
     link: &Link,
     timeout: Duration,
@@ -86,7 +90,7 @@ pub(crate) async fn publish_outgoing(
     };
     // Sending shares the deadline: a broker that stops reading (an alarm raised before its
     // notice arrived, a restart) must not hold the publisher forever.
-    let sent = tokio::time::timeout_at(deadline, send(&channel, &items, options)).await;
+    let sent = tokio::time::timeout_at(deadline, send(link, &channel, &items, options)).await;
     let batch: Vec<Envelope> = items.into_iter().map(|o| o.envelope).collect();
     let Ok(sent) = sent else {
         // The rest of the batch is queued in the connection and would follow a channel's
@@ -133,12 +137,16 @@ pub(crate) async fn publish_outgoing(
     for (slot, outcome) in slots.into_iter().zip(confirmed) {
         outcomes[slot] = Some(outcome);
     }
+    let returned = returned_ids(link, &batch, &mut outcomes);
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();
     for (envelope, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
-            Some(Ok(Confirmation::Ack(None))) => {}
-            Some(Ok(Confirmation::Ack(Some(_)))) => unroutable.push(envelope),
+            Some(Ok(Confirmation::Ack(_))) => {
+                if !returned.is_empty() && returned.contains(&envelope.message.id.to_string()) {
+                    unroutable.push(envelope);
+                }
+            }
             Some(Ok(Confirmation::Nack(_))) => {
                 reason.get_or_insert_with(|| "the broker refused a message (nack)".to_owned());
                 unconfirmed.push(envelope);
@@ -165,41 +173,105 @@ pub(crate) async fn publish_outgoing(
     }
 }
 
-/// The most message bytes [`send`] queues in the connection at once.
+/// The ids of the messages of `batch` the broker returned (mandatory, no queue), taken out of
+/// `outcomes`. lapin hands a returned message to whichever confirm of the channel it completes
+/// next, which may be another message's of this batch or of another publish on the link, so
+/// returns are matched by message id: those of other publishes are left on the link for them
+/// ([`Link::note_returned`]), and those others left for this one are taken. A return that
+/// reaches another publish only after this one looked is missed: its message counts as
+/// published, and its step's timeout retries it.
+fn returned_ids(
+    link: &Link,
+    batch: &[Envelope],
+    outcomes: &mut [Option<lapin::Result<Confirmation>>],
+) -> HashSet<String> {
+    let mut returned = HashSet::new();
+    let mut others = Vec::new();
+    let mut ours: Option<HashSet<String>> = None;
+    for outcome in outcomes.iter_mut().flatten() {
+        if let Ok(Confirmation::Ack(message) | Confirmation::Nack(message)) = outcome
+            && let Some(message) = message.take()
+        {
+            let Some(id) = message.delivery.properties.message_id() else {
+                warn!("the broker returned a message without an id");
+                continue;
+            };
+            let ours = ours
+                .get_or_insert_with(|| batch.iter().map(|e| e.message.id.to_string()).collect());
+            if ours.contains(id.as_str()) {
+                returned.insert(id.as_str().to_owned());
+            } else {
+                others.push(id.as_str().to_owned());
+            }
+        }
+    }
+    if !others.is_empty() {
+        link.note_returned(others);
+    }
+    returned.extend(link.take_returned(batch.iter().map(|e| e.message.id.to_string())));
+    returned
+}
+
+/// The most bytes [`send`] queues in the connection at once: bodies, plus
+/// [`FRAMING_ESTIMATE`] a message for its method and header frames.
 const WINDOW_BYTES: usize = 1 << 20;
 
-/// Sends `items` in order, a window at a time: every message of a window is queued before any
-/// is awaited, so the connection's writer sends the window in one write instead of one round
-/// trip per message, and the broker reads it in one go. A window holds at most
-/// [`WINDOW_BYTES`] of bodies (or one larger message), which bounds the copies queued in the
-/// connection. Stops after the first window with a failure: the messages after it are not sent
-/// and have no entry.
+/// What a message's method and header frames (routing, properties, saga headers) count for in
+/// a window.
+const FRAMING_ESTIMATE: usize = 512;
+
+/// Sends `items` on `link`'s `channel` in order, a window at a time: every message of a window
+/// is queued before any is awaited, so the connection's writer sends the window in a few
+/// writes (often one) instead of one per message. A window holds at most [`WINDOW_BYTES`] (or
+/// one larger message), which bounds the copies one publish queues in the connection. Stops
+/// after the first window with a failure: the messages after that window are not sent and have
+/// no entry (those of the failed window after the failure may have been sent).
 async fn send(
+    link: &Link,
     channel: &Channel,
     items: &[Outgoing],
     options: BasicPublishOptions,
 ) -> Vec<lapin::Result<PublisherConfirm>> {
+    let size = |o: &Outgoing| o.envelope.message.body.len() + FRAMING_ESTIMATE;
     let mut sent = Vec::with_capacity(items.len());
     let mut rest = items;
     while !rest.is_empty() {
-        let mut bytes = rest[0].envelope.message.body.len();
+        let mut bytes = size(&rest[0]);
         let mut end = 1;
-        while end < rest.len() && bytes + rest[end].envelope.message.body.len() <= WINDOW_BYTES {
-            bytes += rest[end].envelope.message.body.len();
+        while end < rest.len() && bytes + size(&rest[end]) <= WINDOW_BYTES {
+            bytes += size(&rest[end]);
             end += 1;
         }
         let (window, after) = rest.split_at(end);
-        // `join_all` polls the sends in order, and a send queues its frames on its first poll.
-        let results = join_all(window.iter().map(|o| {
-            channel.basic_publish(
-                o.exchange.as_str().into(),
-                o.routing_key.as_str().into(),
-                options,
-                &o.envelope.message.body,
-                o.properties.clone(),
-            )
-        }))
+        let mut sends: Vec<_> = window
+            .iter()
+            .map(|o| {
+                Box::pin(maybe_done(channel.basic_publish(
+                    o.exchange.as_str().into(),
+                    o.routing_key.as_str().into(),
+                    options,
+                    &o.envelope.message.body,
+                    o.properties.clone(),
+                )))
+            })
+            .collect();
+        // A send's first poll numbers its message for the confirm and queues its frames,
+        // without waiting: the window's first polls run in order, under the link's lock.
+        poll_fn(|cx| {
+            let _queueing = link.queueing();
+            for send in &mut sends {
+                let _ = send.as_mut().poll(cx);
+            }
+            Poll::Ready(())
+        })
         .await;
+        for send in &mut sends {
+            send.as_mut().await;
+        }
+        let results: Vec<_> = sends
+            .iter_mut()
+            .map(|send| send.as_mut().take_output().expect("awaited above"))
+            .collect();
         let failed = results.iter().any(Result::is_err);
         sent.extend(results);
         if failed {

@@ -185,27 +185,38 @@ async fn a_batch_larger_than_a_send_window_arrives_whole_and_in_order() {
         .declare(std::slice::from_ref(&bulk))
         .await
         .unwrap();
-    // 40 messages, every 8th of 700 KiB (the publisher sends at most 1 MiB of bodies at
-    // once, so the batch leaves in several windows), with one unroutable in the middle.
-    let mut batch: Vec<Envelope> = (0..40)
+    // 40 messages, every 8th of 700 KiB (the publisher queues at most 1 MiB at once, so they
+    // leave in several windows), then 100 small ones (one window of more than 30 sends), with
+    // two unroutable messages among them.
+    let mut batch: Vec<Envelope> = (0..140)
         .map(|i| Envelope {
             destination: bulk.clone(),
             message: Message {
                 id: uuid::Uuid::new_v4(),
                 headers: Default::default(),
-                body: vec![b'0' + (i % 10) as u8; if i % 8 == 0 { 700 << 10 } else { 200 }],
+                body: vec![
+                    b'0' + (i % 10) as u8;
+                    if i < 40 && i % 8 == 0 { 700 << 10 } else { 200 }
+                ],
             },
         })
         .collect();
     let expected: Vec<uuid::Uuid> = batch.iter().map(|e| e.message.id).collect();
-    let lost = garbage(Destination::Service("nowhere".into()));
-    let lost_id = lost.message.id;
-    batch.insert(20, lost);
+    let mut lost_ids = Vec::new();
+    for at in [20, 100] {
+        let lost = garbage(Destination::Service("nowhere".into()));
+        lost_ids.push(lost.message.id);
+        batch.insert(at, lost);
+    }
 
     let published = transport.publish(batch).await;
-    assert!(
-        matches!(&published, Err(PublishError::Unroutable(e)) if e.len() == 1 && e[0].message.id == lost_id),
-        "only the unroutable message is handed back: {published:?}"
+    let handed_back = match &published {
+        Err(PublishError::Unroutable(e)) => e.iter().map(|e| e.message.id).collect(),
+        _ => Vec::new(),
+    };
+    assert_eq!(
+        handed_back, lost_ids,
+        "only the unroutable messages are handed back: {published:?}"
     );
     let mut deliveries = transport.consume(&bulk).await.unwrap();
     let mut received = Vec::new();
@@ -251,5 +262,65 @@ async fn broker_profile_reports_the_brokers_work_by_process_kind() {
     let bad = run(&["soon"]).await;
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage: scripts/broker-profile"));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_each_learn_their_own_messages_fate() {
+    use futures_util::StreamExt as _;
+    let broker = broker().await;
+    let transport = std::sync::Arc::new(broker.transport().await);
+    let bulk = Destination::Service("bulk".into());
+    transport
+        .declare(std::slice::from_ref(&bulk))
+        .await
+        .unwrap();
+    // Many publishes at once on the transport's one publishing channel, every 7th to a
+    // service without a queue. lapin hands a returned message to whichever confirm of the
+    // channel completes next: a routed message must never be reported as returned, and a
+    // returned one only to the publish that sent it. (A return that reaches another publish
+    // after its own publish finished is missed, and its message counts as published: see
+    // `returned_ids` in the publisher.)
+    let (mut routable, mut unroutable, mut reported) = (0, 0, 0);
+    for round in 0..5 {
+        let calls = (0..120).map(|i| {
+            let transport = std::sync::Arc::clone(&transport);
+            let lost = (i + round) % 7 == 0;
+            let envelope = if lost {
+                garbage(Destination::Service("nowhere".into()))
+            } else {
+                garbage(Destination::Service("bulk".into()))
+            };
+            let id = envelope.message.id;
+            tokio::spawn(async move { (lost, id, transport.publish(vec![envelope]).await) })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            let (lost, id, published) = call.unwrap();
+            match published {
+                Ok(()) if lost => unroutable += 1,
+                Ok(()) => routable += 1,
+                Err(PublishError::Unroutable(e))
+                    if lost && e.len() == 1 && e[0].message.id == id =>
+                {
+                    unroutable += 1;
+                    reported += 1;
+                }
+                other => panic!("a message's own fate (unroutable: {lost}), not {other:?}"),
+            }
+        }
+    }
+    assert!(
+        reported * 10 >= unroutable * 9,
+        "{reported} of {unroutable} unroutable messages reported as such"
+    );
+    let mut deliveries = transport.consume(&bulk).await.unwrap();
+    for _ in 0..routable {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.next())
+            .await
+            .expect("every routed message is delivered")
+            .expect("the consumer's stream goes on");
+        delivery.ack().await.unwrap();
+    }
+    drop(deliveries);
     broker.cleanup().await;
 }
