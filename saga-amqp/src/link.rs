@@ -78,16 +78,22 @@ impl Link {
     }
 
     /// Runs `setup` on this link for at most [`SETUP_TIMEOUT`]; past it, fails naming `what`
-    /// and forgets the connection, which stopped answering, so the next use connects afresh.
+    /// and forgets the connection, which stopped answering, so the next use connects afresh
+    /// (unless another use of the link has connected afresh meanwhile).
     pub(crate) async fn within_setup_timeout<T>(
         &self,
         what: &str,
         setup: impl Future<Output = Result<T, TransportError>>,
     ) -> Result<T, TransportError> {
+        let connected = self.connections.load(Ordering::Relaxed);
         match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
             Ok(done) => done,
             Err(_) => {
-                *self.current.lock().await = None;
+                let mut current = self.current.lock().await;
+                if self.connections.load(Ordering::Relaxed) == connected {
+                    *current = None;
+                }
+                drop(current);
                 Err(TransportError(format!(
                     "{what} took longer than {SETUP_TIMEOUT:?}"
                 )))
