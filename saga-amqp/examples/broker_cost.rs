@@ -13,7 +13,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -71,18 +71,7 @@ async fn run(
         let per_queue = per_task * in_flight / QUEUES;
         let mut consumers = Vec::new();
         for queue in &queues {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from("quorum")),
-            );
-            let durable = QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            };
-            channel
-                .queue_declare(queue.as_str().into(), durable, args)
-                .await?;
+            saga_amqp::baseline::declare_quorum_queue(&channel, queue).await?;
             let consumer_channel = consume.create_channel().await?;
             consumer_channel
                 .basic_qos(256, BasicQosOptions::default())

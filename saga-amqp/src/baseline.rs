@@ -10,14 +10,14 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use saga_core::transport::TransportError;
 
 use crate::link::amqp_error;
 
 /// Publishes `count` persistent messages of `size` bytes to a fresh quorum queue with
 /// confirms (pipelined in batches of 200, each batch queued whole before any of it is awaited,
-/// so it leaves in one write) while consuming them with manual acks (up to 500 unsettled,
+/// so it leaves together) while consuming them with manual acks (up to 500 unsettled,
 /// acked without waiting for one another), on two connections; returns the time until the
 /// last one was acked. The queue is deleted after.
 pub async fn raw_publish_consume(
@@ -35,6 +35,23 @@ pub async fn raw_publish_consume(
     Ok(elapsed)
 }
 
+/// Declares `queue` as a durable quorum queue on `channel`, as the baselines use.
+pub async fn declare_quorum_queue(channel: &Channel, queue: &str) -> lapin::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), durable, args)
+        .await
+        .map(drop)
+}
+
 /// Returns the time until the last delivery was acked, and how many were.
 async fn run(
     url: &str,
@@ -46,16 +63,7 @@ async fn run(
     let consume = Connection::connect(url, ConnectionProperties::default()).await?;
     let pch = publish.create_channel().await?;
     pch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    pch.queue_declare(queue.into(), durable, args).await?;
+    declare_quorum_queue(&pch, queue).await?;
     let cch = consume.create_channel().await?;
     cch.basic_qos(500, BasicQosOptions::default()).await?;
     let consumer = cch

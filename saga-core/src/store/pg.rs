@@ -881,8 +881,8 @@ impl Store for PgStore {
     /// that runs them), the batch is decided from those states and written without taking the
     /// row locks first: the write statement writes a saga's rows only if its row still shows
     /// the `last_seq` the state was kept at, and it is sent alone, atomic on its own, without
-    /// `BEGIN` and `COMMIT`. The inputs of sagas another writer moved on
-    /// meanwhile are applied again under their row locks, from their logs. Otherwise the batch
+    /// `BEGIN` and `COMMIT`. The inputs of sagas another writer moved on meanwhile are applied
+    /// again under their row locks, from their logs. Otherwise the batch
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
         let now = Utc::now();
