@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Example;
+use crate::cpu::CpuTimes;
 use crate::participant::{Ledger, migrate, worker};
 
 /// What to run.
@@ -251,6 +252,7 @@ where
     // Start sagas concurrently, at most `in_flight` unsettled at a time.
     let permits = Arc::new(Semaphore::new(args.in_flight.max(1) as usize));
     let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let cpu_before = CpuTimes::now();
     let begin = Instant::now();
     let starter = {
         let (client, permits, def) = (client.clone(), permits.clone(), def.clone());
@@ -300,6 +302,9 @@ where
     });
     let (started, settled, secs) = tally.await??;
     let rss = peak_rss_mb();
+    if let Some(line) = CpuTimes::now().per_saga_since(&cpu_before, args.count) {
+        eprintln!("{line}");
+    }
     shutdown.cancel();
     while let Some(task) = tasks.join_next().await {
         task??;

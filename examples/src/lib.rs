@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu;
 pub mod demo;
 pub mod example;
 pub mod expense;

@@ -178,6 +178,19 @@ async fn the_bench_checks_every_outcome_and_prints_its_figures() {
         stderr.contains("history: 101 sagas, 808 events in the log"),
         "{stderr}"
     );
+    // Where the CPU time went, per saga: the bench process, and each service this machine
+    // runs (visible in `/proc`).
+    let cpu = stderr
+        .lines()
+        .find(|l| l.starts_with("cpu a saga: this process "))
+        .unwrap_or_else(|| panic!("no CPU line: {stderr}"));
+    let here = saga_examples::cpu::CpuTimes::now();
+    for (part, local) in [
+        ("RabbitMQ ", here.broker.is_some()),
+        ("PostgreSQL ", here.database.is_some()),
+    ] {
+        assert_eq!(cpu.contains(part), local, "{cpu}");
+    }
     let last = stdout.lines().last().expect("a JSON line");
     let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
     // The keys, in the order the issue fixed.
