@@ -117,6 +117,8 @@ async fn run(
         Ok((secs, broker))
     }
     .await;
+    // The consumers' connection goes first (see `saga_amqp::baseline`).
+    let _ = consume.close(200, "done".into()).await;
     let cleanup = publish.create_channel().await?;
     for queue in &queues {
         cleanup
@@ -124,7 +126,6 @@ async fn run(
             .await?;
     }
     let _ = publish.close(200, "done".into()).await;
-    let _ = consume.close(200, "done".into()).await;
     measured
 }
 

@@ -114,9 +114,12 @@ async fn run(
     }
     let acked = consuming.await.expect("the consumer task")?;
     let elapsed = start.elapsed();
+    // The consumer's connection goes first: a queue deleted under a consumer being cancelled
+    // makes the broker's cancel and lapin's cross, and lapin closes the connection over the
+    // unexpected `cancel-ok` with an error in the log.
+    let _ = consume.close(200, "done".into()).await;
     pch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;
     let _ = publish.close(200, "done".into()).await;
-    let _ = consume.close(200, "done".into()).await;
     Ok((elapsed, acked))
 }
