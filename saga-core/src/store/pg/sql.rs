@@ -63,18 +63,22 @@ impl Sql {
             // moved on (the update waits for a writer holding the row, then checks again).
             // Cancelled timers are found by primary key: `(fired_at IS NULL) IS TRUE` keeps the
             // planner off `timers_pending`, which holds every pending timer and, between
-            // vacuums, the dead entries of the cancelled ones.
+            // vacuums, the dead entries of the cancelled ones. Each join with the arrays also
+            // names its keys with `= ANY`, an index condition whatever the join order: a table
+            // last analyzed nearly empty (`timers` often is, between loads) otherwise gets a
+            // plan that walks its whole primary key for every batch.
             write: sql(format!(
                 "WITH i AS (UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, \
                  updated_at = $1, finished_at = CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') \
                  THEN coalesce(i.finished_at, $1) END \
                  FROM UNNEST($12::uuid[], $13::text[], $14::int8[], $15::text[], $22::int8[]) AS u(id, status, last_seq, reason, seen) \
-                 WHERE i.id = u.id AND i.last_seq = u.seen RETURNING i.id), \
+                 WHERE i.id = ANY($12) AND i.id = u.id AND i.last_seq = u.seen RETURNING i.id), \
                  e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
                  SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u(saga_id, seq, kind, data) \
                  WHERE u.saga_id IN (SELECT id FROM i)), \
                  c AS (DELETE FROM {s}.timers t USING UNNEST($6::uuid[], $7::text[]) AS c(saga_id, key) \
-                 WHERE t.saga_id = c.saga_id AND t.key = c.key AND (t.fired_at IS NULL) IS TRUE \
+                 WHERE t.saga_id = ANY($6) AND t.saga_id = c.saga_id AND t.key = c.key \
+                 AND (t.fired_at IS NULL) IS TRUE \
                  AND c.saga_id IN (SELECT id FROM i)), \
                  t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
                  SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
@@ -87,7 +91,7 @@ impl Sql {
                  AS u(saga_id, destination, message_id, headers, body) WHERE u.saga_id IN (SELECT id FROM i) \
                  RETURNING id, message_id), \
                  r AS (SELECT x.id FROM {s}.instances x JOIN UNNEST($23::uuid[], $24::int8[]) AS g(id, seen) \
-                 ON x.id = g.id AND x.last_seq = g.seen) \
+                 ON x.id = g.id AND x.last_seq = g.seen WHERE x.id = ANY($23)) \
                  SELECT id, message_id, NULL::uuid AS saga_id FROM o \
                  UNION ALL SELECT NULL, NULL, id FROM i UNION ALL SELECT NULL, NULL, id FROM r"
             )),
