@@ -58,8 +58,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Copies the rows of the finished saga `model` (instance, events, timers) `count` times under
-/// new time-ordered ids, in chunks, then refreshes the planner's statistics and writes the
-/// copy out (a checkpoint). The pool's search path is the bench's schema.
+/// new time-ordered ids, in chunks, then vacuums and analyzes the tables and writes the copy
+/// out (a checkpoint). The pool's search path is the bench's schema.
 async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::Result<(i64, i64)> {
     const CHUNK: u64 = 50_000;
     // Its own connection, where statements taking seconds are expected and not logged.
@@ -101,13 +101,15 @@ async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::R
         .context("filling the history")?;
         done += n;
     }
-    sqlx::query("ANALYZE instances, events, timers")
+    // A log grown over days never comes at once: autovacuum has been through it, and its
+    // writes are long on disk. The copy leaves millions of rows autovacuum would take on during
+    // the measured run, and a gigabyte or more of dirty pages whose checkpoint would run then
+    // too: vacuum and write it out now, so the run pays for having the log, not for having
+    // just loaded it. Checkpointing takes a superuser or `pg_checkpoint`; without either, the
+    // run goes on.
+    sqlx::query("VACUUM (ANALYZE) instances, events, timers")
         .execute(&mut conn)
         .await?;
-    // The copy leaves a gigabyte or more of dirty pages and WAL behind, and the checkpoint it
-    // sets off would run during the measured run. A log grown over days never comes at once:
-    // write it out now, so the run pays for having the log, not for having just loaded it.
-    // Checkpointing takes a superuser or `pg_checkpoint`; without either, the run goes on.
     if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut conn).await {
         eprintln!("history: no checkpoint after the copy ({e}); its writes may slow the run");
     }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Linux reports process times in clock ticks of 1/100 s (`USER_HZ`, fixed by its ABI).
+/// Linux reports process times in clock ticks of 1/100 s (`USER_HZ`) on x86 and ARM.
 const TICKS_PER_SEC: f64 = 100.0;
 
 /// CPU time (user and system) spent so far, in µs, by each part; `None` where it cannot be
