@@ -65,10 +65,12 @@ pub struct Undo {
 #[derive(Debug, Clone, Copy)]
 pub struct OrderSaga;
 
-/// The retry policy of the examples: 5 attempts, 100 ms to 5 s.
+/// The retry policy of the examples: 8 attempts, 100 ms to 5 s, so about 11 s of backoff: a
+/// participant whose database restarts (which can take seconds while PostgreSQL recovers) gets
+/// it back before its step runs out of attempts.
 pub fn retry() -> RetryPolicy {
     RetryPolicy {
-        max_attempts: 5,
+        max_attempts: 8,
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(5),
         ..RetryPolicy::default()
