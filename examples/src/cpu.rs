@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn this_process_is_read_and_an_absent_program_is_none() {
         let now = CpuTimes::now();
-        assert!(now.bench.is_some_and(|us| us >= 0.0), "{now:?}");
+        assert!(now.bench.is_some(), "{now:?}");
         assert_eq!(named("no-such-program-here"), None);
     }
 }
