@@ -216,6 +216,16 @@ pub fn decide(
         Input::Reply(reply) => d.reply(reply)?,
         Input::Timer(timer) => d.timer(timer)?,
     };
+    // A saga that ends here no longer needs its deadline: the timer goes with the end, rather
+    // than stay pending until it fires for nothing. (A stuck saga keeps it: an operator's retry
+    // runs it on.)
+    if !state.status.is_terminal()
+        && d.state.status.is_terminal()
+        && definition.deadline().is_some()
+        && !matches!(input, Input::Timer(Timer::Deadline))
+    {
+        d.effects.push(Effect::CancelTimer(Timer::Deadline));
+    }
     Ok(Decision {
         events: d.events,
         effects: d.effects,

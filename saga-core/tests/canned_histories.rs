@@ -17,6 +17,15 @@ fn t0() -> DateTime<Utc> {
 
 /// reserve (release) -> charge (refund) -> ship (pivot); 3 attempts, 100 ms backoff, no jitter.
 fn order() -> SagaDefinition<Value> {
+    order_with(None)
+}
+
+/// [`order`], with a deadline if one is given.
+fn order_with(deadline: Option<Duration>) -> SagaDefinition<Value> {
+    let mut builder = SagaDefinition::<Value>::builder("order", 1);
+    if let Some(deadline) = deadline {
+        builder = builder.deadline(deadline);
+    }
     let retry = RetryPolicy {
         max_attempts: 3,
         initial_backoff: Duration::from_millis(100),
@@ -24,7 +33,7 @@ fn order() -> SagaDefinition<Value> {
         multiplier: 2.0,
         jitter: 0.0,
     };
-    SagaDefinition::<Value>::builder("order", 1)
+    builder
         .step("reserve", |s| {
             s.action("inventory", "reserve", |ctx| Ok(ctx.input()["sku"].clone()))
                 .compensation("inventory", "release", |ctx| {
@@ -420,6 +429,49 @@ fn failing_compensation_gets_stuck() {
             .contains("step `reserve` compensation failed after 3 attempts")
     );
     assert_eq!(run.kinds().last(), Some(&"stuck"));
+}
+
+/// The deadline is set at the start and cancelled by the decision that ends the saga, whether
+/// it completes or compensates; a stuck saga keeps it, and no decision before the end cancels it.
+#[test]
+fn the_end_of_a_saga_cancels_its_deadline() {
+    let deadline = Some(Duration::from_secs(3600));
+    let cancels_deadline = |d: &Decision| d.effects.contains(&Effect::CancelTimer(Timer::Deadline));
+
+    let (mut run, first) = Run::start(order_with(deadline));
+    assert!(first.effects.contains(&Effect::SetTimer {
+        timer: Timer::Deadline,
+        due_at: t0() + Duration::from_secs(3600),
+    }));
+    assert!(!cancels_deadline(&run.ok(json!("R-1"))));
+    assert!(!cancels_deadline(&run.ok(json!("C-1"))));
+    let last = run.ok(json!({}));
+    assert_eq!(run.state.status, SagaStatus::Completed);
+    assert!(cancels_deadline(&last), "{:?}", last.effects);
+
+    let (mut run, _) = Run::start(order_with(deadline));
+    run.ok(json!("R-1"));
+    assert!(!cancels_deadline(&run.fail(false)));
+    let last = run.ok(json!({}));
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+    assert!(cancels_deadline(&last), "{:?}", last.effects);
+
+    let (mut run, _) = Run::start(order_with(deadline));
+    run.ok(json!("R-1"));
+    run.fail(false);
+    let mut decisions = Vec::new();
+    for attempt in 1..=3 {
+        decisions.push(run.fail(true));
+        if attempt < 3 {
+            decisions.push(run.input(Input::Timer(Timer::Retry {
+                step: 0,
+                direction: C,
+                attempt: attempt + 1,
+            })));
+        }
+    }
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert!(!decisions.iter().any(cancels_deadline));
 }
 
 /// A log that disagrees with the definition fails replay with a stable code.
