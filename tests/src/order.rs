@@ -37,19 +37,35 @@ pub fn retry() -> RetryPolicy {
 
 /// reserve (release) -> charge (refund) -> ship (pivot).
 pub fn definition() -> SagaDefinition<Order> {
-    SagaDefinition::<Order>::builder("order", 1)
+    definition_timed(None)
+}
+
+/// [`definition`], with `timed` as every step's timeout and the saga's deadline.
+pub fn definition_timed(timed: Option<Duration>) -> SagaDefinition<Order> {
+    let mut builder = SagaDefinition::<Order>::builder("order", 1);
+    if let Some(t) = timed {
+        builder = builder.deadline(t);
+    }
+    let timeout = |s: saga_core::StepBuilder<Order>| match timed {
+        Some(t) => s.timeout(t),
+        None => s,
+    };
+    builder
         .step("reserve", |s| {
-            s.action("inventory", "reserve", |ctx| Ok(ctx.input().clone()))
+            timeout(s)
+                .action("inventory", "reserve", |ctx| Ok(ctx.input().clone()))
                 .compensation("inventory", "release", |ctx| Ok(ctx.input().clone()))
                 .retry(retry())
         })
         .step("charge", |s| {
-            s.action("payment", "charge", |ctx| Ok(ctx.input().clone()))
+            timeout(s)
+                .action("payment", "charge", |ctx| Ok(ctx.input().clone()))
                 .compensation("payment", "refund", |ctx| Ok(ctx.input().clone()))
                 .retry(retry())
         })
         .step("ship", |s| {
-            s.pivot()
+            timeout(s)
+                .pivot()
                 .action("shipping", "ship", |ctx| Ok(ctx.input().clone()))
                 .retry(retry())
         })

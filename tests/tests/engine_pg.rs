@@ -537,3 +537,93 @@ async fn an_unregistered_version_is_left_untouched() {
     }
     h.db.drop_schema().await;
 }
+
+/// Keys of the saga's pending timers, sorted.
+async fn pending_timers(db: &TestDb, saga_id: Uuid) -> Vec<String> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT key FROM \"{}\".timers WHERE saga_id = $1 AND fired_at IS NULL ORDER BY key",
+        db.schema
+    )))
+    .bind(saga_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
+    let db = database().await;
+    let store = Arc::new(db.store_with_lease(Duration::from_secs(1)));
+    let transport = InProcessTransport::new();
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut workers = order::participants(&db.pool, &db.schema).await.workers;
+    // Shipping waits: every saga stops at its last step, with that step's timeout pending.
+    let shipping = workers.remove(
+        workers
+            .iter()
+            .position(|w| w.service() == "shipping")
+            .unwrap(),
+    );
+    for worker in workers {
+        tasks.spawn(worker.run(Arc::new(transport.clone()), shutdown.clone()));
+    }
+    let def = order::definition_timed(Some(Duration::from_secs(3600)));
+    let orchestrator = Orchestrator::builder(store.clone(), Arc::new(transport.clone()))
+        .register(&def)
+        .config(config())
+        .build();
+    tasks.spawn(orchestrator.run(shutdown.clone()));
+    let client = Client::new(store.clone());
+    // Started together, so that results of many sagas share a batch.
+    let mut ids = Vec::new();
+    for id in 0..40 {
+        let order = Order {
+            id,
+            ..Order::default()
+        };
+        ids.push(client.start(&def, &order).await.unwrap().saga_id);
+    }
+
+    let waiting = vec![
+        "deadline".to_owned(),
+        format!("timeout:2:{}:1", Direction::Forward),
+    ];
+    let all_waiting = wait_until(Duration::from_secs(20), || async {
+        for id in &ids {
+            if pending_timers(&db, *id).await != waiting {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        all_waiting,
+        "each saga keeps its deadline and its last step's timeout, the first two steps' are \
+         gone: {:?}",
+        pending_timers(&db, ids[0]).await
+    );
+
+    tasks.spawn(shipping.run(Arc::new(transport.clone()), shutdown.clone()));
+    let all_done = wait_until(Duration::from_secs(20), || async {
+        for id in &ids {
+            let s = client.summary(*id).await.unwrap().unwrap();
+            if s.status != SagaStatus::Completed || !pending_timers(&db, *id).await.is_empty() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        all_done,
+        "every saga completed with no timer left pending: {:?}",
+        pending_timers(&db, ids[0]).await
+    );
+    shutdown.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    db.drop_schema().await;
+}

@@ -792,7 +792,7 @@ impl PgStore {
             .bind(c.kinds)
             .bind(c.data)
             .bind(c.cancelled_sagas)
-            .bind(c.cancelled_keys)
+            .bind(c.cancelled)
             .bind(c.timer_sagas)
             .bind(c.keys)
             .bind(c.timers)

@@ -19,7 +19,9 @@ pub(super) struct Columns<'a> {
     pub(super) kinds: Vec<&'static str>,
     pub(super) data: Vec<Json<&'a Event>>,
     pub(super) cancelled_sagas: Vec<Uuid>,
-    pub(super) cancelled_keys: Vec<&'a str>,
+    /// `saga_id/key` of each cancelled timer (a uuid's text has a fixed length, so the pair
+    /// is unambiguous whatever the key holds).
+    pub(super) cancelled: Vec<String>,
     pub(super) timer_sagas: Vec<Uuid>,
     pub(super) keys: Vec<String>,
     pub(super) timers: Vec<Json<&'a Timer>>,
@@ -65,7 +67,7 @@ impl<'a> Columns<'a> {
             .collect();
         for (saga, key) in cancelled {
             self.cancelled_sagas.push(saga);
-            self.cancelled_keys.push(key);
+            self.cancelled.push(format!("{saga}/{key}"));
         }
         // In id order, as the row locks are taken: writers that lock while updating do not
         // deadlock on sagas they share.

@@ -66,7 +66,11 @@ impl Sql {
             // vacuums, the dead entries of the cancelled ones. Each join with the arrays also
             // names its keys with `= ANY`, an index condition whatever the join order: a table
             // last analyzed nearly empty (`timers` often is, between loads) otherwise gets a
-            // plan that walks its whole primary key for every batch.
+            // plan that walks its whole primary key for every batch. The cancellations are no
+            // join at all, but one scan by `saga_id = ANY($6)` that keeps the rows named in `$7`
+            // (`saga_id/key`) of sagas that passed (a filter, `IS TRUE`): as the inner side of
+            // a join, an `= ANY` scan sorts its array again for every outer row, which made
+            // each batch's cost grow with the square of its cancellations.
             write: sql(format!(
                 "WITH i AS (UPDATE {s}.instances i SET status = u.status, last_seq = u.last_seq, reason = u.reason, \
                  updated_at = $1, finished_at = CASE WHEN u.status IN ('completed', 'compensated', 'cancelled') \
@@ -76,10 +80,10 @@ impl Sql {
                  e AS (INSERT INTO {s}.events (saga_id, seq, kind, data, recorded_at) \
                  SELECT u.*, $1 FROM UNNEST($2::uuid[], $3::int8[], $4::text[], $5::jsonb[]) AS u(saga_id, seq, kind, data) \
                  WHERE u.saga_id IN (SELECT id FROM i)), \
-                 c AS (DELETE FROM {s}.timers t USING UNNEST($6::uuid[], $7::text[]) AS c(saga_id, key) \
-                 WHERE t.saga_id = ANY($6) AND t.saga_id = c.saga_id AND t.key = c.key \
+                 c AS (DELETE FROM {s}.timers t WHERE t.saga_id = ANY($6) \
+                 AND (t.saga_id::text || '/' || t.key) = ANY($7::text[]) \
                  AND (t.fired_at IS NULL) IS TRUE \
-                 AND c.saga_id IN (SELECT id FROM i)), \
+                 AND (t.saga_id = ANY(ARRAY(SELECT id FROM i))) IS TRUE), \
                  t AS (INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
                  SELECT u.saga_id, u.key, u.timer, $1, u.due_at \
                  FROM UNNEST($8::uuid[], $9::text[], $10::jsonb[], $11::timestamptz[]) AS u(saga_id, key, timer, due_at) \
