@@ -9,7 +9,7 @@ use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::store::SagaSummary;
 use saga_core::{
     Client, Destination, Direction, Event, InProcessTransport, Orchestrator, Outcome, Reply,
-    SagaStatus, Store, Transport,
+    SagaDefinition, SagaStatus, Store, Transport, Worker,
 };
 use saga_tests::order::{self, Order};
 use saga_tests::{TestDb, database, wait_until};
@@ -36,21 +36,35 @@ fn config() -> OrchestratorConfig {
 }
 
 async fn harness() -> Harness {
+    harness_with(&order::definition(), None).await.0
+}
+
+/// A harness running `definition`, with every participant but `held`'s, which it returns
+/// unstarted.
+async fn harness_with(
+    definition: &SagaDefinition<Order>,
+    held: Option<&str>,
+) -> (Harness, Option<Worker>) {
     let db = database().await;
     let store = Arc::new(db.store_with_lease(Duration::from_secs(1)));
     let transport = InProcessTransport::new();
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let participants = order::participants(&db.pool, &db.schema).await;
+    let mut kept = None;
     for worker in participants.workers {
-        tasks.spawn(worker.run(Arc::new(transport.clone()), shutdown.clone()));
+        if Some(worker.service()) == held {
+            kept = Some(worker);
+        } else {
+            tasks.spawn(worker.run(Arc::new(transport.clone()), shutdown.clone()));
+        }
     }
     let orchestrator = Orchestrator::builder(store.clone(), Arc::new(transport.clone()))
-        .register(&order::definition())
+        .register(definition)
         .config(config())
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
-    Harness {
+    let harness = Harness {
         client: Client::new(store.clone()),
         db,
         store,
@@ -58,7 +72,8 @@ async fn harness() -> Harness {
         shutdown,
         tasks,
         runs: participants.runs,
-    }
+    };
+    (harness, kept)
 }
 
 impl Harness {
@@ -552,29 +567,9 @@ async fn pending_timers(db: &TestDb, saga_id: Uuid) -> Vec<String> {
 
 #[tokio::test]
 async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
-    let db = database().await;
-    let store = Arc::new(db.store_with_lease(Duration::from_secs(1)));
-    let transport = InProcessTransport::new();
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut workers = order::participants(&db.pool, &db.schema).await.workers;
-    // Shipping waits: every saga stops at its last step, with that step's timeout pending.
-    let shipping = workers.remove(
-        workers
-            .iter()
-            .position(|w| w.service() == "shipping")
-            .unwrap(),
-    );
-    for worker in workers {
-        tasks.spawn(worker.run(Arc::new(transport.clone()), shutdown.clone()));
-    }
     let def = order::definition_timed(Some(Duration::from_secs(3600)));
-    let orchestrator = Orchestrator::builder(store.clone(), Arc::new(transport.clone()))
-        .register(&def)
-        .config(config())
-        .build();
-    tasks.spawn(orchestrator.run(shutdown.clone()));
-    let client = Client::new(store.clone());
+    // Shipping waits: every saga stops at its last step, with that step's timeout pending.
+    let (mut h, shipping) = harness_with(&def, Some("shipping")).await;
     // Started together, so that results of many sagas share a batch.
     let mut ids = Vec::new();
     for id in 0..40 {
@@ -582,7 +577,7 @@ async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
             id,
             ..Order::default()
         };
-        ids.push(client.start(&def, &order).await.unwrap().saga_id);
+        ids.push(h.client.start(&def, &order).await.unwrap().saga_id);
     }
 
     let waiting = vec![
@@ -591,7 +586,7 @@ async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
     ];
     let all_waiting = wait_until(Duration::from_secs(20), || async {
         for id in &ids {
-            if pending_timers(&db, *id).await != waiting {
+            if pending_timers(&h.db, *id).await != waiting {
                 return false;
             }
         }
@@ -602,14 +597,16 @@ async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
         all_waiting,
         "each saga keeps its deadline and its last step's timeout, the first two steps' are \
          gone: {:?}",
-        pending_timers(&db, ids[0]).await
+        pending_timers(&h.db, ids[0]).await
     );
 
-    tasks.spawn(shipping.run(Arc::new(transport.clone()), shutdown.clone()));
+    let shipping = shipping.expect("the shipping worker was held");
+    h.tasks
+        .spawn(shipping.run(Arc::new(h.transport.clone()), h.shutdown.clone()));
     let all_done = wait_until(Duration::from_secs(20), || async {
         for id in &ids {
-            let s = client.summary(*id).await.unwrap().unwrap();
-            if s.status != SagaStatus::Completed || !pending_timers(&db, *id).await.is_empty() {
+            let s = h.client.summary(*id).await.unwrap().unwrap();
+            if s.status != SagaStatus::Completed || !pending_timers(&h.db, *id).await.is_empty() {
                 return false;
             }
         }
@@ -619,11 +616,7 @@ async fn each_result_cancels_its_steps_timer_and_keeps_the_sagas_others() {
     assert!(
         all_done,
         "every saga completed with no timer left pending: {:?}",
-        pending_timers(&db, ids[0]).await
+        pending_timers(&h.db, ids[0]).await
     );
-    shutdown.cancel();
-    while let Some(result) = tasks.join_next().await {
-        result.unwrap().unwrap();
-    }
-    db.drop_schema().await;
+    h.stop().await;
 }
