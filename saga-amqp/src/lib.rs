@@ -17,6 +17,7 @@ mod consumer;
 mod convert;
 mod link;
 mod publisher;
+mod returns;
 mod topology;
 mod transport;
 

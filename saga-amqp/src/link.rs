@@ -1,6 +1,5 @@
 //! A connection to the broker that reconnects on demand, named for its role.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -11,9 +10,11 @@ use lapin::{Channel, Connection, ConnectionProperties, ConnectionStatus};
 use tokio::sync::Mutex;
 use tracing::info;
 
+use saga_core::Envelope;
 use saga_core::transport::TransportError;
 
 use crate::config::{AmqpConfig, redact};
+use crate::returns::Returns;
 use crate::topology::declare_exchange;
 
 /// How a link's channel is set up.
@@ -45,11 +46,8 @@ pub(crate) struct Link {
     current: Mutex<Option<(Connection, Channel, ConnectionId)>>,
     connections: AtomicU64,
     queueing: std::sync::Mutex<()>,
-    returned: std::sync::Mutex<HashSet<String>>,
+    returns: std::sync::Mutex<Returns<Envelope>>,
 }
-
-/// The most ids of returned messages a link keeps for publishes yet to look for them.
-const RETURNED_KEPT: usize = 4096;
 
 impl Link {
     pub(crate) fn new(config: Arc<AmqpConfig>, role: Role) -> Self {
@@ -59,7 +57,7 @@ impl Link {
             current: Mutex::new(None),
             connections: AtomicU64::new(0),
             queueing: std::sync::Mutex::new(()),
-            returned: std::sync::Mutex::new(HashSet::new()),
+            returns: std::sync::Mutex::new(Returns::default()),
         }
     }
 
@@ -128,27 +126,15 @@ impl Link {
         self.queueing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Ids of messages the broker returned that reached another publish's confirms (lapin
-    /// hands a returned message to whichever confirm of the channel it completes next): the
-    /// publish that sent them takes them with [`Link::take_returned`].
-    pub(crate) fn note_returned(&self, ids: impl IntoIterator<Item = String>) {
-        let mut returned = self.returned.lock().unwrap_or_else(PoisonError::into_inner);
-        // Ids nobody takes (their publish had already finished) must not pile up.
-        if returned.len() >= RETURNED_KEPT {
-            returned.clear();
-        }
-        returned.extend(ids);
+    /// The returns of the link's publishes, matched to the publish that sent each message
+    /// (see [`Returns`]).
+    pub(crate) fn returns(&self) -> MutexGuard<'_, Returns<Envelope>> {
+        self.returns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes those of `ids` that another publish noted as returned.
-    pub(crate) fn take_returned(&self, ids: impl IntoIterator<Item = String>) -> Vec<String> {
-        let mut returned = self.returned.lock().unwrap_or_else(PoisonError::into_inner);
-        if returned.is_empty() {
-            return Vec::new();
-        }
-        ids.into_iter()
-            .filter_map(|id| returned.take(&id))
-            .collect()
+    /// The link's configuration.
+    pub(crate) fn config(&self) -> &AmqpConfig {
+        &self.config
     }
 
     /// The status of the link's connection, if it has one.

@@ -6,15 +6,18 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::future::{join_all, maybe_done};
+use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use saga_core::Envelope;
 use saga_core::transport::PublishError;
-use tracing::warn;
+use saga_core::{Destination, Envelope};
+use tracing::{error, warn};
+use uuid::Uuid;
 
 use crate::config::AmqpConfig;
-use crate::convert::properties;
+use crate::convert::{message, properties};
 use crate::link::Link;
+use crate::returns::Returns;
 use crate::topology::route;
 
 /// A message with its exact route and properties.
@@ -88,6 +91,7 @@ pub(crate) async fn publish_outgoing(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
+    let in_flight = InFlight::begin(link, &items);
     // Sending shares the deadline: a broker that stops reading (an alarm raised before its
     // notice arrived, a restart) must not hold the publisher forever.
     let sent = tokio::time::timeout_at(deadline, send(link, &channel, &items, options)).await;
@@ -137,13 +141,13 @@ pub(crate) async fn publish_outgoing(
     for (slot, outcome) in slots.into_iter().zip(confirmed) {
         outcomes[slot] = Some(outcome);
     }
-    let returned = returned_ids(link, &batch, &mut outcomes);
+    let returned = returned_ids(link, &batch, &mut outcomes, in_flight);
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();
     for (envelope, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
             Some(Ok(Confirmation::Ack(_))) => {
-                if !returned.is_empty() && returned.contains(&envelope.message.id.to_string()) {
+                if !returned.is_empty() && returned.contains(&envelope.message.id) {
                     unroutable.push(envelope);
                 }
             }
@@ -173,43 +177,116 @@ pub(crate) async fn publish_outgoing(
     }
 }
 
+/// A publish's messages, registered with its link's [`Returns`] until it has read its
+/// confirms (or, if it fails before, until it is dropped).
+struct InFlight<'a> {
+    link: &'a Link,
+    ids: Vec<Uuid>,
+    finished: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn begin(link: &'a Link, items: &[Outgoing]) -> Self {
+        let ids: Vec<Uuid> = items.iter().map(|o| o.envelope.message.id).collect();
+        link.returns().begin(&ids);
+        Self {
+            link,
+            ids,
+            finished: false,
+        }
+    }
+
+    /// Takes the returns other publishes noted for these messages.
+    fn finish(mut self, returns: &mut Returns<Envelope>) -> Vec<Uuid> {
+        self.finished = true;
+        returns.finish(&self.ids)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.link.returns().finish(&self.ids);
+        }
+    }
+}
+
 /// The ids of the messages of `batch` the broker returned (mandatory, no queue), taken out of
 /// `outcomes`. lapin hands a returned message to whichever confirm of the channel it completes
 /// next, which may be another message's of this batch or of another publish on the link, so
-/// returns are matched by message id: those of other publishes are left on the link for them
-/// ([`Link::note_returned`]), and those others left for this one are taken. A return that
-/// reaches another publish only after this one looked is missed: its message counts as
-/// published, and its step's timeout retries it.
+/// returns are matched by message id: those of other publishes are noted on the link for
+/// them, and those others noted for this one are taken, under one lock. A return noted after
+/// its publish finished is kept as late, for [`AmqpTransport`](crate::AmqpTransport)'s
+/// `take_late_returns`.
 fn returned_ids(
     link: &Link,
     batch: &[Envelope],
     outcomes: &mut [Option<lapin::Result<Confirmation>>],
-) -> HashSet<String> {
+    in_flight: InFlight<'_>,
+) -> HashSet<Uuid> {
     let mut returned = HashSet::new();
     let mut others = Vec::new();
-    let mut ours: Option<HashSet<String>> = None;
+    let mut ours: Option<HashSet<Uuid>> = None;
     for outcome in outcomes.iter_mut().flatten() {
         if let Ok(Confirmation::Ack(message) | Confirmation::Nack(message)) = outcome
             && let Some(message) = message.take()
         {
-            let Some(id) = message.delivery.properties.message_id() else {
-                warn!("the broker returned a message without an id");
+            let Some(id) = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+            else {
+                warn!("the broker returned a message without a saga message id");
                 continue;
             };
-            let ours = ours
-                .get_or_insert_with(|| batch.iter().map(|e| e.message.id.to_string()).collect());
-            if ours.contains(id.as_str()) {
-                returned.insert(id.as_str().to_owned());
+            let ours = ours.get_or_insert_with(|| batch.iter().map(|e| e.message.id).collect());
+            if ours.contains(&id) {
+                returned.insert(id);
             } else {
-                others.push(id.as_str().to_owned());
+                others.push((id, message));
             }
         }
     }
-    if !others.is_empty() {
-        link.note_returned(others);
+    let mut returns = link.returns();
+    for (id, message) in others {
+        returns.note(id, || late_envelope(link.config(), id, message));
     }
-    returned.extend(link.take_returned(batch.iter().map(|e| e.message.id.to_string())));
+    returned.extend(in_flight.finish(&mut returns));
     returned
+}
+
+/// The envelope of a command or result returned after its publish had finished. A copy (to a
+/// dead-letter queue, or handed back to its queue) has no envelope: it is logged as lost,
+/// since its original was settled when the copy counted as published.
+fn late_envelope(config: &AmqpConfig, id: Uuid, returned: BasicReturnMessage) -> Option<Envelope> {
+    let delivery = returned.delivery;
+    let exchange = delivery.exchange.as_str();
+    let destination = if exchange == config.commands_exchange() {
+        Destination::Service(delivery.routing_key.as_str().to_owned())
+    } else if exchange == config.results_exchange() {
+        Destination::Results
+    } else {
+        error!(
+            message.id = %id,
+            %exchange,
+            routing_key = %delivery.routing_key,
+            reason = %returned.reply_text,
+            "a copy was returned after its publish had finished: no queue holds it"
+        );
+        return None;
+    };
+    warn!(
+        message.id = %id,
+        destination = %destination.encode(),
+        reason = %returned.reply_text,
+        "the broker returned a message after its publish had finished; kept for the relay"
+    );
+    Some(Envelope {
+        destination,
+        message: message(&delivery.properties, delivery.data),
+    })
 }
 
 /// The most bytes [`send`] queues in the connection at once: bodies, plus

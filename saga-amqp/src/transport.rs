@@ -169,4 +169,8 @@ impl Transport for AmqpTransport {
             source: source.clone(),
         }))
     }
+
+    fn take_late_returns(&self) -> Vec<Envelope> {
+        self.publish.returns().take_late()
+    }
 }

@@ -89,6 +89,7 @@ impl Relay {
                 Some(()) = notifications.next() => self.poll(&published).await,
                 _ = poll.tick() => self.poll(&published).await,
             }
+            self.fail_late_returns(&published).await;
         }
         handed.close();
         while let Some(records) = handed.recv().await {
@@ -192,6 +193,19 @@ impl Relay {
         }
         if !confirmed.is_empty() {
             let _ = published.send(confirmed);
+        }
+    }
+
+    /// Fails the steps of commands the transport learned were unroutable only after their
+    /// publish had succeeded (their rows are deleted, or about to be). If recording the
+    /// failures fails, the steps wait for their timeouts, as a lost command's would.
+    async fn fail_late_returns(&self, published: &mpsc::UnboundedSender<Vec<i64>>) {
+        let late = self.transport.take_late_returns();
+        if late.is_empty() {
+            return;
+        }
+        if let Err(e) = self.fail_undeliverable(&late, published).await {
+            warn!(error = %e, count = late.len(), "failing commands returned late failed");
         }
     }
 

@@ -109,4 +109,13 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         source: &Source,
     ) -> Result<BoxStream<'static, Delivery>, TransportError>;
+
+    /// Takes the messages the broker returned as unroutable after their publish had already
+    /// succeeded. A transport whose publishes share a channel can learn of a return only
+    /// from another publish's confirms, sometimes after the first publish finished; the relay
+    /// fails the steps of such commands as it fails those of [`PublishError::Unroutable`].
+    /// The default has none.
+    fn take_late_returns(&self) -> Vec<Envelope> {
+        Vec::new()
+    }
 }

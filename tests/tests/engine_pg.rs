@@ -487,6 +487,98 @@ async fn an_unroutable_command_fails_its_step() {
     db.drop_schema().await;
 }
 
+#[tokio::test]
+async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
+    let db = database().await;
+    let store = Arc::new(db.store());
+    let transport = Arc::new(LateReturnTransport {
+        inner: InProcessTransport::new(),
+        late: std::sync::Mutex::new(Vec::new()),
+    });
+    // No step timeout: if the relay ignored the late return, the saga would wait forever.
+    let def = saga_core::SagaDefinition::<u32>::builder("lost-late", 1)
+        .step("call", |s| {
+            s.action("nowhere", "call", |ctx| Ok(*ctx.input()))
+        })
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let orchestrator = Orchestrator::builder(store.clone(), transport.clone())
+        .register(&def)
+        .config(config())
+        .build();
+    let run = tokio::spawn(orchestrator.run(shutdown.clone()));
+    let client = Client::new(store.clone());
+    let id = client.start(&def, &1).await.unwrap().saga_id;
+    let done = wait_until(Duration::from_secs(10), || async {
+        client.summary(id).await.unwrap().unwrap().status == SagaStatus::Compensated
+    })
+    .await;
+    let summary = client.summary(id).await.unwrap().unwrap();
+    assert!(done, "{summary:?}");
+    assert!(
+        summary
+            .reason
+            .unwrap()
+            .contains("no queue is bound for service `nowhere`")
+    );
+    assert!(transport.late.lock().unwrap().is_empty(), "taken once");
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.outbox",
+        db.schema
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outbox, 0,
+        "the returned command's row was deleted as published"
+    );
+    db.drop_schema().await;
+}
+
+/// Confirms every publish, and hands commands for `nowhere` back later as returned, as the
+/// AMQP transport does when a return reaches another publish after the message's own
+/// publish finished.
+struct LateReturnTransport {
+    inner: InProcessTransport,
+    late: std::sync::Mutex<Vec<saga_core::Envelope>>,
+}
+
+#[async_trait::async_trait]
+impl Transport for LateReturnTransport {
+    async fn declare(
+        &self,
+        sources: &[Destination],
+    ) -> Result<(), saga_core::transport::TransportError> {
+        self.inner.declare(sources).await
+    }
+    async fn publish(
+        &self,
+        batch: Vec<saga_core::Envelope>,
+    ) -> Result<(), saga_core::transport::PublishError> {
+        let nowhere = Destination::Service("nowhere".into());
+        let (lost, routed): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|e| e.destination == nowhere);
+        self.late.lock().unwrap().extend(lost);
+        self.inner.publish(routed).await
+    }
+    async fn consume(
+        &self,
+        source: &Destination,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, saga_core::Delivery>,
+        saga_core::transport::TransportError,
+    > {
+        self.inner.consume(source).await
+    }
+    fn take_late_returns(&self) -> Vec<saga_core::Envelope> {
+        std::mem::take(&mut *self.late.lock().unwrap())
+    }
+}
+
 /// Declares only the results queue, as a broker would where no service queue was set up.
 struct UndeclaredTransport(Arc<InProcessTransport>);
 
