@@ -257,35 +257,49 @@ fn returned_ids(
     returned
 }
 
-/// The envelope of a command or result returned after its publish had finished. A copy (to a
-/// dead-letter queue, or handed back to its queue) has no envelope: it is logged as lost,
-/// since its original was settled when the copy counted as published.
+/// What is kept of a message returned after its publish had finished: a command, for the
+/// relay to fail its step. Anything else returned late is logged as lost: a result (its
+/// command was acked when the result counted as published; the step's timeout, if any, runs
+/// the command again) or a copy to a dead-letter queue or back to its queue (its original was
+/// settled).
 fn late_envelope(config: &AmqpConfig, id: Uuid, returned: BasicReturnMessage) -> Option<Envelope> {
     let delivery = returned.delivery;
-    let exchange = delivery.exchange.as_str();
-    let destination = if exchange == config.commands_exchange() {
-        Destination::Service(delivery.routing_key.as_str().to_owned())
-    } else if exchange == config.results_exchange() {
-        Destination::Results
-    } else {
-        error!(
+    let command = late_command(
+        config,
+        delivery.exchange.as_str(),
+        delivery.routing_key.as_str(),
+        &delivery.properties,
+        delivery.data,
+    );
+    match &command {
+        Some(envelope) => warn!(
             message.id = %id,
-            %exchange,
+            destination = %envelope.destination.encode(),
+            reason = %returned.reply_text,
+            "a command was returned after its publish had finished; the relay fails its step"
+        ),
+        None => error!(
+            message.id = %id,
+            exchange = %delivery.exchange,
             routing_key = %delivery.routing_key,
             reason = %returned.reply_text,
-            "a copy was returned after its publish had finished: no queue holds it"
-        );
-        return None;
-    };
-    warn!(
-        message.id = %id,
-        destination = %destination.encode(),
-        reason = %returned.reply_text,
-        "the broker returned a message after its publish had finished; kept for the relay"
-    );
-    Some(Envelope {
-        destination,
-        message: message(&delivery.properties, delivery.data),
+            "a message was returned after its publish had finished: no queue holds it"
+        ),
+    }
+    command
+}
+
+/// The command a returned message was, if it went to the commands exchange.
+fn late_command(
+    config: &AmqpConfig,
+    exchange: &str,
+    routing_key: &str,
+    properties: &BasicProperties,
+    body: Vec<u8>,
+) -> Option<Envelope> {
+    (exchange == config.commands_exchange()).then(|| Envelope {
+        destination: Destination::Service(routing_key.to_owned()),
+        message: message(properties, body),
     })
 }
 
@@ -368,5 +382,36 @@ fn not_confirmed(
         reason,
         envelopes,
         unroutable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saga_core::Message;
+
+    #[test]
+    fn a_late_command_is_kept_with_its_service_and_id_and_nothing_else_is() {
+        let config = AmqpConfig::new("amqp://localhost");
+        let sent = Message {
+            id: Uuid::new_v4(),
+            headers: [("x-saga-step".to_owned(), "2".to_owned())].into(),
+            body: b"{}".to_vec(),
+        };
+        let properties = properties(&sent, &[]);
+        let kept = late_command(
+            &config,
+            &config.commands_exchange(),
+            "shipping",
+            &properties,
+            sent.body.clone(),
+        )
+        .expect("a command is kept");
+        assert_eq!(kept.destination, Destination::Service("shipping".into()));
+        assert_eq!(kept.message, sent);
+        for exchange in [config.results_exchange(), config.dead_exchange()] {
+            let other = late_command(&config, &exchange, "results", &properties, Vec::new());
+            assert!(other.is_none(), "{exchange}");
+        }
     }
 }

@@ -110,7 +110,7 @@ pub trait Transport: Send + Sync + 'static {
         source: &Source,
     ) -> Result<BoxStream<'static, Delivery>, TransportError>;
 
-    /// Takes the messages the broker returned as unroutable after their publish had already
+    /// Takes the commands the broker returned as unroutable after their publish had already
     /// succeeded. A transport whose publishes share a channel can learn of a return only
     /// from another publish's confirms, sometimes after the first publish finished; the relay
     /// fails the steps of such commands as it fails those of [`PublishError::Unroutable`].
