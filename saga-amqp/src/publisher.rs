@@ -5,7 +5,9 @@ use std::future::poll_fn;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::future::{join_all, maybe_done};
+use futures_util::StreamExt;
+use futures_util::future::maybe_done;
+use futures_util::stream::FuturesUnordered;
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
@@ -17,7 +19,7 @@ use uuid::Uuid;
 use crate::config::AmqpConfig;
 use crate::convert::{message, properties};
 use crate::link::Link;
-use crate::returns::Returns;
+use crate::returns::{Noted, Returns};
 use crate::topology::route;
 
 /// A message with its exact route and properties.
@@ -108,40 +110,39 @@ pub(crate) async fn publish_outgoing(
         ));
     };
     let mut reason = None;
-    let mut confirms = Vec::with_capacity(sent.len());
-    let mut slots = Vec::with_capacity(sent.len());
+    let mut confirms = FuturesUnordered::new();
     for (slot, result) in sent.into_iter().enumerate() {
         match result {
-            Ok(confirm) => {
-                slots.push(slot);
-                confirms.push(confirm);
-            }
+            Ok(confirm) => confirms.push(async move { (slot, confirm.await) }),
             Err(e) => {
                 reason.get_or_insert_with(|| e.to_string());
             }
         }
     }
-    let confirmed = match tokio::time::timeout_at(deadline, join_all(confirms)).await {
-        Ok(confirmed) => confirmed,
-        Err(_) => {
-            // A channel that stopped confirming is replaced; the connection's heartbeat judges
-            // the connection.
-            let closing = channel.close(200, "confirm timeout".into());
-            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
-            return Err(not_confirmed(
-                format!("no confirm within {timeout:?}"),
-                batch,
-                Vec::new(),
-            ));
-        }
-    };
-    // Each message's confirm, or none if it was not sent.
+    // Each message's confirm, or none if it was not sent (or not confirmed in time).
     let mut outcomes: Vec<Option<lapin::Result<Confirmation>>> =
         std::iter::repeat_with(|| None).take(batch.len()).collect();
-    for (slot, outcome) in slots.into_iter().zip(confirmed) {
-        outcomes[slot] = Some(outcome);
+    let all_confirmed = tokio::time::timeout_at(deadline, async {
+        while let Some((slot, outcome)) = confirms.next().await {
+            outcomes[slot] = Some(outcome);
+        }
+    })
+    .await;
+    if all_confirmed.is_err() {
+        // The confirms that did come may carry other publishes' returns. The whole batch is
+        // reported unconfirmed.
+        returned_ids(link, &batch, &mut outcomes, in_flight, true);
+        // A channel that stopped confirming is replaced; the connection's heartbeat judges
+        // the connection.
+        let closing = channel.close(200, "confirm timeout".into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+        return Err(not_confirmed(
+            format!("no confirm within {timeout:?}"),
+            batch,
+            Vec::new(),
+        ));
     }
-    let returned = returned_ids(link, &batch, &mut outcomes, in_flight);
+    let returned = returned_ids(link, &batch, &mut outcomes, in_flight, false);
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();
     for (envelope, outcome) in batch.into_iter().zip(outcomes) {
@@ -196,17 +197,19 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// Takes the returns other publishes noted for these messages.
-    fn finish(mut self, returns: &mut Returns<Envelope>) -> Vec<Uuid> {
+    /// Takes the returns other publishes noted for these messages, `unconfirmed` being those
+    /// this publish reports unconfirmed.
+    fn finish(mut self, returns: &mut Returns<Envelope>, unconfirmed: &[Uuid]) -> Vec<Uuid> {
         self.finished = true;
-        returns.finish(&self.ids)
+        returns.finish(&self.ids, unconfirmed)
     }
 }
 
 impl Drop for InFlight<'_> {
+    /// A publish that failed before reading its confirms reports every message unconfirmed.
     fn drop(&mut self) {
         if !self.finished {
-            self.link.returns().finish(&self.ids);
+            self.link.returns().finish(&self.ids, &self.ids);
         }
     }
 }
@@ -215,14 +218,17 @@ impl Drop for InFlight<'_> {
 /// `outcomes`. lapin hands a returned message to whichever confirm of the channel it completes
 /// next, which may be another message's of this batch or of another publish on the link, so
 /// returns are matched by message id: those of other publishes are noted on the link for
-/// them, and those others noted for this one are taken, under one lock. A return noted after
-/// its publish finished is kept as late, for [`AmqpTransport`](crate::AmqpTransport)'s
-/// `take_late_returns`.
+/// them, and those others noted for this one are taken, under one lock (see [`Returns`]). A
+/// return whose publish had finished and reported its message confirmed is late: it is kept
+/// for [`AmqpTransport`](crate::AmqpTransport)'s `take_late_returns`, or logged as lost.
+/// `gave_up`: the publish reports its whole batch unconfirmed, not only the messages without
+/// an ack.
 fn returned_ids(
     link: &Link,
     batch: &[Envelope],
     outcomes: &mut [Option<lapin::Result<Confirmation>>],
     in_flight: InFlight<'_>,
+    gave_up: bool,
 ) -> HashSet<Uuid> {
     let mut returned = HashSet::new();
     let mut others = Vec::new();
@@ -249,11 +255,30 @@ fn returned_ids(
             }
         }
     }
-    let mut returns = link.returns();
-    for (id, message) in others {
-        returns.note(id, || late_envelope(link.config(), id, message));
+    let unconfirmed: Vec<Uuid> = batch
+        .iter()
+        .zip(outcomes.iter())
+        .filter(|(_, outcome)| gave_up || !matches!(outcome, Some(Ok(Confirmation::Ack(_)))))
+        .map(|(envelope, _)| envelope.message.id)
+        .collect();
+    let mut late = Vec::new();
+    {
+        let mut returns = link.returns();
+        for (id, message) in others {
+            if returns.note(id) == Noted::Late {
+                late.push((id, message));
+            }
+        }
+        returned.extend(in_flight.finish(&mut returns, &unconfirmed));
     }
-    returned.extend(in_flight.finish(&mut returns));
+    // Built and logged outside the link's lock, which every publish takes.
+    let late: Vec<Envelope> = late
+        .into_iter()
+        .filter_map(|(id, message)| late_envelope(link.config(), id, message))
+        .collect();
+    if !late.is_empty() {
+        link.returns().keep_late(late);
+    }
     returned
 }
 

@@ -196,6 +196,7 @@ impl Orchestrator {
                 batch: self.config.batch_size,
                 lease: self.config.outbox_lease,
             },
+            late_failures: std::sync::Mutex::new(Vec::new()),
         };
         // The relay stops after the loops that feed it, so what they committed is published.
         let relay_stop = CancellationToken::new();

@@ -36,7 +36,12 @@ pub(crate) struct Relay {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) registry: Registry,
     pub(crate) config: RelayConfig,
+    /// Failures of commands returned late, not yet confirmed by the broker.
+    pub(crate) late_failures: std::sync::Mutex<Vec<Envelope>>,
 }
+
+/// The most failures of late-returned commands the relay keeps to publish again.
+const LATE_FAILURES_KEPT: usize = 1024;
 
 /// Deletes published rows off the relay's path: the next publish does not wait for the
 /// previous delete, and the ids that arrive meanwhile go in one statement. The rows stay
@@ -89,12 +94,13 @@ impl Relay {
                 Some(()) = notifications.next() => self.poll(&published).await,
                 _ = poll.tick() => self.poll(&published).await,
             }
-            self.fail_late_returns(&published).await;
+            self.fail_late_returns().await;
         }
         handed.close();
         while let Some(records) = handed.recv().await {
             self.publish(records, &published).await;
         }
+        self.fail_late_returns().await;
         // What was published is deleted before the relay returns.
         drop(published);
         if let Err(e) = deleter.await {
@@ -197,16 +203,48 @@ impl Relay {
     }
 
     /// Fails the steps of commands the transport learned were unroutable only after their
-    /// publish had succeeded (their rows are deleted, or about to be). If recording the
-    /// failures fails, the steps wait for their timeouts, as a lost command's would.
-    async fn fail_late_returns(&self, published: &mpsc::UnboundedSender<Vec<i64>>) {
+    /// publish had finished. Their rows may be gone, so each failure is sent as a result to
+    /// the orchestrators (durable in the broker, applied by whichever orchestrator knows the
+    /// saga's definition, a duplicate dropped); failures the broker did not confirm are kept
+    /// and sent again on the loop's next turn, or before the relay returns.
+    async fn fail_late_returns(&self) {
         let late = self.transport.take_late_returns();
-        if late.is_empty() {
+        let mut failures = std::mem::take(&mut *self.late_failures());
+        if late.is_empty() && failures.is_empty() {
             return;
         }
-        if let Err(e) = self.fail_undeliverable(&late, published).await {
-            warn!(error = %e, count = late.len(), "failing commands returned late failed");
+        for envelope in late {
+            let Ok(command) = Command::from_message(&envelope.message) else {
+                warn!(destination = %envelope.destination.encode(), "dropping a non-command message returned late");
+                continue;
+            };
+            let error = undeliverable(&command, &envelope, self.config.max_message_bytes);
+            warn!(saga.id = %command.saga_id, step = command.step, %error, "command returned late");
+            let failure = Outcome::Failure {
+                error,
+                retryable: false,
+            };
+            failures.push(Reply::to(&command, failure).to_envelope());
         }
+        if let Err(e) = self.transport.publish(failures.clone()).await {
+            warn!(error = %e, count = failures.len(), "sending the failures of commands returned late failed; will retry");
+            let mut kept = self.late_failures();
+            kept.extend(failures);
+            let excess = kept.len().saturating_sub(LATE_FAILURES_KEPT);
+            if excess > 0 {
+                kept.drain(..excess);
+                warn!(
+                    dropped = excess,
+                    "dropping the oldest failures of commands returned late"
+                );
+            }
+        }
+    }
+
+    fn late_failures(&self) -> std::sync::MutexGuard<'_, Vec<Envelope>> {
+        self.late_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A command that cannot be delivered (no queue for its service, or too large) fails its
@@ -225,13 +263,7 @@ impl Relay {
                 handled.push(envelope.message.id);
                 continue;
             };
-            let error = match oversize(&envelope.message.body, self.config.max_message_bytes) {
-                Some(why) => format!("command `{}` cannot be sent: {why}", command.command),
-                None => format!(
-                    "no queue is bound for service `{}`; command `{}` cannot be delivered",
-                    command.service, command.command
-                ),
-            };
+            let error = undeliverable(&command, envelope, self.config.max_message_bytes);
             warn!(saga.id = %command.saga_id, step = command.step, %error, "unroutable command");
             let reply = Reply::to(
                 &command,
@@ -257,5 +289,16 @@ impl Relay {
         }
         Box::pin(self.publish(follow_up, published)).await;
         Ok(handled)
+    }
+}
+
+/// Why `command` (carried by `envelope`) cannot be delivered: too large, or no queue.
+fn undeliverable(command: &Command, envelope: &Envelope, limit: usize) -> String {
+    match oversize(&envelope.message.body, limit) {
+        Some(why) => format!("command `{}` cannot be sent: {why}", command.command),
+        None => format!(
+            "no queue is bound for service `{}`; command `{}` cannot be delivered",
+            command.service, command.command
+        ),
     }
 }

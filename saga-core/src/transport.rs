@@ -110,11 +110,11 @@ pub trait Transport: Send + Sync + 'static {
         source: &Source,
     ) -> Result<BoxStream<'static, Delivery>, TransportError>;
 
-    /// Takes the commands the broker returned as unroutable after their publish had already
-    /// succeeded. A transport whose publishes share a channel can learn of a return only
-    /// from another publish's confirms, sometimes after the first publish finished; the relay
-    /// fails the steps of such commands as it fails those of [`PublishError::Unroutable`].
-    /// The default has none.
+    /// Takes the commands the broker returned as unroutable after their publish had finished
+    /// and reported them confirmed. A transport whose publishes share a channel may learn of
+    /// a return only from another publish's confirms, sometimes after the first publish
+    /// finished; the relay then fails the command's step, as for
+    /// [`PublishError::Unroutable`]. The default has none.
     fn take_late_returns(&self) -> Vec<Envelope> {
         Vec::new()
     }

@@ -311,8 +311,9 @@ async fn concurrent_publishes_each_learn_their_own_messages_fate() {
                 other => panic!("a message's own fate (unroutable: {lost}), not {other:?}"),
             }
         }
-        // Every publish has finished, so every return has been noted.
-        let returned_late: std::collections::HashSet<_> = transport
+        // Every publish has finished, so every return has been noted. (The late path is
+        // narrow: most runs see no late return at all.)
+        let returned_late: Vec<_> = transport
             .take_late_returns()
             .into_iter()
             .map(|e| {
@@ -320,13 +321,15 @@ async fn concurrent_publishes_each_learn_their_own_messages_fate() {
                 e.message.id
             })
             .collect();
+        let distinct: std::collections::HashSet<_> = returned_late.iter().copied().collect();
+        assert_eq!(distinct.len(), returned_late.len(), "each late return once");
         assert_eq!(
-            returned_late, confirmed_lost,
+            distinct, confirmed_lost,
             "the unroutable messages their own publish confirmed are exactly the late returns"
         );
         late += returned_late.len();
     }
-    assert_eq!(reported + late, unroutable, "each reported once");
+    assert_eq!(reported + late, unroutable);
     assert!(reported > 0);
     let mut deliveries = transport.consume(&bulk).await.unwrap();
     for _ in 0..routable {

@@ -494,6 +494,7 @@ async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
     let transport = Arc::new(LateReturnTransport {
         inner: InProcessTransport::new(),
         late: std::sync::Mutex::new(Vec::new()),
+        refused_results: std::sync::atomic::AtomicU32::new(0),
     });
     // No step timeout: if the relay ignored the late return, the saga would wait forever.
     let def = saga_core::SagaDefinition::<u32>::builder("lost-late", 1)
@@ -522,7 +523,11 @@ async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
             .unwrap()
             .contains("no queue is bound for service `nowhere`")
     );
-    assert!(transport.late.lock().unwrap().is_empty(), "taken once");
+    assert_eq!(
+        transport.refused_results.load(Ordering::SeqCst),
+        2,
+        "the failure was sent again, once, after the broker refused it"
+    );
     shutdown.cancel();
     run.await.unwrap().unwrap();
     let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -541,10 +546,13 @@ async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
 
 /// Confirms every publish, and hands commands for `nowhere` back later as returned, as the
 /// AMQP transport does when a return reaches another publish after the message's own
-/// publish finished.
+/// publish finished. Refuses the first publish to the results queue (the relay's failure of
+/// the late command).
 struct LateReturnTransport {
     inner: InProcessTransport,
     late: std::sync::Mutex<Vec<saga_core::Envelope>>,
+    /// Publishes to the results queue so far, the first refused.
+    refused_results: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
@@ -559,6 +567,14 @@ impl Transport for LateReturnTransport {
         &self,
         batch: Vec<saga_core::Envelope>,
     ) -> Result<(), saga_core::transport::PublishError> {
+        let to_results = batch.iter().any(|e| e.destination == Destination::Results);
+        if to_results && self.refused_results.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(saga_core::transport::PublishError::NotConfirmed {
+                reason: "refused once by the test".into(),
+                envelopes: batch,
+                unroutable: Vec::new(),
+            });
+        }
         let nowhere = Destination::Service("nowhere".into());
         let (lost, routed): (Vec<_>, Vec<_>) =
             batch.into_iter().partition(|e| e.destination == nowhere);
