@@ -51,7 +51,7 @@ impl Client {
     /// clone of it) an [`Orchestrator`](crate::Orchestrator) of this process runs on, the
     /// saga's first command goes to that orchestrator's relay right after the commit, and its
     /// state is kept in memory for its first result (among the store's
-    /// [`cached_sagas`](crate::PgStoreBuilder::cached_sagas)); through any other store, the
+    /// [`cached_sagas`](crate::store::PgStoreBuilder::cached_sagas)); through any other store, the
     /// relays' pollers are woken to publish it.
     pub async fn start<I: Serialize>(
         &self,
