@@ -116,16 +116,20 @@ impl Harness {
                 .expect("task did not panic")
                 .expect("task ended cleanly");
         }
-        let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM \"{}\".outbox",
-            self.db.schema
-        )))
-        .fetch_one(&self.db.pool)
-        .await
-        .unwrap();
-        assert_eq!(outbox, 0, "the outbox is drained");
+        assert_eq!(outbox_rows(&self.db).await, 0, "the outbox is drained");
         self.db.drop_schema().await;
     }
+}
+
+/// The rows left in the outbox of `db`'s schema.
+async fn outbox_rows(db: &TestDb) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".outbox",
+        db.schema
+    )))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }
 
 fn kinds(history: &[saga_core::RecordedEvent]) -> Vec<(&'static str, Option<(u32, Direction)>)> {
@@ -452,9 +456,16 @@ async fn start_joins_the_callers_transaction() {
 #[tokio::test]
 async fn an_unroutable_command_fails_its_step() {
     let db = database().await;
-    let store = Arc::new(db.store());
-    let transport = Arc::new(InProcessTransport::new());
     // The transport declares no queue for `nowhere`, so the command cannot be routed.
+    let transport = UndeclaredTransport(Arc::new(InProcessTransport::new()));
+    a_call_to_nowhere_compensates(&db, Arc::new(transport)).await;
+    db.drop_schema().await;
+}
+
+/// Runs a saga whose one step calls service `nowhere` over `transport`, with no step timeout,
+/// until it compensates, and asserts the reason: no queue is bound for `nowhere`.
+async fn a_call_to_nowhere_compensates(db: &TestDb, transport: Arc<dyn Transport>) {
+    let store = Arc::new(db.store());
     let def = saga_core::SagaDefinition::<u32>::builder("lost", 1)
         .step("call", |s| {
             s.action("nowhere", "call", |ctx| Ok(*ctx.input()))
@@ -462,49 +473,7 @@ async fn an_unroutable_command_fails_its_step() {
         .build()
         .unwrap();
     let shutdown = CancellationToken::new();
-    let orchestrator =
-        Orchestrator::builder(store.clone(), Arc::new(UndeclaredTransport(transport)))
-            .register(&def)
-            .config(config())
-            .build();
-    let run = tokio::spawn(orchestrator.run(shutdown.clone()));
-    let client = Client::new(store.clone());
-    let id = client.start(&def, &1).await.unwrap().saga_id;
-    let done = wait_until(Duration::from_secs(10), || async {
-        client.summary(id).await.unwrap().unwrap().status == SagaStatus::Compensated
-    })
-    .await;
-    let summary = client.summary(id).await.unwrap().unwrap();
-    assert!(done, "{summary:?}");
-    assert!(
-        summary
-            .reason
-            .unwrap()
-            .contains("no queue is bound for service `nowhere`")
-    );
-    shutdown.cancel();
-    run.await.unwrap().unwrap();
-    db.drop_schema().await;
-}
-
-#[tokio::test]
-async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
-    let db = database().await;
-    let store = Arc::new(db.store());
-    let transport = Arc::new(LateReturnTransport {
-        inner: InProcessTransport::new(),
-        late: std::sync::Mutex::new(Vec::new()),
-        refused_results: std::sync::atomic::AtomicU32::new(0),
-    });
-    // No step timeout: if the relay ignored the late return, the saga would wait forever.
-    let def = saga_core::SagaDefinition::<u32>::builder("lost-late", 1)
-        .step("call", |s| {
-            s.action("nowhere", "call", |ctx| Ok(*ctx.input()))
-        })
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let orchestrator = Orchestrator::builder(store.clone(), transport.clone())
+    let orchestrator = Orchestrator::builder(store.clone(), transport)
         .register(&def)
         .config(config())
         .build();
@@ -523,22 +492,28 @@ async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
             .unwrap()
             .contains("no queue is bound for service `nowhere`")
     );
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_command_returned_after_its_publish_succeeded_fails_its_step() {
+    let db = database().await;
+    let transport = Arc::new(LateReturnTransport {
+        inner: InProcessTransport::new(),
+        late: std::sync::Mutex::new(Vec::new()),
+        refused_results: std::sync::atomic::AtomicU32::new(0),
+    });
+    // No step timeout: if the relay ignored the late return, the saga would wait forever.
+    a_call_to_nowhere_compensates(&db, transport.clone()).await;
     assert_eq!(
         transport.refused_results.load(Ordering::SeqCst),
         2,
         "the failure was sent again, once, after the broker refused it"
     );
-    shutdown.cancel();
-    run.await.unwrap().unwrap();
-    let outbox: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.outbox",
-        db.schema
-    )))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        outbox, 0,
+        outbox_rows(&db).await,
+        0,
         "the returned command's row was deleted as published"
     );
     db.drop_schema().await;
