@@ -1,5 +1,5 @@
 //! The participants of the examples: every command records its effect, once, in the service's
-//! own table and in `example_effects`, through the inbox.
+//! own table and in `example_effects`, in the transaction its worker's inbox runs it in.
 
 use std::sync::{Arc, Mutex};
 
@@ -107,38 +107,34 @@ impl Handler for EffectHandler {
                 ));
                 Ok(receipt)
             }
-            Ledger::Pg { inbox, schema, .. } => {
-                let saga_id = ctx.saga_id;
+            Ledger::Pg { schema, .. } => {
                 let operation = format!(
                     "INSERT INTO \"{schema}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)"
                 );
-                inbox
-                    .run(&ctx, move |tx| {
-                        Box::pin(async move {
-                            sqlx::query(AssertSqlSafe(operation))
-                                .bind(saga_id)
-                                .bind(spec.command)
-                                .bind(sqlx::types::Json(&input))
-                                .execute(&mut *tx)
-                                .await?;
-                            sqlx::query(
-                                "INSERT INTO example_effects (saga_id, service, action) VALUES ($1, $2, $3)",
-                            )
-                            .bind(saga_id)
-                            .bind(spec.service)
-                            .bind(spec.command)
-                            .execute(&mut *tx)
-                            .await?;
-                            Ok(receipt)
-                        })
-                    })
-                    .await
+                // Committed with the command's inbox record: once per step, whatever happens.
+                let mut tx = ctx.transaction().await?;
+                sqlx::query(AssertSqlSafe(operation))
+                    .bind(ctx.saga_id)
+                    .bind(spec.command)
+                    .bind(sqlx::types::Json(&input))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO example_effects (saga_id, service, action) VALUES ($1, $2, $3)",
+                )
+                .bind(ctx.saga_id)
+                .bind(spec.service)
+                .bind(spec.command)
+                .execute(&mut *tx)
+                .await?;
+                Ok(receipt)
             }
         }
     }
 }
 
-/// The worker of `service`, with a handler for each of its commands.
+/// The worker of `service`, with a handler for each of its commands: with the service's inbox
+/// in PostgreSQL, or at least once in memory (the demo).
 pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
     worker_with::<E>(service, ledger, saga_core::Metrics::new())
 }
@@ -149,10 +145,14 @@ pub fn worker_with<E: Example>(
     ledger: &Ledger,
     metrics: saga_core::Metrics,
 ) -> Worker {
+    let builder = match ledger {
+        Ledger::Pg { inbox, .. } => Worker::builder(service, inbox.clone()),
+        Ledger::Memory(_) => Worker::at_least_once(service),
+    };
     E::COMMANDS
         .iter()
         .filter(|c| c.service == service)
-        .fold(Worker::builder(service).metrics(metrics), |w, spec| {
+        .fold(builder.metrics(metrics), |w, spec| {
             w.handler(
                 spec.command,
                 EffectHandler {

@@ -3,6 +3,8 @@
 //! Pure: no I/O. The clock reading and fresh ids come in through [`Env`]; whatever the decision
 //! depends on is written into its events, so replaying the log gives the same state.
 
+use std::panic::AssertUnwindSafe;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -197,8 +199,26 @@ pub struct Env<'a> {
 
 /// Decides what `input` does to a saga in `state`.
 ///
-/// Returns an error only if the state and the definition disagree (see [`ReplayError`]).
+/// Returns an error only if the state and the definition disagree (see [`ReplayError`]). A
+/// panic in the definition's code (an input builder, a signal's `accept`, a duration that
+/// overflows a date) parks the saga as `stuck` with the panic's message instead: the input is
+/// used up (a signal is kept for a retry), and the other sagas go on.
 pub fn decide(
+    definition: &Definition,
+    state: &SagaState,
+    input: &Input,
+    env: &mut Env<'_>,
+) -> Result<Decision, ReplayError> {
+    let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        decide_inner(definition, state, input, env)
+    }));
+    match decided {
+        Ok(decision) => decision,
+        Err(panic) => parked(definition, state, input, &panic_message(panic.as_ref())),
+    }
+}
+
+fn decide_inner(
     definition: &Definition,
     state: &SagaState,
     input: &Input,
@@ -232,4 +252,99 @@ pub fn decide(
         verdict,
         state: d.state,
     })
+}
+
+/// The decision for an input whose handling panicked in the definition's code: the saga parks
+/// as `stuck` at the step the input concerns, with the panic's message.
+fn parked(
+    definition: &Definition,
+    state: &SagaState,
+    input: &Input,
+    message: &str,
+) -> Result<Decision, ReplayError> {
+    if state.status.is_terminal() {
+        return Ok(Decision {
+            events: Vec::new(),
+            effects: Vec::new(),
+            verdict: Verdict::Ignored(format!("the saga is {}", state.status)),
+            state: state.clone(),
+        });
+    }
+    let (step, direction) = concerned_step(state, input);
+    let fits = definition
+        .steps()
+        .get(step as usize)
+        .is_some_and(|s| match direction {
+            Direction::Forward => true,
+            Direction::Compensation => s.compensation.is_some(),
+            Direction::Fence => s.action().is_some(),
+        });
+    let (step, direction) = if fits {
+        (step, direction)
+    } else {
+        (0, Direction::Forward)
+    };
+    let mut events = Vec::new();
+    if let Input::Timer(Timer::Signal { name, payload, .. }) = input {
+        // Kept for the wait an operator's retry runs again.
+        events.push(Event::SignalReceived {
+            name: name.clone(),
+            payload: payload.clone(),
+        });
+    }
+    events.push(Event::Stuck {
+        step,
+        direction,
+        reason: format!(
+            "the definition's code panicked at step `{}` ({direction}): {message}",
+            definition
+                .steps()
+                .get(step as usize)
+                .map_or("?", |s| s.name.as_str())
+        ),
+    });
+    let mut after = state.clone();
+    for event in &events {
+        after.apply(definition, event)?;
+    }
+    Ok(Decision {
+        events,
+        effects: Vec::new(),
+        verdict: Verdict::Applied,
+        state: after,
+    })
+}
+
+/// The step (and direction) an input is about, or else the one the saga works on.
+fn concerned_step(state: &SagaState, input: &Input) -> (u32, Direction) {
+    let named = match input {
+        Input::Reply(reply) => Some((reply.step, reply.direction)),
+        Input::Timer(
+            Timer::Retry {
+                step, direction, ..
+            }
+            | Timer::Timeout {
+                step, direction, ..
+            },
+        ) => Some((*step, *direction)),
+        Input::Timer(Timer::Delay { step }) => Some((*step, Direction::Forward)),
+        _ => None,
+    };
+    named
+        .or(state.current.map(|c| (c.step, c.direction)))
+        .or(state.stuck_at)
+        .or(state
+            .failure
+            .as_ref()
+            .map(|(step, _)| (*step, Direction::Forward)))
+        .unwrap_or((0, Direction::Forward))
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }

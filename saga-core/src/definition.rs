@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use builder::{SagaBuilder, StepBuilder};
+pub use builder::{DEFAULT_STEP_TIMEOUT, SagaBuilder, StepBuilder};
 pub use error::{DefinitionError, InputError};
 pub use retry::RetryPolicy;
 
@@ -101,7 +101,11 @@ pub struct Step {
     pub retry: RetryPolicy,
     /// How the compensation is retried.
     pub compensation_retry: RetryPolicy,
-    /// How long one attempt may take before it counts as failed (for a signal: the wait).
+    /// How a fence of the action is retried while its service does not answer.
+    pub fence_retry: RetryPolicy,
+    /// How long one attempt (of the action, compensation or a fence) may take before it
+    /// counts as failed; always set for a command step (the saga's default timeout when the
+    /// step sets none). For a signal wait: how long it waits, if set.
     pub timeout: Option<Duration>,
 }
 
@@ -153,6 +157,11 @@ impl Definition {
     /// The position of the step with this name.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The steps' names, in order, as the log's `started` event records them.
+    pub fn step_names(&self) -> Vec<String> {
+        self.steps.iter().map(|s| s.name.clone()).collect()
     }
 
     /// The services that this saga sends commands to, each once.

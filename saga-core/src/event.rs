@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Whether a command moves a step forward or undoes it.
+/// What a command does to its step: move it forward, undo it, or settle an unknown outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -15,14 +15,19 @@ pub enum Direction {
     Forward,
     /// The step's compensation.
     Compensation,
+    /// A fence of the step's action: its service answers from its inbox whether the action
+    /// applied (with the output), or writes a tombstone under the action's idempotency key so
+    /// that no delivery of any attempt can apply it any more.
+    Fence,
 }
 
 impl Direction {
-    /// `forward` or `compensation`, as written in headers and keys.
+    /// `forward`, `compensation` or `fence`, as written in headers and keys.
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Forward => "forward",
             Direction::Compensation => "compensation",
+            Direction::Fence => "fence",
         }
     }
 }
@@ -40,6 +45,7 @@ impl std::str::FromStr for Direction {
         match s {
             "forward" => Ok(Direction::Forward),
             "compensation" => Ok(Direction::Compensation),
+            "fence" => Ok(Direction::Fence),
             other => Err(format!("unknown direction `{other}`")),
         }
     }
@@ -59,25 +65,36 @@ pub enum Event {
         input: Value,
         /// The business key that makes the start idempotent, if any.
         business_key: Option<String>,
+        /// The definition's step names, in order: replay fails loudly
+        /// ([`ReplayError::RENAMED`](crate::ReplayError::RENAMED)) under a definition whose
+        /// steps differ. Empty in logs written before the names were recorded.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        steps: Vec<String>,
     },
     /// A command was written to the outbox.
     Dispatched {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
-        /// The attempt, from 1.
+        /// The attempt, from 1 (fences count their own attempts).
         attempt: u32,
         /// The command's id; a result must carry it.
         command_id: Uuid,
-        /// The command's input.
+        /// The command's input (`null` for a fence).
         payload: Value,
+        /// The service the command went to (absent in older logs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        /// The command's name (absent in older logs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        command: Option<String>,
     },
     /// The participant reported success.
     Succeeded {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// The attempt.
         attempt: u32,
@@ -88,7 +105,7 @@ pub enum Event {
     Failed {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// The attempt.
         attempt: u32,
@@ -101,7 +118,7 @@ pub enum Event {
     TimedOut {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// The attempt.
         attempt: u32,
@@ -110,7 +127,7 @@ pub enum Event {
     RetryScheduled {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// The attempt that will be dispatched.
         attempt: u32,
@@ -118,6 +135,25 @@ pub enum Event {
         delay_ms: u64,
         /// When the attempt is due.
         due_at: DateTime<Utc>,
+    },
+    /// The saga gives up on a step whose outcome is unknown (an attempt timed out or failed
+    /// retryably, or a cancel came while it ran): before it decides, it fences the step at
+    /// the step's own service (commands in the [`Direction::Fence`] direction).
+    FenceStarted {
+        /// The step's position.
+        step: u32,
+        /// Why the saga gives up on the step.
+        reason: String,
+    },
+    /// The step's service fenced it: the step's action did not apply, and no delivery of any
+    /// attempt can apply it any more.
+    Fenced {
+        /// The step's position.
+        step: u32,
+        /// The fence's attempt.
+        attempt: u32,
+        /// What the service found (a tombstone written, a failure recorded).
+        detail: String,
     },
     /// A step failed for good; completed steps are undone from here.
     CompensationStarted {
@@ -166,8 +202,13 @@ pub enum Event {
         request: Uuid,
         /// The step to run again.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
+        /// The step's last answer was a terminal failure, recorded under its idempotency key:
+        /// the retry runs under a fresh key (the step's key gets a generation suffix), so the
+        /// handler runs again instead of returning the recorded failure.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fresh_key: bool,
     },
     /// An operator marked a stuck compensation as done by hand (audited).
     Resolved {
@@ -194,7 +235,7 @@ pub enum Event {
     Held {
         /// The step's position.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// The attempt.
         attempt: u32,
@@ -218,7 +259,7 @@ pub enum Event {
     Stuck {
         /// The step that could not finish.
         step: u32,
-        /// Action or compensation.
+        /// Action, compensation or fence.
         direction: Direction,
         /// Why.
         reason: String,
@@ -235,6 +276,8 @@ impl Event {
             Event::Failed { .. } => "failed",
             Event::TimedOut { .. } => "timed_out",
             Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::FenceStarted { .. } => "fence_started",
+            Event::Fenced { .. } => "fenced",
             Event::CompensationStarted { .. } => "compensation_started",
             Event::Waiting { .. } => "waiting",
             Event::SignalReceived { .. } => "signal_received",

@@ -1,40 +1,41 @@
-//! The participants' inbox: apply a command's effect once, however often it is delivered.
+//! The participants' inbox: each step's outcome recorded under its idempotency key, in the
+//! same transaction as the handler's own writes; and fences.
 
-use futures_util::future::BoxFuture;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sqlx::migrate::Migrator;
+use sqlx::postgres::PgQueryResult;
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, SqlSafeStr, SqlStr};
+use uuid::Uuid;
 
 use crate::error::Result;
-use crate::event::Direction;
-use crate::message::Command;
+use crate::message::Outcome;
 use crate::schema;
-use crate::worker::{CommandContext, StepError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inbox");
 
-/// Records each command's result under its idempotency key, in the same transaction as the
-/// handler's own writes. A redelivered command (or a retry of the same step) gets the recorded
-/// result back and its effect is not applied again.
+/// A participant's inbox, in its own database: give it to
+/// [`Worker::builder`](crate::Worker::builder), and every command of the worker runs in a
+/// transaction of this pool that also records the command's outcome under its idempotency key.
 ///
-/// Retryable failures are not recorded (their transaction rolls back, so the next attempt
-/// runs afresh); terminal failures are, so a redelivery fails the same way. A compensation
-/// leaves a tombstone under its step's forward key, so a forward delivery that arrives after
-/// the compensation (late, from a backlog) does nothing.
+/// - A handler's writes through [`CommandContext::transaction`](crate::CommandContext::transaction)
+///   commit with that record, or not at all: a redelivered command, or a retry of the same step,
+///   gets the recorded result back and its effect is not applied again.
+/// - A terminal failure is recorded too (the handler's writes are rolled back), so a
+///   redelivery fails the same way; a retryable failure, a panic or a timeout rolls everything
+///   back, and the next attempt runs afresh.
+/// - A *fence* (the orchestrator asks whether a step whose outcome it does not know applied)
+///   is answered from the record, or writes a tombstone under the key, after which no delivery
+///   of any attempt runs the handler.
+///
+/// Its pool should hold at least as many connections as the worker runs commands at once
+/// ([`WorkerBuilder::concurrency`](crate::worker::WorkerBuilder::concurrency)): each command
+/// holds one until its outcome is committed.
 ///
 /// ```no_run
-/// # async fn demo(inbox: saga_core::Inbox, ctx: saga_core::CommandContext) -> Result<(), saga_core::StepError> {
-/// let charged: u64 = inbox
-///     .run(&ctx, |tx| Box::pin(async move {
-///         sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
-///             .execute(&mut *tx)
-///             .await?;
-///         Ok(10)
-///     }))
-///     .await?;
+/// # async fn demo(pool: sqlx::PgPool) -> saga_core::Result<()> {
+/// let inbox = saga_core::Inbox::new(pool, "payment")?;
+/// inbox.migrate().await?; // the table `payment.inbox`
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -44,7 +45,7 @@ pub struct Inbox {
     claim: SqlStr,
     recorded: SqlStr,
     record: SqlStr,
-    record_failure: SqlStr,
+    fence: SqlStr,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -53,6 +54,14 @@ impl std::fmt::Debug for Inbox {
             .field("schema", &self.schema)
             .finish_non_exhaustive()
     }
+}
+
+/// What claiming a key found.
+pub(crate) enum Claim {
+    /// The key was free: this delivery runs the handler, in this transaction.
+    Mine(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// An outcome is recorded: the answer, without running the handler.
+    Recorded(Outcome),
 }
 
 impl Inbox {
@@ -74,11 +83,10 @@ impl Inbox {
                 "SELECT outcome FROM {s}.inbox WHERE idempotency_key = $1"
             )),
             record: sql(format!(
-                "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (idempotency_key) DO UPDATE SET outcome = EXCLUDED.outcome"
+                "UPDATE {s}.inbox SET outcome = $2 WHERE idempotency_key = $1"
             )),
             // Never over another delivery's recorded outcome.
-            record_failure: sql(format!(
+            fence: sql(format!(
                 "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (idempotency_key) DO NOTHING"
             )),
@@ -96,94 +104,190 @@ impl Inbox {
         .await
     }
 
-    /// Runs `work` in a transaction and records its result under the command's idempotency
-    /// key; if a result is already recorded, returns it without running `work`.
-    pub async fn run<T, F>(&self, ctx: &CommandContext, work: F) -> Result<T, StepError>
-    where
-        T: Serialize + DeserializeOwned + Send,
-        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, StepError>> + Send,
-    {
+    /// The pool the commands' transactions come from.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema of the inbox table.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Begins a command's transaction and claims its key. A concurrent delivery of the same
+    /// key waits here until the first commits or rolls back.
+    pub(crate) async fn claim(&self, key: &str, saga_id: Uuid, command: &str) -> Result<Claim> {
         let mut tx = self.pool.begin().await?;
-        // Concurrent deliveries of one key wait here for the first to commit or roll back.
         let claimed = sqlx::query(self.claim.clone())
-            .bind(&ctx.idempotency_key)
-            .bind(ctx.saga_id)
-            .bind(&ctx.command)
+            .bind(key)
+            .bind(saga_id)
+            .bind(command)
             .execute(&mut *tx)
             .await?
             .rows_affected()
             == 1;
-        if ctx.direction == Direction::Compensation {
-            // A forward delivery that arrives after its compensation (it sat in a backlog past
-            // its timeout) must not apply: it finds this tombstone under its key instead.
-            let forward =
-                Command::idempotency_key_for(ctx.saga_id, ctx.step_index, Direction::Forward);
-            sqlx::query(self.record_failure.clone())
-                .bind(&forward)
-                .bind(ctx.saga_id)
-                .bind(&ctx.command)
-                .bind(Json(
-                    json!({ "error": "the step was compensated before this delivery" }),
-                ))
+        if claimed {
+            // A terminal failure rolls the handler's writes back to here, and is recorded.
+            sqlx::query("SAVEPOINT saga_handler")
                 .execute(&mut *tx)
                 .await?;
+            return Ok(Claim::Mine(tx));
         }
-        if !claimed {
-            let outcome: Option<Json<Value>> = sqlx::query_scalar(self.recorded.clone())
-                .bind(&ctx.idempotency_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.rollback().await?;
-            tracing::info!(key = %ctx.idempotency_key, "command already applied; returning the recorded result");
-            return decode(outcome.map(|Json(v)| v));
+        let outcome = self.recorded(&mut tx, key).await?;
+        tx.rollback().await?;
+        tracing::info!(%key, "command already settled; answering from the inbox");
+        Ok(Claim::Recorded(outcome))
+    }
+
+    async fn recorded(&self, conn: &mut PgConnection, key: &str) -> Result<Outcome> {
+        let outcome: Option<Json<Value>> = sqlx::query_scalar(self.recorded.clone())
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(decode(outcome.map(|Json(v)| v)))
+    }
+
+    /// Records the handler's output under `key`, and commits.
+    pub(crate) async fn succeed(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: &str,
+        output: &Value,
+    ) -> Result<()> {
+        self.record(&mut tx, key, json!({ "ok": output })).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rolls the handler's writes back, records a terminal failure under `key`, and commits.
+    pub(crate) async fn fail(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        key: &str,
+        error: &str,
+    ) -> Result<()> {
+        sqlx::query("ROLLBACK TO SAVEPOINT saga_handler")
+            .execute(&mut *tx)
+            .await?;
+        self.record(&mut tx, key, json!({ "error": error })).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record(&self, conn: &mut PgConnection, key: &str, outcome: Value) -> Result<()> {
+        let updated: PgQueryResult = sqlx::query(self.record.clone())
+            .bind(key)
+            .bind(Json(outcome))
+            .execute(&mut *conn)
+            .await?;
+        debug_assert_eq!(updated.rows_affected(), 1, "the key was claimed");
+        Ok(())
+    }
+
+    /// Fences the step whose action's key is `key`: answers its recorded outcome, or writes a
+    /// tombstone so that no delivery can apply it any more. Waits at most `lock_timeout_ms`
+    /// for a delivery that holds the key (its handler is running) to finish.
+    pub(crate) async fn fence(
+        &self,
+        key: &str,
+        saga_id: Uuid,
+        command: &str,
+        lock_timeout_ms: u64,
+    ) -> Result<Outcome> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = {lock_timeout_ms}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let tombstone = json!({ "fenced": "fenced before any delivery applied it" });
+        let written = sqlx::query(self.fence.clone())
+            .bind(key)
+            .bind(saga_id)
+            .bind(command)
+            .bind(Json(tombstone))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        let outcome = if written {
+            Outcome::Fenced {
+                detail: "no delivery had applied it; a tombstone now stops every later one".into(),
+            }
+        } else {
+            match self.recorded(&mut tx, key).await? {
+                Outcome::Failure {
+                    error,
+                    retryable: false,
+                } => Outcome::Fenced {
+                    detail: format!("its failure is recorded: {error}"),
+                },
+                other => other,
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}
+
+/// The answer a recorded outcome gives: `{"ok": output}`, `{"error": why}` (a terminal
+/// failure) or `{"fenced": why}` (a tombstone).
+fn decode(outcome: Option<Value>) -> Outcome {
+    let Some(Value::Object(mut map)) = outcome else {
+        return Outcome::Failure {
+            error: "the inbox row has no recorded outcome".into(),
+            retryable: true,
+        };
+    };
+    let text = |v: Option<Value>, default: &str| {
+        v.as_ref()
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_owned()
+    };
+    if let Some(output) = map.remove("ok") {
+        Outcome::Success { output }
+    } else if let Some(fenced) = map.remove("fenced") {
+        Outcome::Fenced {
+            detail: text(Some(fenced), "fenced"),
         }
-        match work(&mut tx).await {
-            Ok(value) => {
-                sqlx::query(self.record.clone())
-                    .bind(&ctx.idempotency_key)
-                    .bind(ctx.saga_id)
-                    .bind(&ctx.command)
-                    .bind(Json(
-                        json!({ "ok": serde_json::to_value(&value).map_err(StepError::terminal)? }),
-                    ))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(value)
-            }
-            Err(error) if error.is_retryable() => {
-                tx.rollback().await?;
-                Err(error)
-            }
-            Err(error) => {
-                tx.rollback().await?;
-                sqlx::query(self.record_failure.clone())
-                    .bind(&ctx.idempotency_key)
-                    .bind(ctx.saga_id)
-                    .bind(&ctx.command)
-                    .bind(Json(json!({ "error": error.message() })))
-                    .execute(&self.pool)
-                    .await?;
-                Err(error)
-            }
+    } else {
+        Outcome::Failure {
+            error: text(map.remove("error"), "recorded failure"),
+            retryable: false,
         }
     }
 }
 
-fn decode<T: DeserializeOwned>(outcome: Option<Value>) -> Result<T, StepError> {
-    match outcome {
-        Some(Value::Object(mut map)) => {
-            if let Some(ok) = map.remove("ok") {
-                serde_json::from_value(ok).map_err(StepError::terminal)
-            } else {
-                let error = map.remove("error").unwrap_or_default();
-                Err(StepError::terminal(
-                    error.as_str().unwrap_or("recorded failure"),
-                ))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_outcomes_decode_to_their_answers() {
+        assert_eq!(
+            decode(Some(json!({"ok": 7}))),
+            Outcome::Success { output: json!(7) }
+        );
+        assert_eq!(
+            decode(Some(json!({"error": "declined"}))),
+            Outcome::Failure {
+                error: "declined".into(),
+                retryable: false
             }
-        }
-        _ => Err(StepError::retryable(
-            "the inbox row has no recorded outcome",
-        )),
+        );
+        assert_eq!(
+            decode(Some(json!({"fenced": "tombstone"}))),
+            Outcome::Fenced {
+                detail: "tombstone".into()
+            }
+        );
+        assert!(matches!(
+            decode(None),
+            Outcome::Failure {
+                retryable: true,
+                ..
+            }
+        ));
     }
 }

@@ -5,8 +5,9 @@
 //! transition to an event log (the [`Store`]) in the same transaction as the commands it sends,
 //! publishes them through a [`Transport`], applies the participants' results, and replays the
 //! log ([`replay`] + [`decide`](fn@decide)) to go forward or, after a step failed for good, to compensate
-//! the completed steps in reverse order. Participants run step handlers in a [`Worker`], and
-//! use the [`Inbox`] to apply each effect once.
+//! the completed steps in reverse order. Participants run step handlers in a [`Worker`], whose
+//! [`Inbox`] applies each effect once and lets the orchestrator *fence* a step whose outcome
+//! it does not know (a timeout, a lost answer) before it decides.
 //!
 //! # Quick start
 //!
@@ -25,13 +26,13 @@
 //!     .step("ship", |s| s.pivot().action("shipping", "ship", |ctx| Ok(*ctx.input())))
 //!     .build()?;
 //!
-//! // In memory here; `PgStore` and saga-amqp's transport in production.
+//! // In memory here; `PgStore`, saga-amqp's transport and workers with an `Inbox` in production.
 //! let store = Arc::new(MemoryStore::new());
 //! let transport = Arc::new(InProcessTransport::new());
 //! let shutdown = CancellationToken::new();
 //! let ok = |n: u64, _: CommandContext| async move { Ok::<_, StepError>(n) };
-//! let payment = Worker::builder("payment").handler("charge", handler_fn(ok)).handler("refund", handler_fn(ok)).build();
-//! let shipping = Worker::builder("shipping").handler("ship", handler_fn(ok)).build();
+//! let payment = Worker::at_least_once("payment").handler("charge", handler_fn(ok)).handler("refund", handler_fn(ok)).build();
+//! let shipping = Worker::at_least_once("shipping").handler("ship", handler_fn(ok)).build();
 //! tokio::spawn(payment.run(transport.clone(), shutdown.clone()));
 //! tokio::spawn(shipping.run(transport.clone(), shutdown.clone()));
 //! tokio::spawn(Orchestrator::builder(store.clone(), transport).register(&saga).build().run(shutdown));
@@ -80,4 +81,4 @@ pub use registry::Registry;
 pub use state::{ReplayError, SagaState, SagaStatus, replay};
 pub use store::{MemoryStore, PgStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
-pub use worker::{CommandContext, Handler, StepError, StepResultExt, Worker};
+pub use worker::{CommandContext, Handler, StepError, StepResultExt, Tx, Worker};

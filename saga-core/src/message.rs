@@ -8,8 +8,16 @@ use uuid::Uuid;
 
 use crate::event::Direction;
 
-/// The version of the message schema this crate writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The version of the message schema this crate writes. It reads this version and version 1.
+///
+/// Version 2 added the `fence` direction, the `fenced` outcome and the command's time to live
+/// ([`headers::TTL_MS`]). A worker of version 1 dead-letters version-2 messages, so a fence
+/// never reaches a runtime that would run the step's handler instead; upgrade workers before
+/// orchestrators.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The oldest message schema version this crate reads.
+pub const OLDEST_SCHEMA_VERSION: u32 = 1;
 
 /// The default size limit of a message body, enforced on publish and on consume.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -45,7 +53,8 @@ pub struct Command {
     pub service: String,
     /// The command's name, which selects the handler.
     pub command: String,
-    /// The same for every delivery and every retry of this step in this direction.
+    /// The same for every delivery and every retry of this step in this direction. For a
+    /// fence, the key of the action it fences.
     pub idempotency_key: String,
     /// How long the orchestrator waits for this attempt, if it has a timeout.
     pub timeout_ms: Option<u64>,
@@ -56,7 +65,21 @@ pub struct Command {
 impl Command {
     /// The idempotency key of a step in a direction: `saga_id:step:direction`.
     pub fn idempotency_key_for(saga_id: Uuid, step: u32, direction: Direction) -> String {
-        format!("{saga_id}:{step}:{direction}")
+        Self::idempotency_key_at(saga_id, step, direction, 0)
+    }
+
+    /// The idempotency key of a step in a direction after `generation` operator retries
+    /// under a fresh key: `saga_id:step:direction`, then `saga_id:step:direction:N`.
+    pub fn idempotency_key_at(
+        saga_id: Uuid,
+        step: u32,
+        direction: Direction,
+        generation: u32,
+    ) -> String {
+        match generation {
+            0 => format!("{saga_id}:{step}:{direction}"),
+            n => format!("{saga_id}:{step}:{direction}:{n}"),
+        }
     }
 }
 
@@ -107,6 +130,13 @@ pub enum Outcome {
         /// Whether another attempt may succeed.
         retryable: bool,
     },
+    /// The step's action did not apply and never will: its service holds a tombstone (or a
+    /// recorded terminal failure) under the action's idempotency key. The answer to a fence,
+    /// and to any delivery of a fenced step.
+    Fenced {
+        /// What the service found.
+        detail: String,
+    },
 }
 
 /// Header names used on every message; their values are strings.
@@ -133,6 +163,9 @@ pub mod headers {
     pub const SCHEMA_VERSION: &str = "x-saga-schema-version";
     /// Why a message was dead-lettered.
     pub const REJECT_REASON: &str = "x-saga-reject-reason";
+    /// How long a command is wanted, in milliseconds from its publish: its attempt's timeout.
+    /// The broker drops (dead-letters) it once that has passed unconsumed.
+    pub const TTL_MS: &str = "x-saga-ttl-ms";
     /// W3C trace context: one trace per saga (the trace id is the saga id), whose root span
     /// is the parent of every step attempt.
     pub const TRACEPARENT: &str = "traceparent";
@@ -233,9 +266,14 @@ pub fn traceparent(saga_id: Uuid) -> String {
 fn check_schema(message: &Message) -> Result<(), Malformed> {
     match message.headers.get(headers::SCHEMA_VERSION) {
         None => Ok(()),
-        Some(v) if *v == SCHEMA_VERSION.to_string() => Ok(()),
+        Some(v)
+            if v.parse::<u32>()
+                .is_ok_and(|v| (OLDEST_SCHEMA_VERSION..=SCHEMA_VERSION).contains(&v)) =>
+        {
+            Ok(())
+        }
         Some(v) => Err(Malformed(format!(
-            "unsupported schema version {v} (this build reads {SCHEMA_VERSION})"
+            "unsupported schema version {v} (this build reads {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION})"
         ))),
     }
 }
@@ -257,6 +295,9 @@ impl Command {
             headers::IDEMPOTENCY_KEY.to_owned(),
             self.idempotency_key.clone(),
         );
+        if let Some(ttl) = self.timeout_ms {
+            headers.insert(headers::TTL_MS.to_owned(), ttl.to_string());
+        }
         Envelope {
             destination: Destination::Service(self.service.clone()),
             message: Message {
@@ -301,6 +342,22 @@ impl Reply {
         check_schema(message)?;
         serde_json::from_slice(&message.body).map_err(|e| Malformed(format!("invalid result: {e}")))
     }
+
+    /// The reply with `outcome` to the command a message's headers name, when its body cannot
+    /// be read (an unknown schema version, bad JSON, too large): what a worker sends before it
+    /// dead-letters a command, so the saga does not wait for an answer that never comes.
+    /// `None` if the headers do not name a command.
+    pub fn from_headers(message: &Message, outcome: Outcome) -> Option<Self> {
+        let get = |name: &str| message.headers.get(name).map(String::as_str);
+        Some(Self {
+            saga_id: get(headers::SAGA_ID)?.parse().ok()?,
+            step: get(headers::STEP)?.parse().ok()?,
+            direction: get(headers::DIRECTION)?.parse().ok()?,
+            attempt: get(headers::ATTEMPT)?.parse().ok()?,
+            command_id: get(headers::COMMAND_ID)?.parse().ok()?,
+            outcome,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -333,6 +390,20 @@ mod tests {
             "{trace}"
         );
         assert_eq!(Command::from_message(&envelope.message).unwrap(), command);
+        assert_eq!(envelope.message.headers[headers::TTL_MS], "10");
+        // A body nobody can read still names its command in the headers.
+        let mut unreadable = envelope.message.clone();
+        unreadable.body = b"{".to_vec();
+        let failure = Outcome::Failure {
+            error: "unreadable".into(),
+            retryable: false,
+        };
+        assert_eq!(
+            Reply::from_headers(&unreadable, failure.clone()),
+            Some(Reply::to(&command, failure.clone()))
+        );
+        unreadable.headers.remove(headers::COMMAND_ID);
+        assert_eq!(Reply::from_headers(&unreadable, failure), None);
     }
 
     #[test]
@@ -347,6 +418,12 @@ mod tests {
             .insert(headers::SCHEMA_VERSION.into(), "99".into());
         let err = Reply::from_message(&message).unwrap_err();
         assert!(err.0.contains("unsupported schema version 99"), "{err}");
+        for readable in ["1", "2"] {
+            message
+                .headers
+                .insert(headers::SCHEMA_VERSION.into(), readable.into());
+            assert!(check_schema(&message).is_ok(), "version {readable}");
+        }
         assert_eq!(
             Destination::decode(&Destination::Service("a:b".into()).encode()),
             Some(Destination::Service("a:b".into()))

@@ -2,94 +2,19 @@
 //!
 //! Pure: no I/O, no clock. The engine decides from this state only.
 
+mod apply;
+mod status;
+
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::definition::{Definition, Work};
+use crate::definition::Definition;
 use crate::event::{Direction, Event};
 
-/// Where a saga stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SagaStatus {
-    /// Going forward.
-    Running,
-    /// A step failed for good; compensations are running.
-    Compensating,
-    /// Every step succeeded. Terminal.
-    Completed,
-    /// Every needed compensation succeeded. Terminal.
-    Compensated,
-    /// Needs an operator: a compensation (or a step after the pivot) failed for good.
-    Stuck,
-    /// Cancelled, and every needed compensation succeeded. Terminal.
-    Cancelled,
-}
-
-impl SagaStatus {
-    /// Why the saga compensated or got stuck, if it did.
-    pub fn reason(state: &SagaState) -> Option<&str> {
-        state
-            .stuck_reason
-            .as_deref()
-            .or(state.failure.as_ref().map(|(_, reason)| reason.as_str()))
-    }
-
-    /// Every status, in a stable order.
-    pub const ALL: [SagaStatus; 6] = [
-        SagaStatus::Running,
-        SagaStatus::Compensating,
-        SagaStatus::Completed,
-        SagaStatus::Compensated,
-        SagaStatus::Stuck,
-        SagaStatus::Cancelled,
-    ];
-
-    /// The lower-case name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SagaStatus::Running => "running",
-            SagaStatus::Compensating => "compensating",
-            SagaStatus::Completed => "completed",
-            SagaStatus::Compensated => "compensated",
-            SagaStatus::Stuck => "stuck",
-            SagaStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Whether the saga has finished (Completed, Compensated or Cancelled).
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Cancelled
-        )
-    }
-
-    /// Whether the engine still acts on the saga by itself.
-    pub fn is_active(self) -> bool {
-        matches!(self, SagaStatus::Running | SagaStatus::Compensating)
-    }
-}
-
-impl std::fmt::Display for SagaStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SagaStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SagaStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| format!("unknown saga status `{s}`"))
-    }
-}
+pub use status::SagaStatus;
 
 /// What became of a step's action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,9 +25,10 @@ pub enum StepProgress {
     InFlight,
     /// Succeeded; its output is recorded.
     Succeeded,
-    /// Failed; the effect was not applied.
+    /// Failed; the effect was not applied (a terminal failure, or a fence found it unapplied).
     Failed,
-    /// Its last attempt timed out: the effect may have been applied.
+    /// Its outcome is unknown and its service cannot fence it (a worker without an inbox):
+    /// it counts as applied, and is compensated.
     PossiblyApplied,
 }
 
@@ -139,6 +65,17 @@ pub struct Stop {
     pub reason: String,
     /// A cancel (ends `cancelled`), not a deadline (ends `compensated`).
     pub cancelled: bool,
+}
+
+/// A step being fenced: the saga gave up on it and asks its service whether it applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fencing {
+    /// The step's position.
+    pub step: u32,
+    /// The step's name.
+    pub name: String,
+    /// Why the saga gives up on the step.
+    pub reason: String,
 }
 
 /// A command the saga has dispatched, by id.
@@ -185,6 +122,19 @@ pub struct SagaState {
     pub held: Option<Current>,
     /// The step and direction that got the saga stuck.
     pub stuck_at: Option<(u32, Direction)>,
+    /// Per step: an attempt of its action ended without a definitive answer (it timed out,
+    /// or failed retryably, and another delivery may still apply it), so giving up on the
+    /// step needs a fence first.
+    pub doubt: Vec<bool>,
+    /// The step being fenced, if any.
+    pub fencing: Option<Fencing>,
+    /// Operator retries under a fresh idempotency key, per step and direction.
+    pub generations: HashMap<(u32, Direction), u32>,
+    /// The step and direction being retried, and when its first failure was (for
+    /// [`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed)).
+    pub retrying: Option<(u32, Direction, DateTime<Utc>)>,
+    /// The step and direction whose last answer was a terminal failure.
+    pub last_terminal: Option<(u32, Direction)>,
     /// How many events have been applied.
     pub events: u64,
 }
@@ -217,6 +167,9 @@ impl ReplayError {
     /// The log holds more or fewer events than the saga's row counts (events deleted or
     /// written around the store).
     pub const MISCOUNTED: &'static str = "SAGA-R005";
+    /// The log names other steps than the definition (a step renamed, added, removed or
+    /// moved without a new version).
+    pub const RENAMED: &'static str = "SAGA-R006";
 
     fn new(def: &Definition, code: &'static str, message: String) -> Self {
         Self {
@@ -235,7 +188,7 @@ impl ReplayError {
 /// # let def = SagaDefinition::<u32>::builder("demo", 1)
 /// #     .step("a", |s| s.action("svc", "a", |ctx| Ok(*ctx.input())))
 /// #     .build().unwrap();
-/// let events = [Event::Started { saga: "demo".into(), version: 1, input: 7.into(), business_key: None }];
+/// let events = [Event::Started { saga: "demo".into(), version: 1, input: 7.into(), business_key: None, steps: vec!["a".into()] }];
 /// let state = replay(def.definition(), &events).unwrap();
 /// assert_eq!(state.status, SagaStatus::Running);
 /// ```
@@ -266,6 +219,7 @@ impl SagaState {
             version,
             input,
             business_key,
+            steps: names,
         } = event
         else {
             return Err(ReplayError::new(
@@ -279,6 +233,17 @@ impl SagaState {
                 definition,
                 ReplayError::WRONG_DEFINITION,
                 format!("the log belongs to `{saga}` v{version}"),
+            ));
+        }
+        if !names.is_empty() && *names != definition.step_names() {
+            return Err(ReplayError::new(
+                definition,
+                ReplayError::RENAMED,
+                format!(
+                    "the saga started with the steps {names:?}, the definition has {:?}; \
+                     a definition whose steps change needs a new version",
+                    definition.step_names()
+                ),
             ));
         }
         let steps = definition.steps().len();
@@ -298,216 +263,27 @@ impl SagaState {
             paused: false,
             held: None,
             stuck_at: None,
+            doubt: vec![false; steps],
+            fencing: None,
+            generations: HashMap::new(),
+            retrying: None,
+            last_terminal: None,
             events: 1,
         })
     }
 
-    /// Applies one more event. Replaying a prefix and then the rest equals replaying the whole.
-    pub fn apply(&mut self, definition: &Definition, event: &Event) -> Result<(), ReplayError> {
-        // A refused request is recorded even after the end: it changes nothing.
-        let audit_only = matches!(
-            event,
-            Event::ActionRefused { .. } | Event::CancelRefused { .. }
-        );
-        if self.status.is_terminal() && !audit_only {
-            return Err(ReplayError::new(
-                definition,
-                ReplayError::AFTER_END,
-                format!("`{}` after the saga ended {}", event.kind(), self.status),
-            ));
-        }
-        match event {
-            Event::Started { .. } => {
-                return Err(ReplayError::new(
-                    definition,
-                    ReplayError::BAD_START,
-                    "a second `started` event".into(),
-                ));
-            }
-            Event::Dispatched {
-                step,
-                direction,
-                attempt,
-                command_id,
-                ..
-            } => {
-                let i = self.check_step(definition, *step, *direction)?;
-                self.current = Some(Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
-                    command_id: Some(*command_id),
-                    waiting: false,
-                });
-                self.sent.insert(
-                    *command_id,
-                    SentCommand {
-                        step: *step,
-                        direction: *direction,
-                        attempt: *attempt,
-                    },
-                );
-                if *direction == Direction::Forward {
-                    self.progress[i] = StepProgress::InFlight;
-                }
-            }
-            Event::Succeeded {
-                step,
-                direction,
-                output,
-                ..
-            } => {
-                let i = self.check_step(definition, *step, *direction)?;
-                self.current = None;
-                match direction {
-                    Direction::Forward => {
-                        self.progress[i] = StepProgress::Succeeded;
-                        self.outputs[i] = Some(output.clone());
-                        self.consume_signal(definition, i);
-                    }
-                    Direction::Compensation => self.compensated[i] = true,
-                }
-            }
-            Event::Failed {
-                step, direction, ..
-            } => {
-                let i = self.check_step(definition, *step, *direction)?;
-                self.current = None;
-                if *direction == Direction::Forward {
-                    self.progress[i] = StepProgress::Failed;
-                    // A refused signal is used up.
-                    self.consume_signal(definition, i);
-                }
-            }
-            Event::TimedOut {
-                step, direction, ..
-            } => {
-                let i = self.check_step(definition, *step, *direction)?;
-                self.current = None;
-                if *direction == Direction::Forward {
-                    // A command that timed out may have been applied; a wait has no effect.
-                    self.progress[i] = match definition.steps()[i].work {
-                        Work::Command(_) => StepProgress::PossiblyApplied,
-                        _ => StepProgress::Failed,
-                    };
-                }
-            }
-            Event::Waiting { step, .. } => {
-                let i = self.check_step(definition, *step, Direction::Forward)?;
-                self.current = Some(Current {
-                    step: *step,
-                    direction: Direction::Forward,
-                    attempt: 1,
-                    command_id: None,
-                    waiting: true,
-                });
-                self.progress[i] = StepProgress::InFlight;
-            }
-            Event::SignalReceived { name, payload } => self.signals.push(ReceivedSignal {
-                name: name.clone(),
-                payload: payload.clone(),
-                consumed: false,
-            }),
-            Event::CancelRequested { reason, .. } => {
-                self.stop = Some(Stop {
-                    reason: format!("cancelled: {reason}"),
-                    cancelled: true,
-                });
-            }
-            Event::CancelRefused { .. } => {}
-            Event::DeadlineExceeded => {
-                let deadline = definition.deadline().unwrap_or_default();
-                self.stop = Some(Stop {
-                    reason: format!("the saga's deadline of {deadline:?} passed"),
-                    cancelled: false,
-                });
-            }
-            Event::Cancelled => self.finish(SagaStatus::Cancelled),
-            Event::RetryRequested { .. } => {
-                self.status = if self.failure.is_some() || self.stop.is_some() {
-                    SagaStatus::Compensating
-                } else {
-                    SagaStatus::Running
-                };
-                self.stuck_reason = None;
-                self.stuck_at = None;
-            }
-            Event::Resolved { step, .. } => {
-                let i = self.check_step(definition, *step, Direction::Compensation)?;
-                self.compensated[i] = true;
-                self.status = SagaStatus::Compensating;
-                self.stuck_reason = None;
-                self.stuck_at = None;
-            }
-            Event::Paused { .. } => self.paused = true,
-            Event::Resumed { .. } => {
-                self.paused = false;
-                self.held = None;
-            }
-            Event::Held {
-                step,
-                direction,
-                attempt,
-            } => {
-                self.check_step(definition, *step, *direction)?;
-                let held = Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
-                    command_id: None,
-                    waiting: false,
-                };
-                self.held = Some(held);
-                self.current = Some(held);
-            }
-            Event::ActionRefused { .. } => {}
-            Event::RetryScheduled {
-                step,
-                direction,
-                attempt,
-                ..
-            } => {
-                self.check_step(definition, *step, *direction)?;
-                self.current = Some(Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
-                    command_id: None,
-                    waiting: false,
-                });
-            }
-            Event::CompensationStarted { step, reason } => {
-                self.check_step(definition, *step, Direction::Forward)?;
-                self.status = SagaStatus::Compensating;
-                self.failure = Some((*step, reason.clone()));
-            }
-            Event::Completed => self.finish(SagaStatus::Completed),
-            Event::Compensated => self.finish(SagaStatus::Compensated),
-            Event::Stuck {
-                step,
-                direction,
-                reason,
-            } => {
-                self.check_step(definition, *step, *direction)?;
-                self.finish(SagaStatus::Stuck);
-                self.stuck_reason = Some(reason.clone());
-                self.stuck_at = Some((*step, *direction));
-            }
-        }
-        self.events += 1;
-        Ok(())
-    }
-
-    /// Marks the oldest unused signal that step `i` waits for as used.
-    fn consume_signal(&mut self, definition: &Definition, i: usize) {
-        if let Work::Signal(wait) = &definition.steps()[i].work
-            && let Some(signal) = self
-                .signals
-                .iter_mut()
-                .find(|s| !s.consumed && s.name == wait.name)
-        {
-            signal.consumed = true;
-        }
+    /// The idempotency key of `step` in `direction` (a fence uses its action's).
+    pub fn idempotency_key(&self, saga_id: Uuid, step: u32, direction: Direction) -> String {
+        let direction = match direction {
+            Direction::Fence => Direction::Forward,
+            other => other,
+        };
+        let generation = self
+            .generations
+            .get(&(step, direction))
+            .copied()
+            .unwrap_or(0);
+        crate::message::Command::idempotency_key_at(saga_id, step, direction, generation)
     }
 
     /// The oldest unused signal named `name`.
@@ -516,40 +292,5 @@ impl SagaState {
             .iter()
             .find(|s| !s.consumed && s.name == name)
             .map(|s| &s.payload)
-    }
-
-    fn finish(&mut self, status: SagaStatus) {
-        self.status = status;
-        self.current = None;
-    }
-
-    fn check_step(
-        &self,
-        definition: &Definition,
-        step: u32,
-        direction: Direction,
-    ) -> Result<usize, ReplayError> {
-        let i = step as usize;
-        let Some(def) = definition.steps().get(i) else {
-            return Err(ReplayError::new(
-                definition,
-                ReplayError::UNKNOWN_STEP,
-                format!(
-                    "the log names step #{step}, the definition has {}",
-                    definition.steps().len()
-                ),
-            ));
-        };
-        if direction == Direction::Compensation && def.compensation.is_none() {
-            return Err(ReplayError::new(
-                definition,
-                ReplayError::UNKNOWN_STEP,
-                format!(
-                    "the log compensates step `{}`, which has no compensation",
-                    def.name
-                ),
-            ));
-        }
-        Ok(i)
     }
 }

@@ -55,7 +55,7 @@ use uuid::Uuid;
 
 use crate::decide::{Effect, Env, Input, Timer, Verdict, decide};
 use crate::definition::{Definition, SagaDefinition};
-use crate::event::{Event, RecordedEvent};
+use crate::event::{Direction, Event, RecordedEvent};
 use crate::message::{Command, Outcome, Reply};
 use crate::state::{SagaState, SagaStatus, replay};
 use crate::worker::{CommandContext, StepError};
@@ -63,12 +63,29 @@ use crate::worker::{CommandContext, StepError};
 type TestHandler = Box<dyn FnMut(Value, &CommandContext) -> Result<Value, StepError> + Send>;
 
 /// What an injected fault does to the next delivery of a command.
+///
+/// Participants here keep an inbox, as a [`Worker`](crate::Worker) with one does: a step's
+/// outcome is recorded under its idempotency key, a redelivery gets it back, and a fence of a
+/// step whose outcome the saga does not know answers from it (or writes a tombstone).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
-    /// The handler is not called; the attempt fails with this error.
+    /// The handler is not called; the attempt fails with this error (a terminal one is
+    /// recorded, as the inbox records it).
     Fail(StepError),
-    /// The handler runs but its result is lost: the step times out (if it has a timeout).
+    /// The handler runs (its outcome is recorded) but the answer is lost: the attempt times
+    /// out, and the saga learns the truth from a later attempt or a fence.
     LoseResult,
+    /// The command is lost before it runs (a message that expired in its queue): the attempt
+    /// times out, and a fence finds the step unapplied.
+    LoseCommand,
+}
+
+/// What a participant's inbox holds under a key.
+#[derive(Debug, Clone)]
+enum Recorded {
+    Ok(Value),
+    Failed(String),
+    Fenced,
 }
 
 struct TestSaga {
@@ -88,6 +105,7 @@ pub struct TestEnv {
     queue: VecDeque<Command>,
     handlers: HashMap<(String, String), TestHandler>,
     faults: HashMap<(String, String), VecDeque<Fault>>,
+    inbox: HashMap<(String, String), Recorded>,
 }
 
 impl Default for TestEnv {
@@ -119,6 +137,7 @@ impl TestEnv {
             queue: VecDeque::new(),
             handlers: HashMap::new(),
             faults: HashMap::new(),
+            inbox: HashMap::new(),
         }
     }
 
@@ -173,6 +192,7 @@ impl TestEnv {
             version: def.version(),
             input: serde_json::to_value(input).expect("the input serializes"),
             business_key: None,
+            steps: def.step_names(),
         };
         let state = replay(&def, [&started]).expect("a fresh log replays");
         let record = RecordedEvent {
@@ -320,36 +340,80 @@ impl TestEnv {
         decision.verdict
     }
 
-    /// Delivers every queued command to its handler and applies the results.
+    /// Delivers every queued command to its participant and applies the results.
     fn run_until_idle(&mut self) {
         while let Some(command) = self.queue.pop_front() {
-            let key = (command.service.clone(), command.command.clone());
-            let fault = self.faults.get_mut(&key).and_then(VecDeque::pop_front);
-            let ctx = CommandContext::of(&command);
-            let outcome = match fault {
-                Some(Fault::Fail(error)) => Err(error),
-                other => {
-                    let handler = self.handlers.get_mut(&key).unwrap_or_else(|| {
-                        panic!(
-                            "no handler for {}.{}; register one with TestEnv::handle",
-                            key.0, key.1
-                        )
-                    });
-                    let result = handler(command.payload.clone(), &ctx);
-                    if other == Some(Fault::LoseResult) {
-                        continue;
-                    }
-                    result
-                }
-            };
-            let outcome = match outcome {
-                Ok(output) => Outcome::Success { output },
-                Err(e) => Outcome::Failure {
-                    error: e.message().to_owned(),
-                    retryable: e.is_retryable(),
-                },
-            };
-            self.apply(command.saga_id, Input::Reply(Reply::to(&command, outcome)));
+            if let Some(outcome) = self.deliver(&command) {
+                self.apply(command.saga_id, Input::Reply(Reply::to(&command, outcome)));
+            }
         }
+    }
+
+    /// What the participant answers to `command`, or `None` if the answer is lost.
+    fn deliver(&mut self, command: &Command) -> Option<Outcome> {
+        let key = (command.service.clone(), command.idempotency_key.clone());
+        if command.direction == Direction::Fence {
+            let recorded = self.inbox.entry(key).or_insert(Recorded::Fenced);
+            return Some(answer(recorded, true));
+        }
+        if let Some(recorded) = self.inbox.get(&key) {
+            return Some(answer(recorded, false));
+        }
+        let route = (command.service.clone(), command.command.clone());
+        let fault = self.faults.get_mut(&route).and_then(VecDeque::pop_front);
+        let lost = fault == Some(Fault::LoseResult);
+        let ctx = CommandContext::of(command);
+        let result = match fault {
+            Some(Fault::LoseCommand) => return None,
+            Some(Fault::Fail(error)) => Err(error),
+            _ => {
+                let handler = self.handlers.get_mut(&route).unwrap_or_else(|| {
+                    panic!(
+                        "no handler for {}.{}; register one with TestEnv::handle",
+                        route.0, route.1
+                    )
+                });
+                handler(command.payload.clone(), &ctx)
+            }
+        };
+        match &result {
+            Ok(output) => {
+                self.inbox.insert(key, Recorded::Ok(output.clone()));
+            }
+            Err(e) if !e.is_retryable() => {
+                self.inbox
+                    .insert(key, Recorded::Failed(e.message().to_owned()));
+            }
+            Err(_) => {}
+        }
+        if lost {
+            return None;
+        }
+        Some(match result {
+            Ok(output) => Outcome::Success { output },
+            Err(e) => Outcome::Failure {
+                error: e.message().to_owned(),
+                retryable: e.is_retryable(),
+            },
+        })
+    }
+}
+
+/// The answer a recorded outcome gives to a redelivery, or to a `fence`.
+fn answer(recorded: &Recorded, fence: bool) -> Outcome {
+    match recorded {
+        Recorded::Ok(output) => Outcome::Success {
+            output: output.clone(),
+        },
+        Recorded::Failed(error) if fence => Outcome::Fenced {
+            detail: format!("its failure is recorded: {error}"),
+        },
+        Recorded::Failed(error) => Outcome::Failure {
+            error: error.clone(),
+            retryable: false,
+        },
+        Recorded::Fenced => Outcome::Fenced {
+            detail: "fenced before any delivery applied it".into(),
+        },
     }
 }

@@ -1,5 +1,9 @@
 //! A readable timeline of one saga, from its log: one line per event, with its time since the
 //! start, its step and attempt, and, for a result, how long the attempt took.
+//!
+//! The log names its steps (in `started`) and each command's service and command (in
+//! `dispatched`), so the timeline reads the same with or without the definition; a
+//! definition fills in what logs written before those names were recorded lack.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -10,16 +14,19 @@ use crate::definition::Definition;
 use crate::event::{Direction, Event, RecordedEvent};
 use crate::store::SagaSummary;
 
-/// Renders a saga's history. With the definition, steps are shown by name (else by number).
+/// Renders a saga's history. Steps are named from the log, or the definition, or by number.
 pub fn render(
     summary: &SagaSummary,
     definition: Option<&Definition>,
     history: &[RecordedEvent],
 ) -> String {
     let start = history.first().map(|r| r.at).unwrap_or(summary.created_at);
-    let names: Vec<String> = definition
-        .map(|d| d.steps().iter().map(|s| s.name.clone()).collect())
-        .unwrap_or_default();
+    let mut names: Vec<String> = definition.map(Definition::step_names).unwrap_or_default();
+    if let Some(Event::Started { steps, .. }) = history.first().map(|r| &r.event)
+        && !steps.is_empty()
+    {
+        names = steps.clone();
+    }
     let step_name = |step: u32| {
         names
             .get(step as usize)
@@ -45,6 +52,9 @@ pub fn render(
     );
     for record in history {
         let ms = (record.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        let at = |step: u32, direction: Direction| {
+            format!("{:<8} {}", step_name(step), arrow(direction))
+        };
         let line = match &record.event {
             Event::Started { business_key, .. } => match business_key {
                 Some(key) => format!("started (key {key})"),
@@ -54,22 +64,23 @@ pub fn render(
                 step,
                 direction,
                 attempt,
+                service,
+                command,
                 ..
             } => {
                 dispatched.insert((*step, *direction, *attempt), record.at);
-                let s = definition.and_then(|d| d.steps().get(*step as usize));
-                let action = s.and_then(|s| match direction {
-                    Direction::Forward => s.action(),
-                    Direction::Compensation => s.compensation.as_ref(),
-                });
-                let target = action.map_or_else(
-                    || "?".to_owned(),
-                    |a| format!("{}.{}", a.service, a.command),
-                );
+                let target = match (service, command) {
+                    (Some(service), Some(command)) => format!("{service}.{command}"),
+                    _ => target_in(definition, *step, *direction),
+                };
+                let what = if *direction == Direction::Fence {
+                    "fence "
+                } else {
+                    ""
+                };
                 format!(
-                    "{:<8} {} -> {target} (attempt {attempt})",
-                    step_name(*step),
-                    arrow(*direction)
+                    "{} {what}-> {target} (attempt {attempt})",
+                    at(*step, *direction)
                 )
             }
             Event::Waiting {
@@ -93,14 +104,19 @@ pub fn render(
             Event::CancelRefused { reason, why, .. } => format!("cancel refused ({reason}): {why}"),
             Event::DeadlineExceeded => "deadline passed".to_owned(),
             Event::RetryRequested {
-                step, direction, ..
-            } => {
-                format!(
-                    "{:<8} {} retried by an operator",
-                    step_name(*step),
-                    arrow(*direction)
-                )
-            }
+                step,
+                direction,
+                fresh_key,
+                ..
+            } => format!(
+                "{} retried by an operator{}",
+                at(*step, *direction),
+                if *fresh_key {
+                    " (under a fresh key)"
+                } else {
+                    ""
+                }
+            ),
             Event::Resolved { step, reason, .. } => {
                 format!("{:<8} << resolved by hand: {reason}", step_name(*step))
             }
@@ -110,23 +126,38 @@ pub fn render(
                 step,
                 direction,
                 attempt,
-            } => format!(
-                "{:<8} {} attempt {attempt} held (paused)",
-                step_name(*step),
-                arrow(*direction)
-            ),
+            } => format!("{} attempt {attempt} held (paused)", at(*step, *direction)),
             Event::ActionRefused { action, why, .. } => format!("{action} refused: {why}"),
             Event::Cancelled => "cancelled".to_owned(),
+            Event::Succeeded {
+                step,
+                direction: Direction::Fence,
+                attempt,
+                ..
+            } => format!(
+                "{} applied, says the fence (attempt {attempt}){}",
+                at(*step, Direction::Fence),
+                took(&dispatched, (*step, Direction::Fence, *attempt), record.at)
+            ),
             Event::Succeeded {
                 step,
                 direction,
                 attempt,
                 ..
             } => format!(
-                "{:<8} {} ok (attempt {attempt}){}",
-                step_name(*step),
-                arrow(*direction),
+                "{} ok (attempt {attempt}){}",
+                at(*step, *direction),
                 took(&dispatched, (*step, *direction, *attempt), record.at)
+            ),
+            Event::Failed {
+                step,
+                direction: Direction::Fence,
+                attempt,
+                error,
+                retryable: false,
+            } => format!(
+                "{} cannot be fenced (attempt {attempt}), counts as applied: {error}",
+                at(*step, Direction::Fence)
             ),
             Event::Failed {
                 step,
@@ -135,9 +166,8 @@ pub fn render(
                 error,
                 retryable,
             } => format!(
-                "{:<8} {} failed (attempt {attempt}, {}){}: {error}",
-                step_name(*step),
-                arrow(*direction),
+                "{} failed (attempt {attempt}, {}){}: {error}",
+                at(*step, *direction),
                 if *retryable { "retryable" } else { "terminal" },
                 took(&dispatched, (*step, *direction, *attempt), record.at)
             ),
@@ -146,9 +176,8 @@ pub fn render(
                 direction,
                 attempt,
             } => format!(
-                "{:<8} {} attempt {attempt} timed out{}",
-                step_name(*step),
-                arrow(*direction),
+                "{} attempt {attempt} timed out{}",
+                at(*step, *direction),
                 took(&dispatched, (*step, *direction, *attempt), record.at)
             ),
             Event::RetryScheduled {
@@ -158,9 +187,20 @@ pub fn render(
                 delay_ms,
                 ..
             } => format!(
-                "{:<8} {} attempt {attempt} in {delay_ms} ms",
-                step_name(*step),
-                arrow(*direction)
+                "{} attempt {attempt} in {delay_ms} ms",
+                at(*step, *direction)
+            ),
+            Event::FenceStarted { step, reason } => {
+                format!("fencing step {}: {reason}", step_name(*step))
+            }
+            Event::Fenced {
+                step,
+                attempt,
+                detail,
+            } => format!(
+                "{} not applied, fenced (attempt {attempt}){}: {detail}",
+                at(*step, Direction::Fence),
+                took(&dispatched, (*step, Direction::Fence, *attempt), record.at)
             ),
             Event::CompensationStarted { reason, .. } => format!("compensating: {reason}"),
             Event::Completed => "completed".to_owned(),
@@ -172,9 +212,23 @@ pub fn render(
     out
 }
 
+/// `service.command` of a step's command in `direction`, from the definition, or `?`.
+fn target_in(definition: Option<&Definition>, step: u32, direction: Direction) -> String {
+    let s = definition.and_then(|d| d.steps().get(step as usize));
+    let action = s.and_then(|s| match direction {
+        Direction::Forward | Direction::Fence => s.action(),
+        Direction::Compensation => s.compensation.as_ref(),
+    });
+    action.map_or_else(
+        || "?".to_owned(),
+        |a| format!("{}.{}", a.service, a.command),
+    )
+}
+
 fn arrow(direction: Direction) -> &'static str {
     match direction {
         Direction::Forward => ">>",
         Direction::Compensation => "<<",
+        Direction::Fence => "||",
     }
 }

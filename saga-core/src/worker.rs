@@ -1,6 +1,9 @@
-//! The participant runtime: consume commands, run handlers, publish results, then ack.
+//! The participant runtime: consume commands, run handlers in the inbox's transactions,
+//! answer fences, publish results, then ack.
 
+mod attempt;
 mod handler;
+mod process;
 mod step_error;
 
 use std::collections::HashMap;
@@ -11,30 +14,46 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::info;
 
 use crate::error::Result;
-use crate::message::{Command, Destination, Outcome, Reply};
+use crate::inbox::Inbox;
+use crate::message::Destination;
 use crate::metrics::Metrics;
-use crate::transport::{Delivery, Transport};
+use crate::transport::Transport;
 
-pub use handler::{CommandContext, FnHandler, Handler, handler_fn};
+pub use handler::{CommandContext, FnHandler, Handler, Tx, handler_fn};
 use handler::{Erased, ErasedHandler};
 pub use step_error::{StepError, StepResultExt};
 
 /// Runs the step handlers of one participant service.
 ///
-/// A handler's error, panic or hang (past the attempt's timeout) is reported as a failed
-/// attempt; the command is acknowledged only after its result is confirmed by the transport,
-/// so a crash before that redelivers it.
+/// With an [`Inbox`] (the default, [`Worker::builder`]), every command runs in a transaction
+/// of the participant's own database that records its outcome under the step's idempotency
+/// key: a handler's writes through [`CommandContext::transaction`] apply exactly once,
+/// redeliveries and retries get the recorded result back, and the orchestrator can *fence* a
+/// step whose outcome it does not know (the worker answers from the inbox whether it applied,
+/// or writes a tombstone so that it never will). [`Worker::at_least_once`] runs handlers
+/// without one: their effects are at least once, and a step whose outcome is unknown counts as
+/// applied (it is compensated; a pivot parks its saga as `stuck`).
+///
+/// A handler's error, panic or hang (past the attempt's timeout) is a failed attempt; a
+/// command is acknowledged only after its result is confirmed by the transport, so a crash
+/// before that redelivers it. A command the worker cannot run (unreadable, too large, for
+/// another service) is answered with a terminal failure, then dead-lettered.
 ///
 /// ```no_run
-/// # async fn demo(transport: std::sync::Arc<saga_core::InProcessTransport>) -> saga_core::Result<()> {
+/// # async fn demo(transport: std::sync::Arc<saga_core::InProcessTransport>, pool: sqlx::PgPool) -> saga_core::Result<()> {
 /// use saga_core::worker::{handler_fn, CommandContext, StepError, Worker};
+/// use saga_core::Inbox;
 /// use tokio_util::sync::CancellationToken;
 ///
-/// let worker = Worker::builder("inventory")
-///     .handler("reserve", handler_fn(|qty: u32, _ctx: CommandContext| async move {
+/// let inbox = Inbox::new(pool, "inventory")?;
+/// inbox.migrate().await?;
+/// let worker = Worker::builder("inventory", inbox)
+///     .handler("reserve", handler_fn(|qty: i32, ctx: CommandContext| async move {
+///         let mut tx = ctx.transaction().await?;
+///         sqlx::query("UPDATE stock SET reserved = reserved + $1").bind(qty).execute(&mut *tx).await?;
 ///         Ok::<_, StepError>(qty)
 ///     }))
 ///     .build();
@@ -48,6 +67,7 @@ pub struct Worker {
     default_timeout: Duration,
     metrics: Metrics,
     max_message_bytes: usize,
+    inbox: Option<Inbox>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -58,6 +78,7 @@ impl std::fmt::Debug for Worker {
             .field("service", &self.service)
             .field("commands", &commands)
             .field("concurrency", &self.concurrency)
+            .field("inbox", &self.inbox)
             .finish_non_exhaustive()
     }
 }
@@ -77,7 +98,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many commands run at once.
+    /// How many commands run at once (default [`Worker::DEFAULT_CONCURRENCY`]); with an
+    /// inbox, each holds a connection of its pool while it runs.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.inner.concurrency = concurrency.max(1);
         self
@@ -114,16 +136,31 @@ impl Worker {
     /// Default handler timeout when the command carries none.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-    /// Starts building the worker of `service` (the routing key of its queue).
-    pub fn builder(service: impl Into<String>) -> WorkerBuilder {
+    /// Starts building the worker of `service` (the routing key of its queue), whose commands
+    /// run in transactions of `inbox`: exactly-once effects, and every step can be fenced.
+    pub fn builder(service: impl Into<String>, inbox: Inbox) -> WorkerBuilder {
+        Self::with(service.into(), Some(inbox))
+    }
+
+    /// Starts building the worker of `service` without an inbox, for a participant with no
+    /// database of its own: its handlers' effects are at least once (make them idempotent,
+    /// with [`CommandContext::idempotency_key`]), and it cannot fence, so a step whose outcome
+    /// the orchestrator does not know counts as applied and is compensated (a pivot parks its
+    /// saga as `stuck` for an operator).
+    pub fn at_least_once(service: impl Into<String>) -> WorkerBuilder {
+        Self::with(service.into(), None)
+    }
+
+    fn with(service: String, inbox: Option<Inbox>) -> WorkerBuilder {
         WorkerBuilder {
             inner: Worker {
-                service: service.into(),
+                service,
                 handlers: HashMap::new(),
                 concurrency: Self::DEFAULT_CONCURRENCY,
                 default_timeout: Self::DEFAULT_TIMEOUT,
                 metrics: Metrics::new(),
                 max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
+                inbox,
             },
         }
     }
@@ -172,163 +209,5 @@ impl Worker {
         tracker.wait().await;
         info!(service = %this.service, "worker stopped");
         Ok(())
-    }
-
-    async fn process(&self, transport: &dyn Transport, delivery: Delivery) {
-        if let Some(why) = crate::message::oversize(&delivery.message.body, self.max_message_bytes)
-        {
-            warn!(service = %self.service, reason = %why, "dead-lettering an oversized command");
-            self.metrics.dead_lettered(&self.service);
-            let _ = delivery.dead_letter(&why).await;
-            return;
-        }
-        let command = match Command::from_message(&delivery.message) {
-            Ok(command) => command,
-            Err(malformed) => {
-                warn!(service = %self.service, reason = %malformed, "dead-lettering a malformed command");
-                self.metrics.dead_lettered(&self.service);
-                let _ = delivery.dead_letter(&malformed.0).await;
-                return;
-            }
-        };
-        if command.service != self.service {
-            let reason = format!(
-                "command for service `{}` reached service `{}`",
-                command.service, self.service
-            );
-            warn!(%reason, "dead-lettering a misrouted command");
-            self.metrics.dead_lettered(&self.service);
-            let _ = delivery.dead_letter(&reason).await;
-            return;
-        }
-        let traceparent = delivery
-            .message
-            .headers
-            .get(crate::message::headers::TRACEPARENT);
-        let trace_id = traceparent
-            .and_then(|t| t.split('-').nth(1))
-            .map(str::to_owned);
-        let span = info_span!(
-            "step",
-            saga.id = %command.saga_id,
-            saga.name = %command.saga,
-            step = %command.step_name,
-            direction = %command.direction,
-            attempt = command.attempt,
-            trace_id = trace_id.as_deref().unwrap_or(""),
-        );
-        #[cfg(feature = "otel")]
-        crate::otel::adopt(&span, traceparent.map(String::as_str));
-        async {
-            let began = std::time::Instant::now();
-            let outcome = self.run_handler(&command, trace_id.clone()).await;
-            let label = match &outcome {
-                Outcome::Success { .. } => "success",
-                Outcome::Failure {
-                    retryable: true, ..
-                } => "retryable",
-                Outcome::Failure {
-                    retryable: false, ..
-                } => "terminal",
-            };
-            self.metrics
-                .attempt(&self.service, &command.command, label, began.elapsed());
-            match &outcome {
-                Outcome::Failure {
-                    error,
-                    retryable: true,
-                } => warn!(%error, "step attempt failed; it may be retried"),
-                Outcome::Failure {
-                    error,
-                    retryable: false,
-                } => info!(%error, "step failed terminally"),
-                Outcome::Success { .. } => {}
-            }
-            let mut reply = Reply::to(&command, outcome);
-            let mut envelope = reply.to_envelope();
-            if let Some(why) =
-                crate::message::oversize(&envelope.message.body, self.max_message_bytes)
-            {
-                warn!(reason = %why, "the output is too large; failing the step");
-                reply.outcome = Outcome::Failure {
-                    error: format!(
-                        "the output of command `{}` is too large: {why}",
-                        command.command
-                    ),
-                    retryable: false,
-                };
-                envelope = reply.to_envelope();
-            }
-            match transport.publish(vec![envelope]).await {
-                Ok(()) => {
-                    if let Err(e) = delivery.ack().await {
-                        warn!(error = %e, "ack failed; the command will be redelivered");
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "publishing the result failed; handing the command back");
-                    let _ = delivery.requeue().await;
-                }
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn run_handler(&self, command: &Command, trace_id: Option<String>) -> Outcome {
-        let Some(handler) = self.handlers.get(&command.command) else {
-            return Outcome::Failure {
-                error: format!(
-                    "service `{}` has no handler for command `{}`",
-                    self.service, command.command
-                ),
-                retryable: false,
-            };
-        };
-        let timeout = command
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.default_timeout);
-        let task = tokio::spawn(
-            Arc::clone(handler)
-                .call(
-                    command.payload.clone(),
-                    CommandContext {
-                        trace_id,
-                        ..CommandContext::of(command)
-                    },
-                )
-                .in_current_span(),
-        );
-        let abort = task.abort_handle();
-        match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(Ok(output))) => Outcome::Success { output },
-            Ok(Ok(Err(error))) => Outcome::Failure {
-                error: error.message().to_owned(),
-                retryable: error.is_retryable(),
-            },
-            Ok(Err(join)) => Outcome::Failure {
-                error: format!("handler panicked: {}", panic_message(join)),
-                retryable: true,
-            },
-            Err(_) => {
-                abort.abort();
-                Outcome::Failure {
-                    error: format!("handler did not finish within {timeout:?}"),
-                    retryable: true,
-                }
-            }
-        }
-    }
-}
-
-fn panic_message(join: tokio::task::JoinError) -> String {
-    match join.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_owned()),
-        Err(join) => join.to_string(),
     }
 }

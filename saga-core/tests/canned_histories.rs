@@ -1,170 +1,19 @@
 //! Canned histories: each test drives the pure core through a known sequence of inputs and
 //! checks the exact events it records. No I/O.
 
+mod support;
+
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
 use saga_core::{
-    Decision, Direction, Effect, Env, Event, Input, Outcome, ReplayError, Reply, RetryPolicy,
-    SagaDefinition, SagaState, SagaStatus, Timer, Verdict, decide, replay,
+    Decision, Direction, Effect, Event, Input, Outcome, ReplayError, Reply, SagaDefinition,
+    SagaStatus, Timer, Verdict, replay,
 };
 use serde_json::{Value, json};
+use support::{Run, dispatch, order, order_with, t0};
 use uuid::Uuid;
 
-fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
-}
-
-/// reserve (release) -> charge (refund) -> ship (pivot); 3 attempts, 100 ms backoff, no jitter.
-fn order() -> SagaDefinition<Value> {
-    order_with(None)
-}
-
-/// [`order`], with a deadline if one is given.
-fn order_with(deadline: Option<Duration>) -> SagaDefinition<Value> {
-    let mut builder = SagaDefinition::<Value>::builder("order", 1);
-    if let Some(deadline) = deadline {
-        builder = builder.deadline(deadline);
-    }
-    let retry = RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        multiplier: 2.0,
-        jitter: 0.0,
-    };
-    builder
-        .step("reserve", |s| {
-            s.action("inventory", "reserve", |ctx| Ok(ctx.input()["sku"].clone()))
-                .compensation("inventory", "release", |ctx| {
-                    Ok(json!({ "reservation": ctx.output::<Value>("reserve")? }))
-                })
-                .retry(retry.clone())
-        })
-        .step("charge", |s| {
-            s.action("payment", "charge", |ctx| Ok(ctx.input()["amount"].clone()))
-                .compensation("payment", "refund", |ctx| {
-                    Ok(json!({ "charge": ctx.try_output::<Value>("charge")? }))
-                })
-                .retry(retry.clone())
-                .timeout(Duration::from_secs(5))
-        })
-        .step("ship", |s| {
-            s.pivot()
-                .action("shipping", "ship", |_| Ok(json!({})))
-                .retry(retry.clone())
-        })
-        .build()
-        .unwrap()
-}
-
-/// A saga driven input by input, keeping its whole log.
-struct Run {
-    def: SagaDefinition<Value>,
-    saga_id: Uuid,
-    events: Vec<Event>,
-    state: SagaState,
-    now: DateTime<Utc>,
-    ids: u128,
-}
-
-impl Run {
-    fn start(def: SagaDefinition<Value>) -> (Self, Decision) {
-        let started = Event::Started {
-            saga: "order".into(),
-            version: 1,
-            input: json!({"sku": "A-1", "amount": 30}),
-            business_key: None,
-        };
-        let state = replay(def.definition(), [&started]).unwrap();
-        let mut run = Run {
-            def,
-            saga_id: Uuid::from_u128(7),
-            events: vec![started],
-            state,
-            now: t0(),
-            ids: 100,
-        };
-        let d = run.input(Input::Start);
-        (run, d)
-    }
-
-    fn input(&mut self, input: Input) -> Decision {
-        let mut ids = self.ids;
-        let mut new_id = || {
-            ids += 1;
-            Uuid::from_u128(ids)
-        };
-        let mut env = Env {
-            saga_id: self.saga_id,
-            now: self.now,
-            new_id: &mut new_id,
-        };
-        let d = decide(self.def.definition(), &self.state, &input, &mut env).unwrap();
-        self.ids = ids;
-        self.events.extend(d.events.iter().cloned());
-        self.state = d.state.clone();
-        // The log alone rebuilds the same state.
-        assert_eq!(
-            replay(self.def.definition(), &self.events).unwrap(),
-            self.state
-        );
-        d
-    }
-
-    fn reply(&mut self, outcome: Outcome) -> Decision {
-        let current = self.state.current.expect("a command is outstanding");
-        let reply = Reply {
-            saga_id: self.saga_id,
-            step: current.step,
-            direction: current.direction,
-            attempt: current.attempt,
-            command_id: current.command_id.expect("dispatched"),
-            outcome,
-        };
-        self.input(Input::Reply(reply))
-    }
-
-    fn ok(&mut self, output: Value) -> Decision {
-        self.reply(Outcome::Success { output })
-    }
-
-    fn fail(&mut self, retryable: bool) -> Decision {
-        self.reply(Outcome::Failure {
-            error: "boom".into(),
-            retryable,
-        })
-    }
-
-    fn kinds(&self) -> Vec<&'static str> {
-        self.events.iter().map(Event::kind).collect()
-    }
-
-    /// (step, direction) of every dispatched command, in order.
-    fn dispatched(&self) -> Vec<(u32, Direction)> {
-        self.events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Dispatched {
-                    step, direction, ..
-                } => Some((*step, *direction)),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
 use Direction::{Compensation as C, Forward as F};
-
-fn dispatch(d: &Decision) -> &saga_core::Command {
-    d.effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Dispatch(command) => Some(command),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no dispatch in {:?}", d.effects))
-}
 
 /// started, dispatched(reserve), succeeded, dispatched(charge), succeeded, dispatched(ship),
 /// succeeded, completed.
@@ -260,14 +109,21 @@ fn retryable_failure_backs_off_then_succeeds() {
     );
     assert_eq!(
         d.effects,
-        [Effect::SetTimer {
-            timer: Timer::Retry {
+        [
+            Effect::CancelTimer(Timer::Timeout {
                 step: 0,
                 direction: F,
-                attempt: 2
-            },
-            due_at: due
-        }]
+                attempt: 1
+            }),
+            Effect::SetTimer {
+                timer: Timer::Retry {
+                    step: 0,
+                    direction: F,
+                    attempt: 2
+                },
+                due_at: due
+            }
+        ]
     );
     run.now = due;
     let d = run.input(Input::Timer(Timer::Retry {
@@ -291,76 +147,6 @@ fn retryable_failure_backs_off_then_succeeds() {
     assert!(matches!(again.verdict, Verdict::Ignored(_)) && again.events.is_empty());
     run.ok(json!("R-1"));
     assert_eq!(run.state.current.unwrap().step, 1);
-}
-
-/// Three retryable failures of reserve exhaust its policy: compensation_started, compensated
-/// (nothing completed before it).
-#[test]
-fn exhausted_retries_compensate() {
-    let (mut run, _) = Run::start(order());
-    run.ok(json!("R-1"));
-    for attempt in 1..=3 {
-        let d = run.fail(true);
-        if attempt < 3 {
-            let Event::RetryScheduled { delay_ms, .. } = d.events.last().unwrap() else {
-                panic!()
-            };
-            assert_eq!(*delay_ms, 100 << (attempt - 1));
-            run.input(Input::Timer(Timer::Retry {
-                step: 1,
-                direction: F,
-                attempt: attempt + 1,
-            }));
-        }
-    }
-    assert_eq!(run.dispatched(), [(0, F), (1, F), (1, F), (1, F), (0, C)]);
-    assert!(
-        run.state
-            .failure
-            .as_ref()
-            .unwrap()
-            .1
-            .contains("after 3 attempts")
-    );
-}
-
-/// dispatched(charge) then its timeout fires three times: timed_out counts as a failed attempt
-/// that may have been applied, so charge is refunded too.
-#[test]
-fn timed_out_step_is_compensated_too() {
-    let (mut run, _) = Run::start(order());
-    run.ok(json!("R-1"));
-    for attempt in 1..=3 {
-        let d = run.input(Input::Timer(Timer::Timeout {
-            step: 1,
-            direction: F,
-            attempt,
-        }));
-        assert_eq!(
-            d.events[0],
-            Event::TimedOut {
-                step: 1,
-                direction: F,
-                attempt
-            }
-        );
-        if attempt < 3 {
-            run.input(Input::Timer(Timer::Retry {
-                step: 1,
-                direction: F,
-                attempt: attempt + 1,
-            }));
-        }
-    }
-    // charge may have been applied by its last attempt: refund it, then release.
-    assert_eq!(run.dispatched(), [(0, F), (1, F), (1, F), (1, F), (1, C)]);
-    assert_eq!(run.state.current.unwrap().direction, C);
-    let started_again = run.input(Input::Start);
-    assert!(matches!(started_again.verdict, Verdict::Ignored(_)));
-    run.ok(json!(null));
-    run.ok(json!(null));
-    assert_eq!(run.dispatched().last(), Some(&(0, C)));
-    assert_eq!(run.state.status, SagaStatus::Compensated);
 }
 
 /// A late result for a timed-out attempt and a duplicate result are ignored; a result with a
@@ -485,6 +271,7 @@ fn replay_errors_carry_codes() {
         version: 2,
         input: json!({}),
         business_key: None,
+        steps: Vec::new(),
     };
     assert_eq!(
         replay(def.definition(), [&started]).unwrap_err().code,
@@ -495,6 +282,7 @@ fn replay_errors_carry_codes() {
         version: 1,
         input: json!({}),
         business_key: None,
+        steps: Vec::new(),
     };
     let bad = Event::Succeeded {
         step: 9,
@@ -513,6 +301,35 @@ fn replay_errors_carry_codes() {
         replay(def.definition(), &after).unwrap_err().code,
         ReplayError::AFTER_END
     );
+}
+
+/// A log started under other step names (a definition edited without a new version) fails
+/// replay loudly, naming both lists; a log without names (written before they were
+/// recorded) replays.
+#[test]
+fn a_renamed_step_fails_replay_loudly() {
+    let def = order();
+    let started = |steps: &[&str]| Event::Started {
+        saga: "order".into(),
+        version: 1,
+        input: json!({}),
+        business_key: None,
+        steps: steps.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let err = replay(def.definition(), [&started(&["reserve", "pay", "ship"])]).unwrap_err();
+    assert_eq!(err.code, ReplayError::RENAMED);
+    assert!(
+        err.to_string().contains(r#"["reserve", "pay", "ship"]"#),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(r#"["reserve", "charge", "ship"]"#),
+        "{err}"
+    );
+    let moved = replay(def.definition(), [&started(&["charge", "reserve", "ship"])]);
+    assert_eq!(moved.unwrap_err().code, ReplayError::RENAMED);
+    assert!(replay(def.definition(), [&started(&["reserve", "charge", "ship"])]).is_ok());
+    assert!(replay(def.definition(), [&started(&[])]).is_ok());
 }
 
 /// An input builder that fails is a terminal failure of its step.
@@ -538,5 +355,72 @@ fn input_builder_error_fails_the_step() {
             .unwrap()
             .1
             .contains("cannot build the input of step `charge`")
+    );
+}
+
+/// A panic in the definition's code parks that saga as stuck with the panic's message, at the
+/// step whose input was being built; the input is used up and decide returns normally.
+#[test]
+fn a_panic_in_the_definition_parks_the_saga() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(1))
+                .compensation("inventory", "release", |_| Ok(1))
+        })
+        .step("charge", |s| {
+            s.action("payment", "charge", |ctx| {
+                let amount: Option<u64> = ctx.input()["coupon"].as_u64();
+                Ok(amount.expect("an amount"))
+            })
+        })
+        .build()
+        .unwrap();
+    let (mut run, _) = Run::start(def);
+    let d = run.ok(json!(1));
+    assert!(matches!(d.verdict, Verdict::Applied));
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    let reason = run.state.stuck_reason.clone().unwrap();
+    assert!(
+        reason.contains("panicked at step `reserve` (forward): an amount"),
+        "{reason}"
+    );
+}
+
+/// A deadline so far away that it overflows the date panics inside decide: the saga parks at
+/// its start instead of taking the process down.
+#[test]
+fn a_duration_that_overflows_the_date_parks_the_saga() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .deadline(Duration::MAX)
+        .step("reserve", |s| s.action("inventory", "reserve", |_| Ok(1)))
+        .build()
+        .unwrap();
+    let (run, first) = Run::start(def);
+    assert!(first.effects.is_empty());
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at, Some((0, F)));
+}
+
+/// A wait step's `accept` that panics parks the saga, and the signal is kept: an operator's
+/// retry (once the code is fixed) finds it.
+#[test]
+fn a_panicking_accept_keeps_its_signal() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .step("approval", |s| {
+            s.wait_for::<Value, _>("approval", |_| panic!("accept bug"))
+        })
+        .build()
+        .unwrap();
+    let (mut run, _) = Run::start(def);
+    run.input(Input::Timer(Timer::Signal {
+        id: Uuid::from_u128(3),
+        name: "approval".into(),
+        payload: json!(true),
+    }));
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(run.state.pending_signal("approval"), Some(&json!(true)));
+    assert_eq!(
+        run.kinds()[run.kinds().len() - 2..],
+        ["signal_received", "stuck"]
     );
 }

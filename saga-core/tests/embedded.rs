@@ -28,7 +28,7 @@ async fn sagas_complete_and_compensate_in_memory() {
     let transport = Arc::new(InProcessTransport::new());
     let shutdown = CancellationToken::new();
     let (undone_tx, mut undone_rx) = tokio::sync::mpsc::unbounded_channel();
-    let worker = Worker::builder("svc")
+    let worker = Worker::at_least_once("svc")
         .handler(
             "a",
             handler_fn(|n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) }),

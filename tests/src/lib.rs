@@ -68,6 +68,13 @@ impl TestDb {
             .expect("valid schema name")
     }
 
+    /// An inbox in the test's schema, migrated, for workers.
+    pub async fn inbox(&self) -> saga_core::Inbox {
+        let inbox = saga_core::Inbox::new(self.pool.clone(), &self.schema).expect("valid schema");
+        inbox.migrate().await.expect("inbox migrates");
+        inbox
+    }
+
     /// Drops the test's schema; call it at the end of a passing test (a failing one keeps its
     /// schema for a look).
     pub async fn drop_schema(self) {

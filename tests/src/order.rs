@@ -1,5 +1,5 @@
-//! A three-step order saga for the tests, with participants that record effects through the
-//! inbox and fail on demand.
+//! A three-step order saga for the tests, with participants that record effects in their
+//! inbox's transactions and fail on demand.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -32,6 +32,7 @@ pub fn retry() -> RetryPolicy {
         max_backoff: Duration::from_millis(200),
         multiplier: 2.0,
         jitter: 0.5,
+        max_elapsed: None,
     }
 }
 
@@ -73,11 +74,10 @@ pub fn definition_timed(timed: Option<Duration>) -> SagaDefinition<Order> {
         .expect("valid definition")
 }
 
-/// Applies one effect: appends `(saga, service, action)` to the `effects` table through the
-/// inbox, so a redelivered command changes nothing.
+/// Applies one effect: appends `(saga, service, action)` to the `effects` table in the
+/// command's transaction, so a redelivered command changes nothing.
 #[derive(Clone)]
 pub struct Effect {
-    inbox: Inbox,
     insert: String,
     action: &'static str,
     service: &'static str,
@@ -97,21 +97,14 @@ impl Effect {
         if self.action == "ship" && order.fail_ship {
             return Err(StepError::terminal("address undeliverable"));
         }
-        let insert = self.insert.clone();
-        let (saga_id, service, action) = (ctx.saga_id, self.service, self.action);
-        self.inbox
-            .run(ctx, move |tx| {
-                Box::pin(async move {
-                    sqlx::query(AssertSqlSafe(insert))
-                        .bind(saga_id)
-                        .bind(service)
-                        .bind(action)
-                        .execute(&mut *tx)
-                        .await?;
-                    Ok(format!("{action}:{saga_id}"))
-                })
-            })
-            .await
+        let mut tx = ctx.transaction().await?;
+        sqlx::query(AssertSqlSafe(self.insert.clone()))
+            .bind(ctx.saga_id)
+            .bind(self.service)
+            .bind(self.action)
+            .execute(&mut *tx)
+            .await?;
+        Ok(format!("{}:{}", self.action, ctx.saga_id))
     }
 }
 
@@ -124,7 +117,8 @@ impl Handler for Effect {
     }
 }
 
-/// The three participants' workers, sharing one inbox and one `effects` table in `schema`.
+/// The three participants' workers, sharing one inbox and one `effects` table in `schema`
+/// (the inbox's pool is `pool`: size it for the workers' concurrency).
 pub struct Participants {
     /// inventory, payment and shipping.
     pub workers: Vec<Worker>,
@@ -144,7 +138,6 @@ pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
     let inbox = Inbox::new(pool.clone(), schema).expect("inbox");
     inbox.migrate().await.expect("inbox migrates");
     let effect = |service: &'static str, action: &'static str| Effect {
-        inbox: inbox.clone(),
         insert: format!(
             "INSERT INTO \"{schema}\".effects (saga_id, service, action) VALUES ($1, $2, $3)"
         ),
@@ -164,15 +157,17 @@ pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
         .map(|e| (e.action, Arc::clone(&e.runs)))
         .collect();
     let workers = vec![
-        Worker::builder("inventory")
+        Worker::builder("inventory", inbox.clone())
             .handler("reserve", reserve)
             .handler("release", release)
             .build(),
-        Worker::builder("payment")
+        Worker::builder("payment", inbox.clone())
             .handler("charge", charge)
             .handler("refund", refund)
             .build(),
-        Worker::builder("shipping").handler("ship", ship).build(),
+        Worker::builder("shipping", inbox.clone())
+            .handler("ship", ship)
+            .build(),
     ];
     Participants { workers, runs }
 }

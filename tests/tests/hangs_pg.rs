@@ -30,6 +30,7 @@ fn definition() -> SagaDefinition<u32> {
             s.action("svc", "reserve", |c| Ok(*c.input()))
                 .compensation("svc", "release", |c| Ok(*c.input()))
                 .retry(quick())
+                .compensation_retry(quick())
                 .timeout(Duration::from_millis(300))
         })
         .step("charge", |s| {
@@ -94,7 +95,7 @@ async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
     let hang = Arc::new(AtomicBool::new(true));
     let hanging = Arc::clone(&hang);
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
-    let worker = Worker::builder("svc")
+    let worker = Worker::builder("svc", db.inbox().await)
         .handler("reserve", handler_fn(ok))
         .handler(
             "charge",
@@ -144,7 +145,7 @@ async fn a_command_no_handler_knows_fails_its_step_for_good() {
     let db = database().await;
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
     // This build of the service knows `reserve` and `release`, not `charge`.
-    let worker = Worker::builder("svc")
+    let worker = Worker::builder("svc", db.inbox().await)
         .handler("reserve", handler_fn(ok))
         .handler("release", handler_fn(ok))
         .build();

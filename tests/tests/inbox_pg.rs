@@ -1,188 +1,430 @@
-//! The inbox helper against the real PostgreSQL.
+//! The worker's inbox against the real PostgreSQL: each command runs in a transaction that
+//! records its outcome under its idempotency key, fences answer from the record, and a
+//! command the worker will not run is answered before it is dead-lettered.
+//!
+//! Commands go straight into the service's queue of an in-process transport; the answers are
+//! read from the results queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use saga_core::worker::{CommandContext, StepError};
-use saga_core::{Direction, Inbox};
-use saga_tests::database;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use saga_core::message::headers;
+use saga_core::transport::Delivery;
+use saga_core::worker::{CommandContext, StepError, handler_fn};
+use saga_core::{
+    Command, Destination, Direction, InProcessTransport, Outcome, Reply, Transport, Worker,
+};
+use saga_tests::{TestDb, database};
+use serde_json::{Value, json};
 use sqlx::AssertSqlSafe;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-fn ctx(key: &str) -> CommandContext {
-    CommandContext {
-        saga_id: Uuid::new_v4(),
-        saga: "order".into(),
-        step: "charge".into(),
-        step_index: 1,
-        direction: Direction::Forward,
-        attempt: 1,
-        command_id: Uuid::new_v4(),
-        command: "charge".into(),
-        idempotency_key: key.into(),
-        trace_id: None,
+/// A payment worker whose `charge` writes a ledger row in its transaction, then does what
+/// its input says: `ok`, `retry`, `decline`, `panic`, `hang`, `huge` (an output over the size
+/// limit) or `wait` (until `release` is notified).
+struct Payment {
+    db: TestDb,
+    transport: Arc<InProcessTransport>,
+    results: BoxStream<'static, Delivery>,
+    runs: Arc<AtomicU32>,
+    release: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<saga_core::Result<()>>,
+}
+
+impl Payment {
+    async fn start(with_inbox: bool) -> Self {
+        let db = database().await;
+        let table = format!("\"{}\".ledger", db.schema);
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE {table} (saga_id uuid NOT NULL)"
+        )))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (r, n) = (Arc::clone(&runs), Arc::clone(&release));
+        let charge = handler_fn(move |input: Value, ctx: CommandContext| {
+            let (runs, release, table) = (Arc::clone(&r), Arc::clone(&n), table.clone());
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let mut tx = ctx.transaction().await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {table} (saga_id) VALUES ($1)"
+                )))
+                .bind(ctx.saga_id)
+                .execute(&mut *tx)
+                .await?;
+                drop(tx);
+                match input["then"].as_str().unwrap_or("ok") {
+                    "retry" => Err(StepError::retryable("gateway down")),
+                    "decline" => Err(StepError::terminal("card declined")),
+                    "panic" => panic!("charge bug"),
+                    "hang" => std::future::pending().await,
+                    "huge" => Ok(json!("x".repeat(2 << 20))),
+                    "wait" => {
+                        release.notified().await;
+                        Ok(json!("ch-1"))
+                    }
+                    _ => Ok(json!("ch-1")),
+                }
+            }
+        });
+        let builder = if with_inbox {
+            Worker::builder("payment", db.inbox().await)
+        } else {
+            Worker::at_least_once("payment")
+        };
+        let worker = builder.handler("charge", charge).concurrency(8).build();
+        let transport = Arc::new(InProcessTransport::new());
+        transport
+            .declare(&[Destination::Service("payment".into())])
+            .await
+            .unwrap();
+        let results = transport.consume(&Destination::Results).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.run(transport.clone(), shutdown.clone()));
+        Payment {
+            db,
+            transport,
+            results,
+            runs,
+            release,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn send(&self, command: &Command) {
+        self.transport
+            .publish(vec![command.to_envelope()])
+            .await
+            .unwrap();
+    }
+
+    async fn answer(&mut self) -> Reply {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), self.results.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("the results stream is open");
+        let reply = Reply::from_message(&delivery.message).unwrap();
+        delivery.ack().await.unwrap();
+        reply
+    }
+
+    async fn ledger(&self, saga_id: Uuid) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{}\".ledger WHERE saga_id = $1",
+            self.db.schema
+        )))
+        .bind(saga_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+        self.db.drop_schema().await;
     }
 }
 
-async fn setup() -> (saga_tests::TestDb, Inbox, String) {
-    let db = database().await;
-    let inbox = Inbox::new(db.pool.clone(), &db.schema).unwrap();
-    inbox.migrate().await.unwrap();
-    let table = format!("\"{}\".ledger", db.schema);
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {table} (amount int NOT NULL)"
-    )))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    (db, inbox, table)
-}
-
-async fn charge(
-    inbox: &Inbox,
-    ctx: &CommandContext,
-    table: &str,
-    runs: &Arc<AtomicU32>,
-    result: Result<i32, StepError>,
-) -> Result<i32, StepError> {
-    let insert = format!("INSERT INTO {table} (amount) VALUES (10)");
-    let runs = Arc::clone(runs);
-    inbox
-        .run(ctx, |tx| {
-            Box::pin(async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                sqlx::query(AssertSqlSafe(insert)).execute(&mut *tx).await?;
-                result
-            })
-        })
-        .await
-}
-
-async fn ledger(db: &saga_tests::TestDb, table: &str) -> i64 {
-    sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn a_redelivery_returns_the_recorded_result_without_reapplying() {
-    let (db, inbox, table) = setup().await;
-    let runs = Arc::new(AtomicU32::new(0));
-    let first = ctx("saga-1:1:forward");
-    assert_eq!(charge(&inbox, &first, &table, &runs, Ok(7)).await, Ok(7));
-    // A retry of the same step has a new command id and attempt, but the same key.
-    let retry = CommandContext {
-        attempt: 2,
+/// Attempt `attempt` of the charge step of saga `saga_id`, doing `then`.
+fn charge(saga_id: Uuid, attempt: u32, then: &str) -> Command {
+    Command {
         command_id: Uuid::new_v4(),
-        ..first.clone()
-    };
-    assert_eq!(charge(&inbox, &retry, &table, &runs, Ok(8)).await, Ok(7));
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(ledger(&db, &table).await, 1);
-    db.drop_schema().await;
+        saga_id,
+        saga: "order".into(),
+        step: 1,
+        step_name: "charge".into(),
+        direction: Direction::Forward,
+        attempt,
+        service: "payment".into(),
+        command: "charge".into(),
+        idempotency_key: Command::idempotency_key_for(saga_id, 1, Direction::Forward),
+        timeout_ms: Some(2_000),
+        payload: json!({ "then": then }),
+    }
+}
+
+fn fence(saga_id: Uuid) -> Command {
+    Command {
+        direction: Direction::Fence,
+        payload: Value::Null,
+        ..charge(saga_id, 1, "")
+    }
+}
+
+fn ok(output: &str) -> Outcome {
+    Outcome::Success {
+        output: json!(output),
+    }
 }
 
 #[tokio::test]
-async fn retryable_failures_roll_back_and_terminal_ones_are_recorded() {
-    let (db, inbox, table) = setup().await;
-    let runs = Arc::new(AtomicU32::new(0));
-    let c = ctx("k-retry");
-    let flaky = charge(
-        &inbox,
-        &c,
-        &table,
-        &runs,
-        Err(StepError::retryable("gateway down")),
-    )
-    .await;
-    assert!(flaky.unwrap_err().is_retryable());
-    assert_eq!(
-        ledger(&db, &table).await,
-        0,
-        "the failed attempt's write rolled back"
-    );
-    assert_eq!(
-        charge(&inbox, &c, &table, &runs, Ok(1)).await,
-        Ok(1),
-        "the next attempt runs afresh"
-    );
+async fn a_redelivery_or_retry_gets_the_recorded_result_without_running_again() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    p.send(&charge(saga, 1, "ok")).await;
+    assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    // A retry of the same step: a new command id and attempt, the same key.
+    p.send(&charge(saga, 2, "decline")).await;
+    let again = p.answer().await;
+    assert_eq!((again.attempt, again.outcome), (2, ok("ch-1")));
+    assert_eq!(p.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(p.ledger(saga).await, 1);
+    p.stop().await;
+}
 
-    let d = ctx("k-terminal");
-    let declined = charge(
-        &inbox,
-        &d,
-        &table,
-        &runs,
-        Err(StepError::terminal("card declined")),
-    )
-    .await;
-    assert_eq!(declined, Err(StepError::terminal("card declined")));
-    let again = charge(&inbox, &d, &table, &runs, Ok(2)).await;
+#[tokio::test]
+async fn failures_roll_the_writes_back_and_terminal_ones_are_recorded() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    for then in ["retry", "panic"] {
+        p.send(&charge(saga, 1, then)).await;
+        let answer = p.answer().await;
+        assert!(
+            matches!(
+                answer.outcome,
+                Outcome::Failure {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{then}: {:?}",
+            answer.outcome
+        );
+        assert_eq!(p.ledger(saga).await, 0, "{then}: the write rolled back");
+    }
+    p.send(&charge(saga, 2, "decline")).await;
+    let declined = p.answer().await.outcome;
     assert_eq!(
-        again,
-        Err(StepError::terminal("card declined")),
-        "a redelivery fails the same way"
+        declined,
+        Outcome::Failure {
+            error: "card declined".into(),
+            retryable: false
+        }
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 3);
-    assert_eq!(ledger(&db, &table).await, 1);
-    db.drop_schema().await;
+    assert_eq!(
+        p.ledger(saga).await,
+        0,
+        "a terminal failure's write rolled back"
+    );
+    p.send(&charge(saga, 3, "ok")).await;
+    assert_eq!(
+        p.answer().await.outcome,
+        declined,
+        "recorded: a redelivery fails the same way"
+    );
+    assert_eq!(p.runs.load(Ordering::SeqCst), 3);
+    p.stop().await;
+}
+
+/// A handler that hangs past the command's timeout is aborted and its transaction rolled
+/// back: its write never lands, and the next attempt runs afresh.
+#[tokio::test]
+async fn a_hung_handler_is_aborted_and_its_writes_rolled_back() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    let hang = Command {
+        timeout_ms: Some(300),
+        ..charge(saga, 1, "hang")
+    };
+    p.send(&hang).await;
+    let answer = p.answer().await.outcome;
+    assert!(
+        matches!(&answer, Outcome::Failure { retryable: true, error } if error.contains("did not finish")),
+        "{answer:?}"
+    );
+    assert_eq!(p.ledger(saga).await, 0);
+    p.send(&charge(saga, 2, "ok")).await;
+    assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    assert_eq!(p.ledger(saga).await, 1);
+    p.stop().await;
 }
 
 #[tokio::test]
 async fn concurrent_deliveries_apply_once() {
-    let (db, inbox, table) = setup().await;
-    let runs = Arc::new(AtomicU32::new(0));
-    let c = ctx("k-concurrent");
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    for attempt in 1..=8 {
+        p.send(&charge(saga, attempt, "ok")).await;
+    }
     for _ in 0..8 {
-        let (inbox, c, table, runs) = (inbox.clone(), c.clone(), table.clone(), Arc::clone(&runs));
-        tasks.spawn(async move { charge(&inbox, &c, &table, &runs, Ok(5)).await });
+        assert_eq!(p.answer().await.outcome, ok("ch-1"));
     }
-    while let Some(result) = tasks.join_next().await {
-        assert_eq!(result.unwrap(), Ok(5));
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    assert_eq!(ledger(&db, &table).await, 1);
-    db.drop_schema().await;
+    assert_eq!(p.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(p.ledger(saga).await, 1);
+    p.stop().await;
 }
 
+/// A fence before any delivery writes a tombstone: it answers `fenced`, and every later
+/// delivery of any attempt answers `fenced` without running the handler.
 #[tokio::test]
-async fn a_forward_delivery_after_its_compensation_does_nothing() {
-    let (db, inbox, table) = setup().await;
-    let runs = Arc::new(AtomicU32::new(0));
-    let saga_id = Uuid::new_v4();
-    let key = |d: Direction| saga_core::Command::idempotency_key_for(saga_id, 1, d);
-    let forward = CommandContext {
-        saga_id,
-        idempotency_key: key(Direction::Forward),
-        ..ctx("")
-    };
-    let compensation = CommandContext {
-        direction: Direction::Compensation,
-        command: "refund".into(),
-        idempotency_key: key(Direction::Compensation),
-        ..forward.clone()
-    };
-    // The compensation runs first (the forward command sat in a backlog past its timeout).
-    assert_eq!(
-        charge(&inbox, &compensation, &table, &runs, Ok(0)).await,
-        Ok(0)
-    );
-    let late = charge(&inbox, &forward, &table, &runs, Ok(10)).await;
+async fn a_fence_stops_every_later_delivery() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    p.send(&fence(saga)).await;
+    let answer = p.answer().await;
+    assert_eq!(answer.direction, Direction::Fence);
     assert!(
-        matches!(&late, Err(e) if !e.is_retryable() && e.message().contains("compensated")),
-        "{late:?}"
+        matches!(answer.outcome, Outcome::Fenced { .. }),
+        "{answer:?}"
+    );
+    for attempt in 1..=2 {
+        p.send(&charge(saga, attempt, "ok")).await;
+        assert!(matches!(p.answer().await.outcome, Outcome::Fenced { .. }));
+    }
+    assert_eq!(p.runs.load(Ordering::SeqCst), 0);
+    assert_eq!(p.ledger(saga).await, 0);
+    p.stop().await;
+}
+
+/// A fence after the step applied answers with its recorded output; after a recorded
+/// terminal failure, `fenced`.
+#[tokio::test]
+async fn a_fence_answers_what_the_inbox_recorded() {
+    let mut p = Payment::start(true).await;
+    let (applied, declined) = (Uuid::new_v4(), Uuid::new_v4());
+    p.send(&charge(applied, 1, "ok")).await;
+    p.send(&charge(declined, 1, "decline")).await;
+    p.answer().await;
+    p.answer().await;
+    p.send(&fence(applied)).await;
+    assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    p.send(&fence(declined)).await;
+    let answer = p.answer().await.outcome;
+    assert!(
+        matches!(&answer, Outcome::Fenced { detail } if detail.contains("card declined")),
+        "{answer:?}"
+    );
+    p.stop().await;
+}
+
+/// A fence that arrives while a delivery of its step runs waits for that delivery's
+/// transaction, then answers with its outcome: never both applied and fenced.
+#[tokio::test]
+async fn a_fence_waits_for_a_running_delivery() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    p.send(&charge(saga, 1, "wait")).await;
+    saga_tests::wait_until(Duration::from_secs(5), || async {
+        p.runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    p.send(&fence(saga)).await;
+    // The fence is blocked on the running delivery's key until it commits.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), p.results.next())
+            .await
+            .is_err(),
+        "nothing answers while the charge runs"
+    );
+    p.release.notify_one();
+    let (first, second) = (p.answer().await, p.answer().await);
+    assert_eq!(
+        (first.direction, first.outcome),
+        (Direction::Forward, ok("ch-1"))
     );
     assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "the late forward did not run"
+        (second.direction, second.outcome),
+        (Direction::Fence, ok("ch-1"))
     );
-    assert_eq!(
-        ledger(&db, &table).await,
-        1,
-        "only the compensation's write"
+    assert_eq!(p.ledger(saga).await, 1);
+    p.stop().await;
+}
+
+/// An output over the size limit cannot be sent: the step's writes roll back and it fails for
+/// good (recorded), rather than apply with no result to tell of it.
+#[tokio::test]
+async fn an_output_too_large_rolls_back_and_fails_for_good() {
+    let mut p = Payment::start(true).await;
+    let saga = Uuid::new_v4();
+    p.send(&charge(saga, 1, "huge")).await;
+    let answer = p.answer().await.outcome;
+    assert!(
+        matches!(&answer, Outcome::Failure { retryable: false, error } if error.contains("too large")),
+        "{answer:?}"
     );
-    db.drop_schema().await;
+    assert_eq!(p.ledger(saga).await, 0);
+    p.stop().await;
+}
+
+/// A worker without an inbox cannot fence; its handlers have no transaction.
+#[tokio::test]
+async fn an_at_least_once_worker_says_it_cannot_fence() {
+    let mut p = Payment::start(false).await;
+    let saga = Uuid::new_v4();
+    p.send(&fence(saga)).await;
+    let answer = p.answer().await.outcome;
+    assert!(
+        matches!(&answer, Outcome::Failure { retryable: false, error } if error.contains("cannot fence")),
+        "{answer:?}"
+    );
+    p.send(&charge(saga, 1, "ok")).await;
+    let answer = p.answer().await.outcome;
+    assert!(
+        matches!(&answer, Outcome::Failure { retryable: false, error } if error.contains("without an inbox")),
+        "{answer:?}"
+    );
+    p.stop().await;
+}
+
+/// A command the worker will not run (a schema version it does not read, a body that does
+/// not parse, too large, another service's) is answered with a terminal failure before it is
+/// dead-lettered, so its saga does not wait for an answer that never comes.
+#[tokio::test]
+async fn a_refused_command_is_answered_then_dead_lettered() {
+    let mut p = Payment::start(true).await;
+    let queue = Destination::Service("payment".into());
+    let sagas: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let mut future = charge(sagas[0], 1, "ok").to_envelope();
+    future
+        .message
+        .headers
+        .insert(headers::SCHEMA_VERSION.into(), "99".into());
+    let mut garbled = charge(sagas[1], 1, "ok").to_envelope();
+    garbled.message.body = b"{not json".to_vec();
+    let mut huge = charge(sagas[2], 1, "ok").to_envelope();
+    huge.message.body = vec![b' '; (1 << 20) + 1];
+    let misrouted = Command {
+        service: "shipping".into(),
+        ..charge(sagas[3], 1, "ok")
+    }
+    .to_envelope();
+    let misrouted = saga_core::Envelope {
+        destination: queue.clone(),
+        ..misrouted
+    };
+    for envelope in [future, garbled, huge, misrouted] {
+        p.send_envelope(envelope).await;
+    }
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let reply = p.answer().await;
+        assert!(
+            matches!(&reply.outcome, Outcome::Failure { retryable: false, error } if error.contains("cannot run this command")),
+            "{reply:?}"
+        );
+        answered.push(reply.saga_id);
+    }
+    answered.sort();
+    let mut expected = sagas.clone();
+    expected.sort();
+    assert_eq!(answered, expected);
+    assert_eq!(p.transport.dead_letters(&queue).len(), 4);
+    assert_eq!(p.runs.load(Ordering::SeqCst), 0);
+    p.stop().await;
+}
+
+impl Payment {
+    async fn send_envelope(&self, envelope: saga_core::Envelope) {
+        self.transport.publish(vec![envelope]).await.unwrap();
+    }
 }

@@ -25,6 +25,7 @@ fn definition() -> SagaDefinition<u32> {
                     max_backoff: Duration::from_millis(500),
                     multiplier: 1.0,
                     jitter: 0.0,
+                    max_elapsed: None,
                 })
         })
         .build()

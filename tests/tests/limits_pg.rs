@@ -39,7 +39,7 @@ async fn oversized_messages_fail_their_step_or_are_dead_lettered() {
     let transport = Arc::new(InProcessTransport::new());
     let shutdown = CancellationToken::new();
     let echo = |v: Value, _: CommandContext| async move { Ok::<_, StepError>(v) };
-    let worker = Worker::builder("svc")
+    let worker = Worker::builder("svc", db.inbox().await)
         .handler("a", handler_fn(echo))
         .handler("undo_a", handler_fn(echo))
         .handler(

@@ -190,7 +190,7 @@ async fn a_participant_sees_the_orchestrators_trace_id() {
         .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = Arc::clone(&seen);
-    let worker = Worker::builder("svc")
+    let worker = Worker::builder("svc", db.inbox().await)
         .handler(
             "only",
             handler_fn(move |n: u32, ctx: CommandContext| {

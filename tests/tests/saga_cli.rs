@@ -90,7 +90,7 @@ async fn operators_find_inspect_and_fix_sagas() {
     let shutdown = CancellationToken::new();
     let refunds_down = Arc::new(AtomicBool::new(true));
     let down = Arc::clone(&refunds_down);
-    let worker = Worker::builder("svc")
+    let worker = Worker::builder("svc", db.inbox().await)
         .handler(
             "a",
             handler_fn(|v: Value, _: CommandContext| async move { Ok::<_, StepError>(v) }),

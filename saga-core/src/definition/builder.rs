@@ -21,7 +21,12 @@ pub struct SagaBuilder<I> {
     version: u32,
     steps: Vec<StepBuilder<I>>,
     deadline: Option<Duration>,
+    default_timeout: Duration,
 }
+
+/// How long an attempt of a command step may take when neither the step nor the saga sets a
+/// timeout ([`StepBuilder::timeout`], [`SagaBuilder::default_timeout`]).
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<I> SagaBuilder<I>
 where
@@ -33,7 +38,17 @@ where
             version,
             steps: Vec::new(),
             deadline: None,
+            default_timeout: DEFAULT_STEP_TIMEOUT,
         }
+    }
+
+    /// How long an attempt of a command step (forward, compensation or fence) may take when
+    /// the step sets no [`timeout`](StepBuilder::timeout) of its own (default
+    /// [`DEFAULT_STEP_TIMEOUT`], a minute). Every command has such a deadline, so no saga
+    /// waits forever for an answer that was lost.
+    pub fn default_timeout(mut self, timeout: Duration) -> Self {
+        self.default_timeout = timeout;
+        self
     }
 
     /// How long the whole saga may take: past it, a saga that has not started its pivot is
@@ -64,6 +79,12 @@ where
         }
         if self.deadline == Some(Duration::ZERO) {
             return Err(DefinitionError::ZeroDeadline { saga });
+        }
+        if self.default_timeout == Duration::ZERO {
+            return Err(DefinitionError::ZeroTimeout {
+                saga,
+                step: "(the saga's default)".to_owned(),
+            });
         }
         let mut seen = HashSet::new();
         let mut pivot: Option<String> = None;
@@ -127,7 +148,7 @@ where
                 }
                 _ => {}
             }
-            for policy in [&b.retry, &b.compensation_retry] {
+            for policy in [&b.retry, &b.compensation_retry, &b.fence_retry] {
                 if let Err(reason) = policy.validate() {
                     return Err(DefinitionError::InvalidRetry { saga, step, reason });
                 }
@@ -135,15 +156,19 @@ where
             if b.timeout == Some(Duration::ZERO) {
                 return Err(DefinitionError::ZeroTimeout { saga, step });
             }
-            let compensation_retry = b.compensation_retry;
+            let timeout = match work {
+                Work::Command(_) => Some(b.timeout.unwrap_or(self.default_timeout)),
+                _ => b.timeout,
+            };
             steps.push(Step {
                 name: step,
                 kind: b.kind,
                 work,
                 compensation: b.compensation,
                 retry: b.retry,
-                compensation_retry,
-                timeout: b.timeout,
+                compensation_retry: b.compensation_retry,
+                fence_retry: b.fence_retry,
+                timeout,
             });
         }
         Ok(SagaDefinition {
@@ -166,6 +191,7 @@ pub struct StepBuilder<I> {
     compensation: Option<Action>,
     retry: RetryPolicy,
     compensation_retry: RetryPolicy,
+    fence_retry: RetryPolicy,
     timeout: Option<Duration>,
     _input: PhantomData<fn(I)>,
 }
@@ -181,7 +207,8 @@ where
             work: None,
             compensation: None,
             retry: RetryPolicy::default(),
-            compensation_retry: RetryPolicy::default(),
+            compensation_retry: RetryPolicy::patient(),
+            fence_retry: RetryPolicy::patient(),
             timeout: None,
             _input: PhantomData,
         }
@@ -248,20 +275,28 @@ where
         self
     }
 
-    /// How the action is retried (and the compensation too, unless set apart).
+    /// How the action is retried (default [`RetryPolicy::default`]: 5 attempts).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.compensation_retry = policy.clone();
         self.retry = policy;
         self
     }
 
-    /// How the compensation is retried.
+    /// How the compensation is retried (default [`RetryPolicy::patient`]: a day of retries
+    /// before the saga parks as `stuck`).
     pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
         self.compensation_retry = policy;
         self
     }
 
-    /// How long one attempt may take before it counts as a failed attempt.
+    /// How a fence of the action is retried while its service does not answer (default
+    /// [`RetryPolicy::patient`]); once it gives up, the saga parks as `stuck`.
+    pub fn fence_retry(mut self, policy: RetryPolicy) -> Self {
+        self.fence_retry = policy;
+        self
+    }
+
+    /// How long one attempt may take before it counts as a failed attempt (its outcome is
+    /// then unknown). Default: the saga's [`default_timeout`](SagaBuilder::default_timeout).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

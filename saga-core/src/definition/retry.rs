@@ -2,11 +2,15 @@
 
 use std::time::Duration;
 
-/// How a step (or a compensation) is retried after a retryable failure.
+/// How a step (or a compensation, or a fence) is retried after a retryable failure.
 ///
 /// The delay before attempt `n + 1` is `initial_backoff * multiplier^(n - 1)`, capped at
 /// `max_backoff`, then reduced by up to `jitter` (a fraction in `0.0..=1.0`) so that many sagas
-/// failing together do not retry together.
+/// failing together do not retry together. Retrying stops after `max_attempts`, or once
+/// `max_elapsed` has passed since the first failed attempt, whichever comes first.
+///
+/// Forward steps default to [`RetryPolicy::default`] (5 attempts); compensations and fences
+/// to [`RetryPolicy::patient`] (a day of retries), because an undo must eventually happen.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first one included; at least 1.
@@ -19,6 +23,9 @@ pub struct RetryPolicy {
     pub multiplier: f64,
     /// Fraction of the delay that may be taken off at random, in `0.0..=1.0`.
     pub jitter: f64,
+    /// No retry is scheduled once this long has passed since the first failed attempt
+    /// (`None`: only `max_attempts` bounds the retries).
+    pub max_elapsed: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -33,12 +40,37 @@ impl RetryPolicy {
     /// Default jitter fraction.
     pub const DEFAULT_JITTER: f64 = 0.2;
 
+    /// How long [`RetryPolicy::patient`] keeps retrying.
+    pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(24 * 3600);
+    /// The longest delay between two attempts of [`RetryPolicy::patient`].
+    pub const PATIENT_MAX_BACKOFF: Duration = Duration::from_secs(300);
+
     /// A policy that makes one attempt and never retries.
     pub fn no_retry() -> Self {
         Self {
             max_attempts: 1,
             ..Self::default()
         }
+    }
+
+    /// The default of compensations and fences: retried from 1 s, doubling up to 5 minutes
+    /// between attempts, for [`RetryPolicy::DEFAULT_PATIENCE`] (a day) after the first failure,
+    /// however many attempts that takes. Then the saga parks as `stuck` with the reason.
+    pub fn patient() -> Self {
+        Self {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Self::PATIENT_MAX_BACKOFF,
+            multiplier: Self::DEFAULT_MULTIPLIER,
+            jitter: Self::DEFAULT_JITTER,
+            max_elapsed: Some(Self::DEFAULT_PATIENCE),
+        }
+    }
+
+    /// Whether another attempt may follow `attempt`, the first failure having been
+    /// `elapsed` ago.
+    pub fn allows_another(&self, attempt: u32, elapsed: Duration) -> bool {
+        attempt < self.max_attempts && self.max_elapsed.is_none_or(|limit| elapsed < limit)
     }
 
     /// The delay before attempt `failed_attempt + 1`, given a `unit` random draw in `0.0..1.0`.
@@ -95,6 +127,7 @@ impl Default for RetryPolicy {
             max_backoff: Self::DEFAULT_MAX_BACKOFF,
             multiplier: Self::DEFAULT_MULTIPLIER,
             jitter: Self::DEFAULT_JITTER,
+            max_elapsed: None,
         }
     }
 }
@@ -120,6 +153,7 @@ mod tests {
                 max_backoff: Duration::from_millis(initial_ms + extra_ms),
                 multiplier,
                 jitter,
+                max_elapsed: None,
             };
             let delay = policy.delay(attempt, unit);
             let (low, high) = policy.delay_bounds(attempt);
@@ -139,8 +173,20 @@ mod tests {
             max_backoff: Duration::from_millis(350),
             multiplier: 2.0,
             jitter: 0.0,
+            max_elapsed: None,
         };
         let delays: Vec<_> = (1..=4).map(|a| policy.delay(a, 0.5).as_millis()).collect();
         assert_eq!(delays, vec![100, 200, 350, 350]);
+    }
+
+    #[test]
+    fn a_patient_policy_stops_on_time_not_on_count() {
+        let policy = RetryPolicy::patient();
+        let day = RetryPolicy::DEFAULT_PATIENCE;
+        assert!(policy.allows_another(10_000, day - Duration::from_secs(1)));
+        assert!(!policy.allows_another(2, day));
+        assert_eq!(policy.delay(30, 0.0), RetryPolicy::PATIENT_MAX_BACKOFF);
+        assert!(RetryPolicy::default().allows_another(4, day * 10));
+        assert!(!RetryPolicy::default().allows_another(5, Duration::ZERO));
     }
 }

@@ -231,6 +231,7 @@ impl Store for MemoryStore {
             version: definition.version(),
             input: request.input,
             business_key: request.business_key.clone(),
+            steps: definition.step_names(),
         };
         let state: SagaState = replay(&definition, [&started])?;
         inner.instances.insert(

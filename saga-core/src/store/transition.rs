@@ -134,7 +134,7 @@ pub(crate) fn apply_input(
         InstanceUpdate {
             status: loaded.state.status,
             last_seq: loaded.last_seq,
-            reason: SagaStatus::reason(&loaded.state).map(str::to_owned),
+            reason: SagaStatus::reason(&loaded.state),
         },
     );
     Ok(decided)

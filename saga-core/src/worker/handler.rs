@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use futures_util::FutureExt;
@@ -15,8 +16,8 @@ use super::StepError;
 use crate::event::Direction;
 use crate::message::Command;
 
-/// What a handler knows about the command it runs.
-#[derive(Debug, Clone, PartialEq)]
+/// What a handler knows about the command it runs, and the transaction it runs in.
+#[derive(Debug, Clone)]
 pub struct CommandContext {
     /// The saga instance.
     pub saga_id: Uuid,
@@ -39,9 +40,96 @@ pub struct CommandContext {
     pub idempotency_key: String,
     /// The W3C trace id the command carried (the saga's trace), if any.
     pub trace_id: Option<String>,
+    pub(crate) tx: Option<TxSlot>,
+}
+
+/// A command's transaction, shared between the worker and the handler it runs.
+#[derive(Clone)]
+pub(crate) struct TxSlot(
+    Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>>,
+);
+
+impl std::fmt::Debug for TxSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TxSlot")
+    }
+}
+
+impl TxSlot {
+    pub(crate) fn new(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> Self {
+        Self(Arc::new(tokio::sync::Mutex::new(Some(tx))))
+    }
+
+    /// Takes the transaction back once the handler is done (`None` if a task the handler
+    /// left behind still holds it a second later).
+    pub(crate) async fn take(&self) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let guard = tokio::time::timeout(std::time::Duration::from_secs(1), self.0.lock());
+        guard.await.ok()?.take()
+    }
+}
+
+/// The participant's database connection, inside the command's transaction; see
+/// [`CommandContext::transaction`]. Use it as `&mut *tx` wherever sqlx takes an executor.
+pub struct Tx<'a> {
+    guard: tokio::sync::MutexGuard<'a, Option<sqlx::Transaction<'static, sqlx::Postgres>>>,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+impl Deref for Tx<'_> {
+    type Target = sqlx::PgConnection;
+
+    fn deref(&self) -> &sqlx::PgConnection {
+        self.guard
+            .as_ref()
+            .expect("checked when the guard was made")
+    }
+}
+
+impl DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
+        self.guard
+            .as_mut()
+            .expect("checked when the guard was made")
+    }
 }
 
 impl CommandContext {
+    /// The transaction this command runs in, on the worker's [`Inbox`](crate::Inbox) pool:
+    /// what the handler writes through it commits together with the command's recorded
+    /// outcome, exactly once, or not at all (a retryable error, a panic or a timeout rolls it
+    /// back; a terminal error rolls the writes back and records the failure).
+    ///
+    /// Fails (terminally) in a worker without an inbox, and once the handler has returned.
+    ///
+    /// ```no_run
+    /// # async fn charge(ctx: saga_core::CommandContext, amount: i64) -> Result<String, saga_core::StepError> {
+    /// let mut tx = ctx.transaction().await?;
+    /// sqlx::query("INSERT INTO charges (amount) VALUES ($1)")
+    ///     .bind(amount)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// # Ok(String::new()) }
+    /// ```
+    pub async fn transaction(&self) -> Result<Tx<'_>, StepError> {
+        let Some(slot) = &self.tx else {
+            return Err(StepError::terminal(
+                "this worker runs without an inbox (Worker::at_least_once): commands have no transaction",
+            ));
+        };
+        let guard = slot.0.lock().await;
+        if guard.is_none() {
+            return Err(StepError::terminal(
+                "the command's transaction has ended: its handler returned",
+            ));
+        }
+        Ok(Tx { guard })
+    }
+
     pub(crate) fn of(command: &Command) -> Self {
         Self {
             saga_id: command.saga_id,
@@ -54,6 +142,7 @@ impl CommandContext {
             command: command.command.clone(),
             idempotency_key: command.idempotency_key.clone(),
             trace_id: None,
+            tx: None,
         }
     }
 }

@@ -124,6 +124,7 @@ mod tests {
             version: 1,
             input: serde_json::json!(1),
             business_key: None,
+            steps: Vec::new(),
         };
         let mut state = SagaState::started(saga.definition(), &started).unwrap();
         state.status = status;

@@ -37,6 +37,7 @@ pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result
         version: definition.version(),
         input: request.input,
         business_key: request.business_key,
+        steps: definition.step_names(),
     };
     // Decided first, so the instance row is inserted once with its final status.
     let mut loaded = Loaded {

@@ -1,0 +1,100 @@
+//! An operator's actions on a saga: retry, resolve, pause, resume.
+
+use uuid::Uuid;
+
+use super::Decider;
+use crate::SagaStatus;
+use crate::decide::{OperatorAction, Verdict};
+use crate::event::{Direction, Event};
+use crate::state::ReplayError;
+
+impl Decider<'_, '_> {
+    pub(super) fn operator(
+        &mut self,
+        request: Uuid,
+        action: &OperatorAction,
+    ) -> Result<Verdict, ReplayError> {
+        let status = self.state.status;
+        let refuse = |why: String| Event::ActionRefused {
+            request,
+            action: action.name().to_owned(),
+            why,
+        };
+        let event = match action {
+            OperatorAction::Retry => match self.state.stuck_at {
+                Some((step, direction)) if status == SagaStatus::Stuck => {
+                    // A terminal failure is recorded under the step's key: a retry under the
+                    // same key would get it back instead of running the handler.
+                    let fresh_key = direction != Direction::Fence
+                        && self.state.last_terminal == Some((step, direction));
+                    self.emit(Event::RetryRequested {
+                        request,
+                        step,
+                        direction,
+                        fresh_key,
+                    })?;
+                    let attempt = self.next_attempt(step, direction);
+                    self.dispatch(step, direction, attempt)?;
+                    return Ok(Verdict::Applied);
+                }
+                _ => refuse(format!(
+                    "only a stuck saga can be retried; this one is {status}"
+                )),
+            },
+            OperatorAction::Resolve { step, reason } => {
+                let index = self.definition.step_index(step);
+                match (index, self.state.stuck_at) {
+                    (None, _) => refuse(format!("the saga has no step `{step}`")),
+                    (Some(i), Some((at, Direction::Compensation)))
+                        if status == SagaStatus::Stuck && at as usize == i =>
+                    {
+                        self.emit(Event::Resolved {
+                            request,
+                            step: at,
+                            reason: reason.clone(),
+                        })?;
+                        self.compensate_below(at)?;
+                        return Ok(Verdict::Applied);
+                    }
+                    (Some(_), Some((at, direction))) if status == SagaStatus::Stuck => {
+                        refuse(format!(
+                            "the saga is stuck at step `{}` ({direction}), not at the compensation of `{step}`",
+                            self.definition.steps()[at as usize].name
+                        ))
+                    }
+                    _ => refuse(format!(
+                        "only a stuck compensation can be resolved; the saga is {status}"
+                    )),
+                }
+            }
+            OperatorAction::Pause { reason } => {
+                if !status.is_active() {
+                    refuse(format!("the saga is {status}"))
+                } else if self.state.paused {
+                    refuse("the saga is already paused".to_owned())
+                } else {
+                    Event::Paused {
+                        request,
+                        reason: reason.clone(),
+                    }
+                }
+            }
+            OperatorAction::Resume => {
+                if status.is_terminal() {
+                    refuse(format!("the saga is {status}"))
+                } else if !self.state.paused {
+                    refuse("the saga is not paused".to_owned())
+                } else {
+                    let held = self.state.held;
+                    self.emit(Event::Resumed { request })?;
+                    if let Some(h) = held {
+                        self.dispatch(h.step, h.direction, h.attempt)?;
+                    }
+                    return Ok(Verdict::Applied);
+                }
+            }
+        };
+        self.emit(event)?;
+        Ok(Verdict::Applied)
+    }
+}

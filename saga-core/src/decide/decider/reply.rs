@@ -1,0 +1,179 @@
+//! A participant's result: the outstanding command's answer, or a late one that still tells
+//! the saga something it needs to know.
+
+use super::fence::Answer;
+use super::{Decider, Step};
+use crate::SagaStatus;
+use crate::decide::{Effect, Timer, Verdict};
+use crate::event::{Direction, Event};
+use crate::message::{Outcome, Reply};
+use crate::state::ReplayError;
+
+impl Decider<'_, '_> {
+    pub(in crate::decide) fn reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
+        let Some(sent) = self.state.sent.get(&reply.command_id).copied() else {
+            return Ok(Verdict::Rejected(format!(
+                "saga {} sent no command {}",
+                self.env.saga_id, reply.command_id
+            )));
+        };
+        if (sent.step, sent.direction, sent.attempt) != (reply.step, reply.direction, reply.attempt)
+        {
+            return Ok(Verdict::Rejected(format!(
+                "result for command {} names step {} {} attempt {}, but the command was step {} {} attempt {}",
+                reply.command_id,
+                reply.step,
+                reply.direction,
+                reply.attempt,
+                sent.step,
+                sent.direction,
+                sent.attempt
+            )));
+        }
+        let outstanding = self.state.current.and_then(|c| c.command_id);
+        if outstanding != Some(reply.command_id) {
+            return self.late_reply(reply);
+        }
+        let (step, direction, attempt) = (reply.step, reply.direction, reply.attempt);
+        if self.timeout_of(step).is_some() {
+            self.effects.push(Effect::CancelTimer(Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            }));
+        }
+        if direction == Direction::Fence {
+            match Answer::of(&reply.outcome) {
+                Some(answer) => self.after_fence(step, attempt, answer)?,
+                None => self.failed_attempt(reply)?,
+            }
+            return Ok(Verdict::Applied);
+        }
+        match &reply.outcome {
+            Outcome::Success { output } => {
+                self.emit(Event::Succeeded {
+                    step,
+                    direction,
+                    attempt,
+                    output: output.clone(),
+                })?;
+                self.after_success(step, direction)?;
+            }
+            Outcome::Failure { .. } | Outcome::Fenced { .. } => self.failed_attempt(reply)?,
+        }
+        Ok(Verdict::Applied)
+    }
+
+    /// An attempt that failed: retried by its policy, or failed for good. A delivery that
+    /// found its step fenced did not apply and never will: a terminal failure.
+    fn failed_attempt(&mut self, reply: &Reply) -> Step {
+        let (error, retryable) = match &reply.outcome {
+            Outcome::Failure { error, retryable } => (error.clone(), *retryable),
+            Outcome::Fenced { detail } => (format!("the step was fenced: {detail}"), false),
+            Outcome::Success { .. } => unreachable!("a success is not a failure"),
+        };
+        self.emit(Event::Failed {
+            step: reply.step,
+            direction: reply.direction,
+            attempt: reply.attempt,
+            error: error.clone(),
+            retryable,
+        })?;
+        self.after_failure(
+            reply.step,
+            reply.direction,
+            reply.attempt,
+            retryable,
+            &error,
+            reply.command_id,
+        )
+    }
+
+    /// A result for a command the saga no longer waits for: dropped, unless it settles what
+    /// the saga still needs to know about its step. A success of an earlier attempt (or of
+    /// an attempt whose timeout fired) is the step's success; a fence's definitive answer
+    /// from an earlier fence attempt is the fence's answer; a compensation's success settles
+    /// a compensation being retried, or one that got the saga stuck.
+    fn late_reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
+        let stale = Verdict::Ignored(format!(
+            "duplicate or stale result for step {} {} attempt {}",
+            reply.step, reply.direction, reply.attempt
+        ));
+        let step = reply.step;
+        if self.state.status.is_terminal() || !self.working_on(step, reply.direction) {
+            return Ok(stale);
+        }
+        let fencing = self.state.fencing.as_ref().is_some_and(|f| f.step == step);
+        match (reply.direction, &reply.outcome) {
+            (Direction::Forward, Outcome::Success { output }) => {
+                self.drop_current_timer(step);
+                self.emit(Event::Succeeded {
+                    step,
+                    direction: Direction::Forward,
+                    attempt: reply.attempt,
+                    output: output.clone(),
+                })?;
+                if fencing {
+                    let reason = self.fence_reason();
+                    let pivot = self.is_pivot(step);
+                    self.after_applied(step, reason, pivot)?;
+                } else {
+                    self.after_success(step, Direction::Forward)?;
+                }
+            }
+            (Direction::Forward, Outcome::Fenced { detail }) if fencing => {
+                self.drop_current_timer(step);
+                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                let detail = detail.clone();
+                self.after_fence(step, attempt, Answer::NotApplied(detail))?;
+            }
+            (Direction::Fence, outcome) if fencing => {
+                let Some(answer) = Answer::of(outcome) else {
+                    return Ok(stale);
+                };
+                self.drop_current_timer(step);
+                self.after_fence(step, reply.attempt, answer)?;
+            }
+            (Direction::Compensation, Outcome::Success { output }) => {
+                self.drop_current_timer(step);
+                self.emit(Event::Succeeded {
+                    step,
+                    direction: Direction::Compensation,
+                    attempt: reply.attempt,
+                    output: output.clone(),
+                })?;
+                self.after_success(step, Direction::Compensation)?;
+            }
+            _ => return Ok(stale),
+        }
+        Ok(Verdict::Applied)
+    }
+
+    /// Whether the saga still waits to learn how `step` went in `direction`: it works on it
+    /// (another attempt, a backoff, a fence of a forward step), or is stuck there.
+    fn working_on(&self, step: u32, direction: Direction) -> bool {
+        let at = |d: Direction| match direction {
+            Direction::Forward => matches!(d, Direction::Forward | Direction::Fence),
+            other => d == other,
+        };
+        let current = self
+            .state
+            .current
+            .is_some_and(|c| c.step == step && !c.waiting && at(c.direction));
+        let stuck = self.state.status == SagaStatus::Stuck
+            && self.state.stuck_at.is_some_and(|(s, d)| s == step && at(d));
+        current || stuck
+    }
+
+    fn fence_reason(&self) -> String {
+        self.state
+            .fencing
+            .as_ref()
+            .map(|f| f.reason.clone())
+            .unwrap_or_default()
+    }
+
+    fn is_pivot(&self, step: u32) -> bool {
+        self.definition.steps()[step as usize].kind == crate::StepKind::Pivot
+    }
+}

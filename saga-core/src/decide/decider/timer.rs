@@ -1,0 +1,192 @@
+//! Durable timers: retries, timeouts, delays, the deadline, and queued signals and cancels.
+
+use serde_json::Value;
+
+use super::{Decider, Step};
+use crate::SagaStatus;
+use crate::decide::{Effect, Timer, Verdict};
+use crate::definition::Work;
+use crate::event::{Direction, Event};
+use crate::state::{Current, ReplayError};
+
+impl Decider<'_, '_> {
+    pub(in crate::decide) fn timer(&mut self, timer: &Timer) -> Result<Verdict, ReplayError> {
+        if let Timer::Operator { id, action } = timer {
+            return self.operator(*id, action);
+        }
+        // A stuck saga is not over: a signal is kept for when an operator retries it.
+        if let Timer::Signal { name, payload, .. } = timer
+            && self.state.status == SagaStatus::Stuck
+        {
+            self.emit(Event::SignalReceived {
+                name: name.clone(),
+                payload: payload.clone(),
+            })?;
+            return Ok(Verdict::Applied);
+        }
+        if let Some(verdict) = self.inactive() {
+            return Ok(verdict);
+        }
+        let current = self.state.current;
+        let stale = || Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
+        match timer.clone() {
+            Timer::Retry {
+                step,
+                direction,
+                attempt,
+            } => {
+                let due = Current {
+                    step,
+                    direction,
+                    attempt,
+                    command_id: None,
+                    waiting: false,
+                };
+                if current != Some(due) || self.state.held == Some(due) {
+                    return stale();
+                }
+                self.dispatch(step, direction, attempt)?;
+            }
+            Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            } => {
+                let Some(c) = current.filter(|c| {
+                    (c.step, c.direction, c.attempt) == (step, direction, attempt)
+                        && (c.command_id.is_some() || c.waiting)
+                }) else {
+                    return stale();
+                };
+                self.emit(Event::TimedOut {
+                    step,
+                    direction,
+                    attempt,
+                })?;
+                let timeout = self.timeout_of(step).unwrap_or_default();
+                match (c.command_id, &self.definition.steps()[step as usize].work) {
+                    (Some(command_id), _) => {
+                        let what = if direction == Direction::Fence {
+                            "fence attempt"
+                        } else {
+                            "attempt"
+                        };
+                        let error = format!("{what} {attempt} timed out after {timeout:?}");
+                        self.after_failure(step, direction, attempt, true, &error, command_id)?;
+                    }
+                    (None, Work::Signal(wait)) => {
+                        let reason = format!("no signal `{}` within {timeout:?}", wait.name);
+                        self.failed_for_good(step, direction, reason)?;
+                    }
+                    (None, _) => return stale(),
+                }
+            }
+            Timer::Delay { step } => {
+                if !current.is_some_and(|c| c.step == step && c.waiting) {
+                    return stale();
+                }
+                self.emit(Event::Succeeded {
+                    step,
+                    direction: Direction::Forward,
+                    attempt: 1,
+                    output: Value::Null,
+                })?;
+                self.after_success(step, Direction::Forward)?;
+            }
+            Timer::Deadline => {
+                if self.state.stop.is_some()
+                    || self.state.status != SagaStatus::Running
+                    || self.state.fencing.is_some()
+                {
+                    return Ok(Verdict::Ignored("the saga is already stopping".into()));
+                }
+                if let Some(why) = self.past_pivot() {
+                    return Ok(Verdict::Ignored(format!("deadline passed, but {why}")));
+                }
+                self.emit(Event::DeadlineExceeded)?;
+                self.stop_now()?;
+            }
+            Timer::Signal { name, payload, .. } => {
+                self.emit(Event::SignalReceived {
+                    name: name.clone(),
+                    payload: payload.clone(),
+                })?;
+                if let Some(c) = current.filter(|c| c.waiting)
+                    && matches!(&self.definition.steps()[c.step as usize].work, Work::Signal(w) if w.name == name)
+                {
+                    self.take_signal(c.step, payload)?;
+                }
+            }
+            Timer::Operator { .. } => unreachable!("handled before"),
+            Timer::Cancel { id, reason } => {
+                let why =
+                    if self.state.stop.is_some() || self.state.status == SagaStatus::Compensating {
+                        Some("the saga is already compensating".to_owned())
+                    } else if let Some(f) = &self.state.fencing {
+                        Some(format!(
+                            "the saga is already giving up on step `{}`",
+                            f.name
+                        ))
+                    } else {
+                        self.past_pivot()
+                    };
+                if let Some(why) = why {
+                    self.emit(Event::CancelRefused {
+                        request: id,
+                        reason,
+                        why,
+                    })?;
+                } else {
+                    self.emit(Event::CancelRequested {
+                        request: id,
+                        reason,
+                    })?;
+                    self.stop_now()?;
+                }
+            }
+        }
+        Ok(Verdict::Applied)
+    }
+
+    /// Why the saga can no longer be stopped, if its pivot has started.
+    fn past_pivot(&self) -> Option<String> {
+        let pivot = self.definition.pivot()?;
+        (self.state.progress[pivot] != crate::state::StepProgress::Pending).then(|| {
+            format!(
+                "the saga has passed its pivot step `{}`",
+                self.definition.steps()[pivot].name
+            )
+        })
+    }
+
+    /// After a cancel or a deadline: a wait or a backoff ends now; a command in flight (or
+    /// one whose earlier attempts may yet apply) is fenced first; then the steps that applied
+    /// compensate.
+    fn stop_now(&mut self) -> Step {
+        let Some(c) = self.state.current else {
+            return Ok(());
+        };
+        let reason = self.stop_reason();
+        if c.waiting {
+            let timer = match self.definition.steps()[c.step as usize].work {
+                Work::Delay(_) => Timer::Delay { step: c.step },
+                _ => Timer::Timeout {
+                    step: c.step,
+                    direction: c.direction,
+                    attempt: c.attempt,
+                },
+            };
+            self.effects.push(Effect::CancelTimer(timer));
+            return self.stop_at(c.step);
+        }
+        if c.direction != Direction::Forward {
+            // A fence runs already (its answer decides with the stop in mind).
+            return Ok(());
+        }
+        self.drop_current_timer(c.step);
+        if c.command_id.is_some() {
+            return self.start_fence(c.step, reason);
+        }
+        self.give_up(c.step, reason)
+    }
+}

@@ -1,0 +1,219 @@
+//! Running one command: its handler, inside the inbox's transaction when the worker has one;
+//! and answering fences.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::Worker;
+use super::handler::{CommandContext, ErasedHandler, TxSlot};
+use crate::inbox::Claim;
+use crate::message::{Command, Outcome, Reply, oversize};
+
+/// How a handler's run ended.
+enum Ran {
+    Done(Result<Value, super::StepError>),
+    Panicked(String),
+    TimedOut(Duration),
+}
+
+/// How long a fence waits at most for a running delivery of its step to finish.
+const FENCE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+impl Worker {
+    /// Runs `command`'s handler and says how it went. With an inbox, the handler runs in a
+    /// transaction that claims the command's key first (a settled key answers without
+    /// running it) and records the outcome with the handler's writes.
+    pub(super) async fn attempt(&self, command: &Command, trace_id: Option<String>) -> Outcome {
+        let handler = self.handlers.get(&command.command);
+        let unknown = || {
+            format!(
+                "service `{}` has no handler for command `{}`",
+                self.service, command.command
+            )
+        };
+        let ctx = CommandContext {
+            trace_id,
+            ..CommandContext::of(command)
+        };
+        let Some(inbox) = &self.inbox else {
+            let Some(handler) = handler else {
+                return terminal(unknown());
+            };
+            return match self.run_handler(handler, command, ctx).await {
+                Ran::Done(Ok(output)) => match self.too_large(command, &output) {
+                    // The effect may have applied: a retry, or at last a fence, settles it.
+                    Some(why) => retryable(why),
+                    None => Outcome::Success { output },
+                },
+                ran => failure(ran),
+            };
+        };
+        let key = &command.idempotency_key;
+        let tx = match inbox.claim(key, command.saga_id, &command.command).await {
+            Ok(Claim::Mine(tx)) => tx,
+            Ok(Claim::Recorded(outcome)) => return outcome,
+            Err(e) => return retryable(format!("the inbox cannot be reached: {e}")),
+        };
+        let Some(handler) = handler else {
+            // Recorded, so that a later build with the handler does not apply a step its
+            // saga has given up on.
+            let why = unknown();
+            return match inbox.fail(tx, key, &why).await {
+                Ok(()) => terminal(why),
+                Err(e) => retryable(format!("recording the failure failed: {e}")),
+            };
+        };
+        let slot = TxSlot::new(tx);
+        let ran = self
+            .run_handler(
+                handler,
+                command,
+                CommandContext {
+                    tx: Some(slot.clone()),
+                    ..ctx
+                },
+            )
+            .await;
+        let Some(tx) = slot.take().await else {
+            return retryable("the handler kept its transaction after it returned".into());
+        };
+        match ran {
+            Ran::Done(Ok(output)) => {
+                if let Some(why) = self.too_large(command, &output) {
+                    return match inbox.fail(tx, key, &why).await {
+                        Ok(()) => terminal(why),
+                        Err(e) => retryable(format!("recording the failure failed: {e}")),
+                    };
+                }
+                match inbox.succeed(tx, key, &output).await {
+                    Ok(()) => Outcome::Success { output },
+                    // The commit may have gone through: a retry (or a fence) finds out.
+                    Err(e) => retryable(format!("committing the step failed: {e}")),
+                }
+            }
+            Ran::Done(Err(error)) if !error.is_retryable() => {
+                match inbox.fail(tx, key, error.message()).await {
+                    Ok(()) => terminal(error.message().to_owned()),
+                    Err(e) => retryable(format!("recording the failure failed: {e}")),
+                }
+            }
+            ran => {
+                if let Err(e) = tx.rollback().await {
+                    tracing::debug!(error = %e, "rolling back a failed attempt failed");
+                }
+                failure(ran)
+            }
+        }
+    }
+
+    /// Runs the handler in a task of its own, so a panic or a hang past the command's
+    /// timeout (or the worker's default) is a failed attempt; a hung handler is aborted.
+    async fn run_handler(
+        &self,
+        handler: &Arc<dyn ErasedHandler>,
+        command: &Command,
+        ctx: CommandContext,
+    ) -> Ran {
+        let timeout = command
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.default_timeout);
+        let mut task = tokio::spawn(
+            Arc::clone(handler)
+                .call(command.payload.clone(), ctx)
+                .in_current_span(),
+        );
+        match tokio::time::timeout(timeout, &mut task).await {
+            Ok(Ok(result)) => Ran::Done(result),
+            Ok(Err(join)) => Ran::Panicked(panic_message(join)),
+            Err(_) => {
+                task.abort();
+                // Once it has ended, it holds no lock on the transaction.
+                let _ = task.await;
+                Ran::TimedOut(timeout)
+            }
+        }
+    }
+
+    /// Why the result of `command` with `output` is too large to send, if it is.
+    fn too_large(&self, command: &Command, output: &Value) -> Option<String> {
+        let reply = Reply::to(
+            command,
+            Outcome::Success {
+                output: output.clone(),
+            },
+        );
+        oversize(&reply.to_envelope().message.body, self.max_message_bytes).map(|why| {
+            format!(
+                "the output of command `{}` is too large: {why}",
+                command.command
+            )
+        })
+    }
+
+    /// Answers a fence of `command`'s step from the inbox: applied (with the recorded
+    /// output), or fenced (a tombstone written, or a terminal failure recorded). A worker
+    /// without an inbox cannot fence: a terminal failure says so, and the step counts as
+    /// applied.
+    pub(super) async fn fence(&self, command: &Command) -> Outcome {
+        let Some(inbox) = &self.inbox else {
+            return terminal(format!(
+                "service `{}` runs without an inbox (an at-least-once worker): it cannot fence step `{}`",
+                self.service, command.step_name
+            ));
+        };
+        let wait = command
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(FENCE_LOCK_WAIT)
+            .min(FENCE_LOCK_WAIT);
+        match inbox
+            .fence(
+                &command.idempotency_key,
+                command.saga_id,
+                &command.command,
+                wait.as_millis().max(1) as u64,
+            )
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => retryable(format!("fencing failed: {e}")),
+        }
+    }
+}
+
+fn failure(ran: Ran) -> Outcome {
+    match ran {
+        Ran::Done(Ok(output)) => Outcome::Success { output },
+        Ran::Done(Err(error)) => Outcome::Failure {
+            error: error.message().to_owned(),
+            retryable: error.is_retryable(),
+        },
+        Ran::Panicked(message) => retryable(format!("handler panicked: {message}")),
+        Ran::TimedOut(timeout) => retryable(format!("handler did not finish within {timeout:?}")),
+    }
+}
+
+fn retryable(error: String) -> Outcome {
+    Outcome::Failure {
+        error,
+        retryable: true,
+    }
+}
+
+fn terminal(error: String) -> Outcome {
+    Outcome::Failure {
+        error,
+        retryable: false,
+    }
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    match join.try_into_panic() {
+        Ok(payload) => crate::decide::panic_message(payload.as_ref()),
+        Err(join) => join.to_string(),
+    }
+}

@@ -1,0 +1,126 @@
+//! One delivery, end to end: check it, run it (or fence), publish the result, then ack.
+
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Worker;
+use crate::event::Direction;
+use crate::message::{Command, Outcome, Reply, headers, oversize};
+use crate::transport::{Delivery, Transport};
+
+impl Worker {
+    pub(super) async fn process(&self, transport: &dyn Transport, delivery: Delivery) {
+        if let Some(why) = oversize(&delivery.message.body, self.max_message_bytes) {
+            let answer = Reply::from_headers(&delivery.message, self.refusal(&why));
+            return self.refuse(transport, delivery, answer, &why).await;
+        }
+        let command = match Command::from_message(&delivery.message) {
+            Ok(command) => command,
+            Err(malformed) => {
+                let answer = Reply::from_headers(&delivery.message, self.refusal(&malformed.0));
+                return self.refuse(transport, delivery, answer, &malformed.0).await;
+            }
+        };
+        if command.service != self.service {
+            let why = format!(
+                "command for service `{}` reached service `{}`",
+                command.service, self.service
+            );
+            let answer = Some(Reply::to(&command, self.refusal(&why)));
+            return self.refuse(transport, delivery, answer, &why).await;
+        }
+        let traceparent = delivery.message.headers.get(headers::TRACEPARENT);
+        let trace_id = traceparent
+            .and_then(|t| t.split('-').nth(1))
+            .map(str::to_owned);
+        let span = info_span!(
+            "step",
+            saga.id = %command.saga_id,
+            saga.name = %command.saga,
+            step = %command.step_name,
+            direction = %command.direction,
+            attempt = command.attempt,
+            trace_id = trace_id.as_deref().unwrap_or(""),
+        );
+        #[cfg(feature = "otel")]
+        crate::otel::adopt(&span, traceparent.map(String::as_str));
+        async {
+            let began = std::time::Instant::now();
+            let outcome = match command.direction {
+                Direction::Fence => self.fence(&command).await,
+                _ => self.attempt(&command, trace_id.clone()).await,
+            };
+            let label = match &outcome {
+                Outcome::Success { .. } => "success",
+                Outcome::Failure {
+                    retryable: true, ..
+                } => "retryable",
+                Outcome::Failure {
+                    retryable: false, ..
+                } => "terminal",
+                Outcome::Fenced { .. } => "fenced",
+            };
+            let command_label = match command.direction {
+                Direction::Fence => format!("fence:{}", command.command),
+                _ => command.command.clone(),
+            };
+            self.metrics
+                .attempt(&self.service, &command_label, label, began.elapsed());
+            match &outcome {
+                Outcome::Failure {
+                    error,
+                    retryable: true,
+                } => warn!(%error, "step attempt failed; it may be retried"),
+                Outcome::Failure {
+                    error,
+                    retryable: false,
+                } => info!(%error, "step failed terminally"),
+                Outcome::Fenced { detail } => info!(%detail, "step fenced"),
+                Outcome::Success { .. } => {}
+            }
+            let envelope = Reply::to(&command, outcome).to_envelope();
+            match transport.publish(vec![envelope]).await {
+                Ok(()) => {
+                    if let Err(e) = delivery.ack().await {
+                        warn!(error = %e, "ack failed; the command will be redelivered");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "publishing the result failed; handing the command back");
+                    let _ = delivery.requeue().await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The terminal failure that answers a command this worker will not run.
+    fn refusal(&self, why: &str) -> Outcome {
+        Outcome::Failure {
+            error: format!("service `{}` cannot run this command: {why}", self.service),
+            retryable: false,
+        }
+    }
+
+    /// Answers a command the worker will not run (when its headers say which it is), so its
+    /// saga does not wait for a result that never comes, then dead-letters it with `why`.
+    async fn refuse(
+        &self,
+        transport: &dyn Transport,
+        delivery: Delivery,
+        answer: Option<Reply>,
+        why: &str,
+    ) {
+        warn!(service = %self.service, reason = %why, "dead-lettering a command");
+        self.metrics.dead_lettered(&self.service);
+        if let Some(answer) = answer
+            && let Err(e) = transport.publish(vec![answer.to_envelope()]).await
+        {
+            // The step's timeout answers for it.
+            warn!(error = %e, "answering a dead-lettered command failed");
+        }
+        if let Err(e) = delivery.dead_letter(why).await {
+            warn!(error = %e, "dead-lettering failed");
+        }
+    }
+}

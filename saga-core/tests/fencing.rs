@@ -1,0 +1,453 @@
+//! Canned histories of unknown outcomes: a step the saga gives up on without knowing whether
+//! it applied is fenced at its own service, and the saga decides from the answer. No I/O.
+
+mod support;
+
+use std::time::Duration;
+
+use saga_core::state::StepProgress;
+use saga_core::{Direction, Effect, Event, Input, Outcome, SagaStatus, Timer};
+use serde_json::json;
+use support::{Run, dispatch, order, t0};
+
+use Direction::{Compensation as C, Fence as X, Forward as F};
+
+fn fenced() -> Outcome {
+    Outcome::Fenced {
+        detail: "tombstone written".into(),
+    }
+}
+
+/// Reserve succeeds; charge's three attempts all time out.
+fn charge_timed_out_three_times() -> Run {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    run
+}
+
+/// dispatched(charge) x3, each timed_out; fence_started; dispatched(charge, fence). The
+/// service answers the charge applied (with its output): refund (seeing the output), then
+/// release; compensated.
+#[test]
+fn a_timed_out_step_that_applied_is_compensated() {
+    let mut run = charge_timed_out_three_times();
+    assert_eq!(
+        run.kinds()[run.kinds().len() - 3..],
+        ["timed_out", "fence_started", "dispatched"]
+    );
+    let fence = run.state.current.unwrap();
+    assert_eq!((fence.step, fence.direction, fence.attempt), (1, X, 1));
+    assert_eq!(run.state.status, SagaStatus::Running);
+    let d = run.ok(json!("C-9"));
+    let refund = dispatch(&d);
+    assert_eq!(refund.command, "refund");
+    assert_eq!(refund.payload, json!({"charge": "C-9"}));
+    assert_eq!(run.state.failure.as_ref().unwrap().0, 1);
+    assert!(
+        run.state
+            .failure
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("failed after 3 attempts"),
+        "{:?}",
+        run.state.failure
+    );
+    run.ok(json!(null));
+    run.ok(json!(null));
+    assert_eq!(
+        run.dispatched(),
+        [(0, F), (1, F), (1, F), (1, F), (1, X), (1, C), (0, C)]
+    );
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+}
+
+/// The same, but the service finds the charge unapplied and writes its tombstone: fenced;
+/// only reserve is released.
+#[test]
+fn a_timed_out_step_that_did_not_apply_is_not_compensated() {
+    let mut run = charge_timed_out_three_times();
+    let d = run.reply(fenced());
+    assert_eq!(
+        d.events[0],
+        Event::Fenced {
+            step: 1,
+            attempt: 1,
+            detail: "tombstone written".into()
+        }
+    );
+    assert_eq!(dispatch(&d).command, "release");
+    assert_eq!(run.state.progress[1], StepProgress::Failed);
+    run.ok(json!(null));
+    assert_eq!(
+        run.dispatched(),
+        [(0, F), (1, F), (1, F), (1, F), (1, X), (0, C)]
+    );
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+}
+
+/// The three attempts fail retryably: another delivery may still apply the charge (the inbox
+/// keeps no trace of a retryable failure), so it is fenced before anything is compensated.
+#[test]
+fn exhausted_retries_fence_then_compensate() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    for attempt in 1..=3 {
+        run.fail(true);
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    assert_eq!(run.dispatched(), [(0, F), (1, F), (1, F), (1, F), (1, X)]);
+    let reason = SagaStatus::reason(&run.state).unwrap();
+    assert!(
+        reason.starts_with("fencing step charge: step `charge` forward failed after 3 attempts"),
+        "{reason}"
+    );
+    run.reply(fenced());
+    assert_eq!(run.dispatched().last(), Some(&(0, C)));
+}
+
+/// A terminal failure after an attempt that timed out: the timed-out attempt may still
+/// apply, so the step is fenced. A first attempt's terminal failure needs no fence.
+#[test]
+fn a_terminal_failure_after_an_unanswered_attempt_is_fenced() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.time_out();
+    run.retry_now();
+    run.fail(false);
+    assert_eq!(run.dispatched().last(), Some(&(1, X)));
+
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.fail(false);
+    assert_eq!(run.dispatched().last(), Some(&(0, C)));
+}
+
+/// The pivot (ship) times out three times, then the fence finds it applied: the saga goes
+/// forward and completes; nothing is refunded. Found unapplied, the saga compensates.
+#[test]
+fn a_pivot_whose_outcome_was_unknown_goes_forward_if_it_applied() {
+    let ship_times_out = || {
+        let (mut run, _) = Run::start(order());
+        run.ok(json!("R-1"));
+        run.ok(json!("C-1"));
+        for attempt in 1..=3 {
+            run.time_out();
+            if attempt < 3 {
+                run.retry_now();
+            }
+        }
+        assert_eq!(run.state.current.unwrap().direction, X);
+        run
+    };
+    let mut run = ship_times_out();
+    run.ok(json!({"tracking": "T-1"}));
+    assert_eq!(run.state.status, SagaStatus::Completed);
+    assert_eq!(run.state.outputs[2], Some(json!({"tracking": "T-1"})));
+    assert!(!run.dispatched().contains(&(1, C)));
+
+    let mut run = ship_times_out();
+    run.reply(fenced());
+    run.ok(json!(null));
+    run.ok(json!(null));
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+    assert_eq!(
+        run.dispatched()[run.dispatched().len() - 2..],
+        [(1, C), (0, C)]
+    );
+}
+
+/// A pivot whose service cannot fence (no inbox) is never compensated past: the saga parks
+/// as stuck; an operator's retry runs it again (same key) and the saga goes on.
+#[test]
+fn a_pivot_that_cannot_be_fenced_parks_the_saga() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.ok(json!("C-1"));
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    run.fail(false);
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at, Some((2, F)));
+    let reason = run.state.stuck_reason.clone().unwrap();
+    assert!(reason.contains("pivot step `ship` is unknown"), "{reason}");
+    let d = run.input(Input::Timer(Timer::Operator {
+        id: uuid::Uuid::from_u128(1),
+        action: saga_core::OperatorAction::Retry,
+    }));
+    let again = dispatch(&d);
+    assert_eq!((again.direction, again.attempt), (F, 4));
+    assert_eq!(again.idempotency_key, format!("{}:2:forward", run.saga_id));
+    run.ok(json!({}));
+    assert_eq!(run.state.status, SagaStatus::Completed);
+}
+
+/// Attempt 1 of charge timed out and attempt 2 was scheduled; then attempt 1's success
+/// arrives: it is the step's success (not dropped as stale), the backoff is dropped, and the
+/// saga goes on. The retry's timer, should it fire anyway, changes nothing.
+#[test]
+fn a_late_success_settles_its_step() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    let first = run.state.current.unwrap().command_id.unwrap();
+    run.time_out();
+    let d = run.late(
+        first,
+        Outcome::Success {
+            output: json!("C-1"),
+        },
+    );
+    assert!(d.effects.contains(&Effect::CancelTimer(Timer::Retry {
+        step: 1,
+        direction: F,
+        attempt: 2
+    })));
+    assert_eq!(dispatch(&d).command, "ship");
+    assert_eq!(run.state.outputs[1], Some(json!("C-1")));
+    let stale = run.input(Input::Timer(Timer::Retry {
+        step: 1,
+        direction: F,
+        attempt: 2,
+    }));
+    assert!(stale.events.is_empty());
+}
+
+/// While charge is fenced, a success of one of its attempts arrives: it answers the fence
+/// (applied), and the fence's own answer, when it comes, is dropped.
+#[test]
+fn a_late_success_answers_the_fence() {
+    let mut run = charge_timed_out_three_times();
+    let attempt_two = run
+        .state
+        .sent
+        .iter()
+        .find(|(_, s)| (s.step, s.direction, s.attempt) == (1, F, 2))
+        .map(|(id, _)| *id)
+        .unwrap();
+    let fence = run.state.current.unwrap().command_id.unwrap();
+    let d = run.late(
+        attempt_two,
+        Outcome::Success {
+            output: json!("C-2"),
+        },
+    );
+    assert!(d.effects.contains(&Effect::CancelTimer(Timer::Timeout {
+        step: 1,
+        direction: X,
+        attempt: 1
+    })));
+    assert_eq!(dispatch(&d).payload, json!({"charge": "C-2"}));
+    let stale = run.late(
+        fence,
+        Outcome::Success {
+            output: json!("C-2"),
+        },
+    );
+    assert!(stale.events.is_empty());
+    assert_eq!(run.state.current.unwrap().direction, C);
+}
+
+/// A fence nobody answers is retried by the step's fence policy (three attempts here), then
+/// the saga parks as stuck, saying so. An operator's retry fences again; a late answer of an
+/// earlier fence attempt settles it too.
+#[test]
+fn an_unanswered_fence_parks_the_saga_until_answered() {
+    let mut run = charge_timed_out_three_times();
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at, Some((1, X)));
+    let reason = SagaStatus::reason(&run.state).unwrap();
+    assert!(
+        reason.starts_with("fencing step `charge` gave up after 3 attempts"),
+        "{reason}"
+    );
+    let first_fence = run
+        .state
+        .sent
+        .iter()
+        .find(|(_, s)| (s.step, s.direction, s.attempt) == (1, X, 1))
+        .map(|(id, _)| *id)
+        .unwrap();
+    // The first fence's answer comes at last: the saga goes on from it.
+    let d = run.late(first_fence, fenced());
+    assert_eq!(dispatch(&d).command, "release");
+    assert_eq!(run.state.status, SagaStatus::Compensating);
+}
+
+/// A cancel while charge is in flight does not wait for its result or its timeout: charge is
+/// fenced at once; the saga ends cancelled, with charge refunded only if it applied.
+#[test]
+fn a_cancel_fences_the_step_in_flight() {
+    for applied in [true, false] {
+        let (mut run, _) = Run::start(order());
+        run.ok(json!("R-1"));
+        let d = run.input(Input::Timer(Timer::Cancel {
+            id: uuid::Uuid::from_u128(5),
+            reason: "customer changed their mind".into(),
+        }));
+        assert!(d.effects.contains(&Effect::CancelTimer(Timer::Timeout {
+            step: 1,
+            direction: F,
+            attempt: 1
+        })));
+        assert_eq!(dispatch(&d).direction, X);
+        if applied {
+            run.ok(json!("C-1"));
+            run.ok(json!(null));
+        } else {
+            run.reply(fenced());
+        }
+        run.ok(json!(null));
+        assert_eq!(run.state.status, SagaStatus::Cancelled);
+        assert_eq!(run.dispatched().contains(&(1, C)), applied);
+    }
+}
+
+/// A cancel that arrives while the saga fences a step it gave up on is refused: the saga is
+/// already giving up.
+#[test]
+fn a_cancel_while_fencing_is_refused() {
+    let mut run = charge_timed_out_three_times();
+    run.input(Input::Timer(Timer::Cancel {
+        id: uuid::Uuid::from_u128(5),
+        reason: "too late".into(),
+    }));
+    let Some(Event::CancelRefused { why, .. }) = run.events.last() else {
+        panic!("{:?}", run.events.last())
+    };
+    assert!(why.contains("giving up on step `charge`"), "{why}");
+}
+
+/// A compensation that failed terminally is recorded under its key: an operator's retry runs
+/// under a fresh key (`...:compensation:1`), so the handler runs again. One that ran out of
+/// retryable attempts is retried under its own key.
+#[test]
+fn an_operator_retry_after_a_terminal_failure_uses_a_fresh_key() {
+    let retry = || {
+        Input::Timer(Timer::Operator {
+            id: uuid::Uuid::from_u128(9),
+            action: saga_core::OperatorAction::Retry,
+        })
+    };
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.fail(false);
+    run.fail(false);
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    let d = run.input(retry());
+    let again = dispatch(&d);
+    assert_eq!(
+        again.idempotency_key,
+        format!("{}:0:compensation:1", run.saga_id)
+    );
+    assert!(matches!(
+        run.events[run.events.len() - 2],
+        Event::RetryRequested {
+            fresh_key: true,
+            ..
+        }
+    ));
+
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.fail(false);
+    for attempt in 1..=3 {
+        run.fail(true);
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    let d = run.input(retry());
+    assert_eq!(
+        dispatch(&d).idempotency_key,
+        format!("{}:0:compensation", run.saga_id)
+    );
+}
+
+/// A compensation that ran out of attempts parks the saga; its late success settles it: the
+/// saga compensates on and ends compensated.
+#[test]
+fn a_late_compensation_success_settles_a_stuck_saga() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.ok(json!("C-1"));
+    run.fail(false);
+    let refund_one = run.state.current.unwrap().command_id.unwrap();
+    run.time_out();
+    run.retry_now();
+    run.fail(true);
+    run.retry_now();
+    run.fail(true);
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    let d = run.late(
+        refund_one,
+        Outcome::Success {
+            output: json!(null),
+        },
+    );
+    assert_eq!(dispatch(&d).command, "release");
+    assert_eq!(run.state.status, SagaStatus::Compensating);
+    run.ok(json!(null));
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+}
+
+/// By default a compensation retries for a day, whatever the number of attempts, then parks
+/// the saga.
+#[test]
+fn compensations_are_patient_by_default() {
+    let def = saga_core::SagaDefinition::<serde_json::Value>::builder("order", 1)
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(1))
+                .compensation("inventory", "release", |_| Ok(1))
+        })
+        .step("ship", |s| s.pivot().action("shipping", "ship", |_| Ok(1)))
+        .build()
+        .unwrap();
+    let (mut run, _) = Run::start(def);
+    run.ok(json!(1));
+    run.fail(false);
+    let mut attempts = 1;
+    while run.state.status == SagaStatus::Compensating {
+        run.now += Duration::from_secs(3600);
+        run.fail(true);
+        if run.state.status == SagaStatus::Compensating {
+            run.retry_now();
+            attempts += 1;
+        }
+    }
+    assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(attempts, 25, "a failure an hour, for a day");
+}
+
+/// A step that sets no timeout gets the saga's default (a minute): its attempt is timed.
+#[test]
+fn every_command_has_a_timeout() {
+    let (run, first) = Run::start(order());
+    assert!(first.effects.contains(&Effect::SetTimer {
+        timer: Timer::Timeout {
+            step: 0,
+            direction: F,
+            attempt: 1
+        },
+        due_at: t0() + saga_core::definition::DEFAULT_STEP_TIMEOUT,
+    }));
+    assert_eq!(dispatch(&first).timeout_ms, Some(60_000));
+    drop(run);
+}
