@@ -443,6 +443,8 @@ impl Ops {
 
     /// Marks the process ready, runs `work` until it ends after the shutdown signal, and fails
     /// if it takes longer than the grace period (in-flight messages go back to the broker).
+    /// Work that ends before the signal (an orchestrator's loop that died) marks the process
+    /// dead and not ready, and fails: the program exits non-zero, to be restarted.
     async fn run_until_shutdown(
         &self,
         work: impl std::future::Future<Output = saga_core::Result<()>> + Send + 'static,
@@ -450,7 +452,11 @@ impl Ops {
         let mut task = tokio::spawn(work);
         self.health.set_ready(true);
         tokio::select! {
-            done = &mut task => return Ok(done??),
+            done = &mut task => {
+                self.health.set_dead();
+                done??;
+                bail!("stopped before it was asked to");
+            }
             _ = self.shutdown.cancelled() => {}
         }
         self.health.set_ready(false);

@@ -11,6 +11,7 @@ use futures_util::stream::FuturesUnordered;
 use lapin::message::BasicReturnMessage;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use saga_core::message::headers;
 use saga_core::transport::PublishError;
 use saga_core::{Destination, Envelope};
 use tracing::{error, warn};
@@ -40,10 +41,19 @@ pub(crate) async fn publish(
         .into_iter()
         .map(|envelope| {
             let (exchange, routing_key) = route(config, &envelope.destination);
+            let mut properties = properties(&envelope.message, &[]);
+            // A command nobody will want once its attempt has timed out expires in its queue
+            // (the broker dead-letters it) rather than run late.
+            if let (Destination::Service(_), Some(ttl)) = (
+                &envelope.destination,
+                envelope.message.headers.get(headers::TTL_MS),
+            ) {
+                properties = properties.with_expiration(ttl.as_str().into());
+            }
             Outgoing {
                 exchange,
                 routing_key,
-                properties: properties(&envelope.message, &[]),
+                properties,
                 envelope,
             }
         })

@@ -4,9 +4,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
 use saga_core::message::headers;
-use saga_core::transport::{Delivery, PublishError, Source, Transport, TransportError};
+use saga_core::transport::{
+    Delivery, PublishError, QueueStatus, Source, Transport, TransportError,
+};
 use saga_core::{Envelope, Message};
 
 use crate::config::AmqpConfig;
@@ -172,5 +178,26 @@ impl Transport for AmqpTransport {
 
     fn take_late_returns(&self) -> Vec<Envelope> {
         self.publish.returns().take_late()
+    }
+
+    /// A passive declare of the queue: its ready messages and its consumers.
+    async fn queue_status(&self, source: &Source) -> Result<Option<QueueStatus>, TransportError> {
+        let channel = self.consume.extra_channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.config.queue(source).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_error)?;
+        let _ = channel.close(200, "looked".into()).await;
+        Ok(Some(QueueStatus {
+            messages: u64::from(queue.message_count()),
+            consumers: u64::from(queue.consumer_count()),
+        }))
     }
 }

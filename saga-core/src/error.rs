@@ -66,6 +66,10 @@ pub enum Error {
     /// Invalid configuration, naming the setting.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A loop of the orchestrator ended before it was asked to stop (a panic, a stream that
+    /// closed); the orchestrator stopped its other loops and returned.
+    #[error("{0} ended before shutdown")]
+    LoopEnded(String),
     /// One error for several calls served together (starts written in one statement, say).
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),
@@ -81,13 +85,7 @@ impl Error {
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::WorkerCrashed
                 | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => {
-                    // serialization failure, deadlock, admin shutdown, cannot connect now
-                    matches!(
-                        db.code().as_deref(),
-                        Some("40001" | "40P01" | "57P01" | "57P03" | "08006" | "08003")
-                    )
-                }
+                sqlx::Error::Database(db) => db.code().as_deref().is_some_and(transient_sqlstate),
                 _ => false,
             },
             Error::Transport(_) => true,
@@ -97,5 +95,80 @@ impl Error {
     }
 }
 
+/// Whether an SQLSTATE names a condition that passes: a lost connection (class 08), a
+/// rolled-back transaction (40: serialization failure, deadlock), insufficient resources (53:
+/// disk full, out of memory, too many connections), an operator's intervention (57014 a
+/// cancelled statement or statement timeout, 57P01-57P03 a shutdown or a database starting),
+/// a lock not granted in time (55P03) or an object in use (55006), a read-only transaction
+/// (25006: a failover in progress, the old primary now a replica), or an I/O error (58030).
+fn transient_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("08" | "40" | "53"))
+        || matches!(
+            code,
+            "57014" | "57P01" | "57P02" | "57P03" | "55P03" | "55006" | "25006" | "58030"
+        )
+}
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn database(code: &'static str) -> Error {
+        Error::Database(sqlx::Error::Database(Box::new(Coded(code))))
+    }
+
+    #[test]
+    fn passing_database_conditions_are_transient_and_bugs_are_not() {
+        for code in [
+            "53300", "57014", "55P03", "25006", "53100", "53200", "40001", "40P01", "57P01",
+            "57P02", "57P03", "08006", "08003", "08001", "55006", "58030",
+        ] {
+            assert!(database(code).is_transient(), "{code}");
+        }
+        for code in ["23505", "42P01", "42601", "22P02", "57P04", "XX000"] {
+            assert!(!database(code).is_transient(), "{code}");
+        }
+    }
+}

@@ -8,10 +8,11 @@ use serde_json::Value;
 use uuid::Uuid;
 
 /// What a command does to its step: move it forward, undo it, or settle an unknown outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// The step's action.
+    #[default]
     Forward,
     /// The step's compensation.
     Compensation,
@@ -29,6 +30,36 @@ impl Direction {
             Direction::Compensation => "compensation",
             Direction::Fence => "fence",
         }
+    }
+}
+
+impl Direction {
+    /// Whether this is [`Direction::Forward`].
+    pub fn is_forward(&self) -> bool {
+        *self == Direction::Forward
+    }
+}
+
+/// What a saga does once a fence has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceThen {
+    /// It gives up on the step's action: an action that applied is compensated (a pivot goes
+    /// forward), one that did not needs nothing.
+    #[default]
+    GiveUp,
+    /// An operator's retry: a command that applied counts as done; one that did not runs
+    /// again under a fresh idempotency key (the old one holds the tombstone).
+    Retry,
+    /// An operator resolved the compensation by hand: whatever the answer, no delivery of it
+    /// can apply any more, and the saga compensates on.
+    Resolve,
+}
+
+impl FenceThen {
+    /// Whether this is [`FenceThen::GiveUp`].
+    pub fn is_give_up(&self) -> bool {
+        *self == FenceThen::GiveUp
     }
 }
 
@@ -136,17 +167,24 @@ pub enum Event {
         /// When the attempt is due.
         due_at: DateTime<Utc>,
     },
-    /// The saga gives up on a step whose outcome is unknown (an attempt timed out or failed
-    /// retryably, or a cancel came while it ran): before it decides, it fences the step at
-    /// the step's own service (commands in the [`Direction::Fence`] direction).
+    /// Before it decides, the saga fences a command of a step whose outcome it does not
+    /// know, at the step's own service (commands in the [`Direction::Fence`] direction): it
+    /// gives up on the action (an attempt timed out or failed retryably, a cancel came while
+    /// it ran), or an operator retries or resolves the step.
     FenceStarted {
         /// The step's position.
         step: u32,
-        /// Why the saga gives up on the step.
+        /// Why.
         reason: String,
+        /// The command fenced: the action (absent in the log) or the compensation.
+        #[serde(default, skip_serializing_if = "Direction::is_forward")]
+        target: Direction,
+        /// What the saga does once it knows.
+        #[serde(default, skip_serializing_if = "FenceThen::is_give_up")]
+        then: FenceThen,
     },
-    /// The step's service fenced it: the step's action did not apply, and no delivery of any
-    /// attempt can apply it any more.
+    /// The step's service fenced it: the fenced command did not apply, and no delivery of
+    /// any attempt can apply it any more.
     Fenced {
         /// The step's position.
         step: u32,
@@ -204,11 +242,6 @@ pub enum Event {
         step: u32,
         /// Action, compensation or fence.
         direction: Direction,
-        /// The step's last answer was a terminal failure, recorded under its idempotency key:
-        /// the retry runs under a fresh key (the step's key gets a generation suffix), so the
-        /// handler runs again instead of returning the recorded failure.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        fresh_key: bool,
     },
     /// An operator marked a stuck compensation as done by hand (audited).
     Resolved {

@@ -1,5 +1,9 @@
 //! An HTTP endpoint for operations: `/metrics` (Prometheus text), `/livez` and `/readyz`.
 //!
+//! `/livez` answers 200 until [`Health::set_dead`] (a loop of the orchestrator ended: the
+//! process is about to exit non-zero); `/readyz` 200 while [`Health::set_ready`] holds and the
+//! store, if any, answers.
+//!
 //! Enabled by the `http` feature.
 //!
 //! ```no_run
@@ -26,16 +30,38 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Whether the process is ready to take work. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+/// Whether the process is alive and ready to take work. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    live: Arc<AtomicBool>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            ready: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 impl Health {
-    /// Not ready yet.
+    /// Alive, not ready yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Marks the process dead (`/livez` answers 503 from then on): its work stopped in a way
+    /// it cannot recover from (an orchestrator's loop ended), and it is about to exit.
+    pub fn set_dead(&self) {
+        self.live.store(false, Ordering::SeqCst);
+        self.set_ready(false);
+    }
+
+    /// Whether it is alive.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
     }
 
     /// Marks the process ready (connected, consuming) or not (starting, shutting down).
@@ -66,7 +92,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(live))
         .route("/readyz", get(ready))
         .with_state(Ops {
             metrics,
@@ -85,6 +111,14 @@ async fn scrape(State(ops): State<Ops>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ops.metrics.render(stats.as_ref()),
     )
+}
+
+async fn live(State(ops): State<Ops>) -> impl IntoResponse {
+    if ops.health.is_live() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "dead")
+    }
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {

@@ -115,13 +115,40 @@ impl Inbox {
     }
 
     /// Begins a command's transaction and claims its key. A concurrent delivery of the same
-    /// key waits here until the first commits or rolls back.
-    pub(crate) async fn claim(&self, key: &str, saga_id: Uuid, command: &str) -> Result<Claim> {
+    /// key waits here until the first commits or rolls back, at most `wait`. A compensation
+    /// also leaves a tombstone under its step's forward key, if nothing is recorded there:
+    /// a forward delivery still on its way after the compensation then does nothing.
+    pub(crate) async fn claim(
+        &self,
+        command: &crate::message::Command,
+        wait: std::time::Duration,
+    ) -> Result<Claim> {
+        let (key, saga_id) = (command.idempotency_key.as_str(), command.saga_id);
         let mut tx = self.pool.begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = {}",
+            wait.as_millis().max(1)
+        )))
+        .execute(&mut *tx)
+        .await?;
+        if command.direction == crate::event::Direction::Compensation {
+            let forward = crate::message::Command::idempotency_key_for(
+                saga_id,
+                command.step,
+                crate::event::Direction::Forward,
+            );
+            sqlx::query(self.fence.clone())
+                .bind(&forward)
+                .bind(saga_id)
+                .bind(&command.command)
+                .bind(Json(json!({ "fenced": "its step was compensated" })))
+                .execute(&mut *tx)
+                .await?;
+        }
         let claimed = sqlx::query(self.claim.clone())
             .bind(key)
             .bind(saga_id)
-            .bind(command)
+            .bind(&command.command)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -180,7 +207,12 @@ impl Inbox {
             .bind(Json(outcome))
             .execute(&mut *conn)
             .await?;
-        debug_assert_eq!(updated.rows_affected(), 1, "the key was claimed");
+        if updated.rows_affected() != 1 {
+            // The handler ended the transaction that held the claim (a COMMIT of its own).
+            return Err(crate::Error::Database(sqlx::Error::Protocol(format!(
+                "the inbox row of {key} is gone: the handler must not end the command's transaction"
+            ))));
+        }
         Ok(())
     }
 

@@ -63,13 +63,14 @@ pub mod store;
 pub mod testing;
 pub mod timeline;
 pub mod transport;
+mod watch;
 pub mod worker;
 
 pub use client::Client;
 pub use decide::{Decision, Effect, Env, Input, OperatorAction, Timer, Verdict, decide};
 pub use definition::{
-    Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder, SagaDefinition, SignalWait,
-    Step, StepBuilder, StepContext, StepKind, Work,
+    DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,
+    SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
 };
 pub use error::{Error, Result};
 pub use event::{Direction, Event, RecordedEvent};

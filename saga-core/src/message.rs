@@ -130,11 +130,17 @@ pub enum Outcome {
         /// Whether another attempt may succeed.
         retryable: bool,
     },
-    /// The step's action did not apply and never will: its service holds a tombstone (or a
-    /// recorded terminal failure) under the action's idempotency key. The answer to a fence,
-    /// and to any delivery of a fenced step.
+    /// The command did not apply and never will: its service holds a tombstone (or a
+    /// recorded terminal failure) under its idempotency key. The answer to a fence, and to
+    /// any delivery of a fenced command.
     Fenced {
         /// What the service found.
+        detail: String,
+    },
+    /// The answer to a fence from a worker without an inbox: it cannot tell whether the
+    /// command applied, nor stop a later delivery, so the command counts as applied.
+    Unfenceable {
+        /// Why.
         detail: String,
     },
 }

@@ -1,19 +1,22 @@
 //! Metrics in the Prometheus text format, from orchestrators and workers.
 //!
-//! Counted in process: results by verdict, sagas settled by name and status, retries,
-//! timers fired, dead-lettered messages, and each handler attempt (count and duration by
-//! service, command and outcome). Read from the store at scrape time, so they agree across
+//! Counted in process: results by verdict, sagas settled by name and status (`stuck` among
+//! them), retries, timers fired, dead-lettered messages, each handler attempt (count and
+//! duration by service, command and outcome; fences as `fence:COMMAND`), and how long each
+//! service's queue has held commands that no worker consumes. Read from the store at scrape time, so they agree across
 //! processes: sagas by name and status, the outbox backlog and its oldest row's age, due and
 //! pending timers.
 
 use std::fmt::Write;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -41,6 +44,11 @@ struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
     service: String,
     command: String,
@@ -56,6 +64,7 @@ struct Inner {
     timers_fired: Counter,
     attempts: Family<CommandLabels, Counter>,
     handler_seconds: Family<CommandLabels, Histogram>,
+    unconsumed: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
 }
 
 /// A set of metrics shared by the orchestrator and workers of one process. Cheap to clone.
@@ -116,6 +125,12 @@ impl Metrics {
             "Handler attempt duration, by service, command and outcome",
             handler_seconds.clone(),
         );
+        let unconsumed = Family::<ServiceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "service_unconsumed_seconds",
+            "How long a service's queue has held commands with no consumer (0: consumed)",
+            unconsumed.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -126,6 +141,7 @@ impl Metrics {
                 timers_fired,
                 attempts,
                 handler_seconds,
+                unconsumed,
             }),
         }
     }
@@ -184,6 +200,15 @@ impl Metrics {
             .handler_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn unconsumed(&self, service: &str, seconds: f64) {
+        self.inner
+            .unconsumed
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .set(seconds);
     }
 
     /// The metrics in the Prometheus text format, with `stats` (read from the store) added.

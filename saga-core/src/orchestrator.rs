@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::decide::{Input, Verdict};
@@ -170,7 +169,10 @@ impl Orchestrator {
     }
 
     /// Runs until `shutdown` is cancelled: stops consuming, publishes what is committed, and
-    /// returns. Fails only if the queues cannot be declared or consumed at start.
+    /// returns. Fails if the queues cannot be declared or consumed at start, or if one of its
+    /// loops (results, timers, relay) ends before `shutdown` (a panic, a stream that closed):
+    /// the others are stopped then, so that the process can exit and be restarted rather than
+    /// half run.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut sources = vec![Destination::Results];
         sources.extend(
@@ -185,7 +187,6 @@ impl Orchestrator {
 
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-        let tracker = TaskTracker::new();
         let relay = Relay {
             store: Arc::clone(&self.store),
             transport: Arc::clone(&self.transport),
@@ -200,10 +201,15 @@ impl Orchestrator {
         };
         // The relay stops after the loops that feed it, so what they committed is published.
         let relay_stop = CancellationToken::new();
-        tracker.spawn(relay.run(relay_rx, relay_stop.clone()));
+        let mut relay = tokio::spawn(relay.run(relay_rx, relay_stop.clone()));
         // Sagas started through this store in this process hand their first commands to the
         // relay as well, until the loops stop (or this future is dropped).
         let attached = Attached::new(&self.store, LocalRelay::new(relay_tx.clone()));
+        let watcher = crate::watch::QueueWatcher::new(
+            Arc::clone(&self.transport),
+            &self.registry,
+            self.metrics.clone(),
+        );
         let engine = Arc::new(Engine {
             store: self.store,
             registry: self.registry,
@@ -213,17 +219,52 @@ impl Orchestrator {
             on_settled: self.on_settled,
             metrics: self.metrics,
         });
-        let feeders = TaskTracker::new();
-        feeders.spawn(Arc::clone(&engine).consume(results, shutdown.clone()));
-        feeders.spawn(Arc::clone(&engine).fire_timers(wake_rx, shutdown.clone()));
-        feeders.close();
-        feeders.wait().await;
+        let stop = shutdown.child_token();
+        let mut consume = tokio::spawn(Arc::clone(&engine).consume(results, stop.clone()));
+        let mut timers = tokio::spawn(Arc::clone(&engine).fire_timers(wake_rx, stop.clone()));
+        let watch = tokio::spawn(watcher.run(stop.clone()));
+        let ended = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            done = &mut consume => Some(("results consumer", done)),
+            done = &mut timers => Some(("timer loop", done)),
+            done = &mut relay => Some(("outbox relay", done)),
+        };
+        let ended_loop = ended.as_ref().map(|(name, _)| *name);
+        stop.cancel();
+        // A task whose end the select saw is not awaited again.
+        if ended_loop != Some("results consumer") {
+            let _ = consume.await;
+        }
+        if ended_loop != Some("timer loop") {
+            let _ = timers.await;
+        }
+        let _ = watch.await;
         drop((attached, engine));
         relay_stop.cancel();
-        tracker.close();
-        tracker.wait().await;
-        info!("orchestrator stopped");
-        Ok(())
+        if ended_loop != Some("outbox relay") {
+            let _ = relay.await;
+        }
+        // A loop that ends because shutdown came first (the select may see either) is fine.
+        let Some((name, done)) = ended.filter(|_| !shutdown.is_cancelled()) else {
+            info!("orchestrator stopped");
+            return Ok(());
+        };
+        let why = match done {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) if e.is_panic() => format!(
+                "it panicked: {}",
+                crate::decide::panic_message(e.into_panic().as_ref())
+            ),
+            Err(e) => e.to_string(),
+        };
+        error!(
+            loop_name = name,
+            %why,
+            "an orchestrator loop ended before shutdown; stopping"
+        );
+        Err(crate::Error::LoopEnded(format!(
+            "the orchestrator's {name} ({why})"
+        )))
     }
 }
 
@@ -270,6 +311,14 @@ impl Engine {
                 self.metrics.retries(saga, a.retries);
             }
             if let (true, Some(status)) = (a.settled, a.status) {
+                if status == crate::SagaStatus::Stuck {
+                    error!(
+                        saga.id = %a.saga_id,
+                        saga.name = a.saga.as_deref().unwrap_or(""),
+                        reason = a.reason.as_deref().unwrap_or(""),
+                        "saga stuck: it waits for an operator (saga show / retry / resolve)"
+                    );
+                }
                 if let Some(saga) = &a.saga {
                     self.metrics.settled(saga, status);
                     #[cfg(feature = "otel")]
@@ -425,7 +474,7 @@ impl Engine {
             }
         };
         loop {
-            let mut next = Utc::now() + self.config.poll_interval;
+            let mut next = self.store.now() + self.config.poll_interval;
             match self
                 .store
                 .fire_due_timers(&self.registry, self.config.batch_size)
@@ -442,7 +491,9 @@ impl Engine {
                     match self.store.next_timer_due(&self.registry).await {
                         // A due timer that did not fire is held by another process (or its
                         // definition is unknown here): look again shortly, not in a busy loop.
-                        Ok(Some(due)) => next = next.min(due.max(Utc::now() + BLOCKED_TIMER_RETRY)),
+                        Ok(Some(due)) => {
+                            next = next.min(due.max(self.store.now() + BLOCKED_TIMER_RETRY))
+                        }
                         Ok(None) => {}
                         Err(e) => warn!(error = %e, "reading the next timer failed"),
                     }
@@ -450,7 +501,7 @@ impl Engine {
                 Err(e) => warn!(error = %e, "firing timers failed"),
             }
             loop {
-                let sleep = (next - Utc::now()).to_std().unwrap_or_default();
+                let sleep = (next - self.store.now()).to_std().unwrap_or_default();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(sleep) => break,

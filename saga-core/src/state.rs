@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::definition::Definition;
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, FenceThen};
 
 pub use status::SagaStatus;
 
@@ -67,15 +67,19 @@ pub struct Stop {
     pub cancelled: bool,
 }
 
-/// A step being fenced: the saga gave up on it and asks its service whether it applied.
+/// A command being fenced: the saga asks the step's service whether it applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fencing {
     /// The step's position.
     pub step: u32,
     /// The step's name.
     pub name: String,
-    /// Why the saga gives up on the step.
+    /// Why.
     pub reason: String,
+    /// The command fenced: the action or the compensation.
+    pub target: Direction,
+    /// What the saga does once it knows.
+    pub then: FenceThen,
 }
 
 /// A command the saga has dispatched, by id.
@@ -133,8 +137,9 @@ pub struct SagaState {
     /// The step and direction being retried, and when its first failure was (for
     /// [`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed)).
     pub retrying: Option<(u32, Direction, DateTime<Utc>)>,
-    /// The step and direction whose last answer was a terminal failure.
-    pub last_terminal: Option<(u32, Direction)>,
+    /// Attempts sent before an operator's last retry, per step and direction: the retry
+    /// policy counts the attempts after it.
+    pub attempts_before_retry: HashMap<(u32, Direction), u32>,
     /// How many events have been applied.
     pub events: u64,
 }
@@ -267,15 +272,16 @@ impl SagaState {
             fencing: None,
             generations: HashMap::new(),
             retrying: None,
-            last_terminal: None,
+            attempts_before_retry: HashMap::new(),
             events: 1,
         })
     }
 
-    /// The idempotency key of `step` in `direction` (a fence uses its action's).
+    /// The idempotency key of `step` in `direction` (a fence uses the key of the command it
+    /// fences).
     pub fn idempotency_key(&self, saga_id: Uuid, step: u32, direction: Direction) -> String {
         let direction = match direction {
-            Direction::Fence => Direction::Forward,
+            Direction::Fence => self.fence_target(step),
             other => other,
         };
         let generation = self

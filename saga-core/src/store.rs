@@ -28,7 +28,7 @@ use crate::registry::Registry;
 use crate::state::SagaStatus;
 
 pub use memory::MemoryStore;
-pub use pg::{PgStore, PgStoreBuilder};
+pub use pg::{LocalClock, PgStore, PgStoreBuilder};
 
 /// How long the timers of a saga that cannot be applied wait before the next try.
 pub const TIMER_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
@@ -81,6 +81,8 @@ pub struct Applied {
     pub status: Option<SagaStatus>,
     /// Whether this input moved the saga out of running or compensating.
     pub settled: bool,
+    /// Why the saga is stuck, fences a step or compensates, if it does.
+    pub reason: Option<String>,
     /// The saga's definition name, if the saga was loaded.
     pub saga: Option<String>,
     /// How many retries the input scheduled.
@@ -215,6 +217,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;
+
+    /// The time as this store keeps it (for [`PgStore`], the database's clock, as this process
+    /// last measured it): the orchestrator sleeps until due times by it.
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
 
     /// Called by an orchestrator that runs on this store, in this process, with its relay. The
     /// store may then hand the first commands of the sagas started through it to that relay

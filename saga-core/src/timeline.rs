@@ -104,19 +104,8 @@ pub fn render(
             Event::CancelRefused { reason, why, .. } => format!("cancel refused ({reason}): {why}"),
             Event::DeadlineExceeded => "deadline passed".to_owned(),
             Event::RetryRequested {
-                step,
-                direction,
-                fresh_key,
-                ..
-            } => format!(
-                "{} retried by an operator{}",
-                at(*step, *direction),
-                if *fresh_key {
-                    " (under a fresh key)"
-                } else {
-                    ""
-                }
-            ),
+                step, direction, ..
+            } => format!("{} retried by an operator", at(*step, *direction)),
             Event::Resolved { step, reason, .. } => {
                 format!("{:<8} << resolved by hand: {reason}", step_name(*step))
             }
@@ -190,9 +179,20 @@ pub fn render(
                 "{} attempt {attempt} in {delay_ms} ms",
                 at(*step, *direction)
             ),
-            Event::FenceStarted { step, reason } => {
-                format!("fencing step {}: {reason}", step_name(*step))
-            }
+            Event::FenceStarted {
+                step,
+                reason,
+                target,
+                ..
+            } => match target {
+                Direction::Compensation => {
+                    format!(
+                        "fencing the compensation of step {}: {reason}",
+                        step_name(*step)
+                    )
+                }
+                _ => format!("fencing step {}: {reason}", step_name(*step)),
+            },
             Event::Fenced {
                 step,
                 attempt,

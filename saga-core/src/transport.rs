@@ -35,6 +35,15 @@ pub enum PublishError {
     },
 }
 
+/// How many messages wait in a queue, and how many consumers read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStatus {
+    /// Messages ready to be delivered (not counting those delivered and not yet settled).
+    pub messages: u64,
+    /// Consumers subscribed to the queue.
+    pub consumers: u64,
+}
+
 /// A transport failure other than a publish.
 #[derive(Debug, thiserror::Error)]
 #[error("transport: {0}")]
@@ -117,5 +126,13 @@ pub trait Transport: Send + Sync + 'static {
     /// [`PublishError::Unroutable`]. The default has none.
     fn take_late_returns(&self) -> Vec<Envelope> {
         Vec::new()
+    }
+
+    /// How many messages wait in `source`'s queue and how many consumers read it, if the
+    /// transport can tell (the orchestrator reports a service's queue that holds commands
+    /// with nobody to consume them). The default cannot: `None`.
+    async fn queue_status(&self, source: &Source) -> Result<Option<QueueStatus>, TransportError> {
+        let _ = source;
+        Ok(None)
     }
 }

@@ -359,7 +359,8 @@ fn input_builder_error_fails_the_step() {
 }
 
 /// A panic in the definition's code parks that saga as stuck with the panic's message, at the
-/// step whose input was being built; the input is used up and decide returns normally.
+/// step whose input was being built; what the input said is kept (reserve's success), and
+/// decide returns normally.
 #[test]
 fn a_panic_in_the_definition_parks_the_saga() {
     let def = SagaDefinition::<Value>::builder("order", 1)
@@ -378,10 +379,12 @@ fn a_panic_in_the_definition_parks_the_saga() {
     let (mut run, _) = Run::start(def);
     let d = run.ok(json!(1));
     assert!(matches!(d.verdict, Verdict::Applied));
+    assert_eq!(run.kinds()[run.kinds().len() - 2..], ["succeeded", "stuck"]);
     assert_eq!(run.state.status, SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at, Some((1, F)));
     let reason = run.state.stuck_reason.clone().unwrap();
     assert!(
-        reason.contains("panicked at step `reserve` (forward): an amount"),
+        reason.contains("failed at step `charge` (forward): its input builder panicked: an amount"),
         "{reason}"
     );
 }

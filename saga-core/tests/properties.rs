@@ -1,7 +1,8 @@
 //! Property tests of the pure core: random definitions run against participants that keep an
 //! inbox, with any interleaving of deliveries, redeliveries, lost commands, late, duplicate
-//! and lost results, timeouts, fences and cancels. Whatever happens, the saga ends, and the
-//! effects that applied match its status.
+//! and lost results, timeouts, fences, cancels, pauses and resumes, and operators retrying
+//! stuck sagas. Whatever happens, the saga ends, and the effects that applied match its
+//! status.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use saga_core::{
-    Command, Direction, Effect, Env, Event, Input, Outcome, Reply, RetryPolicy, SagaDefinition,
-    SagaState, SagaStatus, StepKind, Timer, Verdict, decide, replay,
+    Command, Direction, Effect, Env, Event, Input, OperatorAction, Outcome, Reply, RetryPolicy,
+    SagaDefinition, SagaState, SagaStatus, StepKind, Timer, Verdict, decide, replay,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -171,7 +172,8 @@ impl World {
             }
             None => {}
         }
-        let terminal_allowed = command.direction == Direction::Forward;
+        // A compensation fails for good now and then; then the saga parks for an operator.
+        let terminal_allowed = command.direction == Direction::Forward || roll % 23 == 2;
         match roll % 6 {
             0 | 1 => Outcome::Failure {
                 error: "flaky".into(),
@@ -228,6 +230,10 @@ impl World {
                     reason: "changed mind".into(),
                 }));
             }
+            8 if b % 4 == 1 => self.operator(OperatorAction::Pause {
+                reason: "look".into(),
+            }),
+            8 if b % 4 == 2 => self.operator(OperatorAction::Resume),
             _ if !self.timers.is_empty() => {
                 let keys: Vec<String> = self.timers.keys().cloned().collect();
                 let timer = self.timers.remove(&keys[b as usize % keys.len()]).unwrap();
@@ -237,14 +243,29 @@ impl World {
         }
     }
 
+    fn operator(&mut self, action: OperatorAction) {
+        self.ids += 1;
+        let id = Uuid::from_u128(self.ids);
+        self.feed(Input::Timer(Timer::Operator { id, action }));
+    }
+
     fn publish(&mut self, reply: Reply) {
         self.results.push(reply.clone());
         self.sent_results.push(reply);
     }
 
-    /// Everything is delivered and answered from now on, in order, until the saga settles.
+    /// Everything is delivered and answered from now on, in order, until the saga settles; an
+    /// operator resumes a paused saga and retries a stuck one (a few times).
     fn calm_down(&mut self) {
+        let mut retries = 0;
         for _ in 0..10_000 {
+            if self.state.paused {
+                self.operator(OperatorAction::Resume);
+            }
+            if self.state.status == SagaStatus::Stuck && retries < 3 {
+                retries += 1;
+                self.operator(OperatorAction::Retry);
+            }
             if !self.state.status.is_active() {
                 return;
             }

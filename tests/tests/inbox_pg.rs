@@ -364,7 +364,7 @@ async fn an_at_least_once_worker_says_it_cannot_fence() {
     p.send(&fence(saga)).await;
     let answer = p.answer().await.outcome;
     assert!(
-        matches!(&answer, Outcome::Failure { retryable: false, error } if error.contains("cannot fence")),
+        matches!(&answer, Outcome::Unfenceable { detail } if detail.contains("cannot fence")),
         "{answer:?}"
     );
     p.send(&charge(saga, 1, "ok")).await;

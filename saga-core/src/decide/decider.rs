@@ -41,13 +41,48 @@ impl Decider<'_, '_> {
             return Ok(Verdict::Ignored("the saga has already started".into()));
         }
         if let Some(deadline) = self.definition.deadline() {
+            let Some(due_at) = self.due(deadline) else {
+                self.park_overflow(0, Direction::Forward, "deadline", deadline)?;
+                return Ok(Verdict::Applied);
+            };
             self.effects.push(Effect::SetTimer {
                 timer: Timer::Deadline,
-                due_at: self.env.now + deadline,
+                due_at,
             });
         }
         self.dispatch(0, Direction::Forward, 1)?;
         Ok(Verdict::Applied)
+    }
+
+    /// When `after` will have passed, or `None` if that is past the last date there is.
+    fn due(&self, after: std::time::Duration) -> Option<chrono::DateTime<chrono::Utc>> {
+        let after = chrono::TimeDelta::from_std(after).ok()?;
+        self.env.now.checked_add_signed(after)
+    }
+
+    /// Parks the saga at `step` in `direction`: the definition's code cannot go on.
+    fn park(&mut self, step: u32, direction: Direction, why: String) -> Step {
+        let name = self.step_name(step).to_owned();
+        self.emit(Event::Stuck {
+            step,
+            direction,
+            reason: format!("the definition's code failed at step `{name}` ({direction}): {why}"),
+        })
+    }
+
+    /// Parks the saga: a duration of the definition overflows the date.
+    fn park_overflow(
+        &mut self,
+        step: u32,
+        direction: Direction,
+        what: &str,
+        duration: std::time::Duration,
+    ) -> Step {
+        self.park(
+            step,
+            direction,
+            format!("its {what} of {duration:?} reaches past the last date there is"),
+        )
     }
 
     fn timeout_of(&self, step: u32) -> Option<std::time::Duration> {
@@ -104,7 +139,13 @@ impl Decider<'_, '_> {
             (Direction::Forward | Direction::Fence, Work::Command(action)) => action,
             (Direction::Forward, Work::Signal(wait)) => {
                 let name = wait.name.clone();
-                let until = def.timeout.map(|t| self.env.now + t);
+                let until = match def.timeout {
+                    Some(t) => match self.due(t) {
+                        Some(until) => Some(until),
+                        None => return self.park_overflow(step, direction, "timeout", t),
+                    },
+                    None => None,
+                };
                 self.emit(Event::Waiting {
                     step,
                     signal: Some(name.clone()),
@@ -127,7 +168,9 @@ impl Decider<'_, '_> {
                 return Ok(());
             }
             (Direction::Forward, Work::Delay(delay)) => {
-                let due_at = self.env.now + *delay;
+                let Some(due_at) = self.due(*delay) else {
+                    return self.park_overflow(step, direction, "delay", *delay);
+                };
                 self.emit(Event::Waiting {
                     step,
                     signal: None,
@@ -159,9 +202,16 @@ impl Decider<'_, '_> {
                 input: &self.state.input,
                 outputs: &self.state.outputs,
             };
-            match action.build_input(&ctx) {
-                Ok(payload) => payload,
-                Err(e) => {
+            match catch(|| action.build_input(&ctx)) {
+                Err(panic) => {
+                    return self.park(
+                        step,
+                        direction,
+                        format!("its input builder panicked: {panic}"),
+                    );
+                }
+                Ok(Ok(payload)) => payload,
+                Ok(Err(e)) => {
                     let error = format!("cannot build the input of step `{}`: {e}", def.name);
                     self.emit(Event::Failed {
                         step,
@@ -173,6 +223,13 @@ impl Decider<'_, '_> {
                     return self.failed_for_good(step, direction, error);
                 }
             }
+        };
+        let timeout = match def.timeout {
+            Some(timeout) => match self.due(timeout) {
+                Some(due_at) => Some(due_at),
+                None => return self.park_overflow(step, direction, "timeout", timeout),
+            },
+            None => None,
         };
         let command_id = (self.env.new_id)();
         let command = Command {
@@ -200,14 +257,14 @@ impl Decider<'_, '_> {
             service: Some(action.service.clone()),
             command: Some(action.command.clone()),
         })?;
-        if let Some(timeout) = def.timeout {
+        if let Some(due_at) = timeout {
             self.effects.push(Effect::SetTimer {
                 timer: Timer::Timeout {
                     step,
                     direction,
                     attempt,
                 },
-                due_at: self.env.now + timeout,
+                due_at,
             });
         }
         self.effects.push(Effect::Dispatch(command));
@@ -227,7 +284,14 @@ impl Decider<'_, '_> {
                 attempt: 1,
             }));
         }
-        match (wait.check)(&payload) {
+        let checked = match catch(|| (wait.check)(&payload)) {
+            Ok(checked) => checked,
+            Err(panic) => {
+                let why = format!("its check of signal `{}` panicked: {panic}", wait.name);
+                return self.park(step, Direction::Forward, why);
+            }
+        };
+        match checked {
             Ok(()) => {
                 self.emit(Event::Succeeded {
                     step,
@@ -284,9 +348,19 @@ impl Decider<'_, '_> {
         };
         let stopping = direction == Direction::Forward && self.state.stop.is_some();
         let elapsed = self.retrying_for(step, direction);
-        if retryable && !stopping && (unbounded || policy.allows_another(attempt, elapsed)) {
-            let delay = policy.delay(attempt, unit_draw(command_id));
-            let due_at = self.env.now + delay;
+        // After an operator's retry, the policy counts afresh.
+        let before = self
+            .state
+            .attempts_before_retry
+            .get(&(step, direction))
+            .copied()
+            .unwrap_or(0);
+        let counted = attempt.saturating_sub(before).max(1);
+        if retryable && !stopping && (unbounded || policy.allows_another(counted, elapsed)) {
+            let delay = policy.delay(counted, unit_draw(command_id));
+            let Some(due_at) = self.due(delay) else {
+                return self.park_overflow(step, direction, "retry backoff", delay);
+            };
             let next = attempt + 1;
             self.emit(Event::RetryScheduled {
                 step,
@@ -315,12 +389,12 @@ impl Decider<'_, '_> {
         };
         let reason = match (retryable, direction) {
             (true, Direction::Fence) => format!(
-                "fencing step `{}` gave up after {attempt} attempts over {}: {error}",
+                "fencing step `{}` gave up after {counted} attempts over {}: {error}",
                 def.name,
                 humantime(elapsed)
             ),
             (true, _) => format!(
-                "step `{}` {what} failed after {attempt} attempts: {error}",
+                "step `{}` {what} failed after {counted} attempts: {error}",
                 def.name
             ),
             (false, _) => format!("step `{}` {what} failed: {error}", def.name),
@@ -387,6 +461,12 @@ impl Decider<'_, '_> {
             None => self.emit(Event::Compensated),
         }
     }
+}
+
+/// Runs the definition's code `f`; a panic comes back as its message.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|panic| super::panic_message(panic.as_ref()))
 }
 
 /// A number in `0.0..1.0` drawn from a command id's random bits.

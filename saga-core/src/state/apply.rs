@@ -3,7 +3,7 @@
 use super::{Current, Fencing, ReceivedSignal, ReplayError, SagaState, SagaStatus, SentCommand};
 use super::{StepProgress, Stop};
 use crate::definition::{Definition, Work};
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, FenceThen};
 
 impl SagaState {
     /// Applies one more event. Replaying a prefix and then the rest equals replaying the whole.
@@ -51,7 +51,6 @@ impl SagaState {
                         attempt: *attempt,
                     },
                 );
-                self.last_terminal = None;
                 if *direction == Direction::Forward {
                     self.progress[i] = StepProgress::InFlight;
                 }
@@ -65,16 +64,20 @@ impl SagaState {
                 let i = self.check_step(definition, *step, *direction)?;
                 self.revive();
                 self.settled(*step);
-                match direction {
-                    // A fence that found the action applied, or a late success of it.
-                    Direction::Forward | Direction::Fence => {
+                // A fence found its command applied: the action's or the compensation's.
+                let done = match direction {
+                    Direction::Fence => self.fence_target(*step),
+                    other => *other,
+                };
+                match done {
+                    Direction::Compensation => self.compensated[i] = true,
+                    _ => {
                         self.progress[i] = StepProgress::Succeeded;
                         self.outputs[i] = Some(output.clone());
                         self.consume_signal(definition, i);
-                        self.end_fence(*step);
                     }
-                    Direction::Compensation => self.compensated[i] = true,
                 }
+                self.end_fence(*step, done);
             }
             Event::Failed {
                 step,
@@ -92,15 +95,19 @@ impl SagaState {
                         // A refused signal is used up.
                         self.consume_signal(definition, i);
                     }
-                    // The service cannot fence: the step counts as applied.
+                    // The service cannot fence: a forward step given up on counts as applied.
                     (Direction::Fence, false) => {
-                        self.progress[i] = StepProgress::PossiblyApplied;
-                        self.end_fence(*step);
+                        let fencing = self.fencing.as_ref().filter(|f| f.step == *step);
+                        if fencing.is_some_and(|f| {
+                            f.target == Direction::Forward && f.then == FenceThen::GiveUp
+                        }) {
+                            self.progress[i] = StepProgress::PossiblyApplied;
+                        }
+                        self.settled(*step);
+                        let target = self.fence_target(*step);
+                        self.end_fence(*step, target);
                     }
                     (Direction::Fence, true) | (Direction::Compensation, _) => {}
-                }
-                if !retryable && *direction != Direction::Fence {
-                    self.last_terminal = Some((*step, *direction));
                 }
             }
             Event::TimedOut {
@@ -116,21 +123,49 @@ impl SagaState {
                     }
                 }
             }
-            Event::FenceStarted { step, reason } => {
-                let i = self.check_step(definition, *step, Direction::Fence)?;
+            Event::FenceStarted {
+                step,
+                reason,
+                target,
+                then,
+            } => {
+                let target = match target {
+                    Direction::Compensation => Direction::Compensation,
+                    _ => Direction::Forward,
+                };
+                let check = match target {
+                    Direction::Compensation => Direction::Compensation,
+                    _ => Direction::Fence,
+                };
+                let i = self.check_step(definition, *step, check)?;
                 self.revive();
+                // A fence's retry policy counts this fence's attempts, from now.
+                self.restart_retries(*step, Direction::Fence);
                 self.fencing = Some(Fencing {
                     step: *step,
                     name: definition.steps()[i].name.clone(),
                     reason: reason.clone(),
+                    target,
+                    then: *then,
                 });
             }
             Event::Fenced { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Fence)?;
                 self.revive();
                 self.settled(*step);
-                self.progress[i] = StepProgress::Failed;
-                self.end_fence(*step);
+                let target = self.fence_target(*step);
+                if target == Direction::Forward {
+                    self.progress[i] = StepProgress::Failed;
+                }
+                // An operator's retry runs under a fresh key: the old one holds the tombstone.
+                if self
+                    .fencing
+                    .as_ref()
+                    .is_some_and(|f| f.step == *step && f.then == FenceThen::Retry)
+                {
+                    *self.generations.entry((*step, target)).or_default() += 1;
+                }
+                self.end_fence(*step, target);
             }
             Event::Waiting { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;
@@ -164,18 +199,11 @@ impl SagaState {
             }
             Event::Cancelled => self.finish(SagaStatus::Cancelled),
             Event::RetryRequested {
-                step,
-                direction,
-                fresh_key,
-                ..
+                step, direction, ..
             } => {
                 self.check_step(definition, *step, *direction)?;
                 self.revive();
-                // Patience starts again.
-                self.retrying = None;
-                if *fresh_key {
-                    *self.generations.entry((*step, *direction)).or_default() += 1;
-                }
+                self.restart_retries(*step, *direction);
             }
             Event::Resolved { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Compensation)?;
@@ -248,6 +276,22 @@ impl SagaState {
         Ok(())
     }
 
+    /// The retry policy of `step` in `direction` starts again: it counts the attempts from
+    /// now, and its patience from the next failure.
+    fn restart_retries(&mut self, step: u32, direction: Direction) {
+        if matches!(self.retrying, Some((s, d, _)) if (s, d) == (step, direction)) {
+            self.retrying = None;
+        }
+        let sent = self
+            .sent
+            .values()
+            .filter(|s| (s.step, s.direction) == (step, direction))
+            .map(|s| s.attempt)
+            .max()
+            .unwrap_or(0);
+        self.attempts_before_retry.insert((step, direction), sent);
+    }
+
     /// A stuck saga that an answer (or an operator) moves on is active again.
     fn revive(&mut self) {
         if self.status == SagaStatus::Stuck {
@@ -269,9 +313,22 @@ impl SagaState {
         }
     }
 
-    /// The fence of `step`, if one runs, has its answer.
-    fn end_fence(&mut self, step: u32) {
-        if self.fencing.as_ref().is_some_and(|f| f.step == step) {
+    /// The command a fence of `step` targets (the action, unless the fence running says the
+    /// compensation).
+    pub(super) fn fence_target(&self, step: u32) -> Direction {
+        self.fencing
+            .as_ref()
+            .filter(|f| f.step == step)
+            .map_or(Direction::Forward, |f| f.target)
+    }
+
+    /// The fence of `step`'s `target` command, if one runs, has its answer.
+    fn end_fence(&mut self, step: u32, target: Direction) {
+        if self
+            .fencing
+            .as_ref()
+            .is_some_and(|f| f.step == step && f.target == target)
+        {
             self.fencing = None;
         }
     }

@@ -16,6 +16,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 mod cache;
+mod clock;
 mod columns;
 mod sql;
 mod starts;
@@ -33,6 +34,8 @@ use crate::registry::Registry;
 use crate::schema;
 use crate::state::{ReplayError, SagaState, SagaStatus, replay};
 use cache::StateCache;
+use clock::DbClock;
+pub use clock::LocalClock;
 use columns::Columns;
 use sql::Sql;
 use starts::{Pending, PreparedStart, StartQueue, Writer, prepare_start};
@@ -64,6 +67,8 @@ pub struct PgStore {
     starts: Arc<StartQueue>,
     /// The relay of an orchestrator running on this store (or a clone) in this process.
     local_relay: Arc<Mutex<Option<LocalRelay>>>,
+    /// The database's time, as this process reads it.
+    clock: Arc<DbClock>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -75,12 +80,22 @@ impl std::fmt::Debug for PgStore {
 }
 
 /// Configures a [`PgStore`].
-#[derive(Debug)]
 pub struct PgStoreBuilder {
     pool: PgPool,
     schema: String,
     lease: Duration,
     cached_sagas: usize,
+    local_clock: LocalClock,
+}
+
+impl std::fmt::Debug for PgStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStoreBuilder")
+            .field("schema", &self.schema)
+            .field("lease", &self.lease)
+            .field("cached_sagas", &self.cached_sagas)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgStoreBuilder {
@@ -105,6 +120,15 @@ impl PgStoreBuilder {
         self
     }
 
+    /// Where this process reads the time between two measurements of its offset from the
+    /// database's clock (default: the system clock). Due times, leases and the times in the
+    /// log follow the database's clock whatever this one says; for tests that run a process
+    /// whose clock is off.
+    pub fn local_clock(mut self, clock: LocalClock) -> Self {
+        self.local_clock = clock;
+        self
+    }
+
     /// Checks the schema name and builds the store; no I/O.
     pub fn build(self) -> Result<PgStore> {
         let quoted = schema::quoted(&self.schema)?;
@@ -118,6 +142,7 @@ impl PgStoreBuilder {
             cache: Arc::new(StateCache::new(self.cached_sagas)),
             starts: Arc::new(StartQueue::new()),
             local_relay: Arc::default(),
+            clock: Arc::new(DbClock::new(self.local_clock)),
         })
     }
 }
@@ -137,6 +162,7 @@ impl PgStore {
             schema: Self::DEFAULT_SCHEMA.to_owned(),
             lease: Self::DEFAULT_OUTBOX_LEASE,
             cached_sagas: Self::DEFAULT_CACHED_SAGAS,
+            local_clock: Arc::new(Utc::now),
         }
     }
 
@@ -195,7 +221,7 @@ impl PgStore {
             input: serde_json::to_value(input)?,
             business_key,
         };
-        let now = Utc::now();
+        let now = self.clock.now_synced(&self.pool).await?;
         let start = prepare_start(request, now)?;
         // Not handed to a relay: the caller's transaction may yet roll back.
         let mut started = self
@@ -259,7 +285,7 @@ impl PgStore {
         .bind(c.due_ats);
         let query = match relay {
             // From now, not from `now`: the batch may have waited for a connection.
-            Some(_) => query.bind(Utc::now() + self.lease),
+            Some(_) => query.bind(self.clock.now() + self.lease),
             None => query.bind(self.notify_channel()),
         };
         let mut inserted = HashSet::with_capacity(starts.len());
@@ -313,7 +339,11 @@ impl PgStore {
     /// Writes queued starts, a batch at a time, until none is left (see [`starts`]).
     async fn write_starts(self, mut writer: Writer) {
         while let Some(batch) = StartQueue::next_batch(&mut writer) {
-            let now = Utc::now();
+            // Unsynced, the database being out of reach, the statement fails anyway.
+            let now = match self.clock.now_synced(&self.pool).await {
+                Ok(now) => now,
+                Err(_) => self.clock.now(),
+            };
             let mut ready = Vec::with_capacity(batch.len());
             for Pending { request, reply } in batch {
                 // The definition's code runs here: a panic in it goes to its own caller.
@@ -885,7 +915,7 @@ impl Store for PgStore {
     /// again under their row locks, from their logs. Otherwise the batch
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
-        let now = Utc::now();
+        let now = self.clock.now_synced(&self.pool).await?;
         let ids = saga_ids(&batch);
         let Some(mut loaded) = self.kept(registry, &ids) else {
             return self.apply_locked(registry, batch, &ids, now).await;
@@ -905,7 +935,7 @@ impl Store for PgStore {
                 .unzip();
             let again_ids = saga_ids(&again);
             match self
-                .apply_locked(registry, again, &again_ids, Utc::now())
+                .apply_locked(registry, again, &again_ids, self.clock.now())
                 .await
             {
                 Ok(redone) => {
@@ -926,7 +956,7 @@ impl Store for PgStore {
     }
 
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
-        let now = Utc::now();
+        let now = self.clock.now_synced(&self.pool).await?;
         let (names, versions) = registered(registry);
         // By key, like the hot path: the loop asks this at every wake-up.
         let mut tx = self.begin().await?;
@@ -979,13 +1009,12 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
-        let now = Utc::now();
         let mut tx = self.begin().await?;
+        // Due at the database's `now()`, not this process's.
         let inserted = sqlx::query(self.sql.set_timers.clone())
             .bind(saga_id)
             .bind(timer.key())
             .bind(serde_json::to_value(&timer)?)
-            .bind(now)
             .execute(&mut *tx)
             .await?;
         if inserted.rows_affected() == 0 {
@@ -1006,10 +1035,9 @@ impl Store for PgStore {
     }
 
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
-        let now = Utc::now();
+        // Leases are read and set by the database's `now()`.
         let rows = sqlx::query(self.sql.claim_outbox.clone())
-            .bind(now)
-            .bind(now + lease)
+            .bind(lease.as_secs_f64())
             .bind(limit as i64)
             .fetch_all(self.relaxed().await?)
             .await?;
@@ -1089,7 +1117,6 @@ impl Store for PgStore {
         }
         let (backlog, oldest, due, pending): (i64, f64, i64, i64) =
             sqlx::query_as(self.sql.stats_queues.clone())
-                .bind(Utc::now())
                 .fetch_one(&self.pool)
                 .await?;
         Ok(crate::store::StoreStats {
@@ -1142,6 +1169,10 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     fn attach_relay(&self, relay: LocalRelay) {

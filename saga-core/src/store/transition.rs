@@ -50,6 +50,7 @@ pub(crate) struct Decided {
     pub(crate) verdict: Verdict,
     pub(crate) status: SagaStatus,
     pub(crate) settled: bool,
+    pub(crate) reason: Option<String>,
     pub(crate) saga: String,
     pub(crate) retries: u32,
     pub(crate) outbox: Vec<usize>,
@@ -83,6 +84,7 @@ pub(crate) fn apply_input(
         verdict: decision.verdict,
         status: decision.state.status,
         settled: loaded.state.status.is_active() && !decision.state.status.is_active(),
+        reason: SagaStatus::reason(&decision.state),
         saga: definition.name().to_owned(),
         retries: decision
             .events
@@ -156,6 +158,7 @@ pub(crate) fn report(
                 wake_at: None,
                 status: None,
                 settled: false,
+                reason: None,
                 saga: None,
                 retries: 0,
             },
@@ -166,6 +169,7 @@ pub(crate) fn report(
                 wake_at: d.wake_at,
                 status: Some(d.status),
                 settled: d.settled,
+                reason: d.reason,
                 saga: Some(d.saga),
                 retries: d.retries,
             },

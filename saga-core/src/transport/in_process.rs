@@ -2,28 +2,75 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream};
 use tokio::sync::Notify;
 
-use super::{Acker, Delivery, PublishError, Source, Transport, TransportError};
+use super::{Acker, Delivery, PublishError, QueueStatus, Source, Transport, TransportError};
 use crate::message::{Envelope, Message};
 
 #[derive(Default)]
 struct Queue {
-    ready: Mutex<VecDeque<(Message, bool)>>,
+    /// Messages, whether redelivered, and when each expires (a command's time to live).
+    ready: Mutex<VecDeque<(Message, bool, Option<Instant>)>>,
     dead: Mutex<Vec<(Message, String)>>,
     notify: Notify,
+    consumers: std::sync::atomic::AtomicU64,
+}
+
+impl Queue {
+    /// The next message that has not expired; expired ones are dead-lettered on the way, as
+    /// the broker does with a message whose time to live has passed.
+    fn next_ready(&self) -> Option<(Message, bool)> {
+        let mut ready = self.ready.lock().expect("queue lock");
+        while let Some((message, redelivered, expires)) = ready.pop_front() {
+            if expires.is_some_and(|at| at <= Instant::now()) && !redelivered {
+                self.dead
+                    .lock()
+                    .expect("dead lock")
+                    .push((message, "expired".to_owned()));
+                continue;
+            }
+            return Some((message, redelivered));
+        }
+        None
+    }
+}
+
+/// A consumer of a queue, counted while its stream lives.
+struct Consumer(Arc<Queue>);
+
+impl Consumer {
+    fn new(queue: Arc<Queue>) -> Self {
+        queue
+            .consumers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(queue)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.0
+            .consumers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Queue {
     fn push(&self, message: Message, redelivered: bool) {
+        let expires = message
+            .headers
+            .get(crate::message::headers::TTL_MS)
+            .and_then(|ms| ms.parse().ok())
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
         let mut ready = self.ready.lock().expect("queue lock");
         if redelivered {
-            ready.push_front((message, true));
+            ready.push_front((message, true, expires));
         } else {
-            ready.push_back((message, false));
+            ready.push_back((message, false, expires));
         }
         drop(ready);
         // Every waiting consumer looks; those that find nothing wait again.
@@ -33,7 +80,8 @@ impl Queue {
 }
 
 /// Queues in memory with the semantics of the broker: competing consumers, explicit acks,
-/// requeue on drop, dead letters with a reason, and unroutable publishes to undeclared queues.
+/// requeue on drop, dead letters with a reason, commands that expire unconsumed after their
+/// time to live, and unroutable publishes to undeclared queues.
 ///
 /// Clones share the same queues.
 #[derive(Clone, Default)]
@@ -114,24 +162,35 @@ impl Transport for InProcessTransport {
         &self,
         source: &Source,
     ) -> Result<BoxStream<'static, Delivery>, TransportError> {
-        let queue = self.declared(source);
-        Ok(Box::pin(stream::unfold(queue, |queue| async move {
+        let consumer = Consumer::new(self.declared(source));
+        Ok(Box::pin(stream::unfold(consumer, |consumer| async move {
+            let queue = &consumer.0;
             let (message, redelivered) = loop {
                 // Registered before the check, so a push in between is not missed.
                 let notified = queue.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if let Some(next) = queue.ready.lock().expect("queue lock").pop_front() {
+                if let Some(next) = queue.next_ready() {
                     break next;
                 }
                 notified.await;
             };
             let acker = InProcessAcker {
-                queue: Arc::clone(&queue),
+                queue: Arc::clone(queue),
                 message: Some(message.clone()),
             };
-            Some((Delivery::new(message, redelivered, Box::new(acker)), queue))
+            Some((
+                Delivery::new(message, redelivered, Box::new(acker)),
+                consumer,
+            ))
         })))
+    }
+
+    async fn queue_status(&self, source: &Source) -> Result<Option<QueueStatus>, TransportError> {
+        Ok(self.queue(source).map(|q| QueueStatus {
+            messages: q.ready.lock().expect("queue lock").len() as u64,
+            consumers: q.consumers.load(std::sync::atomic::Ordering::SeqCst),
+        }))
     }
 }
 

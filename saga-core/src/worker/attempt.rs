@@ -52,7 +52,7 @@ impl Worker {
             };
         };
         let key = &command.idempotency_key;
-        let tx = match inbox.claim(key, command.saga_id, &command.command).await {
+        let tx = match inbox.claim(command, self.timeout_of(command)).await {
             Ok(Claim::Mine(tx)) => tx,
             Ok(Claim::Recorded(outcome)) => return outcome,
             Err(e) => return retryable(format!("the inbox cannot be reached: {e}")),
@@ -117,10 +117,7 @@ impl Worker {
         command: &Command,
         ctx: CommandContext,
     ) -> Ran {
-        let timeout = command
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.default_timeout);
+        let timeout = self.timeout_of(command);
         let mut task = tokio::spawn(
             Arc::clone(handler)
                 .call(command.payload.clone(), ctx)
@@ -136,6 +133,14 @@ impl Worker {
                 Ran::TimedOut(timeout)
             }
         }
+    }
+
+    /// How long `command` may run: its attempt's timeout, or the worker's default.
+    fn timeout_of(&self, command: &Command) -> Duration {
+        command
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.default_timeout)
     }
 
     /// Why the result of `command` with `output` is too large to send, if it is.
@@ -156,14 +161,15 @@ impl Worker {
 
     /// Answers a fence of `command`'s step from the inbox: applied (with the recorded
     /// output), or fenced (a tombstone written, or a terminal failure recorded). A worker
-    /// without an inbox cannot fence: a terminal failure says so, and the step counts as
-    /// applied.
+    /// without an inbox cannot fence (`unfenceable`): the command counts as applied.
     pub(super) async fn fence(&self, command: &Command) -> Outcome {
         let Some(inbox) = &self.inbox else {
-            return terminal(format!(
-                "service `{}` runs without an inbox (an at-least-once worker): it cannot fence step `{}`",
-                self.service, command.step_name
-            ));
+            return Outcome::Unfenceable {
+                detail: format!(
+                    "service `{}` runs without an inbox (an at-least-once worker): it cannot fence step `{}`",
+                    self.service, command.step_name
+                ),
+            };
         };
         let wait = command
             .timeout_ms

@@ -58,6 +58,7 @@ impl Worker {
                     retryable: false, ..
                 } => "terminal",
                 Outcome::Fenced { .. } => "fenced",
+                Outcome::Unfenceable { .. } => "unfenceable",
             };
             let command_label = match command.direction {
                 Direction::Fence => format!("fence:{}", command.command),
@@ -75,6 +76,7 @@ impl Worker {
                     retryable: false,
                 } => info!(%error, "step failed terminally"),
                 Outcome::Fenced { detail } => info!(%detail, "step fenced"),
+                Outcome::Unfenceable { detail } => info!(%detail, "cannot fence"),
                 Outcome::Success { .. } => {}
             }
             let envelope = Reply::to(&command, outcome).to_envelope();

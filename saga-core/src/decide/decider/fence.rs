@@ -1,12 +1,15 @@
-//! Giving up on a step whose outcome is unknown: fence it at its own service, then decide
-//! from the answer (applied, not applied, or cannot be fenced).
+//! Fences: before it decides about a command whose outcome it does not know, the saga asks
+//! the step's own service whether it applied (or has it made so that it never will), then
+//! goes on from the answer. It fences an action it gives up on, and a command an operator
+//! retries or resolves.
 
 use super::{Decider, Step};
 use crate::definition::StepKind;
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, FenceThen};
 use crate::message::Outcome;
+use crate::state::Fencing;
 
-/// What a fence learned about a step's action.
+/// What a fence learned about its command.
 pub(super) enum Answer {
     /// It applied, with this output.
     Applied(serde_json::Value),
@@ -17,18 +20,14 @@ pub(super) enum Answer {
 }
 
 impl Answer {
-    /// The definitive answer a reply to a fence carries; `None` for a retryable failure.
+    /// The definitive answer a reply to a fence carries; `None` for a failure (retryable, or
+    /// a refusal of a worker that could not run the fence), after which it is tried again.
     pub(super) fn of(outcome: &Outcome) -> Option<Self> {
         match outcome {
             Outcome::Success { output } => Some(Answer::Applied(output.clone())),
             Outcome::Fenced { detail } => Some(Answer::NotApplied(detail.clone())),
-            Outcome::Failure {
-                error,
-                retryable: false,
-            } => Some(Answer::Unfenceable(error.clone())),
-            Outcome::Failure {
-                retryable: true, ..
-            } => None,
+            Outcome::Unfenceable { detail } => Some(Answer::Unfenceable(detail.clone())),
+            Outcome::Failure { .. } => None,
         }
     }
 }
@@ -53,23 +52,35 @@ impl Decider<'_, '_> {
         self.compensate_below(step + 1)
     }
 
-    /// Starts fencing `step`: the saga waits for its service's answer before it decides.
+    /// Starts fencing `step`'s action, given up on: the saga waits for the service's answer.
     pub(super) fn start_fence(&mut self, step: u32, reason: String) -> Step {
-        self.emit(Event::FenceStarted { step, reason })?;
+        self.fence(step, Direction::Forward, FenceThen::GiveUp, reason)
+    }
+
+    /// Starts fencing `step`'s `target` command, to do `then` once it is answered.
+    pub(super) fn fence(
+        &mut self,
+        step: u32,
+        target: Direction,
+        then: FenceThen,
+        reason: String,
+    ) -> Step {
+        self.emit(Event::FenceStarted {
+            step,
+            reason,
+            target,
+            then,
+        })?;
         let attempt = self.next_attempt(step, Direction::Fence);
         self.dispatch(step, Direction::Fence, attempt)
     }
 
-    /// Applies a fence's definitive answer (from any of its attempts), then decides.
+    /// Records a fence's definitive answer (from any of its attempts), then goes on.
     pub(super) fn after_fence(&mut self, step: u32, attempt: u32, answer: Answer) -> Step {
-        let reason = self
-            .state
-            .fencing
-            .as_ref()
-            .map(|f| f.reason.clone())
-            .unwrap_or_default();
-        let pivot = self.definition.steps()[step as usize].kind == StepKind::Pivot;
-        match answer {
+        let Some(fencing) = self.fencing_of(step) else {
+            return Ok(());
+        };
+        let known = match answer {
             Answer::Applied(output) => {
                 self.emit(Event::Succeeded {
                     step,
@@ -77,7 +88,7 @@ impl Decider<'_, '_> {
                     attempt,
                     output,
                 })?;
-                self.after_applied(step, reason, pivot)
+                Known::Applied
             }
             Answer::NotApplied(detail) => {
                 self.emit(Event::Fenced {
@@ -85,39 +96,65 @@ impl Decider<'_, '_> {
                     attempt,
                     detail,
                 })?;
-                self.settle(step, reason)
+                Known::NotApplied
             }
-            Answer::Unfenceable(error) => {
+            Answer::Unfenceable(detail) => {
                 self.emit(Event::Failed {
                     step,
                     direction: Direction::Fence,
                     attempt,
-                    error: error.clone(),
+                    error: detail.clone(),
                     retryable: false,
                 })?;
-                if pivot {
-                    // Never compensated past; an operator decides (a retry runs it again).
-                    return self.emit(Event::Stuck {
-                        step,
-                        direction: Direction::Forward,
-                        reason: format!(
-                            "the outcome of pivot step `{}` is unknown and cannot be fenced \
-                             ({error}); the saga gave up on it: {reason}",
-                            self.step_name(step)
-                        ),
-                    });
-                }
-                self.settle(step, reason)
+                Known::Unfenceable(detail)
             }
-        }
+        };
+        self.go_on(step, fencing, known)
     }
 
-    /// The step's action applied: a pivot goes forward, any other step is compensated with
-    /// those before it.
-    pub(super) fn after_applied(&mut self, step: u32, reason: String, pivot: bool) -> Step {
-        if pivot && self.state.stop.is_none() {
-            return self.after_success(step, Direction::Forward);
-        }
-        self.settle(step, reason)
+    /// The fence running on `step`, if any.
+    pub(super) fn fencing_of(&self, step: u32) -> Option<Fencing> {
+        self.state.fencing.clone().filter(|f| f.step == step)
     }
+
+    /// `fencing` is settled (by its answer, or by a late answer of the command it fenced,
+    /// already recorded): the saga does what it fenced for.
+    pub(super) fn go_on(&mut self, step: u32, fencing: Fencing, known: Known) -> Step {
+        let pivot = self.definition.steps()[step as usize].kind == StepKind::Pivot;
+        match (fencing.then, known) {
+            (FenceThen::GiveUp, Known::Unfenceable(detail)) if pivot => {
+                // Never compensated past; an operator decides (a retry runs it again).
+                self.emit(Event::Stuck {
+                    step,
+                    direction: Direction::Forward,
+                    reason: format!(
+                        "the outcome of pivot step `{}` is unknown and cannot be fenced \
+                         ({detail}); the saga gave up on it: {}",
+                        self.step_name(step),
+                        fencing.reason
+                    ),
+                })
+            }
+            (FenceThen::GiveUp, Known::Applied) if pivot && self.state.stop.is_none() => {
+                self.after_success(step, Direction::Forward)
+            }
+            (FenceThen::GiveUp, _) => self.settle(step, fencing.reason),
+            (FenceThen::Retry, Known::Applied) => self.after_success(step, fencing.target),
+            (FenceThen::Retry, _) => {
+                let attempt = self.next_attempt(step, fencing.target);
+                self.dispatch(step, fencing.target, attempt)
+            }
+            (FenceThen::Resolve, _) => self.compensate_below(step),
+        }
+    }
+}
+
+/// What the saga knows about a fenced command once its fence is settled.
+pub(super) enum Known {
+    /// It applied.
+    Applied,
+    /// It did not, and never will.
+    NotApplied,
+    /// Its service cannot tell: it counts as applied.
+    Unfenceable(String),
 }

@@ -5,10 +5,21 @@ use uuid::Uuid;
 use super::Decider;
 use crate::SagaStatus;
 use crate::decide::{OperatorAction, Verdict};
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, FenceThen};
 use crate::state::ReplayError;
 
 impl Decider<'_, '_> {
+    /// Whether a command of `step` in `direction` was ever sent (a command step's).
+    fn was_sent(&self, step: u32, direction: Direction) -> bool {
+        let is_command = self.definition.steps()[step as usize].action().is_some();
+        is_command
+            && self
+                .state
+                .sent
+                .values()
+                .any(|s| (s.step, s.direction) == (step, direction))
+    }
+
     pub(super) fn operator(
         &mut self,
         request: Uuid,
@@ -23,18 +34,24 @@ impl Decider<'_, '_> {
         let event = match action {
             OperatorAction::Retry => match self.state.stuck_at {
                 Some((step, direction)) if status == SagaStatus::Stuck => {
-                    // A terminal failure is recorded under the step's key: a retry under the
-                    // same key would get it back instead of running the handler.
-                    let fresh_key = direction != Direction::Fence
-                        && self.state.last_terminal == Some((step, direction));
                     self.emit(Event::RetryRequested {
                         request,
                         step,
                         direction,
-                        fresh_key,
                     })?;
-                    let attempt = self.next_attempt(step, direction);
-                    self.dispatch(step, direction, attempt)?;
+                    if self.was_sent(step, direction) && direction != Direction::Fence {
+                        // Its last delivery may yet apply, or its key hold a recorded failure:
+                        // fence it; what did not apply runs again under a fresh key.
+                        self.fence(
+                            step,
+                            direction,
+                            FenceThen::Retry,
+                            "an operator's retry".to_owned(),
+                        )?;
+                    } else {
+                        let attempt = self.next_attempt(step, direction);
+                        self.dispatch(step, direction, attempt)?;
+                    }
                     return Ok(Verdict::Applied);
                 }
                 _ => refuse(format!(
@@ -53,7 +70,17 @@ impl Decider<'_, '_> {
                             step: at,
                             reason: reason.clone(),
                         })?;
-                        self.compensate_below(at)?;
+                        if self.was_sent(at, Direction::Compensation) {
+                            // No delivery of the compensation may apply after the fix by hand.
+                            self.fence(
+                                at,
+                                Direction::Compensation,
+                                FenceThen::Resolve,
+                                format!("resolved by hand: {reason}"),
+                            )?;
+                        } else {
+                            self.compensate_below(at)?;
+                        }
                         return Ok(Verdict::Applied);
                     }
                     (Some(_), Some((at, direction))) if status == SagaStatus::Stuck => {
@@ -85,7 +112,7 @@ impl Decider<'_, '_> {
                 } else if !self.state.paused {
                     refuse("the saga is not paused".to_owned())
                 } else {
-                    let held = self.state.held;
+                    let held = self.state.held.filter(|_| status.is_active());
                     self.emit(Event::Resumed { request })?;
                     if let Some(h) = held {
                         self.dispatch(h.step, h.direction, h.attempt)?;

@@ -1,11 +1,11 @@
 //! A participant's result: the outstanding command's answer, or a late one that still tells
 //! the saga something it needs to know.
 
-use super::fence::Answer;
+use super::fence::{Answer, Known};
 use super::{Decider, Step};
 use crate::SagaStatus;
 use crate::decide::{Effect, Timer, Verdict};
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, FenceThen};
 use crate::message::{Outcome, Reply};
 use crate::state::ReplayError;
 
@@ -45,7 +45,22 @@ impl Decider<'_, '_> {
         if direction == Direction::Fence {
             match Answer::of(&reply.outcome) {
                 Some(answer) => self.after_fence(step, attempt, answer)?,
-                None => self.failed_attempt(reply)?,
+                // Not an answer: the fence could not be made there and then (a worker that
+                // refused the message, say). It is tried again.
+                None => {
+                    let error = match &reply.outcome {
+                        Outcome::Failure { error, .. } => error.clone(),
+                        _ => String::new(),
+                    };
+                    self.emit(Event::Failed {
+                        step,
+                        direction,
+                        attempt,
+                        error: error.clone(),
+                        retryable: true,
+                    })?;
+                    self.after_failure(step, direction, attempt, true, &error, reply.command_id)?;
+                }
             }
             return Ok(Verdict::Applied);
         }
@@ -59,7 +74,9 @@ impl Decider<'_, '_> {
                 })?;
                 self.after_success(step, direction)?;
             }
-            Outcome::Failure { .. } | Outcome::Fenced { .. } => self.failed_attempt(reply)?,
+            Outcome::Failure { .. } | Outcome::Fenced { .. } | Outcome::Unfenceable { .. } => {
+                self.failed_attempt(reply)?
+            }
         }
         Ok(Verdict::Applied)
     }
@@ -70,6 +87,7 @@ impl Decider<'_, '_> {
         let (error, retryable) = match &reply.outcome {
             Outcome::Failure { error, retryable } => (error.clone(), *retryable),
             Outcome::Fenced { detail } => (format!("the step was fenced: {detail}"), false),
+            Outcome::Unfenceable { detail } => (detail.clone(), false),
             Outcome::Success { .. } => unreachable!("a success is not a failure"),
         };
         self.emit(Event::Failed {
@@ -91,9 +109,10 @@ impl Decider<'_, '_> {
 
     /// A result for a command the saga no longer waits for: dropped, unless it settles what
     /// the saga still needs to know about its step. A success of an earlier attempt (or of
-    /// an attempt whose timeout fired) is the step's success; a fence's definitive answer
-    /// from an earlier fence attempt is the fence's answer; a compensation's success settles
-    /// a compensation being retried, or one that got the saga stuck.
+    /// an attempt whose timeout fired) is the command's success, and settles a fence of it; a
+    /// fence's definitive answer from an earlier fence attempt is the fence's answer; a
+    /// compensation's success settles a compensation being retried, or one that got the saga
+    /// stuck.
     fn late_reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
         let stale = Verdict::Ignored(format!(
             "duplicate or stale result for step {} {} attempt {}",
@@ -103,58 +122,66 @@ impl Decider<'_, '_> {
         if self.state.status.is_terminal() || !self.working_on(step, reply.direction) {
             return Ok(stale);
         }
-        let fencing = self.state.fencing.as_ref().is_some_and(|f| f.step == step);
-        match (reply.direction, &reply.outcome) {
-            (Direction::Forward, Outcome::Success { output }) => {
-                self.drop_current_timer(step);
-                self.emit(Event::Succeeded {
-                    step,
-                    direction: Direction::Forward,
-                    attempt: reply.attempt,
-                    output: output.clone(),
-                })?;
-                if fencing {
-                    let reason = self.fence_reason();
-                    let pivot = self.is_pivot(step);
-                    self.after_applied(step, reason, pivot)?;
-                } else {
-                    self.after_success(step, Direction::Forward)?;
-                }
-            }
-            (Direction::Forward, Outcome::Fenced { detail }) if fencing => {
-                self.drop_current_timer(step);
-                let attempt = self.state.current.map_or(0, |c| c.attempt);
-                let detail = detail.clone();
-                self.after_fence(step, attempt, Answer::NotApplied(detail))?;
-            }
-            (Direction::Fence, outcome) if fencing => {
+        let fencing = self
+            .fencing_of(step)
+            .filter(|f| reply.direction == Direction::Fence || f.target == reply.direction);
+        let known = match (reply.direction, &reply.outcome, &fencing) {
+            (Direction::Fence, outcome, Some(_)) => {
                 let Some(answer) = Answer::of(outcome) else {
                     return Ok(stale);
                 };
                 self.drop_current_timer(step);
                 self.after_fence(step, reply.attempt, answer)?;
+                return Ok(Verdict::Applied);
             }
-            (Direction::Compensation, Outcome::Success { output }) => {
+            (direction, Outcome::Success { output }, _) => {
                 self.drop_current_timer(step);
                 self.emit(Event::Succeeded {
                     step,
-                    direction: Direction::Compensation,
+                    direction,
                     attempt: reply.attempt,
                     output: output.clone(),
                 })?;
-                self.after_success(step, Direction::Compensation)?;
+                Known::Applied
+            }
+            (_, Outcome::Fenced { detail }, Some(_)) => {
+                self.drop_current_timer(step);
+                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                self.after_fence(step, attempt, Answer::NotApplied(detail.clone()))?;
+                return Ok(Verdict::Applied);
+            }
+            // The only attempt in doubt answered: a terminal failure did not apply.
+            (
+                Direction::Forward,
+                Outcome::Failure {
+                    retryable: false,
+                    error,
+                },
+                Some(f),
+            ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] => {
+                self.drop_current_timer(step);
+                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                let detail = format!("its attempt {} failed: {error}", reply.attempt);
+                self.after_fence(step, attempt, Answer::NotApplied(detail))?;
+                return Ok(Verdict::Applied);
             }
             _ => return Ok(stale),
+        };
+        match fencing {
+            Some(fencing) => self.go_on(step, fencing, known)?,
+            None => self.after_success(step, reply.direction)?,
         }
         Ok(Verdict::Applied)
     }
 
     /// Whether the saga still waits to learn how `step` went in `direction`: it works on it
-    /// (another attempt, a backoff, a fence of a forward step), or is stuck there.
+    /// (another attempt, a backoff, a fence of that command), or is stuck there.
     fn working_on(&self, step: u32, direction: Direction) -> bool {
-        let at = |d: Direction| match direction {
-            Direction::Forward => matches!(d, Direction::Forward | Direction::Fence),
-            other => d == other,
+        let fenced = self.fencing_of(step).map(|f| f.target);
+        let at = |d: Direction| {
+            d == direction
+                || (d == Direction::Fence && fenced == Some(direction))
+                || (direction == Direction::Fence && d == Direction::Fence)
         };
         let current = self
             .state
@@ -163,17 +190,5 @@ impl Decider<'_, '_> {
         let stuck = self.state.status == SagaStatus::Stuck
             && self.state.stuck_at.is_some_and(|(s, d)| s == step && at(d));
         current || stuck
-    }
-
-    fn fence_reason(&self) -> String {
-        self.state
-            .fencing
-            .as_ref()
-            .map(|f| f.reason.clone())
-            .unwrap_or_default()
-    }
-
-    fn is_pivot(&self, step: u32) -> bool {
-        self.definition.steps()[step as usize].kind == crate::StepKind::Pivot
     }
 }

@@ -103,7 +103,7 @@ impl Sql {
             // waits for this transaction and then deletes the timer with it.
             set_timers: sql(format!(
                 "INSERT INTO {s}.timers (saga_id, key, timer, set_at, due_at) \
-                 SELECT i.id, $2, $3, $4, $4 FROM {s}.instances i WHERE i.id = $1 FOR KEY SHARE \
+                 SELECT i.id, $2, $3, now(), now() FROM {s}.instances i WHERE i.id = $1 FOR KEY SHARE \
                  ON CONFLICT (saga_id, key) DO UPDATE SET timer = EXCLUDED.timer, set_at = EXCLUDED.set_at, \
                  due_at = EXCLUDED.due_at, fired_at = NULL"
             )),
@@ -133,8 +133,8 @@ impl Sql {
                  ORDER BY t.due_at LIMIT 1"
             )),
             claim_outbox: sql(format!(
-                "UPDATE {s}.outbox SET claimed_until = $2 WHERE id IN \
-                 (SELECT id FROM {s}.outbox WHERE claimed_until <= $1 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                "UPDATE {s}.outbox SET claimed_until = now() + make_interval(secs => $1) WHERE id IN \
+                 (SELECT id FROM {s}.outbox WHERE claimed_until <= now() ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  RETURNING id, destination, message_id, headers, body"
             )),
             delete_outbox: sql(format!("DELETE FROM {s}.outbox WHERE id = ANY($1)")),
@@ -156,8 +156,8 @@ impl Sql {
             )),
             stats_queues: sql(format!(
                 "SELECT (SELECT count(*) FROM {s}.outbox), \
-                 coalesce((SELECT extract(epoch FROM $1 - min(created_at)) FROM {s}.outbox), 0)::float8, \
-                 (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL AND due_at <= $1), \
+                 coalesce((SELECT extract(epoch FROM now() - min(created_at)) FROM {s}.outbox), 0)::float8, \
+                 (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL AND due_at <= now()), \
                  (SELECT count(*) FROM {s}.timers WHERE fired_at IS NULL)"
             )),
             // A chunk of finished sagas; their events and timers are deleted by the next two
