@@ -24,6 +24,8 @@ pub fn config() -> OrchestratorConfig {
 
 /// Tasks running an order saga's orchestrator and participants.
 pub struct Running {
+    /// The definition the orchestrator runs.
+    pub definition: saga_core::SagaDefinition<Order>,
     /// The store (in the test's schema).
     pub store: Arc<PgStore>,
     /// A client on the store.
@@ -49,7 +51,22 @@ where
 /// for the test to start later (with [`Running::spawn`]).
 pub async fn run_holding<T, F, Fut>(
     db: &TestDb,
+    transport: F,
+    held: &[&str],
+) -> (Running, Vec<Worker>)
+where
+    T: Transport,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    run_definition(db, transport, &order::definition(), held).await
+}
+
+/// Like [`run_holding`], with `definition` (an order saga of other timings).
+pub async fn run_definition<T, F, Fut>(
+    db: &TestDb,
     mut transport: F,
+    definition: &saga_core::SagaDefinition<Order>,
     held: &[&str],
 ) -> (Running, Vec<Worker>)
 where
@@ -69,11 +86,12 @@ where
         }
     }
     let orchestrator = Orchestrator::builder(store.clone(), Arc::new(transport().await))
-        .register(&order::definition())
+        .register(definition)
         .config(config())
         .build();
     tasks.spawn(orchestrator.run(shutdown.clone()));
     let running = Running {
+        definition: definition.clone(),
         client: Client::new(store.clone()),
         store,
         shutdown,
@@ -91,7 +109,7 @@ impl Running {
 
     /// Starts `n` orders; every `fail_every`-th one's shipment fails terminally.
     pub async fn start(&self, n: u32, fail_every: u32) -> Vec<Uuid> {
-        let def = order::definition();
+        let def = &self.definition;
         let mut ids = Vec::with_capacity(n as usize);
         for id in 0..n {
             let order = Order {
@@ -99,13 +117,7 @@ impl Running {
                 fail_ship: id.is_multiple_of(fail_every),
                 ..Order::default()
             };
-            ids.push(
-                self.client
-                    .start(&def, &order)
-                    .await
-                    .expect("start")
-                    .saga_id,
-            );
+            ids.push(self.client.start(def, &order).await.expect("start").saga_id);
         }
         ids
     }

@@ -47,6 +47,15 @@ pub fn definition_timed(timed: Option<Duration>) -> SagaDefinition<Order> {
     if let Some(t) = timed {
         builder = builder.deadline(t);
     }
+    steps(builder, timed)
+}
+
+/// [`definition`], with `timeout` as every step's timeout (and no deadline).
+pub fn definition_with_timeout(timeout: Duration) -> SagaDefinition<Order> {
+    steps(SagaDefinition::<Order>::builder("order", 1), Some(timeout))
+}
+
+fn steps(builder: saga_core::SagaBuilder<Order>, timed: Option<Duration>) -> SagaDefinition<Order> {
     let timeout = |s: saga_core::StepBuilder<Order>| match timed {
         Some(t) => s.timeout(t),
         None => s,
