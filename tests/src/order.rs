@@ -137,6 +137,12 @@ pub struct Participants {
 
 /// Creates the `effects` table and the inbox in `schema`, and builds the workers.
 pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
+    participants_serving(pool, schema, "payment").await
+}
+
+/// Like [`participants`], with the payment worker serving the queue of `payment` (a misspelt
+/// name, say).
+pub async fn participants_serving(pool: &PgPool, schema: &str, payment: &str) -> Participants {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS \"{schema}\".effects (id bigserial PRIMARY KEY, saga_id uuid NOT NULL, \
          service text NOT NULL, action text NOT NULL)"
@@ -170,7 +176,7 @@ pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
             .handler("reserve", reserve)
             .handler("release", release)
             .build(),
-        Worker::builder("payment", inbox.clone())
+        Worker::builder(payment, inbox.clone())
             .handler("charge", charge)
             .handler("refund", refund)
             .build(),

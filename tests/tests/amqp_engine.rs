@@ -348,3 +348,62 @@ async fn concurrent_publishes_each_learn_their_own_messages_fate() {
     drop(deliveries);
     broker.cleanup().await;
 }
+
+/// A payment worker started under a misspelt name (`paymnet`) leaves the real queue with
+/// nobody to read it: each charge attempt expires in its queue (the broker dead-letters it
+/// once its time to live, the attempt's timeout, has passed), the sagas give up on the charge
+/// and fence it, and wait, showing it (`fencing step charge`). When the right worker starts,
+/// the fences find nothing applied: the orders compensate, and no card is charged late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_for_a_service_nobody_runs_expire_and_are_fenced_not_run_late() {
+    let (db, broker) = (database().await, broker().await);
+    let def = order::definition_with_timeout(Duration::from_millis(500));
+    let (mut running, _) =
+        harness::run_definition(&db, || broker.transport(), &def, &["payment"]).await;
+    let misspelt = order::participants_serving(&db.pool, &db.schema, "paymnet").await;
+    for worker in misspelt.workers {
+        if worker.service() == "paymnet" {
+            running.spawn(worker, broker.transport().await);
+        }
+    }
+    let ids = running.start(5, 1_000).await;
+    let fencing = saga_tests::wait_until(Duration::from_secs(60), || async {
+        let mut all = true;
+        for id in &ids {
+            let reason = running.client.summary(*id).await.unwrap().unwrap().reason;
+            all &= reason.is_some_and(|r| r.starts_with("fencing step charge"));
+        }
+        all
+    })
+    .await;
+    assert!(fencing, "every saga fences its charge");
+    let probe = broker.transport().await;
+    let payment = Destination::Service("payment".into());
+    let expired = drain_dead_letters(&probe, &payment, 5, Duration::from_secs(10)).await;
+    assert!(expired.len() >= 5, "{} expired", expired.len());
+    assert!(
+        expired.iter().all(
+            |(m, _)| m.headers.get("x-first-death-reason").map(String::as_str) == Some("expired")
+        ),
+        "{:?}",
+        expired.iter().map(|(m, _)| &m.headers).collect::<Vec<_>>()
+    );
+    let right = order::participants(&db.pool, &db.schema).await;
+    for worker in right.workers {
+        if worker.service() == "payment" {
+            running.spawn(worker, broker.transport().await);
+        }
+    }
+    let counts = running.settle(Duration::from_secs(60)).await;
+    assert_eq!(counts.get(&SagaStatus::Compensated), Some(&5), "{counts:?}");
+    for id in &ids {
+        assert_eq!(
+            order::effects(&db.pool, &db.schema, *id).await,
+            ["reserve", "release"],
+            "saga {id}: no charge applied"
+        );
+    }
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
