@@ -31,7 +31,8 @@ pub struct BenchArgs {
     pub in_flight: u64,
     /// Every K-th saga fails at its pivot and compensates.
     pub fail_every: Option<u64>,
-    /// Participants use the inbox with a PostgreSQL effect instead of trivial handlers.
+    /// Participants run with their inbox and apply a PostgreSQL effect in its transaction (as
+    /// real services do); without, they run at least once and keep their effects in memory.
     pub inbox: bool,
     /// Finished sagas put in the log before the run.
     pub history: u64,

@@ -96,8 +96,13 @@ enum Command {
         /// Every K-th saga fails at its pivot, so it compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
-        /// Participants apply a PostgreSQL effect through the inbox, as real services would.
+        /// Participants run without an inbox and keep their effects in memory (at least once),
+        /// instead of applying a PostgreSQL effect in their inbox's transaction as real
+        /// services do (the default).
         #[arg(long)]
+        at_least_once: bool,
+        /// The default (participants with their inbox); kept for scripts that pass it.
+        #[arg(long, hide = true, conflicts_with = "at_least_once")]
         inbox: bool,
         /// Before the run, fill the log with this many finished sagas (copies of a real one's
         /// rows), to measure throughput with a large log.
@@ -299,7 +304,8 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             count,
             in_flight,
             fail_every,
-            inbox,
+            at_least_once,
+            inbox: _,
             history,
             remote_starts,
         } => {
@@ -309,7 +315,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 count,
                 in_flight,
                 fail_every,
-                inbox,
+                inbox: !at_least_once,
             };
             println!("{}", crate::bench::run::<E>(args).await?);
         }

@@ -155,3 +155,44 @@ fn the_deadline_compensates_a_saga_before_its_pivot() {
             .any(|r| r.event == Event::DeadlineExceeded)
     );
 }
+
+/// The kit's participants keep an inbox, as real workers do: a payment whose answers are all
+/// lost times out until the saga gives up and fences it; the fence finds it applied, so it is
+/// compensated. A payment that never reached its handler is found unapplied: nothing to undo.
+#[test]
+fn lost_answers_and_lost_commands_are_settled_by_a_fence() {
+    for (fault, undone) in [(Fault::LoseResult, true), (Fault::LoseCommand, false)] {
+        let def = SagaDefinition::<u64>::builder("order", 1)
+            .step("pay", |s| {
+                s.action("payroll", "pay", |c| Ok(*c.input()))
+                    .compensation("payroll", "refund", |c| Ok(*c.input()))
+                    .retry(saga_core::RetryPolicy::no_retry())
+                    .timeout(Duration::from_secs(30))
+            })
+            .step("ship", |s| {
+                s.pivot().action("shipping", "ship", |c| Ok(*c.input()))
+            })
+            .build()
+            .unwrap();
+        let mut env = TestEnv::new();
+        env.register(&def)
+            .handle("payroll", "pay", |n: u64| Ok::<_, StepError>(n))
+            .handle("payroll", "refund", |n: u64| Ok::<_, StepError>(n))
+            .handle("shipping", "ship", |n: u64| Ok::<_, StepError>(n))
+            .inject("payroll", "pay", fault.clone());
+        let id = env.start(&def, &5);
+        env.advance(Duration::from_secs(31));
+        assert_eq!(env.status(id), SagaStatus::Compensated, "{fault:?}");
+        assert_eq!(
+            env.commands(id).contains(&"payroll.refund".to_owned()),
+            undone,
+            "{fault:?}: {:?}",
+            env.commands(id)
+        );
+        let fenced = env
+            .history(id)
+            .iter()
+            .any(|r| matches!(r.event, Event::FenceStarted { .. }));
+        assert!(fenced, "{fault:?}");
+    }
+}
