@@ -24,6 +24,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inbox");
 /// - A terminal failure is recorded too (the handler's writes are rolled back), so a
 ///   redelivery fails the same way; a retryable failure, a panic or a timeout rolls everything
 ///   back, and the next attempt runs afresh.
+/// - A compensation also leaves a tombstone under its step's forward key, if nothing is
+///   recorded there.
 /// - A *fence* (the orchestrator asks whether a step whose outcome it does not know applied)
 ///   is answered from the record, or writes a tombstone under the key, after which no delivery
 ///   of any attempt runs the handler.
@@ -43,6 +45,7 @@ pub struct Inbox {
     pool: PgPool,
     schema: String,
     claim: SqlStr,
+    claim_compensation: SqlStr,
     recorded: SqlStr,
     record: SqlStr,
     fence: SqlStr,
@@ -77,6 +80,15 @@ impl Inbox {
             schema: schema.to_owned(),
             claim: sql(format!(
                 "INSERT INTO {s}.inbox (idempotency_key, saga_id, command) VALUES ($1, $2, $3) \
+                 ON CONFLICT (idempotency_key) DO NOTHING"
+            )),
+            // The claim of a compensation, with a tombstone under its step's forward key ($4)
+            // if nothing is recorded there; the row count is the claim's.
+            claim_compensation: sql(format!(
+                "WITH f AS (INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) \
+                 VALUES ($4, $2, $3, '{{\"fenced\": \"its step was compensated\"}}') \
+                 ON CONFLICT (idempotency_key) DO NOTHING) \
+                 INSERT INTO {s}.inbox (idempotency_key, saga_id, command) VALUES ($1, $2, $3) \
                  ON CONFLICT (idempotency_key) DO NOTHING"
             )),
             recorded: sql(format!(
@@ -124,40 +136,33 @@ impl Inbox {
         wait: std::time::Duration,
     ) -> Result<Claim> {
         let (key, saga_id) = (command.idempotency_key.as_str(), command.saga_id);
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = {}",
-            wait.as_millis().max(1)
-        )))
-        .execute(&mut *tx)
-        .await?;
-        if command.direction == crate::event::Direction::Compensation {
+        // One round trip, as a plain BEGIN.
+        let mut tx = self
+            .pool
+            .begin_with(AssertSqlSafe(format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                wait.as_millis().max(1)
+            )))
+            .await?;
+        let claim = if command.direction == crate::event::Direction::Compensation {
             let forward = crate::message::Command::idempotency_key_for(
                 saga_id,
                 command.step,
                 crate::event::Direction::Forward,
             );
-            sqlx::query(self.fence.clone())
-                .bind(&forward)
+            sqlx::query(self.claim_compensation.clone())
+                .bind(key)
                 .bind(saga_id)
                 .bind(&command.command)
-                .bind(Json(json!({ "fenced": "its step was compensated" })))
-                .execute(&mut *tx)
-                .await?;
-        }
-        let claimed = sqlx::query(self.claim.clone())
-            .bind(key)
-            .bind(saga_id)
-            .bind(&command.command)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
+                .bind(forward)
+        } else {
+            sqlx::query(self.claim.clone())
+                .bind(key)
+                .bind(saga_id)
+                .bind(&command.command)
+        };
+        let claimed = claim.execute(&mut *tx).await?.rows_affected() == 1;
         if claimed {
-            // A terminal failure rolls the handler's writes back to here, and is recorded.
-            sqlx::query("SAVEPOINT saga_handler")
-                .execute(&mut *tx)
-                .await?;
             return Ok(Claim::Mine(tx));
         }
         let outcome = self.recorded(&mut tx, key).await?;
@@ -186,19 +191,38 @@ impl Inbox {
         Ok(())
     }
 
-    /// Rolls the handler's writes back, records a terminal failure under `key`, and commits.
+    /// Rolls the command's transaction back (the handler's writes with it) and records a
+    /// terminal failure under its key, in a transaction of its own; returns the answer: that
+    /// failure, or the outcome another delivery recorded in between (it claimed the key once
+    /// this transaction let go of it, and its outcome is the truth).
     pub(crate) async fn fail(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-        key: &str,
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        command: &crate::message::Command,
         error: &str,
-    ) -> Result<()> {
-        sqlx::query("ROLLBACK TO SAVEPOINT saga_handler")
+    ) -> Result<Outcome> {
+        tx.rollback().await?;
+        let key = command.idempotency_key.as_str();
+        let mut tx = self.pool.begin().await?;
+        let recorded = sqlx::query(self.fence.clone())
+            .bind(key)
+            .bind(command.saga_id)
+            .bind(&command.command)
+            .bind(Json(json!({ "error": error })))
             .execute(&mut *tx)
-            .await?;
-        self.record(&mut tx, key, json!({ "error": error })).await?;
+            .await?
+            .rows_affected()
+            == 1;
+        let outcome = if recorded {
+            Outcome::Failure {
+                error: error.to_owned(),
+                retryable: false,
+            }
+        } else {
+            self.recorded(&mut tx, key).await?
+        };
         tx.commit().await?;
-        Ok(())
+        Ok(outcome)
     }
 
     async fn record(&self, conn: &mut PgConnection, key: &str, outcome: Value) -> Result<()> {

@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::Worker;
 use super::handler::{CommandContext, ErasedHandler, TxSlot};
 use crate::inbox::Claim;
-use crate::message::{Command, Outcome, Reply, oversize};
+use crate::message::{Command, Outcome};
 
 /// How a handler's run ended.
 enum Ran {
@@ -18,6 +18,10 @@ enum Ran {
     Panicked(String),
     TimedOut(Duration),
 }
+
+/// Room a result takes besides its output (its ids, step, direction and status take a few
+/// hundred bytes).
+const REPLY_ROOM: usize = 1024;
 
 /// How long a fence waits at most for a running delivery of its step to finish.
 const FENCE_LOCK_WAIT: Duration = Duration::from_secs(30);
@@ -42,14 +46,8 @@ impl Worker {
             let Some(handler) = handler else {
                 return terminal(unknown());
             };
-            return match self.run_handler(handler, command, ctx).await {
-                Ran::Done(Ok(output)) => match self.too_large(command, &output) {
-                    // The effect may have applied: a retry, or at last a fence, settles it.
-                    Some(why) => retryable(why),
-                    None => Outcome::Success { output },
-                },
-                ran => failure(ran),
-            };
+            // An output too large to send is caught when the result is (`process`).
+            return failure(self.run_handler(handler, command, ctx).await);
         };
         let key = &command.idempotency_key;
         let tx = match inbox.claim(command, self.timeout_of(command)).await {
@@ -60,11 +58,7 @@ impl Worker {
         let Some(handler) = handler else {
             // Recorded, so that a later build with the handler does not apply a step its
             // saga has given up on.
-            let why = unknown();
-            return match inbox.fail(tx, key, &why).await {
-                Ok(()) => terminal(why),
-                Err(e) => retryable(format!("recording the failure failed: {e}")),
-            };
+            return recorded(inbox.fail(tx, command, &unknown()).await);
         };
         let slot = TxSlot::new(tx);
         let ran = self
@@ -83,10 +77,7 @@ impl Worker {
         match ran {
             Ran::Done(Ok(output)) => {
                 if let Some(why) = self.too_large(command, &output) {
-                    return match inbox.fail(tx, key, &why).await {
-                        Ok(()) => terminal(why),
-                        Err(e) => retryable(format!("recording the failure failed: {e}")),
-                    };
+                    return recorded(inbox.fail(tx, command, &why).await);
                 }
                 match inbox.succeed(tx, key, &output).await {
                     Ok(()) => Outcome::Success { output },
@@ -95,10 +86,7 @@ impl Worker {
                 }
             }
             Ran::Done(Err(error)) if !error.is_retryable() => {
-                match inbox.fail(tx, key, error.message()).await {
-                    Ok(()) => terminal(error.message().to_owned()),
-                    Err(e) => retryable(format!("recording the failure failed: {e}")),
-                }
+                recorded(inbox.fail(tx, command, error.message()).await)
             }
             ran => {
                 if let Err(e) = tx.rollback().await {
@@ -143,18 +131,17 @@ impl Worker {
             .unwrap_or(self.default_timeout)
     }
 
-    /// Why the result of `command` with `output` is too large to send, if it is.
+    /// Why the result of `command` with `output` would be too large to send, if it would:
+    /// the output's size and room for the rest of the result (one serialization of the
+    /// output, before the commit that records it).
     fn too_large(&self, command: &Command, output: &Value) -> Option<String> {
-        let reply = Reply::to(
-            command,
-            Outcome::Success {
-                output: output.clone(),
-            },
-        );
-        oversize(&reply.to_envelope().message.body, self.max_message_bytes).map(|why| {
+        let size = serde_json::to_vec(output).map_or(usize::MAX, |b| b.len());
+        let limit = self.max_message_bytes.saturating_sub(REPLY_ROOM);
+        (size > limit).then(|| {
             format!(
-                "the output of command `{}` is too large: {why}",
-                command.command
+                "the output of command `{}` is too large: {size} bytes, over the limit of \
+                 {} bytes less {REPLY_ROOM} for the rest of the result",
+                command.command, self.max_message_bytes
             )
         })
     }
@@ -201,6 +188,11 @@ fn failure(ran: Ran) -> Outcome {
         Ran::Panicked(message) => retryable(format!("handler panicked: {message}")),
         Ran::TimedOut(timeout) => retryable(format!("handler did not finish within {timeout:?}")),
     }
+}
+
+/// The answer once a terminal failure is recorded (or what another delivery recorded first).
+fn recorded(result: crate::error::Result<Outcome>) -> Outcome {
+    result.unwrap_or_else(|e| retryable(format!("recording the failure failed: {e}")))
 }
 
 fn retryable(error: String) -> Outcome {

@@ -79,7 +79,21 @@ impl Worker {
                 Outcome::Unfenceable { detail } => info!(%detail, "cannot fence"),
                 Outcome::Success { .. } => {}
             }
-            let envelope = Reply::to(&command, outcome).to_envelope();
+            let mut reply = Reply::to(&command, outcome);
+            let mut envelope = reply.to_envelope();
+            if let Some(why) = oversize(&envelope.message.body, self.max_message_bytes) {
+                // Only a worker without an inbox gets here (one with checks before its
+                // commit): the effect may have applied, so the step's outcome is unknown.
+                warn!(reason = %why, "the result is too large to send");
+                reply.outcome = Outcome::Failure {
+                    error: format!(
+                        "the result of command `{}` is too large: {why}",
+                        command.command
+                    ),
+                    retryable: true,
+                };
+                envelope = reply.to_envelope();
+            }
             match transport.publish(vec![envelope]).await {
                 Ok(()) => {
                     if let Err(e) = delivery.ack().await {
