@@ -459,6 +459,12 @@ impl Ops {
         self.health.set_ready(true);
         tokio::select! {
             done = &mut task => {
+                // Work that ends because the signal came (the select may see either first)
+                // is a clean end.
+                if self.shutdown.is_cancelled() {
+                    self.health.set_ready(false);
+                    return Ok(done??);
+                }
                 self.health.set_dead();
                 done??;
                 bail!("stopped before it was asked to");

@@ -264,7 +264,9 @@ async fn a_panic_in_the_definition_parks_its_own_saga_only() {
     assert_eq!(unlucky.status, saga_core::SagaStatus::Stuck);
     let reason = unlucky.reason.unwrap();
     assert!(
-        reason.contains("panicked at step `reserve` (forward): unlucky order"),
+        reason.contains(
+            "failed at step `reserve` (forward): its input builder panicked: unlucky order"
+        ),
         "{reason}"
     );
     let counts = client.count_by_status().await.unwrap();
