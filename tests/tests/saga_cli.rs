@@ -186,6 +186,11 @@ async fn operators_find_inspect_and_fix_sagas() {
         shown.contains("failed (attempt 1, terminal) in"),
         "durations are shown: {shown}"
     );
+    // The log names its steps and commands: no definition needed to read it.
+    assert!(
+        shown.contains("a        >> -> svc.a (attempt 1)"),
+        "steps named from the log: {shown}"
+    );
     let shown: Value =
         serde_json::from_str(&ok(&db, &["show", &s1.to_string(), "--json"]).await).unwrap();
     assert_eq!(shown["saga"]["status"], "stuck");
