@@ -183,7 +183,7 @@ impl Transport for AmqpTransport {
     /// A passive declare of the queue: its ready messages and its consumers.
     async fn queue_status(&self, source: &Source) -> Result<Option<QueueStatus>, TransportError> {
         let channel = self.consume.extra_channel().await?;
-        let queue = channel
+        let declared = channel
             .queue_declare(
                 self.config.queue(source).into(),
                 QueueDeclareOptions {
@@ -192,9 +192,9 @@ impl Transport for AmqpTransport {
                 },
                 FieldTable::default(),
             )
-            .await
-            .map_err(amqp_error)?;
+            .await;
         let _ = channel.close(200, "looked".into()).await;
+        let queue = declared.map_err(amqp_error)?;
         Ok(Some(QueueStatus {
             messages: u64::from(queue.message_count()),
             consumers: u64::from(queue.consumer_count()),

@@ -221,6 +221,8 @@ impl Orchestrator {
             metrics: self.metrics,
         });
         let stop = shutdown.child_token();
+        // Dropped half-way, `run` stops its loops and its relay all the same.
+        let _stopper = (stop.clone().drop_guard(), relay_stop.clone().drop_guard());
         let mut consume = tokio::spawn(Arc::clone(&engine).consume(results, stop.clone()));
         let mut timers = tokio::spawn(Arc::clone(&engine).fire_timers(wake_rx, stop.clone()));
         let watch = tokio::spawn(watcher.run(stop.clone()));

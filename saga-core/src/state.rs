@@ -87,10 +87,13 @@ pub struct Fencing {
 pub struct SentCommand {
     /// The step's position.
     pub step: u32,
-    /// Action or compensation.
+    /// Action, compensation or fence.
     pub direction: Direction,
     /// The attempt.
     pub attempt: u32,
+    /// The generation of the idempotency key it was sent under (see
+    /// [`SagaState::generations`]).
+    pub generation: u32,
 }
 
 /// A saga's state: the fold of its events over its definition.

@@ -61,7 +61,11 @@ impl QueueWatcher {
         loop {
             for (service, patience) in &self.services {
                 let queue = Destination::Service(service.clone());
-                let status = match self.transport.queue_status(&queue).await {
+                let status = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    status = self.transport.queue_status(&queue) => status,
+                };
+                let status = match status {
                     Ok(Some(status)) => status,
                     // This transport cannot tell.
                     Ok(None) => return,

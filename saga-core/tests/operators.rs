@@ -167,3 +167,161 @@ fn a_late_compensation_success_settles_a_stuck_saga() {
     run.ok(json!(null));
     assert_eq!(run.state.status, SagaStatus::Compensated);
 }
+
+/// A compensation run by another service than its action: an operator's fence of it goes to
+/// the compensation's service, under the compensation's key, not to the action's.
+#[test]
+fn a_compensations_fence_goes_to_its_own_service() {
+    let def = saga_core::SagaDefinition::<serde_json::Value>::builder("order", 1)
+        .step("charge", |s| {
+            s.action("payment", "charge", |_| Ok(1))
+                .compensation("refunds", "refund", |_| Ok(1))
+                .compensation_retry(saga_core::RetryPolicy::no_retry())
+        })
+        .step("ship", |s| s.pivot().action("shipping", "ship", |_| Ok(1)))
+        .build()
+        .unwrap();
+    let (mut run, _) = Run::start(def);
+    run.ok(json!("C-1"));
+    run.fail(false);
+    run.fail(false);
+    assert_eq!(run.state.stuck_at, Some((0, C)));
+    let d = run.input(operator_retry());
+    let fence = dispatch(&d);
+    assert_eq!(
+        (
+            fence.direction,
+            fence.service.as_str(),
+            fence.command.as_str()
+        ),
+        (X, "refunds", "refund")
+    );
+    assert_eq!(
+        fence.idempotency_key,
+        format!("{}:0:compensation", run.saga_id)
+    );
+}
+
+/// An answer of an earlier fence of the step (of its action, while an operator's retry now
+/// fences its compensation) does not answer the fence running now.
+#[test]
+fn an_earlier_fences_answer_does_not_answer_the_fence_running_now() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    let first_fence = run.state.current.unwrap().command_id.unwrap();
+    run.time_out();
+    run.retry_now();
+    // The second fence attempt answers: charge applied; its refund then fails for good.
+    run.ok(json!("C-1"));
+    run.fail(false);
+    assert_eq!(run.state.stuck_at, Some((1, C)));
+    run.input(operator_retry());
+    assert_eq!(run.state.fencing.as_ref().unwrap().target, C);
+    // The first fence attempt's answer, about the charge, comes now.
+    let d = run.late(
+        first_fence,
+        Outcome::Success {
+            output: json!("C-1"),
+        },
+    );
+    assert!(d.events.is_empty(), "{:?}", d.events);
+    assert!(!run.state.compensated[1]);
+}
+
+/// A tombstone's answer from a delivery under an earlier generation of the key does not say
+/// anything of the generation being fenced now.
+#[test]
+fn a_fenced_answer_of_an_earlier_key_does_not_settle_the_fence_of_this_one() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.fail(false);
+    let release_one = run.state.current.unwrap().command_id.unwrap();
+    run.fail(false);
+    run.input(operator_retry());
+    run.reply(fenced());
+    // Generation 1 of release runs, fails for good again; a second retry fences generation 1.
+    run.fail(false);
+    run.input(operator_retry());
+    let fence = run.state.current.unwrap();
+    assert_eq!(fence.direction, X);
+    let d = run.late(release_one, fenced());
+    assert!(d.events.is_empty(), "{:?}", d.events);
+    assert_eq!(run.state.current, Some(fence));
+}
+
+/// A stuck saga whose fence's late answer is `unfenceable` runs again: the command the retry
+/// sends has a saga that acts on its timeout.
+#[test]
+fn a_late_unfenceable_answer_revives_a_stuck_saga() {
+    let (mut run, _) = Run::start(order());
+    run.ok(json!("R-1"));
+    run.ok(json!("C-1"));
+    run.fail(false);
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    run.input(operator_retry());
+    let fence = run.state.current.unwrap().command_id.unwrap();
+    for attempt in 1..=3 {
+        run.time_out();
+        if attempt < 3 {
+            run.retry_now();
+        }
+    }
+    assert_eq!(run.state.stuck_at, Some((1, X)));
+    run.late(
+        fence,
+        Outcome::Unfenceable {
+            detail: "no inbox".into(),
+        },
+    );
+    assert_eq!(run.state.status, SagaStatus::Compensating);
+    assert_eq!(run.state.current.unwrap().direction, C);
+}
+
+/// A deadline that passes while the saga is stuck is recorded: once an operator's retry runs
+/// the step and it succeeds, the saga stops and compensates instead of going on past it.
+#[test]
+fn a_deadline_passing_while_stuck_stops_the_saga_once_it_runs() {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let def = saga_core::SagaDefinition::<serde_json::Value>::builder("order", 1)
+        .deadline(std::time::Duration::from_secs(3600))
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(1))
+                .compensation("inventory", "release", |_| Ok(1))
+        })
+        .step("charge", |s| {
+            s.action("payment", "charge", |_| {
+                // A bug, fixed by the time an operator retries.
+                if !PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    panic!("charge input bug");
+                }
+                Ok(1)
+            })
+            .compensation("payment", "refund", |_| Ok(1))
+        })
+        .step("ship", |s| s.pivot().action("shipping", "ship", |_| Ok(1)))
+        .build()
+        .unwrap();
+    let (mut run, _) = Run::start(def);
+    run.ok(json!("R-1"));
+    assert_eq!(run.state.stuck_at, Some((1, F)));
+    let d = run.input(Input::Timer(Timer::Deadline));
+    assert_eq!(d.events, [Event::DeadlineExceeded]);
+    run.input(operator_retry());
+    run.ok(json!("C-1"));
+    assert_eq!(run.state.status, SagaStatus::Compensating);
+    run.ok(json!(null));
+    run.ok(json!(null));
+    assert_eq!(run.state.status, SagaStatus::Compensated);
+    assert!(!run.dispatched().contains(&(2, F)), "never shipped");
+}

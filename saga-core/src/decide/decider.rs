@@ -135,8 +135,13 @@ impl Decider<'_, '_> {
 
     fn dispatch(&mut self, step: u32, direction: Direction, attempt: u32) -> Step {
         let def = &self.definition.steps()[step as usize];
-        let action = match (direction, &def.work) {
-            (Direction::Forward | Direction::Fence, Work::Command(action)) => action,
+        let fenced = match direction {
+            Direction::Fence => self.state.fence_target(step),
+            other => other,
+        };
+        let action = match (fenced, &def.work) {
+            // A fence goes to the service of the command it fences.
+            (Direction::Forward, Work::Command(action)) => action,
             (Direction::Forward, Work::Signal(wait)) => {
                 let name = wait.name.clone();
                 let until = match def.timeout {
@@ -185,7 +190,7 @@ impl Decider<'_, '_> {
             (Direction::Compensation, _) => {
                 def.compensation.as_ref().expect("checked by the caller")
             }
-            (Direction::Fence, _) => unreachable!("only a command step is fenced"),
+            (Direction::Fence, _) => unreachable!("a fence targets a command"),
         };
         if self.state.paused {
             return self.emit(Event::Held {

@@ -43,12 +43,18 @@ impl SagaState {
                     command_id: Some(*command_id),
                     waiting: false,
                 });
+                let keyed = match direction {
+                    Direction::Fence => self.fence_target(*step),
+                    other => *other,
+                };
+                let generation = self.generations.get(&(*step, keyed)).copied().unwrap_or(0);
                 self.sent.insert(
                     *command_id,
                     SentCommand {
                         step: *step,
                         direction: *direction,
                         attempt: *attempt,
+                        generation,
                     },
                 );
                 if *direction == Direction::Forward {
@@ -97,10 +103,8 @@ impl SagaState {
                     }
                     // The service cannot fence: a forward step given up on counts as applied.
                     (Direction::Fence, false) => {
-                        let fencing = self.fencing.as_ref().filter(|f| f.step == *step);
-                        if fencing.is_some_and(|f| {
-                            f.target == Direction::Forward && f.then == FenceThen::GiveUp
-                        }) {
+                        self.revive();
+                        if self.fence_target(*step) == Direction::Forward {
                             self.progress[i] = StepProgress::PossiblyApplied;
                         }
                         self.settled(*step);
@@ -315,7 +319,7 @@ impl SagaState {
 
     /// The command a fence of `step` targets (the action, unless the fence running says the
     /// compensation).
-    pub(super) fn fence_target(&self, step: u32) -> Direction {
+    pub(crate) fn fence_target(&self, step: u32) -> Direction {
         self.fencing
             .as_ref()
             .filter(|f| f.step == step)

@@ -120,10 +120,9 @@ impl PgStoreBuilder {
         self
     }
 
-    /// Where this process reads the time between two measurements of its offset from the
-    /// database's clock (default: the system clock). Due times, leases and the times in the
-    /// log follow the database's clock whatever this one says; for tests that run a process
-    /// whose clock is off.
+    /// Where this process reads the time before its first reading of the database's clock
+    /// (default: the system clock); after it, the database's time comes from that reading and
+    /// the monotonic time elapsed since. For tests that run a process whose clock is off.
     pub fn local_clock(mut self, clock: LocalClock) -> Self {
         self.local_clock = clock;
         self
@@ -221,7 +220,7 @@ impl PgStore {
             input: serde_json::to_value(input)?,
             business_key,
         };
-        let now = self.clock.now_synced(&self.pool).await?;
+        let now = self.clock.now_synced_on(conn).await?;
         let start = prepare_start(request, now)?;
         // Not handed to a relay: the caller's transaction may yet roll back.
         let mut started = self

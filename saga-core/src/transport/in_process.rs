@@ -187,10 +187,14 @@ impl Transport for InProcessTransport {
     }
 
     async fn queue_status(&self, source: &Source) -> Result<Option<QueueStatus>, TransportError> {
-        Ok(self.queue(source).map(|q| QueueStatus {
-            messages: q.ready.lock().expect("queue lock").len() as u64,
-            consumers: q.consumers.load(std::sync::atomic::Ordering::SeqCst),
-        }))
+        // A queue not declared holds nothing.
+        Ok(Some(self.queue(source).map_or_else(
+            QueueStatus::default,
+            |q| QueueStatus {
+                messages: q.ready.lock().expect("queue lock").len() as u64,
+                consumers: q.consumers.load(std::sync::atomic::Ordering::SeqCst),
+            },
+        )))
     }
 }
 

@@ -86,7 +86,7 @@ impl Worker {
                 }
             }
             Ran::Done(Err(error)) if !error.is_retryable() => {
-                recorded(inbox.fail(tx, command, error.message()).await)
+                recorded(inbox.fail(tx, command, &capped(error.message())).await)
             }
             ran => {
                 if let Err(e) = tx.rollback().await {
@@ -182,12 +182,28 @@ fn failure(ran: Ran) -> Outcome {
     match ran {
         Ran::Done(Ok(output)) => Outcome::Success { output },
         Ran::Done(Err(error)) => Outcome::Failure {
-            error: error.message().to_owned(),
+            error: capped(error.message()),
             retryable: error.is_retryable(),
         },
         Ran::Panicked(message) => retryable(format!("handler panicked: {message}")),
         Ran::TimedOut(timeout) => retryable(format!("handler did not finish within {timeout:?}")),
     }
+}
+
+/// The longest error message recorded or sent: longer ones are cut, so a failure always
+/// fits in a result.
+const MAX_ERROR: usize = 4096;
+
+/// `error`, cut to [`MAX_ERROR`] bytes (at a character boundary).
+pub(super) fn capped(error: &str) -> String {
+    if error.len() <= MAX_ERROR {
+        return error.to_owned();
+    }
+    let mut end = MAX_ERROR;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &error[..end], error.len())
 }
 
 /// The answer once a terminal failure is recorded (or what another delivery recorded first).

@@ -10,17 +10,18 @@ use crate::transport::{Delivery, Transport};
 impl Worker {
     pub(super) async fn process(&self, transport: &dyn Transport, delivery: Delivery) {
         if let Some(why) = oversize(&delivery.message.body, self.max_message_bytes) {
-            let answer = Reply::from_headers(&delivery.message, self.refusal(&why));
+            let answer = self.unreadable(&delivery, &why).await;
             return self.refuse(transport, delivery, answer, &why).await;
         }
         let command = match Command::from_message(&delivery.message) {
             Ok(command) => command,
             Err(malformed) => {
-                let answer = Reply::from_headers(&delivery.message, self.refusal(&malformed.0));
+                let answer = self.unreadable(&delivery, &malformed.0).await;
                 return self.refuse(transport, delivery, answer, &malformed.0).await;
             }
         };
         if command.service != self.service {
+            // Another service's command: this inbox is not where its step is recorded.
             let why = format!(
                 "command for service `{}` reached service `{}`",
                 command.service, self.service
@@ -110,10 +111,44 @@ impl Worker {
         .await
     }
 
+    /// The answer to a command whose body this worker cannot read, when its headers name it:
+    /// with an inbox, the command's key is fenced (another copy of it, read by a worker that
+    /// can, will not apply it later), and the answer is what the inbox holds (`fenced`, or the
+    /// recorded outcome); without one, a terminal failure.
+    async fn unreadable(&self, delivery: &Delivery, why: &str) -> Option<Reply> {
+        let message = &delivery.message;
+        let refused = || Reply::from_headers(message, self.refusal(why));
+        let Some(inbox) = &self.inbox else {
+            return refused();
+        };
+        let header = |name: &str| message.headers.get(name).map(String::as_str);
+        let (Some(key), Some(saga_id), Some(command)) = (
+            header(headers::IDEMPOTENCY_KEY),
+            header(headers::SAGA_ID).and_then(|id| id.parse().ok()),
+            header(headers::COMMAND),
+        ) else {
+            return refused();
+        };
+        let wait = std::time::Duration::from_secs(5);
+        match inbox
+            .fence(key, saga_id, command, wait.as_millis() as u64)
+            .await
+        {
+            Ok(outcome) => Reply::from_headers(message, outcome),
+            Err(e) => {
+                warn!(error = %e, "fencing an unreadable command failed");
+                refused()
+            }
+        }
+    }
+
     /// The terminal failure that answers a command this worker will not run.
     fn refusal(&self, why: &str) -> Outcome {
         Outcome::Failure {
-            error: format!("service `{}` cannot run this command: {why}", self.service),
+            error: super::attempt::capped(&format!(
+                "service `{}` cannot run this command: {why}",
+                self.service
+            )),
             retryable: false,
         }
     }

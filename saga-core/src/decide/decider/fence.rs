@@ -121,7 +121,17 @@ impl Decider<'_, '_> {
     /// already recorded): the saga does what it fenced for.
     pub(super) fn go_on(&mut self, step: u32, fencing: Fencing, known: Known) -> Step {
         let pivot = self.definition.steps()[step as usize].kind == StepKind::Pivot;
-        match (fencing.then, known) {
+        // A cancel or a deadline that came during an operator's retry of an action: the saga
+        // stops rather than run it again.
+        let then = match fencing.then {
+            FenceThen::Retry
+                if self.state.stop.is_some() && fencing.target == Direction::Forward =>
+            {
+                FenceThen::GiveUp
+            }
+            then => then,
+        };
+        match (then, known) {
             (FenceThen::GiveUp, Known::Unfenceable(detail)) if pivot => {
                 // Never compensated past; an operator decides (a retry runs it again).
                 self.emit(Event::Stuck {

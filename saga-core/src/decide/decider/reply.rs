@@ -7,7 +7,7 @@ use crate::SagaStatus;
 use crate::decide::{Effect, Timer, Verdict};
 use crate::event::{Direction, Event, FenceThen};
 use crate::message::{Outcome, Reply};
-use crate::state::ReplayError;
+use crate::state::{ReplayError, SentCommand};
 
 impl Decider<'_, '_> {
     pub(in crate::decide) fn reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
@@ -32,7 +32,7 @@ impl Decider<'_, '_> {
         }
         let outstanding = self.state.current.and_then(|c| c.command_id);
         if outstanding != Some(reply.command_id) {
-            return self.late_reply(reply);
+            return self.late_reply(reply, sent);
         }
         let (step, direction, attempt) = (reply.step, reply.direction, reply.attempt);
         if self.timeout_of(step).is_some() {
@@ -113,7 +113,7 @@ impl Decider<'_, '_> {
     /// fence's definitive answer from an earlier fence attempt is the fence's answer; a
     /// compensation's success settles a compensation being retried, or one that got the saga
     /// stuck.
-    fn late_reply(&mut self, reply: &Reply) -> Result<Verdict, ReplayError> {
+    fn late_reply(&mut self, reply: &Reply, sent: SentCommand) -> Result<Verdict, ReplayError> {
         let stale = Verdict::Ignored(format!(
             "duplicate or stale result for step {} {} attempt {}",
             reply.step, reply.direction, reply.attempt
@@ -125,7 +125,16 @@ impl Decider<'_, '_> {
         let fencing = self
             .fencing_of(step)
             .filter(|f| reply.direction == Direction::Fence || f.target == reply.direction);
+        // Only the fence running now answers for itself (not an earlier fence of the step,
+        // perhaps of its other command), and "not applied" holds only for the key it fences
+        // (not an earlier generation's, tombstoned by an earlier fence).
+        let this_fence = reply.direction == Direction::Fence
+            && reply.attempt > self.attempts_before(step, Direction::Fence);
+        let this_key = fencing
+            .as_ref()
+            .is_some_and(|f| sent.generation == self.generation(step, f.target));
         let known = match (reply.direction, &reply.outcome, &fencing) {
+            (Direction::Fence, _, Some(_)) if !this_fence => return Ok(stale),
             (Direction::Fence, outcome, Some(_)) => {
                 let Some(answer) = Answer::of(outcome) else {
                     return Ok(stale);
@@ -144,7 +153,7 @@ impl Decider<'_, '_> {
                 })?;
                 Known::Applied
             }
-            (_, Outcome::Fenced { detail }, Some(_)) => {
+            (_, Outcome::Fenced { detail }, Some(_)) if this_key => {
                 self.drop_current_timer(step);
                 let attempt = self.state.current.map_or(0, |c| c.attempt);
                 self.after_fence(step, attempt, Answer::NotApplied(detail.clone()))?;
@@ -158,7 +167,7 @@ impl Decider<'_, '_> {
                     error,
                 },
                 Some(f),
-            ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] => {
+            ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] && this_key => {
                 self.drop_current_timer(step);
                 let attempt = self.state.current.map_or(0, |c| c.attempt);
                 let detail = format!("its attempt {} failed: {error}", reply.attempt);
@@ -172,6 +181,25 @@ impl Decider<'_, '_> {
             None => self.after_success(step, reply.direction)?,
         }
         Ok(Verdict::Applied)
+    }
+
+    /// Attempts of `step` in `direction` sent before its policy began counting afresh (an
+    /// operator's retry, a new fence).
+    fn attempts_before(&self, step: u32, direction: Direction) -> u32 {
+        self.state
+            .attempts_before_retry
+            .get(&(step, direction))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The generation of `step`'s key in `direction` now.
+    fn generation(&self, step: u32, direction: Direction) -> u32 {
+        self.state
+            .generations
+            .get(&(step, direction))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Whether the saga still waits to learn how `step` went in `direction`: it works on it

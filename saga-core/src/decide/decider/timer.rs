@@ -14,15 +14,23 @@ impl Decider<'_, '_> {
         if let Timer::Operator { id, action } = timer {
             return self.operator(*id, action);
         }
-        // A stuck saga is not over: a signal is kept for when an operator retries it.
-        if let Timer::Signal { name, payload, .. } = timer
-            && self.state.status == SagaStatus::Stuck
-        {
-            self.emit(Event::SignalReceived {
-                name: name.clone(),
-                payload: payload.clone(),
-            })?;
-            return Ok(Verdict::Applied);
+        // A stuck saga is not over: a signal is kept for when an operator retries it, and a
+        // deadline that passes is recorded, to stop the saga once it runs again.
+        if self.state.status == SagaStatus::Stuck {
+            match timer {
+                Timer::Signal { name, payload, .. } => {
+                    self.emit(Event::SignalReceived {
+                        name: name.clone(),
+                        payload: payload.clone(),
+                    })?;
+                    return Ok(Verdict::Applied);
+                }
+                Timer::Deadline if self.state.stop.is_none() && self.past_pivot().is_none() => {
+                    self.emit(Event::DeadlineExceeded)?;
+                    return Ok(Verdict::Applied);
+                }
+                _ => {}
+            }
         }
         if let Some(verdict) = self.inactive() {
             return Ok(verdict);
@@ -96,7 +104,7 @@ impl Decider<'_, '_> {
             Timer::Deadline => {
                 if self.state.stop.is_some()
                     || self.state.status != SagaStatus::Running
-                    || self.state.fencing.is_some()
+                    || self.giving_up()
                 {
                     return Ok(Verdict::Ignored("the saga is already stopping".into()));
                 }
@@ -146,6 +154,14 @@ impl Decider<'_, '_> {
             }
         }
         Ok(Verdict::Applied)
+    }
+
+    /// Whether the saga fences a step it gave up on (it compensates next, whatever the answer).
+    fn giving_up(&self) -> bool {
+        self.state
+            .fencing
+            .as_ref()
+            .is_some_and(|f| f.then == crate::event::FenceThen::GiveUp)
     }
 
     /// Why the saga can no longer be stopped, if its pivot has started.

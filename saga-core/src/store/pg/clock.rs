@@ -1,73 +1,83 @@
 //! The database's clock, as this process reads it: due times, leases and the times recorded
-//! in events follow the database, so a process whose own clock runs ahead or behind neither
-//! delays signals and cancels nor takes rows another process holds.
+//! in events follow the database, so a process whose own clock runs ahead or behind, or is
+//! stepped, neither delays signals and cancels nor takes rows another process holds.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::error::Result;
 
 /// Reads this process's clock ([`LocalClock`]).
 pub type LocalClock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
-/// The local clock plus the offset last measured against the database's `clock_timestamp()`,
-/// measured again once it is older than [`DbClock::RESYNC`].
+/// The database's time read at a moment of this process's monotonic clock; the time now is
+/// that reading plus the monotonic time elapsed since, read again once it is older than
+/// [`DbClock::RESYNC`]. Before the first reading, the local clock stands in.
 pub(crate) struct DbClock {
     local: LocalClock,
-    /// Database time minus local time, in microseconds.
-    offset_us: AtomicI64,
-    /// When the offset was measured, in milliseconds since `epoch` (0: never).
-    synced_ms: AtomicI64,
-    epoch: Instant,
+    /// The database's time, and when (monotonically) it was read.
+    reading: Mutex<Option<(DateTime<Utc>, Instant)>>,
 }
 
 impl DbClock {
-    /// How old a measurement may get before the next use measures again.
+    /// How old a reading may get before the next use reads again.
     pub(crate) const RESYNC: Duration = Duration::from_secs(10);
 
     pub(crate) fn new(local: LocalClock) -> Self {
         Self {
             local,
-            offset_us: AtomicI64::new(0),
-            synced_ms: AtomicI64::new(0),
-            epoch: Instant::now(),
+            reading: Mutex::new(None),
         }
     }
 
-    /// The database's time now, as last measured.
-    pub(crate) fn now(&self) -> DateTime<Utc> {
-        (self.local)() + chrono::Duration::microseconds(self.offset_us.load(Ordering::Relaxed))
+    fn reading(&self) -> Option<(DateTime<Utc>, Instant)> {
+        *self.reading.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The database's time now, measuring the offset first if it is stale (one round trip
-    /// every [`DbClock::RESYNC`] at most).
+    /// The database's time now, from the last reading (the local clock before any).
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        match self.reading() {
+            Some((db, at)) => db + at.elapsed(),
+            None => (self.local)(),
+        }
+    }
+
+    /// The database's time now, reading it first (on a connection of `pool`) if the last
+    /// reading is stale: one round trip every [`DbClock::RESYNC`] at most.
     pub(crate) async fn now_synced(&self, pool: &PgPool) -> Result<DateTime<Utc>> {
-        let synced = self.synced_ms.load(Ordering::Relaxed);
-        let age = self.epoch.elapsed().as_millis() as i64 - synced;
-        if synced == 0 || age >= Self::RESYNC.as_millis() as i64 {
-            self.sync(pool).await?;
+        if self.stale() {
+            let mut conn = pool.acquire().await?;
+            self.sync(&mut conn).await?;
         }
         Ok(self.now())
     }
 
-    /// Measures the offset: the database's time against the local reading halfway through
-    /// the round trip.
-    pub(crate) async fn sync(&self, pool: &PgPool) -> Result<()> {
-        let before = (self.local)();
+    /// Like [`DbClock::now_synced`], reading on `conn` (a connection the caller holds).
+    pub(crate) async fn now_synced_on(&self, conn: &mut PgConnection) -> Result<DateTime<Utc>> {
+        if self.stale() {
+            self.sync(conn).await?;
+        }
+        Ok(self.now())
+    }
+
+    fn stale(&self) -> bool {
+        self.reading()
+            .is_none_or(|(_, at)| at.elapsed() >= Self::RESYNC)
+    }
+
+    /// Reads the database's time, taken as of halfway through the round trip (the connection
+    /// is held already, so waiting for one does not count).
+    async fn sync(&self, conn: &mut PgConnection) -> Result<()> {
+        let before = Instant::now();
         let db: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
             .persistent(false)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?;
-        let after = (self.local)();
-        let local = before + (after - before) / 2;
-        let offset = (db - local).num_microseconds().unwrap_or(0);
-        self.offset_us.store(offset, Ordering::Relaxed);
-        let now_ms = (self.epoch.elapsed().as_millis() as i64).max(1);
-        self.synced_ms.store(now_ms, Ordering::Relaxed);
+        let at = before + before.elapsed() / 2;
+        *self.reading.lock().unwrap_or_else(|e| e.into_inner()) = Some((db, at));
         Ok(())
     }
 }
