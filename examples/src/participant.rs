@@ -146,9 +146,7 @@ pub fn worker_with<E: Example>(
     metrics: saga_core::Metrics,
 ) -> Worker {
     let builder = match ledger {
-        // Each command holds a connection of the pool while it runs.
-        Ledger::Pg { inbox, pool, .. } => Worker::builder(service, inbox.clone())
-            .concurrency(pool.options().get_max_connections() as usize),
+        Ledger::Pg { inbox, .. } => Worker::builder(service, inbox.clone()),
         Ledger::Memory(_) => Worker::at_least_once(service),
     };
     E::COMMANDS

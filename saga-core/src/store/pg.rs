@@ -338,8 +338,18 @@ impl PgStore {
     /// Writes queued starts, a batch at a time, until none is left (see [`starts`]).
     async fn write_starts(self, mut writer: Writer) {
         while let Some(batch) = StartQueue::next_batch(&mut writer) {
-            // Unsynced, the database being out of reach, the statement fails anyway.
-            let now = match self.clock.now_synced(&self.pool).await {
+            let mut conn = match self.pool.acquire().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let shared = Arc::new(Error::from(e));
+                    for Pending { reply, .. } in batch {
+                        let _ = reply.send(Ok(Err(Error::Shared(Arc::clone(&shared)))));
+                    }
+                    continue;
+                }
+            };
+            // Unread, the database being out of reach, the statement fails anyway.
+            let now = match self.clock.now_synced_on(&mut conn).await {
                 Ok(now) => now,
                 Err(_) => self.clock.now(),
             };
@@ -367,16 +377,6 @@ impl PgStore {
                 (a.definition.name(), &a.business_key).cmp(&(b.definition.name(), &b.business_key))
             });
             let (prepared, replies): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
-            let mut conn = match self.pool.acquire().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    let shared = Arc::new(Error::from(e));
-                    for reply in replies {
-                        let _ = reply.send(Ok(Err(Error::Shared(Arc::clone(&shared)))));
-                    }
-                    continue;
-                }
-            };
             let relay = self.local_relay();
             let results = match self
                 .insert_starts(&mut conn, &prepared, now, relay.as_ref())
@@ -719,15 +719,16 @@ impl PgStore {
     }
 
     /// Applies `batch` under the row locks of its sagas (`ids`, from [`saga_ids`]), from their
-    /// kept states or their logs.
+    /// kept states or their logs, at the database's time (read on the transaction's own
+    /// connection if the last reading is stale).
     async fn apply_locked(
         &self,
         registry: &Registry,
         batch: Vec<(Uuid, Input)>,
         ids: &[Uuid],
-        now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
         let mut tx = self.begin().await?;
+        let now = self.clock.now_synced_on(&mut tx).await?;
         let loaded = self.load(&mut tx, registry, ids, false).await?;
         self.commit_decided(tx, loaded, &batch, now).await
     }
@@ -914,12 +915,13 @@ impl Store for PgStore {
     /// again under their row locks, from their logs. Otherwise the batch
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
     async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
-        let now = self.clock.now_synced(&self.pool).await?;
         let ids = saga_ids(&batch);
         let Some(mut loaded) = self.kept(registry, &ids) else {
-            return self.apply_locked(registry, batch, &ids, now).await;
+            return self.apply_locked(registry, batch, &ids).await;
         };
         let mut conn = self.by_key().await?.acquire().await?;
+        // On the connection the write goes through: never a wait for another.
+        let now = self.clock.now_synced_on(&mut conn).await?;
         let (mut applied, stale) = self
             .decide_and_write(&mut conn, &mut loaded, &batch, now)
             .await?;
@@ -933,10 +935,7 @@ impl Store for PgStore {
                 .filter(|(_, (id, _))| stale.contains(id))
                 .unzip();
             let again_ids = saga_ids(&again);
-            match self
-                .apply_locked(registry, again, &again_ids, self.clock.now())
-                .await
-            {
+            match self.apply_locked(registry, again, &again_ids).await {
                 Ok(redone) => {
                     for (position, a) in positions.into_iter().zip(redone) {
                         applied[position] = a;
@@ -955,10 +954,10 @@ impl Store for PgStore {
     }
 
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>> {
-        let now = self.clock.now_synced(&self.pool).await?;
         let (names, versions) = registered(registry);
         // By key, like the hot path: the loop asks this at every wake-up.
         let mut tx = self.begin().await?;
+        let now = self.clock.now_synced_on(&mut tx).await?;
         let mut candidates: Vec<Uuid> = sqlx::query_scalar(self.sql.due_timer_sagas.clone())
             .bind(now)
             .bind(limit as i64)

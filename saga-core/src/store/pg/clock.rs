@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::error::Result;
 
@@ -45,17 +45,9 @@ impl DbClock {
         }
     }
 
-    /// The database's time now, reading it first (on a connection of `pool`) if the last
-    /// reading is stale: one round trip every [`DbClock::RESYNC`] at most.
-    pub(crate) async fn now_synced(&self, pool: &PgPool) -> Result<DateTime<Utc>> {
-        if self.stale() {
-            let mut conn = pool.acquire().await?;
-            self.sync(&mut conn).await?;
-        }
-        Ok(self.now())
-    }
-
-    /// Like [`DbClock::now_synced`], reading on `conn` (a connection the caller holds).
+    /// The database's time now, reading it first on `conn` (a connection the caller holds
+    /// already, so no wait for one) if the last reading is stale: one round trip every
+    /// [`DbClock::RESYNC`] at most.
     pub(crate) async fn now_synced_on(&self, conn: &mut PgConnection) -> Result<DateTime<Utc>> {
         if self.stale() {
             self.sync(conn).await?;
