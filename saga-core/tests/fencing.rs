@@ -22,12 +22,7 @@ fn fenced() -> Outcome {
 fn charge_timed_out_three_times() -> Run {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     run
 }
 
@@ -98,12 +93,7 @@ fn a_timed_out_step_that_did_not_apply_is_not_compensated() {
 fn exhausted_retries_fence_then_compensate() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
-    for attempt in 1..=3 {
-        run.fail(true);
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.fail_attempts(3);
     assert_eq!(run.dispatched(), [(0, F), (1, F), (1, F), (1, F), (1, X)]);
     let reason = SagaStatus::reason(&run.state).unwrap();
     assert!(
@@ -139,12 +129,7 @@ fn a_pivot_whose_outcome_was_unknown_goes_forward_if_it_applied() {
         let (mut run, _) = Run::start(order());
         run.ok(json!("R-1"));
         run.ok(json!("C-1"));
-        for attempt in 1..=3 {
-            run.time_out();
-            if attempt < 3 {
-                run.retry_now();
-            }
-        }
+        run.time_out_attempts(3);
         assert_eq!(run.state.current.unwrap().direction, X);
         run
     };
@@ -252,12 +237,7 @@ fn a_late_success_answers_the_fence() {
 #[test]
 fn an_unanswered_fence_parks_the_saga_until_answered() {
     let mut run = charge_timed_out_three_times();
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     assert_eq!(run.state.status, SagaStatus::Stuck);
     assert_eq!(run.state.stuck_at, Some((1, X)));
     let reason = SagaStatus::reason(&run.state).unwrap();

@@ -33,12 +33,7 @@ fn a_pivot_that_cannot_be_fenced_parks_the_saga() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
     run.ok(json!("C-1"));
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     run.reply(unfenceable());
     assert_eq!(run.state.status, SagaStatus::Stuck);
     assert_eq!(run.state.stuck_at, Some((2, F)));
@@ -90,12 +85,7 @@ fn an_operator_retry_fences_then_runs_under_a_fresh_key() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
     run.fail(false);
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     assert_eq!(run.state.status, SagaStatus::Stuck);
     run.input(operator_retry());
     run.ok(json!(null));
@@ -115,12 +105,7 @@ fn a_resolved_compensation_is_fenced() {
     run.ok(json!("R-1"));
     run.ok(json!("C-1"));
     run.fail(false);
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     assert_eq!(run.state.stuck_at, Some((1, C)));
     let d = run.input(Input::Timer(Timer::Operator {
         id: uuid::Uuid::from_u128(4),
@@ -208,12 +193,7 @@ fn a_compensations_fence_goes_to_its_own_service() {
 fn an_earlier_fences_answer_does_not_answer_the_fence_running_now() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     let first_fence = run.state.current.unwrap().command_id.unwrap();
     run.time_out();
     run.retry_now();
@@ -263,20 +243,10 @@ fn a_late_unfenceable_answer_revives_a_stuck_saga() {
     run.ok(json!("R-1"));
     run.ok(json!("C-1"));
     run.fail(false);
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     run.input(operator_retry());
     let fence = run.state.current.unwrap().command_id.unwrap();
-    for attempt in 1..=3 {
-        run.time_out();
-        if attempt < 3 {
-            run.retry_now();
-        }
-    }
+    run.time_out_attempts(3);
     assert_eq!(run.state.stuck_at, Some((1, X)));
     run.late(
         fence,

@@ -122,6 +122,20 @@ impl Running {
         ids
     }
 
+    /// Waits until every saga of `ids` shows a reason that starts with `prefix` (`fencing step
+    /// ship`, say), within `timeout`; returns whether they all did.
+    pub async fn all_show(&self, ids: &[Uuid], prefix: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || async {
+            let mut all = true;
+            for id in ids {
+                let reason = self.client.summary(*id).await.unwrap().unwrap().reason;
+                all &= reason.is_some_and(|r| r.starts_with(prefix));
+            }
+            all
+        })
+        .await
+    }
+
     /// Waits until no saga is active; returns the counts by status.
     pub async fn settle(&self, timeout: Duration) -> BTreeMap<SagaStatus, u64> {
         let settled = wait_until(timeout, || async {

@@ -367,15 +367,9 @@ async fn commands_for_a_service_nobody_runs_expire_and_are_fenced_not_run_late()
         }
     }
     let ids = running.start(5, 1_000).await;
-    let fencing = saga_tests::wait_until(Duration::from_secs(60), || async {
-        let mut all = true;
-        for id in &ids {
-            let reason = running.client.summary(*id).await.unwrap().unwrap().reason;
-            all &= reason.is_some_and(|r| r.starts_with("fencing step charge"));
-        }
-        all
-    })
-    .await;
+    let fencing = running
+        .all_show(&ids, "fencing step charge", Duration::from_secs(60))
+        .await;
     assert!(fencing, "every saga fences its charge");
     let probe = broker.transport().await;
     let payment = Destination::Service("payment".into());

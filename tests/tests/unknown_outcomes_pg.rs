@@ -28,15 +28,9 @@ async fn a_pivot_service_down_past_its_timeouts_never_ships_a_compensated_order(
     let (mut running, mut held) =
         run_definition(&db, || async { transport.clone() }, &def, &["shipping"]).await;
     let ids = running.start(20, 5).await;
-    let fencing = wait_until(Duration::from_secs(30), || async {
-        let mut all = true;
-        for id in &ids {
-            let reason = running.client.summary(*id).await.unwrap().unwrap().reason;
-            all &= reason.is_some_and(|r| r.starts_with("fencing step ship"));
-        }
-        all
-    })
-    .await;
+    let fencing = running
+        .all_show(&ids, "fencing step ship", Duration::from_secs(30))
+        .await;
     assert!(fencing, "every saga shows that it fences its pivot");
     running.spawn(held.pop().unwrap(), transport.clone());
     let counts = running.settle(Duration::from_secs(60)).await;

@@ -152,6 +152,26 @@ impl Run {
         }))
     }
 
+    /// The outstanding command's attempts time out, `n` in a row: each is retried after its
+    /// backoff, but the last.
+    pub fn time_out_attempts(&mut self, n: u32) -> Decision {
+        self.attempts(n, Self::time_out)
+    }
+
+    /// The outstanding command's attempts fail retryably, `n` in a row (each retried but the
+    /// last).
+    pub fn fail_attempts(&mut self, n: u32) -> Decision {
+        self.attempts(n, |run| run.fail(true))
+    }
+
+    fn attempts(&mut self, n: u32, mut end: impl FnMut(&mut Self) -> Decision) -> Decision {
+        for _ in 1..n {
+            end(self);
+            self.retry_now();
+        }
+        end(self)
+    }
+
     /// The pending retry's backoff ends.
     pub fn retry_now(&mut self) -> Decision {
         let c = self.state.current.expect("a retry is pending");
