@@ -200,9 +200,10 @@ pub struct Env<'a> {
 /// Decides what `input` does to a saga in `state`.
 ///
 /// Returns an error only if the state and the definition disagree (see [`ReplayError`]). A
-/// panic in the definition's code (an input builder, a signal's `accept`, a duration that
-/// overflows a date) parks the saga as `stuck` with the panic's message instead: the input is
-/// used up (a signal is kept for a retry), and the other sagas go on.
+/// panic in the definition's code (an input builder, a signal's `accept`) or a duration that
+/// overflows a date parks the saga as `stuck` at that step, with the message, once what the
+/// input brought is recorded; any other panic inside `decide` parks it at the step the input
+/// concerns (a signal is kept for a retry). Either way the other sagas go on.
 pub fn decide(
     definition: &Definition,
     state: &SagaState,

@@ -16,9 +16,10 @@ pub enum Direction {
     Forward,
     /// The step's compensation.
     Compensation,
-    /// A fence of the step's action: its service answers from its inbox whether the action
-    /// applied (with the output), or writes a tombstone under the action's idempotency key so
-    /// that no delivery of any attempt can apply it any more.
+    /// A fence of one of the step's commands (its action, or its compensation): the service
+    /// that runs it answers from its inbox whether it applied (with the output), or writes a
+    /// tombstone under its idempotency key so that no delivery of any attempt can apply it any
+    /// more.
     Fence,
 }
 
@@ -168,7 +169,7 @@ pub enum Event {
         due_at: DateTime<Utc>,
     },
     /// Before it decides, the saga fences a command of a step whose outcome it does not
-    /// know, at the step's own service (commands in the [`Direction::Fence`] direction): it
+    /// know, at the service that runs it (commands in the [`Direction::Fence`] direction): it
     /// gives up on the action (an attempt timed out or failed retryably, a cancel came while
     /// it ran), or an operator retries or resolves the step.
     FenceStarted {

@@ -16,7 +16,8 @@ pub enum SagaStatus {
     Completed,
     /// Every needed compensation succeeded. Terminal.
     Compensated,
-    /// Needs an operator: a compensation (or a step after the pivot) failed for good.
+    /// Needs an operator: a compensation (or a step after the pivot) failed for good, a fence
+    /// went unanswered, a pivot's outcome cannot be known, or the definition's code failed.
     Stuck,
     /// Cancelled, and every needed compensation succeeded. Terminal.
     Cancelled,
