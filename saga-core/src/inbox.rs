@@ -48,7 +48,7 @@ pub struct Inbox {
     claim_compensation: SqlStr,
     recorded: SqlStr,
     record: SqlStr,
-    fence: SqlStr,
+    record_new: SqlStr,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -97,8 +97,9 @@ impl Inbox {
             record: sql(format!(
                 "UPDATE {s}.inbox SET outcome = $2 WHERE idempotency_key = $1"
             )),
-            // Never over another delivery's recorded outcome.
-            fence: sql(format!(
+            // An outcome for a key nothing is recorded under (a tombstone, a failure); never
+            // over another delivery's.
+            record_new: sql(format!(
                 "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (idempotency_key) DO NOTHING"
             )),
@@ -136,14 +137,7 @@ impl Inbox {
         wait: std::time::Duration,
     ) -> Result<Claim> {
         let (key, saga_id) = (command.idempotency_key.as_str(), command.saga_id);
-        // One round trip, as a plain BEGIN.
-        let mut tx = self
-            .pool
-            .begin_with(AssertSqlSafe(format!(
-                "BEGIN; SET LOCAL lock_timeout = {}",
-                wait.as_millis().max(1)
-            )))
-            .await?;
+        let mut tx = self.begin_waiting(wait).await?;
         let claim = if command.direction == crate::event::Direction::Compensation {
             let forward = crate::message::Command::idempotency_key_for(
                 saga_id,
@@ -169,6 +163,21 @@ impl Inbox {
         tx.rollback().await?;
         tracing::info!(%key, "command already settled; answering from the inbox");
         Ok(Claim::Recorded(outcome))
+    }
+
+    /// Begins a transaction whose lock waits give up after `wait` (one round trip, as a plain
+    /// `BEGIN`).
+    async fn begin_waiting(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(self
+            .pool
+            .begin_with(AssertSqlSafe(format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                wait.as_millis().max(1)
+            )))
+            .await?)
     }
 
     async fn recorded(&self, conn: &mut PgConnection, key: &str) -> Result<Outcome> {
@@ -204,7 +213,7 @@ impl Inbox {
         tx.rollback().await?;
         let key = command.idempotency_key.as_str();
         let mut tx = self.pool.begin().await?;
-        let recorded = sqlx::query(self.fence.clone())
+        let recorded = sqlx::query(self.record_new.clone())
             .bind(key)
             .bind(command.saga_id)
             .bind(&command.command)
@@ -248,16 +257,11 @@ impl Inbox {
         key: &str,
         saga_id: Uuid,
         command: &str,
-        lock_timeout_ms: u64,
+        wait: std::time::Duration,
     ) -> Result<Outcome> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL lock_timeout = {lock_timeout_ms}"
-        )))
-        .execute(&mut *tx)
-        .await?;
+        let mut tx = self.begin_waiting(wait).await?;
         let tombstone = json!({ "fenced": "fenced before any delivery applied it" });
-        let written = sqlx::query(self.fence.clone())
+        let written = sqlx::query(self.record_new.clone())
             .bind(key)
             .bind(saga_id)
             .bind(command)

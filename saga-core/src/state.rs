@@ -287,12 +287,35 @@ impl SagaState {
             Direction::Fence => self.fence_target(step),
             other => other,
         };
-        let generation = self
-            .generations
+        let generation = self.generation(step, direction);
+        crate::message::Command::idempotency_key_at(saga_id, step, direction, generation)
+    }
+
+    /// The generation of `step`'s key in `direction` now (see [`SagaState::generations`]).
+    pub fn generation(&self, step: u32, direction: Direction) -> u32 {
+        self.generations
             .get(&(step, direction))
             .copied()
-            .unwrap_or(0);
-        crate::message::Command::idempotency_key_at(saga_id, step, direction, generation)
+            .unwrap_or(0)
+    }
+
+    /// The highest attempt of `step` in `direction` sent so far (0: none).
+    pub fn last_attempt(&self, step: u32, direction: Direction) -> u32 {
+        self.sent
+            .values()
+            .filter(|s| (s.step, s.direction) == (step, direction))
+            .map(|s| s.attempt)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Attempts of `step` in `direction` sent before its retry policy began counting afresh
+    /// (an operator's retry, a new fence).
+    pub fn attempts_before_retry(&self, step: u32, direction: Direction) -> u32 {
+        self.attempts_before_retry
+            .get(&(step, direction))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The oldest unused signal named `name`.

@@ -81,7 +81,7 @@ pub struct Applied {
     pub status: Option<SagaStatus>,
     /// Whether this input moved the saga out of running or compensating.
     pub settled: bool,
-    /// Why the saga is stuck, fences a step or compensates, if it does.
+    /// Why the saga is stuck (or compensated), when this input settled it.
     pub reason: Option<String>,
     /// The saga's definition name, if the saga was loaded.
     pub saga: Option<String>,

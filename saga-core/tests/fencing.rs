@@ -355,7 +355,7 @@ fn compensations_are_patient_by_default() {
 /// A step that sets no timeout gets the saga's default (a minute): its attempt is timed.
 #[test]
 fn every_command_has_a_timeout() {
-    let (run, first) = Run::start(order());
+    let (_, first) = Run::start(order());
     assert!(first.effects.contains(&Effect::SetTimer {
         timer: Timer::Timeout {
             step: 0,
@@ -365,5 +365,4 @@ fn every_command_has_a_timeout() {
         due_at: t0() + saga_core::definition::DEFAULT_STEP_TIMEOUT,
     }));
     assert_eq!(dispatch(&first).timeout_ms, Some(60_000));
-    drop(run);
 }

@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod harness;
+pub mod logs;
 pub mod order;
 pub mod process;
 

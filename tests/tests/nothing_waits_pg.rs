@@ -2,7 +2,7 @@
 //! ends makes it stop with an error; a saga that parks is logged at ERROR and counted; a
 //! service's queue that no worker consumes is reported.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,9 +13,9 @@ use saga_core::{
     Client, Destination, Envelope, Error, InProcessTransport, Metrics, Orchestrator, RetryPolicy,
     SagaDefinition, SagaStatus, Store, Transport, Worker,
 };
+use saga_tests::logs::Errors;
 use saga_tests::{database, wait_until};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::layer::SubscriberExt;
 
 /// A transport whose results stream ends at once, as if the broker had gone for good.
 struct EndingResults(InProcessTransport);
@@ -90,24 +90,6 @@ fn definition() -> SagaDefinition<u32> {
         .unwrap()
 }
 
-/// Log lines at ERROR, as `target: message fields`.
-#[derive(Clone, Default)]
-struct Errors(Arc<Mutex<Vec<String>>>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if *event.metadata().level() == tracing::Level::ERROR {
-            let mut line = String::new();
-            event.record(
-                &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
-                    line.push_str(&format!("{}={value:?} ", field.name()));
-                },
-            );
-            self.0.lock().unwrap().push(line);
-        }
-    }
-}
-
 fn worker(service: &str, inbox: saga_core::Inbox) -> Worker {
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
     Worker::builder(service, inbox)
@@ -134,9 +116,7 @@ fn worker(service: &str, inbox: saga_core::Inbox) -> Worker {
 /// once the right worker runs, the gauge is 0 again.
 #[tokio::test(flavor = "current_thread")]
 async fn stuck_sagas_and_unconsumed_queues_are_reported() {
-    let errors = Errors::default();
-    let subscriber = tracing_subscriber::registry().with(errors.clone());
-    let _logs = tracing::subscriber::set_default(subscriber);
+    let (errors, _logs) = Errors::capture();
     let db = database().await;
     let def = definition();
     let store = Arc::new(db.store());
@@ -167,15 +147,10 @@ async fn stuck_sagas_and_unconsumed_queues_are_reported() {
             .and_then(|v| v.parse::<f64>().ok())
     };
     let reported = wait_until(Duration::from_secs(10), || async {
-        errors
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("service=payment"))
+        errors.contain("service=payment")
     })
     .await;
-    assert!(reported, "{:?}", errors.0.lock().unwrap());
+    assert!(reported, "{:?}", errors.lines());
     assert!(gauge(&metrics.render(None)).is_some_and(|s| s >= 0.4));
     tasks.spawn(
         worker("payment", db.inbox().await).run(Arc::new(transport.clone()), shutdown.clone()),
@@ -186,7 +161,7 @@ async fn stuck_sagas_and_unconsumed_queues_are_reported() {
     .await;
     assert!(stuck, "{:?}", store.summary(id).await.unwrap());
     let reason = store.summary(id).await.unwrap().unwrap().reason.unwrap();
-    let logged = errors.0.lock().unwrap().clone();
+    let logged = errors.lines();
     assert!(
         logged
             .iter()

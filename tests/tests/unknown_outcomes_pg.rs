@@ -132,8 +132,9 @@ async fn a_pivot_that_applied_but_whose_answers_were_lost_goes_forward() {
 /// Results applied while the database refuses the saga tables' locks for a while (SQLSTATE
 /// 55P03, `lock_timeout`): the batch is handed back and applied once the lock is gone, not
 /// dead-lettered, so no saga waits for an answer it already got.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "current_thread")]
 async fn results_that_meet_a_lock_timeout_are_applied_later_not_dead_lettered() {
+    let (errors, _logs) = saga_tests::logs::Errors::capture();
     let db = database().await;
     let transport = InProcessTransport::new();
     // The orchestrator's sessions give up on a lock after 100 ms.
@@ -213,8 +214,12 @@ async fn results_that_meet_a_lock_timeout_are_applied_later_not_dead_lettered() 
     })
     .await;
     assert!(shipped);
-    // The results meet the lock (each try gives up after 100 ms) for a while.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The results meet the lock (each try gives up after 100 ms): the batch is handed back.
+    let handed_back = wait_until(Duration::from_secs(30), || async {
+        errors.contain("handing them back") && errors.contain("lock timeout")
+    })
+    .await;
+    assert!(handed_back, "{:?}", errors.lines());
     locker.rollback().await.unwrap();
     let done = wait_until(Duration::from_secs(30), || async {
         let counts = store.count_by_status().await.unwrap();

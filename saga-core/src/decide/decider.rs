@@ -101,13 +101,8 @@ impl Decider<'_, '_> {
             .filter(|h| (h.step, h.direction) == (step, direction))
             .map(|h| h.attempt);
         self.state
-            .sent
-            .values()
-            .filter(|s| (s.step, s.direction) == (step, direction))
-            .map(|s| s.attempt)
-            .chain(held)
-            .max()
-            .unwrap_or(0)
+            .last_attempt(step, direction)
+            .max(held.unwrap_or(0))
             + 1
     }
 
@@ -354,12 +349,7 @@ impl Decider<'_, '_> {
         let stopping = direction == Direction::Forward && self.state.stop.is_some();
         let elapsed = self.retrying_for(step, direction);
         // After an operator's retry, the policy counts afresh.
-        let before = self
-            .state
-            .attempts_before_retry
-            .get(&(step, direction))
-            .copied()
-            .unwrap_or(0);
+        let before = self.state.attempts_before_retry(step, direction);
         let counted = attempt.saturating_sub(before).max(1);
         if retryable && !stopping && (unbounded || policy.allows_another(counted, elapsed)) {
             let delay = policy.delay(counted, unit_draw(command_id));

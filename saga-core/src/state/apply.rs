@@ -47,7 +47,7 @@ impl SagaState {
                     Direction::Fence => self.fence_target(*step),
                     other => *other,
                 };
-                let generation = self.generations.get(&(*step, keyed)).copied().unwrap_or(0);
+                let generation = self.generation(*step, keyed);
                 self.sent.insert(
                     *command_id,
                     SentCommand {
@@ -286,13 +286,7 @@ impl SagaState {
         if matches!(self.retrying, Some((s, d, _)) if (s, d) == (step, direction)) {
             self.retrying = None;
         }
-        let sent = self
-            .sent
-            .values()
-            .filter(|s| (s.step, s.direction) == (step, direction))
-            .map(|s| s.attempt)
-            .max()
-            .unwrap_or(0);
+        let sent = self.last_attempt(step, direction);
         self.attempts_before_retry.insert((step, direction), sent);
     }
 

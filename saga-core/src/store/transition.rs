@@ -80,11 +80,14 @@ pub(crate) fn apply_input(
         new_id: &mut new_id,
     };
     let decision = decide(definition, &loaded.state, input, &mut env)?;
+    let settled = loaded.state.status.is_active() && !decision.state.status.is_active();
     let mut decided = Decided {
         verdict: decision.verdict,
         status: decision.state.status,
-        settled: loaded.state.status.is_active() && !decision.state.status.is_active(),
-        reason: SagaStatus::reason(&decision.state),
+        settled,
+        reason: settled
+            .then(|| SagaStatus::reason(&decision.state))
+            .flatten(),
         saga: definition.name().to_owned(),
         retries: decision
             .events

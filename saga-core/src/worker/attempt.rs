@@ -158,17 +158,13 @@ impl Worker {
                 ),
             };
         };
-        let wait = command
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(FENCE_LOCK_WAIT)
-            .min(FENCE_LOCK_WAIT);
+        let wait = self.timeout_of(command).min(FENCE_LOCK_WAIT);
         match inbox
             .fence(
                 &command.idempotency_key,
                 command.saga_id,
                 &command.command,
-                wait.as_millis().max(1) as u64,
+                wait,
             )
             .await
         {

@@ -130,10 +130,7 @@ impl Worker {
             return refused();
         };
         let wait = std::time::Duration::from_secs(5);
-        match inbox
-            .fence(key, saga_id, command, wait.as_millis() as u64)
-            .await
-        {
+        match inbox.fence(key, saga_id, command, wait).await {
             Ok(outcome) => Reply::from_headers(message, outcome),
             Err(e) => {
                 warn!(error = %e, "fencing an unreadable command failed");

@@ -80,36 +80,27 @@ impl Decider<'_, '_> {
         let Some(fencing) = self.fencing_of(step) else {
             return Ok(());
         };
-        let known = match answer {
-            Answer::Applied(output) => {
-                self.emit(Event::Succeeded {
-                    step,
-                    direction: Direction::Fence,
-                    attempt,
-                    output,
-                })?;
-                Known::Applied
-            }
-            Answer::NotApplied(detail) => {
-                self.emit(Event::Fenced {
-                    step,
-                    attempt,
-                    detail,
-                })?;
-                Known::NotApplied
-            }
-            Answer::Unfenceable(detail) => {
-                self.emit(Event::Failed {
-                    step,
-                    direction: Direction::Fence,
-                    attempt,
-                    error: detail.clone(),
-                    retryable: false,
-                })?;
-                Known::Unfenceable(detail)
-            }
-        };
-        self.go_on(step, fencing, known)
+        self.emit(match &answer {
+            Answer::Applied(output) => Event::Succeeded {
+                step,
+                direction: Direction::Fence,
+                attempt,
+                output: output.clone(),
+            },
+            Answer::NotApplied(detail) => Event::Fenced {
+                step,
+                attempt,
+                detail: detail.clone(),
+            },
+            Answer::Unfenceable(detail) => Event::Failed {
+                step,
+                direction: Direction::Fence,
+                attempt,
+                error: detail.clone(),
+                retryable: false,
+            },
+        })?;
+        self.go_on(step, fencing, &answer)
     }
 
     /// The fence running on `step`, if any.
@@ -119,7 +110,7 @@ impl Decider<'_, '_> {
 
     /// `fencing` is settled (by its answer, or by a late answer of the command it fenced,
     /// already recorded): the saga does what it fenced for.
-    pub(super) fn go_on(&mut self, step: u32, fencing: Fencing, known: Known) -> Step {
+    pub(super) fn go_on(&mut self, step: u32, fencing: Fencing, answer: &Answer) -> Step {
         let pivot = self.definition.steps()[step as usize].kind == StepKind::Pivot;
         // A cancel or a deadline that came during an operator's retry of an action: the saga
         // stops rather than run it again.
@@ -131,8 +122,8 @@ impl Decider<'_, '_> {
             }
             then => then,
         };
-        match (then, known) {
-            (FenceThen::GiveUp, Known::Unfenceable(detail)) if pivot => {
+        match (then, answer) {
+            (FenceThen::GiveUp, Answer::Unfenceable(detail)) if pivot => {
                 // Never compensated past; an operator decides (a retry runs it again).
                 self.emit(Event::Stuck {
                     step,
@@ -145,11 +136,11 @@ impl Decider<'_, '_> {
                     ),
                 })
             }
-            (FenceThen::GiveUp, Known::Applied) if pivot && self.state.stop.is_none() => {
+            (FenceThen::GiveUp, Answer::Applied(_)) if pivot && self.state.stop.is_none() => {
                 self.after_success(step, Direction::Forward)
             }
             (FenceThen::GiveUp, _) => self.settle(step, fencing.reason),
-            (FenceThen::Retry, Known::Applied) => self.after_success(step, fencing.target),
+            (FenceThen::Retry, Answer::Applied(_)) => self.after_success(step, fencing.target),
             (FenceThen::Retry, _) => {
                 let attempt = self.next_attempt(step, fencing.target);
                 self.dispatch(step, fencing.target, attempt)
@@ -157,14 +148,4 @@ impl Decider<'_, '_> {
             (FenceThen::Resolve, _) => self.compensate_below(step),
         }
     }
-}
-
-/// What the saga knows about a fenced command once its fence is settled.
-pub(super) enum Known {
-    /// It applied.
-    Applied,
-    /// It did not, and never will.
-    NotApplied,
-    /// Its service cannot tell: it counts as applied.
-    Unfenceable(String),
 }

@@ -12,12 +12,7 @@ impl Decider<'_, '_> {
     /// Whether a command of `step` in `direction` was ever sent (a command step's).
     fn was_sent(&self, step: u32, direction: Direction) -> bool {
         let is_command = self.definition.steps()[step as usize].action().is_some();
-        is_command
-            && self
-                .state
-                .sent
-                .values()
-                .any(|s| (s.step, s.direction) == (step, direction))
+        is_command && self.state.last_attempt(step, direction) > 0
     }
 
     pub(super) fn operator(

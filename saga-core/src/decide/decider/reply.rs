@@ -1,7 +1,7 @@
 //! A participant's result: the outstanding command's answer, or a late one that still tells
 //! the saga something it needs to know.
 
-use super::fence::{Answer, Known};
+use super::fence::Answer;
 use super::{Decider, Step};
 use crate::SagaStatus;
 use crate::decide::{Effect, Timer, Verdict};
@@ -45,22 +45,7 @@ impl Decider<'_, '_> {
         if direction == Direction::Fence {
             match Answer::of(&reply.outcome) {
                 Some(answer) => self.after_fence(step, attempt, answer)?,
-                // Not an answer: the fence could not be made there and then (a worker that
-                // refused the message, say). It is tried again.
-                None => {
-                    let error = match &reply.outcome {
-                        Outcome::Failure { error, .. } => error.clone(),
-                        _ => String::new(),
-                    };
-                    self.emit(Event::Failed {
-                        step,
-                        direction,
-                        attempt,
-                        error: error.clone(),
-                        retryable: true,
-                    })?;
-                    self.after_failure(step, direction, attempt, true, &error, reply.command_id)?;
-                }
+                None => self.failed_attempt(reply)?,
             }
             return Ok(Verdict::Applied);
         }
@@ -82,10 +67,15 @@ impl Decider<'_, '_> {
     }
 
     /// An attempt that failed: retried by its policy, or failed for good. A delivery that
-    /// found its step fenced did not apply and never will: a terminal failure.
+    /// found its step fenced did not apply and never will: a terminal failure. A failure in
+    /// answer to a fence is no answer (the fence could not be made there and then, a worker
+    /// refused the message, say): the fence is tried again.
     fn failed_attempt(&mut self, reply: &Reply) -> Step {
         let (error, retryable) = match &reply.outcome {
-            Outcome::Failure { error, retryable } => (error.clone(), *retryable),
+            Outcome::Failure { error, retryable } => (
+                error.clone(),
+                *retryable || reply.direction == Direction::Fence,
+            ),
             Outcome::Fenced { detail } => (format!("the step was fenced: {detail}"), false),
             Outcome::Unfenceable { detail } => (detail.clone(), false),
             Outcome::Success { .. } => unreachable!("a success is not a failure"),
@@ -129,20 +119,18 @@ impl Decider<'_, '_> {
         // perhaps of its other command), and "not applied" holds only for the key it fences
         // (not an earlier generation's, tombstoned by an earlier fence).
         let this_fence = reply.direction == Direction::Fence
-            && reply.attempt > self.attempts_before(step, Direction::Fence);
+            && reply.attempt > self.state.attempts_before_retry(step, Direction::Fence);
         let this_key = fencing
             .as_ref()
-            .is_some_and(|f| sent.generation == self.generation(step, f.target));
-        let known = match (reply.direction, &reply.outcome, &fencing) {
+            .is_some_and(|f| sent.generation == self.state.generation(step, f.target));
+        // An answer about the command's fence: from the fence (any attempt of this one), or
+        // from the command itself, applied or (the only attempt in doubt) not.
+        let (attempt, answer) = match (reply.direction, &reply.outcome, &fencing) {
             (Direction::Fence, _, Some(_)) if !this_fence => return Ok(stale),
-            (Direction::Fence, outcome, Some(_)) => {
-                let Some(answer) = Answer::of(outcome) else {
-                    return Ok(stale);
-                };
-                self.drop_current_timer(step);
-                self.after_fence(step, reply.attempt, answer)?;
-                return Ok(Verdict::Applied);
-            }
+            (Direction::Fence, outcome, Some(_)) => match Answer::of(outcome) {
+                Some(answer) => (reply.attempt, answer),
+                None => return Ok(stale),
+            },
             (direction, Outcome::Success { output }, _) => {
                 self.drop_current_timer(step);
                 self.emit(Event::Succeeded {
@@ -151,15 +139,16 @@ impl Decider<'_, '_> {
                     attempt: reply.attempt,
                     output: output.clone(),
                 })?;
-                Known::Applied
-            }
-            (_, Outcome::Fenced { detail }, Some(_)) if this_key => {
-                self.drop_current_timer(step);
-                let attempt = self.state.current.map_or(0, |c| c.attempt);
-                self.after_fence(step, attempt, Answer::NotApplied(detail.clone()))?;
+                match fencing {
+                    Some(fencing) => self.go_on(step, fencing, &Answer::Applied(output.clone()))?,
+                    None => self.after_success(step, direction)?,
+                }
                 return Ok(Verdict::Applied);
             }
-            // The only attempt in doubt answered: a terminal failure did not apply.
+            (_, Outcome::Fenced { detail }, Some(_)) if this_key => {
+                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                (attempt, Answer::NotApplied(detail.clone()))
+            }
             (
                 Direction::Forward,
                 Outcome::Failure {
@@ -168,38 +157,15 @@ impl Decider<'_, '_> {
                 },
                 Some(f),
             ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] && this_key => {
-                self.drop_current_timer(step);
                 let attempt = self.state.current.map_or(0, |c| c.attempt);
                 let detail = format!("its attempt {} failed: {error}", reply.attempt);
-                self.after_fence(step, attempt, Answer::NotApplied(detail))?;
-                return Ok(Verdict::Applied);
+                (attempt, Answer::NotApplied(detail))
             }
             _ => return Ok(stale),
         };
-        match fencing {
-            Some(fencing) => self.go_on(step, fencing, known)?,
-            None => self.after_success(step, reply.direction)?,
-        }
+        self.drop_current_timer(step);
+        self.after_fence(step, attempt, answer)?;
         Ok(Verdict::Applied)
-    }
-
-    /// Attempts of `step` in `direction` sent before its policy began counting afresh (an
-    /// operator's retry, a new fence).
-    fn attempts_before(&self, step: u32, direction: Direction) -> u32 {
-        self.state
-            .attempts_before_retry
-            .get(&(step, direction))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// The generation of `step`'s key in `direction` now.
-    fn generation(&self, step: u32, direction: Direction) -> u32 {
-        self.state
-            .generations
-            .get(&(step, direction))
-            .copied()
-            .unwrap_or(0)
     }
 
     /// Whether the saga still waits to learn how `step` went in `direction`: it works on it
