@@ -239,7 +239,8 @@ async fn cancel_compensates_before_the_pivot_and_is_refused_after_it() {
     };
     run.until("A is charging", charging(a)).await;
     run.until("B is charging", charging(b)).await;
-    // A's charge is in flight: the cancel is accepted; the charge settles, then both undo.
+    // A's charge is in flight: the cancel is accepted and the charge fenced; whichever of the
+    // charge and its fence the payment service runs first decides whether it applied.
     run.client
         .cancel(a, "customer changed their mind")
         .await
@@ -249,9 +250,10 @@ async fn cancel_compensates_before_the_pivot_and_is_refused_after_it() {
         r.status(a).await == SagaStatus::Cancelled
     })
     .await;
-    assert_eq!(
-        run.effects(a).await,
-        ["reserve", "charge", "refund", "release"]
+    let effects = run.effects(a).await;
+    assert!(
+        effects == ["reserve", "charge", "refund", "release"] || effects == ["reserve", "release"],
+        "whatever applied is undone: {effects:?}"
     );
     // B reaches its pivot (shipping is held): too late to cancel.
     run.until("B is shipping", async |r| {
