@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
-use saga_core::{Client, Orchestrator, PgStore, SagaStatus, Store};
+use saga_core::{Client, Orchestrator, PgStore, QueryStore, SagaStatus};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -436,7 +436,7 @@ impl Ops {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on METRICS_ADDR {addr}"))?;
-            let store = store.map(|s| s as Arc<dyn Store>);
+            let store = store.map(|s| s as Arc<dyn QueryStore>);
             tokio::spawn(saga_core::http::serve(
                 listener,
                 self.metrics.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::{
-    Client, InProcessTransport, MemoryStore, Orchestrator, SagaStatus, Store, Transport,
+    Client, InProcessTransport, MemoryStore, Orchestrator, QueryStore, SagaStatus, Transport,
 };
 use tokio_util::sync::CancellationToken;
 

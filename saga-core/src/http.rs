@@ -28,7 +28,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::QueryStore;
 
 /// Whether the process is alive and ready to take work. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -79,7 +79,7 @@ impl Health {
 struct Ops {
     metrics: Metrics,
     health: Health,
-    store: Option<Arc<dyn Store>>,
+    store: Option<Arc<dyn QueryStore>>,
 }
 
 /// Serves `/metrics`, `/livez` and `/readyz` on `listener` until the process ends. With a
@@ -88,7 +88,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     health: Health,
-    store: Option<Arc<dyn Store>>,
+    store: Option<Arc<dyn QueryStore>>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(scrape))

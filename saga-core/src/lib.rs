@@ -41,6 +41,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 pub mod client;
 pub mod decide;
 pub mod definition;
@@ -80,6 +81,6 @@ pub use metrics::Metrics;
 pub use orchestrator::{Orchestrator, OrchestratorConfig};
 pub use registry::Registry;
 pub use state::{ReplayError, SagaState, SagaStatus, replay};
-pub use store::{MemoryStore, PgStore, Store};
+pub use store::{MemoryStore, OutboxStore, PgStore, QueryStore, SagaStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
 pub use worker::{CommandContext, Handler, StepError, StepResultExt, Tx, Worker};

@@ -189,7 +189,8 @@ impl Orchestrator {
         let (relay_tx, relay_rx) = mpsc::unbounded_channel();
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         let relay = Relay {
-            store: Arc::clone(&self.store),
+            outbox: Arc::clone(&self.store) as Arc<dyn crate::store::OutboxStore>,
+            store: Arc::clone(&self.store) as Arc<dyn crate::store::SagaStore>,
             transport: Arc::clone(&self.transport),
             registry: self.registry.clone(),
             config: RelayConfig {

@@ -19,7 +19,7 @@ use crate::decide::{Input, Verdict};
 use crate::error::Result;
 use crate::message::{Command, Envelope, Outcome, Reply, oversize};
 use crate::registry::Registry;
-use crate::store::{OutboxRecord, Store};
+use crate::store::{OutboxRecord, OutboxStore, SagaStore};
 use crate::transport::{PublishError, Transport};
 
 /// Settings of the relay.
@@ -32,7 +32,10 @@ pub(crate) struct RelayConfig {
 }
 
 pub(crate) struct Relay {
-    pub(crate) store: Arc<dyn Store>,
+    /// Where the rows to publish are claimed and deleted.
+    pub(crate) outbox: Arc<dyn OutboxStore>,
+    /// Where the failures of commands that cannot be delivered are applied.
+    pub(crate) store: Arc<dyn SagaStore>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) registry: Registry,
     pub(crate) config: RelayConfig,
@@ -47,7 +50,10 @@ const LATE_FAILURES_KEPT: usize = 1024;
 /// previous delete, and the ids that arrive meanwhile go in one statement. The rows stay
 /// claimed until deleted, so the poller does not publish them again; if the process dies
 /// first, they are published again after their lease and the duplicates are dropped.
-async fn delete_published(store: Arc<dyn Store>, mut published: mpsc::UnboundedReceiver<Vec<i64>>) {
+async fn delete_published(
+    store: Arc<dyn OutboxStore>,
+    mut published: mpsc::UnboundedReceiver<Vec<i64>>,
+) {
     while let Some(mut ids) = published.recv().await {
         while let Ok(more) = published.try_recv() {
             ids.extend(more);
@@ -66,7 +72,7 @@ impl Relay {
         mut handed: mpsc::UnboundedReceiver<Vec<OutboxRecord>>,
         shutdown: CancellationToken,
     ) {
-        let mut notifications = match self.store.outbox_notifications().await {
+        let mut notifications = match self.outbox.outbox_notifications().await {
             Ok(stream) => stream,
             Err(e) => {
                 warn!(error = %e, "outbox notifications unavailable; relying on polling");
@@ -76,7 +82,7 @@ impl Relay {
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (published, to_delete) = mpsc::unbounded_channel();
-        let deleter = tokio::spawn(delete_published(Arc::clone(&self.store), to_delete));
+        let deleter = tokio::spawn(delete_published(Arc::clone(&self.outbox), to_delete));
         loop {
             // Unbiased: under steady hand-overs the poller still gets its turn (rows of starts
             // made elsewhere, unconfirmed rows, a crashed peer's rows).
@@ -112,7 +118,7 @@ impl Relay {
     async fn poll(&self, published: &mpsc::UnboundedSender<Vec<i64>>) {
         loop {
             match self
-                .store
+                .outbox
                 .claim_outbox(self.config.batch, self.config.lease)
                 .await
             {

@@ -134,7 +134,7 @@ pub struct SagaSummary {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Which sagas [`Store::list`] returns.
+/// Which sagas [`QueryStore::list`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListFilter {
     /// Only this status.
@@ -162,12 +162,18 @@ pub struct StartRequest {
     pub business_key: Option<String>,
 }
 
-/// Durable storage of sagas.
+/// Durable storage of sagas: the engine's part, the outbox's and the operators' queries,
+/// which any store implements together (a blanket impl), so `Arc<dyn Store>` serves them all.
 ///
 /// Every method that changes a saga does so in one transaction: it locks the instance, replays
 /// its log, decides, and appends events, outbox rows and timers together.
+pub trait Store: SagaStore + OutboxStore + QueryStore {}
+
+impl<T: SagaStore + OutboxStore + QueryStore + ?Sized> Store for T {}
+
+/// What the engine needs of a store: starting sagas, applying inputs, and durable time.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait SagaStore: Send + Sync + 'static {
     /// Creates the instance, appends `started`, and dispatches the first step.
     async fn start(&self, request: StartRequest) -> Result<Started>;
 
@@ -190,6 +196,30 @@ pub trait Store: Send + Sync + 'static {
     /// A stream that yields when timers may have been queued by someone else.
     async fn timer_notifications(&self) -> Result<BoxStream<'static, ()>>;
 
+    /// The time as this store keeps it (for [`PgStore`], the database's clock, as this process
+    /// last measured it): the orchestrator sleeps until due times by it.
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    /// Called by an orchestrator that runs on this store, in this process, with its relay. The
+    /// store may then hand the first commands of the sagas started through it to that relay
+    /// right after their commit, instead of leaving them to a poller. One relay at a time: a
+    /// second orchestrator's replaces the first's, and once it is detached, starts go to the
+    /// pollers again. Ignored by default.
+    fn attach_relay(&self, relay: LocalRelay) {
+        let _ = relay;
+    }
+
+    /// Undoes [`SagaStore::attach_relay`] for `relay` (a relay attached since is kept).
+    fn detach_relay(&self, relay: &LocalRelay) {
+        let _ = relay;
+    }
+}
+
+/// What the relay needs of a store: the committed commands waiting to be published.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
     /// Claims up to `limit` outbox rows that nobody holds, for `lease`.
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>>;
 
@@ -198,7 +228,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// A stream that yields when new outbox rows may have been committed by someone else.
     async fn outbox_notifications(&self) -> Result<BoxStream<'static, ()>>;
+}
 
+/// What operators, metrics and clients read: sagas, their logs, counts, and the purge.
+#[async_trait]
+pub trait QueryStore: Send + Sync + 'static {
     /// One saga, without its log.
     async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>>;
 
@@ -217,24 +251,4 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;
-
-    /// The time as this store keeps it (for [`PgStore`], the database's clock, as this process
-    /// last measured it): the orchestrator sleeps until due times by it.
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-
-    /// Called by an orchestrator that runs on this store, in this process, with its relay. The
-    /// store may then hand the first commands of the sagas started through it to that relay
-    /// right after their commit, instead of leaving them to a poller. One relay at a time: a
-    /// second orchestrator's replaces the first's, and once it is detached, starts go to the
-    /// pollers again. Ignored by default.
-    fn attach_relay(&self, relay: LocalRelay) {
-        let _ = relay;
-    }
-
-    /// Undoes [`Store::attach_relay`] for `relay` (a relay attached since is kept).
-    fn detach_relay(&self, relay: &LocalRelay) {
-        let _ = relay;
-    }
 }

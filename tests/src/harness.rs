@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::orchestrator::OrchestratorConfig;
-use saga_core::{Client, Orchestrator, PgStore, SagaStatus, Store, Transport, Worker};
+use saga_core::{Client, Orchestrator, PgStore, QueryStore, SagaStatus, Transport, Worker};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use saga_core::{SagaStatus, Store};
+use saga_core::{QueryStore, SagaStatus};
 use saga_tests::amqp::{WatermarkGuard, broker, rabbitmqctl};
 use saga_tests::harness::{self, assert_effects};
 use saga_tests::{database, wait_until};

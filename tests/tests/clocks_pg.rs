@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use saga_core::{
-    Client, InProcessTransport, Orchestrator, PgStore, SagaDefinition, SagaStatus, Store,
+    Client, InProcessTransport, Orchestrator, OutboxStore, PgStore, QueryStore, SagaDefinition,
+    SagaStatus,
 };
 use saga_tests::{TestDb, database, wait_until};
 use sqlx::AssertSqlSafe;

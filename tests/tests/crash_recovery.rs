@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::orchestrator::OrchestratorConfig;
-use saga_core::{Client, InProcessTransport, Orchestrator, PgStore, SagaStatus, Store};
+use saga_core::{Client, InProcessTransport, Orchestrator, PgStore, QueryStore, SagaStatus};
 use saga_tests::order::{self, Order};
 use saga_tests::{database, wait_until};
 use sqlx::AssertSqlSafe;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saga_core::{
-    Client, Direction, Error, Event, Orchestrator, PgStore, SagaDefinition, SagaStatus, Store,
+    Client, Direction, Error, Event, Orchestrator, PgStore, QueryStore, SagaDefinition, SagaStatus,
     Worker,
 };
 use saga_examples::Example;

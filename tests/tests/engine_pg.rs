@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::store::SagaSummary;
 use saga_core::{
-    Client, Destination, Direction, Event, InProcessTransport, Orchestrator, Outcome, Reply,
-    SagaDefinition, SagaStatus, Store, Transport, Worker,
+    Client, Destination, Direction, Event, InProcessTransport, Orchestrator, Outcome, QueryStore,
+    Reply, SagaDefinition, SagaStatus, Transport, Worker,
 };
 use saga_tests::order::{self, Order};
 use saga_tests::{TestDb, database, wait_until};

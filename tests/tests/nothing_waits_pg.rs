@@ -10,8 +10,8 @@ use futures_util::stream::BoxStream;
 use saga_core::transport::{Delivery, PublishError, Source, TransportError};
 use saga_core::worker::{CommandContext, StepError, handler_fn};
 use saga_core::{
-    Client, Destination, Envelope, Error, InProcessTransport, Metrics, Orchestrator, RetryPolicy,
-    SagaDefinition, SagaStatus, Store, Transport, Worker,
+    Client, Destination, Envelope, Error, InProcessTransport, Metrics, Orchestrator, QueryStore,
+    RetryPolicy, SagaDefinition, SagaStatus, Transport, Worker,
 };
 use saga_tests::logs::Errors;
 use saga_tests::{database, wait_until};

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use saga_core::worker::{StepError, Worker, handler_fn};
 use saga_core::{
-    Client, CommandContext, InProcessTransport, Orchestrator, SagaDefinition, SagaStatus, Store,
+    Client, CommandContext, InProcessTransport, Orchestrator, QueryStore, SagaDefinition,
+    SagaStatus,
 };
 use saga_tests::process::Stack;
 use saga_tests::{database, free_port, wait_until};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use saga_core::worker::{StepError, Worker, handler_fn};
 use saga_core::{
-    Client, CommandContext, Event, InProcessTransport, Orchestrator, RetryPolicy, SagaDefinition,
-    SagaStatus, Store,
+    Client, CommandContext, Event, InProcessTransport, Orchestrator, QueryStore, RetryPolicy,
+    SagaDefinition, SagaStatus,
 };
 use saga_tests::harness::config;
 use saga_tests::process::binary;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use saga_core::store::{LocalRelay, Started};
-use saga_core::{Client, PgStore, Store};
+use saga_core::{Client, OutboxStore, PgStore, SagaStore};
 use saga_tests::order::{self, Order};
 use saga_tests::{TestDb, database};
 use sqlx::AssertSqlSafe;

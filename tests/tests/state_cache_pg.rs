@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use saga_core::store::{Applied, LocalRelay};
 use saga_core::{
-    Client, Command, Direction, Event, Input, Outcome, Registry, Reply, SagaStatus, Store, Verdict,
+    Client, Command, Direction, Event, Input, Outcome, QueryStore, Registry, Reply, SagaStatus,
+    SagaStore, Store, Verdict,
 };
 use saga_tests::database;
 use saga_tests::order::{self, Order};

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use saga_core::transport::{Delivery, PublishError, Source, TransportError};
 use saga_core::{
-    Destination, Direction, Envelope, InProcessTransport, Reply, SagaStatus, Store, Transport,
+    Destination, Direction, Envelope, InProcessTransport, QueryStore, Reply, SagaStatus, Transport,
 };
 use saga_tests::harness::run_definition;
 use saga_tests::order::{self, definition_with_timeout};

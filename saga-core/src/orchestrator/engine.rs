@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{OrchestratorConfig, SettledHook};
+use crate::batch::one_by_one;
 use crate::decide::{Input, Verdict};
+use crate::error::Error;
 use crate::message::Reply;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -114,38 +116,68 @@ impl Engine {
     /// Applies a batch in one transaction. If it fails for a reason that will not pass, each
     /// result is applied on its own, so one saga whose log cannot be applied (a definition
     /// changed without a new version, say) is dead-lettered with the reason and the others go
-    /// on. A transient failure (the database restarting) hands the batch back after a delay.
+    /// on. A transient failure (the database restarting) hands the results back after a delay.
     async fn apply_parsed(&self, deliveries: Vec<Delivery>, batch: Vec<(uuid::Uuid, Input)>) {
-        let mut applied = match self.store.apply(&self.registry, batch.clone()).await {
-            Ok(applied) => applied,
-            Err(e) if e.is_transient() => {
-                error!(error = %e, count = deliveries.len(), "applying results failed; handing them back");
-                tokio::time::sleep(self.config.defer_delay).await;
-                for delivery in deliveries {
-                    let _ = delivery.requeue().await;
-                }
-                return;
-            }
-            Err(e) if batch.len() == 1 => {
-                let reason = format!("cannot apply this result: {e}");
-                error!(saga.id = %batch[0].0, %reason, "dead-lettering a result");
-                for delivery in deliveries {
-                    let _ = delivery.dead_letter(&reason).await;
-                }
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, count = batch.len(), "a batch failed; applying its results one by one");
-                for (delivery, item) in deliveries.into_iter().zip(batch) {
-                    Box::pin(self.apply_parsed(vec![delivery], vec![item])).await;
-                }
-                return;
-            }
+        let e = match self.store.apply(&self.registry, batch.clone()).await {
+            Ok(applied) => return self.settle(deliveries, &batch, applied).await,
+            Err(e) => e,
         };
+        if e.is_transient() || batch.len() == 1 {
+            return self.give_back(deliveries, &batch, e).await;
+        }
+        warn!(error = %e, count = batch.len(), "a batch failed; applying its results one by one");
+        let results = one_by_one(batch.iter().cloned(), Error::is_transient, |item| {
+            self.store.apply(&self.registry, vec![item])
+        })
+        .await;
+        let mut handed_back = (Vec::new(), Vec::new(), None);
+        for ((delivery, item), result) in deliveries.into_iter().zip(batch).zip(results) {
+            match result {
+                Ok(applied) => self.settle(vec![delivery], &[item], applied).await,
+                Err(e) if e.is_transient() => {
+                    handed_back.0.push(delivery);
+                    handed_back.1.push(item);
+                    handed_back.2 = Some(e);
+                }
+                Err(e) => self.give_back(vec![delivery], &[item], e).await,
+            }
+        }
+        if let (deliveries, batch, Some(e)) = handed_back {
+            self.give_back(deliveries, &batch, e).await;
+        }
+    }
+
+    /// Hands back results that could not be applied: after a delay if the failure may pass,
+    /// else to the dead letters with the reason.
+    async fn give_back(&self, deliveries: Vec<Delivery>, batch: &[(uuid::Uuid, Input)], e: Error) {
+        if e.is_transient() {
+            error!(error = %e, count = deliveries.len(), "applying results failed; handing them back");
+            tokio::time::sleep(self.config.defer_delay).await;
+            for delivery in deliveries {
+                let _ = delivery.requeue().await;
+            }
+            return;
+        }
+        let reason = format!("cannot apply this result: {e}");
+        for (delivery, (saga_id, _)) in deliveries.into_iter().zip(batch) {
+            error!(saga.id = %saga_id, %reason, "dead-lettering a result");
+            self.metrics.dead_lettered("results");
+            let _ = delivery.dead_letter(&reason).await;
+        }
+    }
+
+    /// Settles the deliveries of applied results by their verdicts, after handing the
+    /// commands and timers they produced to the relay and the timer loop.
+    async fn settle(
+        &self,
+        deliveries: Vec<Delivery>,
+        batch: &[(uuid::Uuid, Input)],
+        mut applied: Vec<Applied>,
+    ) {
         self.hand_over(&mut applied);
         // Settled together: the acks go out in one burst, not one round trip each.
         let mut settles = Vec::with_capacity(deliveries.len());
-        for ((delivery, (saga_id, _)), a) in deliveries.into_iter().zip(&batch).zip(applied) {
+        for ((delivery, (saga_id, _)), a) in deliveries.into_iter().zip(batch).zip(applied) {
             self.metrics.result(match &a.verdict {
                 Verdict::Applied => "applied",
                 Verdict::Ignored(_) => "ignored",

@@ -12,7 +12,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::transition::{Loaded, Writes, apply_input, report};
-use super::{Applied, ListFilter, OutboxRecord, SagaSummary, StartRequest, Started, Store};
+use super::{
+    Applied, ListFilter, OutboxRecord, OutboxStore, QueryStore, SagaStore, SagaSummary,
+    StartRequest, Started,
+};
 use crate::decide::{Input, Timer, Verdict};
 use crate::error::Result;
 use crate::event::{Event, RecordedEvent};
@@ -209,7 +212,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl SagaStore for MemoryStore {
     async fn start(&self, request: StartRequest) -> Result<Started> {
         let now = Utc::now();
         let definition = request.definition;
@@ -341,7 +344,10 @@ impl Store for MemoryStore {
     async fn timer_notifications(&self) -> Result<BoxStream<'static, ()>> {
         Ok(tokio_stream_from_watch(self.timer_signal.subscribe()))
     }
+}
 
+#[async_trait]
+impl OutboxStore for MemoryStore {
     async fn claim_outbox(&self, limit: usize, lease: Duration) -> Result<Vec<OutboxRecord>> {
         let now = Utc::now();
         let mut inner = self.lock();
@@ -373,7 +379,10 @@ impl Store for MemoryStore {
         let rx = self.outbox_signal.subscribe();
         Ok(tokio_stream_from_watch(rx))
     }
+}
 
+#[async_trait]
+impl QueryStore for MemoryStore {
     async fn summary(&self, saga_id: Uuid) -> Result<Option<SagaSummary>> {
         Ok(self
             .lock()
