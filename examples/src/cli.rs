@@ -358,7 +358,7 @@ async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        // No ping round trip before each transaction (docs/performance-passes.md): the long-running
+        // No ping round trip before each transaction (docs/PERFORMANCE.md): the long-running
         // commands retry what a connection broken by a database restart fails (the
         // orchestrator its batch, a participant's inbox handler its command), and the one-shot
         // commands start with fresh connections.

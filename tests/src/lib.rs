@@ -204,3 +204,8 @@ where
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
+
+/// The getting-started guide's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/GETTING-STARTED.md")]
+struct GettingStartedDoctests;
