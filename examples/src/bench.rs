@@ -133,9 +133,9 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
 
     // The broker's own rate, measured first, in the same run.
     let baseline = 10_000;
-    let broker_secs = saga_amqp::baseline::raw_publish_consume(&amqp.url, baseline, 256)
+    let broker_secs = crate::baseline::raw_publish_consume(&amqp.url, baseline, 256)
         .await
-        .map_err(|e| anyhow::anyhow!("measuring the broker: {}", e.0))?;
+        .map_err(|e| anyhow::anyhow!("measuring the broker: {}", e.message()))?;
     let broker_msgs_per_sec = baseline as f64 / broker_secs.as_secs_f64();
 
     let options: PgConnectOptions = url.parse().context("DATABASE_URL")?;
@@ -158,7 +158,7 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
     let connect = || async {
         AmqpTransport::connect(amqp.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
+            .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))
     };
     // The run, then the clean-up whatever the run did: no schema or queue is left behind.
     let outcome = measure::<E, _, _>(
@@ -393,7 +393,7 @@ where
         .await?
         .delete_topology(&sources)
         .await
-        .map_err(|e| anyhow::anyhow!(e.0))?;
+        .map_err(|e| anyhow::anyhow!(e.message().to_owned()))?;
 
     Ok(())
 }

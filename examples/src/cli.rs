@@ -395,7 +395,7 @@ async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTransport> {
     config.connection_name = format!("{program}-{role}");
     AmqpTransport::connect(config)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.0))
+        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))
 }
 
 /// What a long-running command needs for operations: metrics and health on `METRICS_ADDR`

@@ -12,6 +12,7 @@
 //! Every binary has the same subcommands ([`cli`]): `demo`, `migrate`, `orchestrator`,
 //! `service NAME`, `start`, `wait`, `status`.
 
+pub mod baseline;
 pub mod bench;
 pub mod cli;
 pub mod cpu;

@@ -11,7 +11,6 @@
 //! Queues are durable quorum queues (classic as an option) with a delivery limit, so a message
 //! that keeps failing ends in its dead-letter queue instead of looping.
 
-pub mod baseline;
 mod config;
 mod consumer;
 mod convert;

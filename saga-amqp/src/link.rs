@@ -92,7 +92,7 @@ impl Link {
                     *current = None;
                 }
                 drop(current);
-                Err(TransportError(format!(
+                Err(TransportError::new(format!(
                     "{what} took longer than {SETUP_TIMEOUT:?}"
                 )))
             }
@@ -179,7 +179,7 @@ impl Link {
                     conn.create_channel().await.map_err(amqp_error)?,
                     conn.status().clone(),
                 )),
-                None => Err(TransportError(
+                None => Err(TransportError::new(
                     "the connection was lost while opening a channel".to_owned(),
                 )),
             }
@@ -189,7 +189,7 @@ impl Link {
 
     async fn connect(&self) -> Result<Connection, TransportError> {
         let mut uri: AMQPUri = self.config.url.parse().map_err(|e: String| {
-            TransportError(format!(
+            TransportError::new(format!(
                 "invalid AMQP URL {}: {e}",
                 redact(&self.config.url)
             ))
@@ -205,10 +205,8 @@ impl Link {
         let conn = Connection::connect_uri(uri, properties)
             .await
             .map_err(|e| {
-                TransportError(format!(
-                    "cannot connect to {}: {e}",
-                    redact(&self.config.url)
-                ))
+                let message = format!("cannot connect to {}: {e}", redact(&self.config.url));
+                TransportError::with_source(message, e)
             })?;
         info!(connection = %name, url = %redact(&self.config.url), "connected to RabbitMQ");
         Ok(conn)
@@ -247,5 +245,5 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A broker error as a transport error.
 pub(crate) fn amqp_error(error: lapin::Error) -> TransportError {
-    TransportError(format!("rabbitmq: {error}"))
+    TransportError::with_source(format!("rabbitmq: {error}"), error)
 }

@@ -81,7 +81,7 @@ pub(crate) async fn publish_outgoing(
     let (channel, connection) =
         match tokio::time::timeout_at(deadline, link.identified_channel()).await {
             Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => return fail(e.0, items),
+            Ok(Err(e)) => return fail(e.message().to_owned(), items),
             Err(_) => return fail(format!("no channel within {timeout:?}"), items),
         };
     // A broker short of memory or disk blocks its publishers (`connection.blocked`) and stops

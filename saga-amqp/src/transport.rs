@@ -146,7 +146,7 @@ impl Transport for AmqpTransport {
                 .await
                 .map_err(|e| {
                     let queue = self.config.queue(source);
-                    TransportError(if self.config.declare {
+                    TransportError::new(if self.config.declare {
                         format!("declaring {queue}: {e}")
                     } else {
                         format!(

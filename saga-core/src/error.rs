@@ -9,10 +9,10 @@ use crate::transport::TransportError;
 pub enum Error {
     /// A database call failed.
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] DatabaseError),
     /// Applying the migrations failed.
     #[error("migration: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[source] MigrateError),
     /// A saga's log disagrees with its definition.
     #[error(transparent)]
     Replay(#[from] ReplayError),
@@ -73,22 +73,71 @@ pub enum Error {
     /// One error for several calls served together (starts written in one statement, say).
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),
+    /// Something saga rules out happened anyway: a row changed around the store while it was
+    /// locked, a value in its tables it never writes, a task that stopped before answering
+    /// (its runtime shutting down). Treated as transient, so the work is tried again; if it
+    /// lasts, it is a bug to report, or a hand edit of the tables.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// A failed database call: the driver's error, with its message and sources.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DatabaseError(sqlx::Error);
+
+impl DatabaseError {
+    /// The SQLSTATE the server answered with, if the server answered (not for a lost
+    /// connection or a pool timeout).
+    pub fn code(&self) -> Option<String> {
+        match &self.0 {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Whether the server answered with an error about the statement itself (a constraint,
+    /// a value it cannot hold), as opposed to not answering at all.
+    pub fn is_server_answer(&self) -> bool {
+        matches!(self.0, sqlx::Error::Database(_))
+    }
+
+    fn is_transient(&self) -> bool {
+        match &self.0 {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().as_deref().is_some_and(transient_sqlstate),
+            _ => false,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Database(DatabaseError(e))
+    }
+}
+
+/// A failed migration of the saga tables, with its sources.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct MigrateError(sqlx::migrate::MigrateError);
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Error::Migrate(MigrateError(e))
+    }
 }
 
 impl Error {
     /// Whether trying again later may succeed (a lost connection, a deadlock, a broker hiccup).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Database(e) => match e {
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Protocol(_) => true,
-                sqlx::Error::Database(db) => db.code().as_deref().is_some_and(transient_sqlstate),
-                _ => false,
-            },
-            Error::Transport(_) => true,
+            Error::Database(e) => e.is_transient(),
+            Error::Transport(_) | Error::Internal(_) => true,
             Error::Shared(e) => e.is_transient(),
             _ => false,
         }
@@ -156,7 +205,7 @@ mod tests {
     }
 
     fn database(code: &'static str) -> Error {
-        Error::Database(sqlx::Error::Database(Box::new(Coded(code))))
+        Error::from(sqlx::Error::Database(Box::new(Coded(code))))
     }
 
     #[test]

@@ -242,9 +242,9 @@ impl Inbox {
             .await?;
         if updated.rows_affected() != 1 {
             // The handler ended the transaction that held the claim (a COMMIT of its own).
-            return Err(crate::Error::Database(sqlx::Error::Protocol(format!(
+            return Err(crate::Error::Internal(format!(
                 "the inbox row of {key} is gone: the handler must not end the command's transaction"
-            ))));
+            )));
         }
         Ok(())
     }

@@ -73,7 +73,7 @@ pub use definition::{
     DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,
     SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
 };
-pub use error::{Error, Result};
+pub use error::{DatabaseError, Error, MigrateError, Result};
 pub use event::{Direction, Event, RecordedEvent};
 pub use inbox::Inbox;
 pub use message::{Command, Destination, Envelope, Message, Outcome, Reply};

@@ -44,10 +44,41 @@ pub struct QueueStatus {
     pub consumers: u64,
 }
 
-/// A transport failure other than a publish.
+/// A transport failure other than a publish: what failed, and the broker client's error as
+/// its source when there is one.
 #[derive(Debug, thiserror::Error)]
-#[error("transport: {0}")]
-pub struct TransportError(pub String);
+#[error("transport: {message}")]
+pub struct TransportError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl TransportError {
+    /// A failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure described by `message`, caused by `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// What failed.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
 
 /// Settles one delivery. Dropping a delivery without settling it hands it back to the queue.
 #[async_trait]

@@ -119,9 +119,9 @@ impl PgStore {
             .await?;
         if let Some(id) = stale.iter().next() {
             // Cannot happen under the row lock; the transaction rolls back, the batch is retried.
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
+            return Err(Error::Internal(format!(
                 "saga {id} changed while its row was locked"
-            ))));
+            )));
         }
         tx.commit().await?;
         self.keep(loaded);

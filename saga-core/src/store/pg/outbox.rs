@@ -50,7 +50,7 @@ impl OutboxStore for PgStore {
                     id: row.try_get("id")?,
                     envelope: Envelope {
                         destination: Destination::decode(&destination).ok_or_else(|| {
-                            Error::Config(format!(
+                            Error::Internal(format!(
                                 "outbox row has a bad destination `{destination}`"
                             ))
                         })?,

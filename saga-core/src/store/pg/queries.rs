@@ -151,7 +151,7 @@ impl QueryStore for PgStore {
             let n: i64 = row.try_get("n")?;
             sagas.push((
                 row.try_get("saga")?,
-                status.parse().map_err(Error::Config)?,
+                status.parse().map_err(Error::Internal)?,
                 n as u64,
             ));
         }
@@ -176,7 +176,7 @@ impl QueryStore for PgStore {
         for row in rows {
             let status: String = row.try_get("status")?;
             let n: i64 = row.try_get("n")?;
-            counts.insert(status.parse().map_err(Error::Config)?, n as u64);
+            counts.insert(status.parse().map_err(Error::Internal)?, n as u64);
         }
         Ok(counts)
     }
@@ -188,7 +188,7 @@ fn summary_from_row(row: &sqlx::postgres::PgRow) -> Result<SagaSummary> {
         id: row.try_get("id")?,
         saga: row.try_get("saga")?,
         version: row.try_get::<i32, _>("version")? as u32,
-        status: status.parse().map_err(Error::Config)?,
+        status: status.parse().map_err(Error::Internal)?,
         business_key: row.try_get("business_key")?,
         reason: row.try_get("reason")?,
         created_at: row.try_get("created_at")?,

@@ -106,9 +106,9 @@ impl Drop for Writer {
         if self.permit.take().is_some() {
             let stranded: Vec<Pending> = self.queue.lock().drain(..).collect();
             for pending in stranded {
-                let _ = pending
-                    .reply
-                    .send(Ok(Err(Error::Database(sqlx::Error::WorkerCrashed))));
+                let _ = pending.reply.send(Ok(Err(Error::Internal(
+                    "the task writing starts stopped before answering".into(),
+                ))));
             }
         }
     }

@@ -103,7 +103,9 @@ impl PgStore {
             Ok(Ok(started)) => started,
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
             // The writer is gone without a word (its runtime shut down).
-            Err(_) => Err(Error::Database(sqlx::Error::WorkerCrashed)),
+            Err(_) => Err(Error::Internal(
+                "the task writing starts stopped before answering".into(),
+            )),
         }
     }
 
@@ -324,7 +326,7 @@ impl PgStore {
         relay: Option<&LocalRelay>,
     ) -> Vec<Result<Started>> {
         // The database's answer about one start (its key taken, say) is that start's alone.
-        let unreachable = |e: &Error| !matches!(e, Error::Database(sqlx::Error::Database(_)));
+        let unreachable = |e: &Error| !matches!(e, Error::Database(e) if e.is_server_answer());
         one_by_one(starts, unreachable, |start| async move {
             let mut started = self
                 .insert_on_pool(std::slice::from_ref(start), now, relay)

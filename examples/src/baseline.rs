@@ -13,7 +13,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use saga_core::transport::TransportError;
 
-use crate::link::amqp_error;
+/// A broker error as a transport error.
+fn amqp_error(error: lapin::Error) -> TransportError {
+    TransportError::with_source(format!("rabbitmq: {error}"), error)
+}
 
 /// Publishes `count` persistent messages of `size` bytes to a fresh quorum queue with
 /// confirms (pipelined in batches of 200, each batch queued whole before any of it is awaited,
@@ -28,7 +31,7 @@ pub async fn raw_publish_consume(
     let queue = format!("saga-baseline-{}", uuid::Uuid::new_v4().simple());
     let (elapsed, acked) = run(url, &queue, count, size).await.map_err(amqp_error)?;
     if acked < count {
-        return Err(TransportError(format!(
+        return Err(TransportError::new(format!(
             "the baseline's consumer stopped after {acked} of {count} messages"
         )));
     }

@@ -1,7 +1,7 @@
 //! Pushes 10,000 persistent messages through `AmqpTransport` (publish with confirms, consume
 //! with manual acks), and the same through raw lapin in the same run, and prints both rates.
 //!
-//! `cargo run --release -p saga-amqp --example transport_bench [-- COUNT]`, with `AMQP_URL`.
+//! `cargo run --release -p saga-examples --example transport_bench [-- COUNT]`, with `AMQP_URL`.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.prefix = format!("bench-{run}");
     config.prefetch = 500;
 
-    let raw = saga_amqp::baseline::raw_publish_consume(&config.url, count, payload().len()).await?;
+    let raw =
+        saga_examples::baseline::raw_publish_consume(&config.url, count, payload().len()).await?;
     let transport = through_transport(config.clone(), count).await?;
 
     let rate = |d: Duration| count as f64 / d.as_secs_f64();

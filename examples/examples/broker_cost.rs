@@ -5,7 +5,7 @@
 //! when RabbitMQ runs on this machine (`beam.smp` readable in `/proc`), the broker's CPU
 //! microseconds per message.
 //!
-//! `cargo run --release -p saga-amqp --example broker_cost [-- COUNT C1 C2 ...]`, with
+//! `cargo run --release -p saga-examples --example broker_cost [-- COUNT C1 C2 ...]`, with
 //! `AMQP_URL` (default: 20,000 messages at 200, 40 and 8 in flight).
 
 use std::time::Instant;
@@ -71,7 +71,7 @@ async fn run(
         let per_queue = per_task * in_flight / QUEUES;
         let mut consumers = Vec::new();
         for queue in &queues {
-            saga_amqp::baseline::declare_quorum_queue(&channel, queue).await?;
+            saga_examples::baseline::declare_quorum_queue(&channel, queue).await?;
             let consumer_channel = consume.create_channel().await?;
             consumer_channel
                 .basic_qos(256, BasicQosOptions::default())
@@ -117,7 +117,7 @@ async fn run(
         Ok((secs, broker))
     }
     .await;
-    // The consumers' connection goes first (see `saga_amqp::baseline`).
+    // The consumers' connection goes first (see `saga_examples::baseline`).
     let _ = consume.close(200, "done".into()).await;
     let cleanup = publish.create_channel().await?;
     for queue in &queues {
