@@ -4,6 +4,7 @@ use std::time::Duration;
 
 /// The kind of queue declared for services and results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum QueueType {
     /// Replicated, durable, with a delivery limit (the default).
     #[default]

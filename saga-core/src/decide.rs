@@ -21,6 +21,7 @@ use crate::state::{ReplayError, SagaState};
 
 /// Something that happened to a saga, for the engine to act on.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Input {
     /// The saga was just started: dispatch its first step.
     Start,
@@ -36,6 +37,7 @@ pub enum Input {
 /// them exactly once, under the saga's lock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Timer {
     /// Dispatch `attempt` of a step once its backoff has passed.
     Retry {
@@ -90,6 +92,7 @@ pub enum Timer {
 /// What an operator can do to a saga.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OperatorAction {
     /// Runs a stuck saga's failed step again (a new attempt).
     Retry,
@@ -146,7 +149,7 @@ impl Timer {
 
 /// What the engine must do besides appending events, in the same transaction.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
+pub(crate) enum Effect {
     /// Write this command to the outbox.
     Dispatch(Command),
     /// Set a durable timer.
@@ -162,6 +165,7 @@ pub enum Effect {
 
 /// Whether an input changed the saga.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Verdict {
     /// The input was applied.
     Applied,
@@ -170,13 +174,13 @@ pub enum Verdict {
     /// The input names nothing the saga sent: dead-letter it with this reason.
     Rejected(String),
     /// The saga's definition version is not registered in this process: hand the input back
-    /// for a process that knows it. Never produced by [`decide`] itself.
+    /// for a process that knows it. Never produced by the decision itself.
     Deferred(String),
 }
 
 /// The outcome of [`decide`]: events to append, effects to perform, and the verdict.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// Events to append, in order.
     pub events: Vec<Event>,
     /// Outbox rows and timers to write with them.
@@ -188,7 +192,7 @@ pub struct Decision {
 }
 
 /// What [`decide`] needs from outside: the saga id, the time, and fresh ids.
-pub struct Env<'a> {
+pub(crate) struct Env<'a> {
     /// The saga instance.
     pub saga_id: Uuid,
     /// The current time, recorded in the events that need it.
@@ -204,7 +208,7 @@ pub struct Env<'a> {
 /// overflows a date parks the saga as `stuck` at that step, with the message, once what the
 /// input brought is recorded; any other panic inside `decide` parks it at the step the input
 /// concerns (a signal is kept for a retry). Either way the other sagas go on.
-pub fn decide(
+pub(crate) fn decide(
     definition: &Definition,
     state: &SagaState,
     input: &Input,

@@ -23,6 +23,7 @@ pub use retry::RetryPolicy;
 
 /// Where a step stands relative to the pivot, which decides what happens when it fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum StepKind {
     /// May be undone by its compensation (the default). Stands before the pivot.
     #[default]
@@ -76,6 +77,7 @@ impl fmt::Debug for SignalWait {
 
 /// What a step does going forward.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Work {
     /// Sends a command to a participant.
     Command(Action),

@@ -144,6 +144,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the database or the broker could not be reached at all (as opposed to an
+    /// answer about the statement or message at hand): the next item of a batch would fail
+    /// the same way.
+    pub(crate) fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Database(e) => !e.is_server_answer(),
+            Error::Transport(_) => true,
+            Error::Shared(e) => e.is_unreachable(),
+            _ => false,
+        }
+    }
+}
+
 /// Whether an SQLSTATE names a condition that passes: a lost connection (class 08), a
 /// rolled-back transaction (40: serialization failure, deadlock), insufficient resources (53:
 /// disk full, out of memory, too many connections), an operator's intervention (57014 a

@@ -10,6 +10,7 @@ use uuid::Uuid;
 /// What a command does to its step: move it forward, undo it, or settle an unknown outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Direction {
     /// The step's action.
     #[default]
@@ -44,6 +45,7 @@ impl Direction {
 /// What a saga does once a fence has answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum FenceThen {
     /// It gives up on the step's action: an action that applied is compensated (a pivot goes
     /// forward), one that did not needs nothing.
@@ -86,6 +88,7 @@ impl std::str::FromStr for Direction {
 /// One fact in a saga's log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Event {
     /// The saga was started with this input.
     Started {
@@ -334,6 +337,7 @@ impl Event {
 
 /// An event as read back from the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RecordedEvent {
     /// Position in the saga's log, from 1.
     pub seq: i64,

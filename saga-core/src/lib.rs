@@ -4,7 +4,7 @@
 //! service and may have a compensation that undoes it. The [`Orchestrator`] appends every
 //! transition to an event log (the [`Store`]) in the same transaction as the commands it sends,
 //! publishes them through a [`Transport`], applies the participants' results, and replays the
-//! log ([`replay`] + [`decide`](fn@decide)) to go forward or, after a step failed for good, to compensate
+//! log ([`replay`], then a pure decision) to go forward or, after a step failed for good, to compensate
 //! the completed steps in reverse order. Participants run step handlers in a [`Worker`], whose
 //! [`Inbox`] applies each effect once and lets the orchestrator *fence* a step whose outcome
 //! it does not know (a timeout, a lost answer) before it decides.
@@ -41,9 +41,12 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(test)]
+extern crate self as saga_core;
+
 mod batch;
 pub mod client;
-pub mod decide;
+mod decide;
 pub mod definition;
 pub mod error;
 pub mod event;
@@ -58,7 +61,7 @@ pub mod otel;
 pub mod registry;
 mod relay;
 mod schema;
-pub mod state;
+mod state;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -68,7 +71,7 @@ mod watch;
 pub mod worker;
 
 pub use client::Client;
-pub use decide::{Decision, Effect, Env, Input, OperatorAction, Timer, Verdict, decide};
+pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
     DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,
     SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
@@ -84,3 +87,6 @@ pub use state::{ReplayError, SagaState, SagaStatus, replay};
 pub use store::{MemoryStore, OutboxStore, PgStore, QueryStore, SagaStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
 pub use worker::{CommandContext, Handler, StepError, StepResultExt, Tx, Worker};
+
+#[cfg(test)]
+mod tests;

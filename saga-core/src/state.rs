@@ -18,7 +18,7 @@ pub use status::SagaStatus;
 
 /// What became of a step's action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepProgress {
+pub(crate) enum StepProgress {
     /// Not dispatched yet.
     Pending,
     /// Dispatched, no result yet.
@@ -34,7 +34,7 @@ pub enum StepProgress {
 
 /// The command the saga is working on, or the retry it waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Current {
+pub(crate) struct Current {
     /// The step's position.
     pub step: u32,
     /// Action or compensation.
@@ -49,7 +49,7 @@ pub struct Current {
 
 /// A signal the saga received.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ReceivedSignal {
+pub(crate) struct ReceivedSignal {
     /// Its name.
     pub name: String,
     /// Its payload.
@@ -60,7 +60,7 @@ pub struct ReceivedSignal {
 
 /// Why a saga stops going forward before its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stop {
+pub(crate) struct Stop {
     /// The reason recorded with the compensation.
     pub reason: String,
     /// A cancel (ends `cancelled`), not a deadline (ends `compensated`).
@@ -69,7 +69,7 @@ pub struct Stop {
 
 /// A command being fenced: the saga asks the step's service whether it applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fencing {
+pub(crate) struct Fencing {
     /// The step's position.
     pub step: u32,
     /// The step's name.
@@ -84,7 +84,7 @@ pub struct Fencing {
 
 /// A command the saga has dispatched, by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SentCommand {
+pub(crate) struct SentCommand {
     /// The step's position.
     pub step: u32,
     /// Action, compensation or fence.
@@ -100,51 +100,51 @@ pub struct SentCommand {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaState {
     /// The saga input.
-    pub input: Value,
+    pub(crate) input: Value,
     /// The business key, if any.
-    pub business_key: Option<String>,
+    pub(crate) business_key: Option<String>,
     /// Where the saga stands.
-    pub status: SagaStatus,
+    pub(crate) status: SagaStatus,
     /// Each step's progress.
-    pub progress: Vec<StepProgress>,
+    pub(crate) progress: Vec<StepProgress>,
     /// Each step's output, once it succeeded.
-    pub outputs: Vec<Option<Value>>,
+    pub(crate) outputs: Vec<Option<Value>>,
     /// Which steps have been compensated.
-    pub compensated: Vec<bool>,
+    pub(crate) compensated: Vec<bool>,
     /// What the saga is working on.
-    pub current: Option<Current>,
+    pub(crate) current: Option<Current>,
     /// The step whose failure started compensation, and why.
-    pub failure: Option<(u32, String)>,
+    pub(crate) failure: Option<(u32, String)>,
     /// Why the saga is stuck.
-    pub stuck_reason: Option<String>,
+    pub(crate) stuck_reason: Option<String>,
     /// Every command ever dispatched, by id.
-    pub sent: HashMap<Uuid, SentCommand>,
+    pub(crate) sent: HashMap<Uuid, SentCommand>,
     /// Signals received, in order.
-    pub signals: Vec<ReceivedSignal>,
+    pub(crate) signals: Vec<ReceivedSignal>,
     /// A cancel or a passed deadline.
-    pub stop: Option<Stop>,
+    pub(crate) stop: Option<Stop>,
     /// Paused by an operator: no new commands are sent.
-    pub paused: bool,
+    pub(crate) paused: bool,
     /// The command held back while paused, sent on resume.
-    pub held: Option<Current>,
+    pub(crate) held: Option<Current>,
     /// The step and direction that got the saga stuck.
-    pub stuck_at: Option<(u32, Direction)>,
+    pub(crate) stuck_at: Option<(u32, Direction)>,
     /// Per step: an attempt of its action ended without a definitive answer (it timed out,
     /// or failed retryably, and another delivery may still apply it), so giving up on the
     /// step needs a fence first.
-    pub doubt: Vec<bool>,
+    pub(crate) doubt: Vec<bool>,
     /// The step being fenced, if any.
-    pub fencing: Option<Fencing>,
+    pub(crate) fencing: Option<Fencing>,
     /// Operator retries under a fresh idempotency key, per step and direction.
-    pub generations: HashMap<(u32, Direction), u32>,
+    pub(crate) generations: HashMap<(u32, Direction), u32>,
     /// The step and direction being retried, and when its first failure was (for
     /// [`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed)).
-    pub retrying: Option<(u32, Direction, DateTime<Utc>)>,
+    pub(crate) retrying: Option<(u32, Direction, DateTime<Utc>)>,
     /// Attempts sent before an operator's last retry, per step and direction: the retry
     /// policy counts the attempts after it.
-    pub attempts_before_retry: HashMap<(u32, Direction), u32>,
+    pub(crate) attempts_before_retry: HashMap<(u32, Direction), u32>,
     /// How many events have been applied.
-    pub events: u64,
+    pub(crate) events: u64,
 }
 
 /// The log disagrees with the definition, or is malformed.
@@ -220,8 +220,39 @@ pub fn replay<'e>(
 }
 
 impl SagaState {
+    /// Where the saga stands.
+    pub fn status(&self) -> SagaStatus {
+        self.status
+    }
+
+    /// The saga's input, as JSON.
+    pub fn input(&self) -> &Value {
+        &self.input
+    }
+
+    /// The saga's business key, if it was started with one.
+    pub fn business_key(&self) -> Option<&str> {
+        self.business_key.as_deref()
+    }
+
+    /// The output of the step at `index` (in definition order), once it succeeded.
+    pub fn output(&self, index: usize) -> Option<&Value> {
+        self.outputs.get(index)?.as_ref()
+    }
+
+    /// Why the saga compensates (or compensated): the reason of the failure, cancel or
+    /// deadline that started it.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_ref().map(|(_, why)| why.as_str())
+    }
+
+    /// Why the saga is stuck, while it is.
+    pub fn stuck_reason(&self) -> Option<&str> {
+        self.stuck_reason.as_deref()
+    }
+
     /// The state after the log's first event, which must be `started`.
-    pub fn started(definition: &Definition, event: &Event) -> Result<Self, ReplayError> {
+    pub(crate) fn started(definition: &Definition, event: &Event) -> Result<Self, ReplayError> {
         let Event::Started {
             saga,
             version,
@@ -282,7 +313,7 @@ impl SagaState {
 
     /// The idempotency key of `step` in `direction` (a fence uses the key of the command it
     /// fences).
-    pub fn idempotency_key(&self, saga_id: Uuid, step: u32, direction: Direction) -> String {
+    pub(crate) fn idempotency_key(&self, saga_id: Uuid, step: u32, direction: Direction) -> String {
         let direction = match direction {
             Direction::Fence => self.fence_target(step),
             other => other,
@@ -292,7 +323,7 @@ impl SagaState {
     }
 
     /// The generation of `step`'s key in `direction` now (see [`SagaState::generations`]).
-    pub fn generation(&self, step: u32, direction: Direction) -> u32 {
+    pub(crate) fn generation(&self, step: u32, direction: Direction) -> u32 {
         self.generations
             .get(&(step, direction))
             .copied()
@@ -300,7 +331,7 @@ impl SagaState {
     }
 
     /// The highest attempt of `step` in `direction` sent so far (0: none).
-    pub fn last_attempt(&self, step: u32, direction: Direction) -> u32 {
+    pub(crate) fn last_attempt(&self, step: u32, direction: Direction) -> u32 {
         self.sent
             .values()
             .filter(|s| (s.step, s.direction) == (step, direction))
@@ -311,7 +342,7 @@ impl SagaState {
 
     /// Attempts of `step` in `direction` sent before its retry policy began counting afresh
     /// (an operator's retry, a new fence).
-    pub fn attempts_before_retry(&self, step: u32, direction: Direction) -> u32 {
+    pub(crate) fn attempts_before_retry(&self, step: u32, direction: Direction) -> u32 {
         self.attempts_before_retry
             .get(&(step, direction))
             .copied()
@@ -319,7 +350,7 @@ impl SagaState {
     }
 
     /// The oldest unused signal named `name`.
-    pub fn pending_signal(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn pending_signal(&self, name: &str) -> Option<&Value> {
         self.signals
             .iter()
             .find(|s| !s.consumed && s.name == name)

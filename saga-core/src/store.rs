@@ -68,6 +68,7 @@ impl LocalRelay {
 
 /// What applying one input did, after the commit.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Applied {
     /// The saga the input was for.
     pub saga_id: Uuid,
@@ -91,6 +92,7 @@ pub struct Applied {
 
 /// Figures read from the store when metrics are scraped.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct StoreStats {
     /// Sagas per (name, status).
     pub sagas: Vec<(String, SagaStatus, u64)>,
@@ -115,6 +117,7 @@ pub struct Started {
 
 /// One saga instance, without its log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct SagaSummary {
     /// The saga's id.
     pub id: Uuid,
@@ -164,14 +167,14 @@ pub struct StartRequest {
 
 /// Durable storage of sagas: the engine's part, the outbox's and the operators' queries,
 /// which any store implements together (a blanket impl), so `Arc<dyn Store>` serves them all.
-///
-/// Every method that changes a saga does so in one transaction: it locks the instance, replays
-/// its log, decides, and appends events, outbox rows and timers together.
 pub trait Store: SagaStore + OutboxStore + QueryStore {}
 
 impl<T: SagaStore + OutboxStore + QueryStore + ?Sized> Store for T {}
 
 /// What the engine needs of a store: starting sagas, applying inputs, and durable time.
+///
+/// Every method that changes a saga does so in one transaction: it locks the instance, replays
+/// its log, decides, and appends events, outbox rows and timers together.
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
     /// Creates the instance, appends `started`, and dispatches the first step.
@@ -183,7 +186,8 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Claims up to `limit` due timers of sagas whose definition `registry` holds (skipping
     /// those another process holds) and applies them. A saga whose timer cannot be applied (its
     /// log does not replay) has its due timers postponed by [`TIMER_FAILURE_BACKOFF`], with an
-    /// error logged, so it does not hold back the others.
+    /// error logged, so it does not hold back the others. If the database goes out of reach
+    /// partway, returns what fired so far (the error, if nothing fired); the rest stays due.
     async fn fire_due_timers(&self, registry: &Registry, limit: usize) -> Result<Vec<Applied>>;
 
     /// When the earliest pending timer of a saga whose definition `registry` holds is due.

@@ -54,10 +54,8 @@ fn approved_rejected_and_timed_out() {
     assert_eq!(env.status(rejected), SagaStatus::Compensated);
     assert!(
         env.state(rejected)
-            .failure
-            .as_ref()
+            .failure()
             .unwrap()
-            .1
             .contains("rejected by maria: no receipt")
     );
     assert_eq!(env.commands(rejected), ["budget.reserve", "budget.release"]);
@@ -72,10 +70,8 @@ fn approved_rejected_and_timed_out() {
     assert_eq!(env.status(forgotten), SagaStatus::Compensated);
     assert!(
         env.state(forgotten)
-            .failure
-            .as_ref()
+            .failure()
             .unwrap()
-            .1
             .contains("no signal `approval` within")
     );
 }

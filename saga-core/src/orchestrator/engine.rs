@@ -126,7 +126,7 @@ impl Engine {
             return self.give_back(deliveries, &batch, e).await;
         }
         warn!(error = %e, count = batch.len(), "a batch failed; applying its results one by one");
-        let results = one_by_one(batch.iter().cloned(), Error::is_transient, |item| {
+        let results = one_by_one(batch.iter().cloned(), |item| {
             self.store.apply(&self.registry, vec![item])
         })
         .await;

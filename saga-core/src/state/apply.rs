@@ -7,7 +7,11 @@ use crate::event::{Direction, Event, FenceThen};
 
 impl SagaState {
     /// Applies one more event. Replaying a prefix and then the rest equals replaying the whole.
-    pub fn apply(&mut self, definition: &Definition, event: &Event) -> Result<(), ReplayError> {
+    pub(crate) fn apply(
+        &mut self,
+        definition: &Definition,
+        event: &Event,
+    ) -> Result<(), ReplayError> {
         // A refused request is recorded even after the end: it changes nothing.
         let audit_only = matches!(
             event,

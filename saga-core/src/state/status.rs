@@ -7,6 +7,7 @@ use super::SagaState;
 /// Where a saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum SagaStatus {
     /// Going forward.
     Running,

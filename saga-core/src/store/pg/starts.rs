@@ -325,15 +325,14 @@ impl PgStore {
         now: DateTime<Utc>,
         relay: Option<&LocalRelay>,
     ) -> Vec<Result<Started>> {
-        // The database's answer about one start (its key taken, say) is that start's alone.
-        let unreachable = |e: &Error| !matches!(e, Error::Database(e) if e.is_server_answer());
-        one_by_one(starts, unreachable, |start| async move {
-            let mut started = self
-                .insert_on_pool(std::slice::from_ref(start), now, relay)
-                .await?;
-            started.pop().expect("one start, one result")
+        let results = one_by_one(starts, |start| async move {
+            self.insert_on_pool(std::slice::from_ref(start), now, relay)
+                .await
+                .map(|mut started| started.pop().expect("one start, one result"))
         })
-        .await
+        .await;
+        // The statement's error, or the start's own (its key's holder looked up).
+        results.into_iter().map(|r| r.and_then(|s| s)).collect()
     }
 
     /// [`Self::insert_starts`] on a connection of the pool.

@@ -90,43 +90,57 @@ impl PgStore {
     }
 
     /// Fires the timers of each of `candidates` alone, after their batch failed. A saga whose
-    /// timers cannot be applied has them postponed by [`TIMER_FAILURE_BACKOFF`]; once the
-    /// database is out of reach, the sagas left keep their timers due for the next round.
+    /// timers cannot be applied has them postponed by [`TIMER_FAILURE_BACKOFF`], right away;
+    /// once the database is out of reach, the sagas left keep their timers due for the next
+    /// round, and what fired so far is returned (the error, if nothing fired).
     async fn fire_one_by_one(
         &self,
         registry: &Registry,
         candidates: Vec<Uuid>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>> {
-        let results = one_by_one(
-            candidates.iter().copied(),
-            Error::is_transient,
-            |id| async move { self.fire_for(registry, &[id], now).await },
-        )
+        let results = one_by_one(candidates.clone(), |saga_id| async move {
+            match self.fire_for(registry, &[saga_id], now).await {
+                Err(e) if !e.is_unreachable() => {
+                    tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
+                    self.postpone(saga_id, now).await?;
+                    Ok(Vec::new())
+                }
+                fired => fired,
+            }
+        })
         .await;
         let mut applied = Vec::new();
         let mut unreachable = None;
         for (saga_id, result) in candidates.into_iter().zip(results) {
             match result {
                 Ok(a) => applied.extend(a),
-                Err(e) if e.is_transient() => unreachable = Some(e),
+                Err(e) if e.is_unreachable() => unreachable = Some(e),
                 Err(e) => {
-                    tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
-                    sqlx::query(self.sql.timers.postpone_timers.clone())
-                        .persistent(false)
-                        .bind(saga_id)
-                        .bind(now)
-                        .bind(now + TIMER_FAILURE_BACKOFF)
-                        .execute(&self.pool)
-                        .await?;
+                    tracing::warn!(saga.id = %saga_id, error = %e, "postponing a timer failed; it is tried again next round");
                 }
             }
         }
         match unreachable {
-            // Nothing fired: the caller backs off.
             Some(e) if applied.is_empty() => Err(e),
-            _ => Ok(applied),
+            Some(e) => {
+                tracing::warn!(error = %e, "the database went out of reach while firing timers saga by saga");
+                Ok(applied)
+            }
+            None => Ok(applied),
         }
+    }
+
+    /// Postpones the due timers of `saga_id` by [`TIMER_FAILURE_BACKOFF`].
+    async fn postpone(&self, saga_id: Uuid, now: DateTime<Utc>) -> Result<()> {
+        sqlx::query(self.sql.timers.postpone_timers.clone())
+            .persistent(false)
+            .bind(saga_id)
+            .bind(now)
+            .bind(now + TIMER_FAILURE_BACKOFF)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Locks the sagas of `candidates` that nobody else holds, claims their due timers and

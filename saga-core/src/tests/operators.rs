@@ -1,7 +1,7 @@
 //! Canned histories of operators and of sagas that park: an operator's retry and resolve go
 //! through a fence; a late answer settles a stuck saga. No I/O.
 
-mod support;
+use super::support;
 
 use saga_core::{Direction, Event, Input, Outcome, SagaStatus, Timer};
 use serde_json::json;

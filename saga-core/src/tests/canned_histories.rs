@@ -1,13 +1,14 @@
 //! Canned histories: each test drives the pure core through a known sequence of inputs and
 //! checks the exact events it records. No I/O.
 
-mod support;
+use super::support;
 
 use std::time::Duration;
 
+use saga_core::decide::{Decision, Effect};
 use saga_core::{
-    Decision, Direction, Effect, Event, Input, Outcome, ReplayError, Reply, SagaDefinition,
-    SagaStatus, Timer, Verdict, replay,
+    Direction, Event, Input, Outcome, ReplayError, Reply, SagaDefinition, SagaStatus, Timer,
+    Verdict, replay,
 };
 use serde_json::{Value, json};
 use support::{Run, dispatch, order, order_with, t0};

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use saga_core::decide::{Decision, Effect, Env, decide};
 use saga_core::{
-    Decision, Direction, Effect, Env, Event, Input, Outcome, Reply, RetryPolicy, SagaDefinition,
-    SagaState, decide, replay,
+    Direction, Event, Input, Outcome, Reply, RetryPolicy, SagaDefinition, SagaState, replay,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
+use saga_core::decide::{Effect, Env, decide};
 use saga_core::{
-    Command, Direction, Effect, Env, Event, Input, OperatorAction, Outcome, Reply, RetryPolicy,
-    SagaDefinition, SagaState, SagaStatus, StepKind, Timer, Verdict, decide, replay,
+    Command, Direction, Event, Input, OperatorAction, Outcome, Reply, RetryPolicy, SagaDefinition,
+    SagaState, SagaStatus, StepKind, Timer, Verdict, replay,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;

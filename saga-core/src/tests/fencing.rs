@@ -1,12 +1,13 @@
 //! Canned histories of unknown outcomes: a step the saga gives up on without knowing whether
 //! it applied is fenced at its own service, and the saga decides from the answer. No I/O.
 
-mod support;
+use super::support;
 
 use std::time::Duration;
 
+use saga_core::decide::Effect;
 use saga_core::state::StepProgress;
-use saga_core::{Direction, Effect, Event, Input, Outcome, SagaStatus, Timer};
+use saga_core::{Direction, Event, Input, Outcome, SagaStatus, Timer};
 use serde_json::json;
 use support::{Run, dispatch, order, t0};
 
