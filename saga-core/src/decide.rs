@@ -15,7 +15,7 @@ mod decider;
 use decider::Decider;
 
 use crate::definition::Definition;
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, StepAttempt};
 use crate::message::{Command, Reply};
 use crate::state::{ReplayError, SagaState};
 
@@ -125,6 +125,23 @@ impl OperatorAction {
 }
 
 impl Timer {
+    /// The attempt a retry or timeout timer is about.
+    pub fn step_attempt(&self) -> Option<StepAttempt> {
+        match self {
+            Timer::Retry {
+                step,
+                direction,
+                attempt,
+            }
+            | Timer::Timeout {
+                step,
+                direction,
+                attempt,
+            } => Some(StepAttempt::new(*step, *direction, *attempt)),
+            _ => None,
+        }
+    }
+
     /// The timer's key within its saga, e.g. `retry:1:forward:2`.
     pub fn key(&self) -> String {
         match self {
@@ -336,7 +353,7 @@ fn concerned_step(state: &SagaState, input: &Input) -> (u32, Direction) {
         _ => None,
     };
     named
-        .or(state.current.map(|c| (c.step, c.direction)))
+        .or(state.current.map(|c| (c.at.step, c.at.direction)))
         .or(state.stuck_at)
         .or(state
             .failure

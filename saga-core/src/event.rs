@@ -42,6 +42,43 @@ impl Direction {
     }
 }
 
+/// One attempt of a step in one direction: what a command, its result, its timers and their
+/// events are about. The log and the messages keep its three fields side by side (their
+/// format is part of the contract); [`Event::step_attempt`],
+/// [`Command::step_attempt`](crate::Command::step_attempt),
+/// [`Reply::step_attempt`](crate::Reply::step_attempt) and
+/// [`Timer::step_attempt`](crate::Timer::step_attempt) read them as one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StepAttempt {
+    /// The step's position.
+    pub step: u32,
+    /// Action, compensation or fence.
+    pub direction: Direction,
+    /// The attempt, from 1 (fences count their own attempts).
+    pub attempt: u32,
+}
+
+impl StepAttempt {
+    /// Attempt `attempt` of `step` in `direction`.
+    pub fn new(step: u32, direction: Direction, attempt: u32) -> Self {
+        Self {
+            step,
+            direction,
+            attempt,
+        }
+    }
+}
+
+impl std::fmt::Display for StepAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {} {} attempt {}",
+            self.step, self.direction, self.attempt
+        )
+    }
+}
+
 /// What a saga does once a fence has answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -304,6 +341,48 @@ pub enum Event {
 }
 
 impl Event {
+    /// The attempt this event is about: for `dispatched`, `succeeded`, `failed`,
+    /// `timed_out`, `retry_scheduled` and `held`.
+    pub fn step_attempt(&self) -> Option<StepAttempt> {
+        match self {
+            Event::Dispatched {
+                step,
+                direction,
+                attempt,
+                ..
+            }
+            | Event::Succeeded {
+                step,
+                direction,
+                attempt,
+                ..
+            }
+            | Event::Failed {
+                step,
+                direction,
+                attempt,
+                ..
+            }
+            | Event::TimedOut {
+                step,
+                direction,
+                attempt,
+            }
+            | Event::RetryScheduled {
+                step,
+                direction,
+                attempt,
+                ..
+            }
+            | Event::Held {
+                step,
+                direction,
+                attempt,
+            } => Some(StepAttempt::new(*step, *direction, *attempt)),
+            _ => None,
+        }
+    }
+
     /// The event's `type` tag, as stored in the log's `kind` column.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -77,7 +77,7 @@ pub use definition::{
     SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
 };
 pub use error::{DatabaseError, Error, MigrateError, Result};
-pub use event::{Direction, Event, RecordedEvent};
+pub use event::{Direction, Event, RecordedEvent, StepAttempt};
 pub use inbox::Inbox;
 pub use message::{Command, Destination, Envelope, Message, Outcome, Reply};
 pub use metrics::Metrics;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::event::Direction;
+use crate::event::{Direction, StepAttempt};
 
 /// The version of the message schema this crate writes. It reads this version and version 1.
 ///
@@ -63,6 +63,11 @@ pub struct Command {
 }
 
 impl Command {
+    /// The attempt this command runs.
+    pub fn step_attempt(&self) -> StepAttempt {
+        StepAttempt::new(self.step, self.direction, self.attempt)
+    }
+
     /// The idempotency key of a step in a direction: `saga_id:step:direction`.
     pub fn idempotency_key_for(saga_id: Uuid, step: u32, direction: Direction) -> String {
         Self::idempotency_key_at(saga_id, step, direction, 0)
@@ -101,6 +106,11 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The attempt this reply answers.
+    pub fn step_attempt(&self) -> StepAttempt {
+        StepAttempt::new(self.step, self.direction, self.attempt)
+    }
+
     /// The reply to `command` with `outcome`.
     pub fn to(command: &Command, outcome: Outcome) -> Self {
         Self {

@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::definition::Definition;
-use crate::event::{Direction, Event, FenceThen};
+use crate::event::{Direction, Event, FenceThen, StepAttempt};
 
 pub use status::SagaStatus;
 
@@ -35,12 +35,8 @@ pub(crate) enum StepProgress {
 /// The command the saga is working on, or the retry it waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Current {
-    /// The step's position.
-    pub step: u32,
-    /// Action or compensation.
-    pub direction: Direction,
-    /// The attempt.
-    pub attempt: u32,
+    /// The attempt (of an action or a compensation).
+    pub at: StepAttempt,
     /// The outstanding command, or `None` while a retry timer is pending or the step waits.
     pub command_id: Option<Uuid>,
     /// Whether the step waits for a signal or a delay.
@@ -85,12 +81,8 @@ pub(crate) struct Fencing {
 /// A command the saga has dispatched, by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SentCommand {
-    /// The step's position.
-    pub step: u32,
-    /// Action, compensation or fence.
-    pub direction: Direction,
-    /// The attempt.
-    pub attempt: u32,
+    /// The attempt it ran.
+    pub at: StepAttempt,
     /// The generation of the idempotency key it was sent under (see
     /// [`SagaState::generations`]).
     pub generation: u32,
@@ -334,8 +326,8 @@ impl SagaState {
     pub(crate) fn last_attempt(&self, step: u32, direction: Direction) -> u32 {
         self.sent
             .values()
-            .filter(|s| (s.step, s.direction) == (step, direction))
-            .map(|s| s.attempt)
+            .filter(|s| (s.at.step, s.at.direction) == (step, direction))
+            .map(|s| s.at.attempt)
             .max()
             .unwrap_or(0)
     }

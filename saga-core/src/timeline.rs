@@ -11,7 +11,7 @@ use std::fmt::Write;
 use chrono::{DateTime, Utc};
 
 use crate::definition::Definition;
-use crate::event::{Direction, Event, RecordedEvent};
+use crate::event::{Direction, Event, RecordedEvent, StepAttempt};
 use crate::store::SagaSummary;
 
 /// Renders a saga's history. Steps are named from the log, or the definition, or by number.
@@ -33,17 +33,8 @@ pub fn render(
             .cloned()
             .unwrap_or_else(|| format!("#{step}"))
     };
-    let mut dispatched: HashMap<(u32, Direction, u32), DateTime<Utc>> = HashMap::new();
-    let took =
-        |dispatched: &HashMap<(u32, Direction, u32), DateTime<Utc>>, key, at: DateTime<Utc>| {
-            dispatched
-                .get(&key)
-                .map(|d: &DateTime<Utc>| {
-                    let ms = (at - *d).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-                    format!(" in {ms:.1} ms")
-                })
-                .unwrap_or_default()
-        };
+    // When each attempt was dispatched, for how long its answer took.
+    let mut dispatched: HashMap<StepAttempt, DateTime<Utc>> = HashMap::new();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -52,6 +43,15 @@ pub fn render(
     );
     for record in history {
         let ms = (record.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        let took = record
+            .event
+            .step_attempt()
+            .and_then(|a| dispatched.get(&a))
+            .map(|d| {
+                let ms = (record.at - *d).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                format!(" in {ms:.1} ms")
+            })
+            .unwrap_or_default();
         let at = |step: u32, direction: Direction| {
             format!("{:<8} {}", step_name(step), arrow(direction))
         };
@@ -68,7 +68,7 @@ pub fn render(
                 command,
                 ..
             } => {
-                dispatched.insert((*step, *direction, *attempt), record.at);
+                dispatched.insert(StepAttempt::new(*step, *direction, *attempt), record.at);
                 let target = match (service, command) {
                     (Some(service), Some(command)) => format!("{service}.{command}"),
                     _ => target_in(definition, *step, *direction),
@@ -126,18 +126,14 @@ pub fn render(
             } => format!(
                 "{} applied, says the fence (attempt {attempt}){}",
                 at(*step, Direction::Fence),
-                took(&dispatched, (*step, Direction::Fence, *attempt), record.at)
+                took
             ),
             Event::Succeeded {
                 step,
                 direction,
                 attempt,
                 ..
-            } => format!(
-                "{} ok (attempt {attempt}){}",
-                at(*step, *direction),
-                took(&dispatched, (*step, *direction, *attempt), record.at)
-            ),
+            } => format!("{} ok (attempt {attempt}){}", at(*step, *direction), took),
             Event::Failed {
                 step,
                 direction: Direction::Fence,
@@ -158,7 +154,7 @@ pub fn render(
                 "{} failed (attempt {attempt}, {}){}: {error}",
                 at(*step, *direction),
                 if *retryable { "retryable" } else { "terminal" },
-                took(&dispatched, (*step, *direction, *attempt), record.at)
+                took
             ),
             Event::TimedOut {
                 step,
@@ -167,7 +163,7 @@ pub fn render(
             } => format!(
                 "{} attempt {attempt} timed out{}",
                 at(*step, *direction),
-                took(&dispatched, (*step, *direction, *attempt), record.at)
+                took
             ),
             Event::RetryScheduled {
                 step,
@@ -200,7 +196,7 @@ pub fn render(
             } => format!(
                 "{} not applied, fenced (attempt {attempt}){}: {detail}",
                 at(*step, Direction::Fence),
-                took(&dispatched, (*step, Direction::Fence, *attempt), record.at)
+                took
             ),
             Event::CompensationStarted { reason, .. } => format!("compensating: {reason}"),
             Event::Completed => "completed".to_owned(),

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{Effect, Env, Timer, Verdict};
 use crate::definition::{Definition, RawContext, StepKind, Work};
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, StepAttempt};
 use crate::message::Command;
 use crate::state::{ReplayError, SagaState, StepProgress};
 
@@ -50,7 +50,7 @@ impl Decider<'_, '_> {
                 due_at,
             });
         }
-        self.dispatch(0, Direction::Forward, 1)?;
+        self.dispatch(StepAttempt::new(0, Direction::Forward, 1))?;
         Ok(Verdict::Applied)
     }
 
@@ -98,8 +98,8 @@ impl Decider<'_, '_> {
         let held = self
             .state
             .held
-            .filter(|h| (h.step, h.direction) == (step, direction))
-            .map(|h| h.attempt);
+            .filter(|h| (h.at.step, h.at.direction) == (step, direction))
+            .map(|h| h.at.attempt);
         self.state
             .last_attempt(step, direction)
             .max(held.unwrap_or(0))
@@ -109,26 +109,31 @@ impl Decider<'_, '_> {
     /// Drops the timer the saga's current work on `step` holds (an attempt's timeout, a
     /// retry's backoff): a late answer settled the step.
     fn drop_current_timer(&mut self, step: u32) {
-        let Some(c) = self.state.current.filter(|c| c.step == step) else {
+        let Some(c) = self.state.current.filter(|c| c.at.step == step) else {
             return;
         };
         let timer = if c.command_id.is_some() {
             Timer::Timeout {
                 step,
-                direction: c.direction,
-                attempt: c.attempt,
+                direction: c.at.direction,
+                attempt: c.at.attempt,
             }
         } else {
             Timer::Retry {
                 step,
-                direction: c.direction,
-                attempt: c.attempt,
+                direction: c.at.direction,
+                attempt: c.at.attempt,
             }
         };
         self.effects.push(Effect::CancelTimer(timer));
     }
 
-    fn dispatch(&mut self, step: u32, direction: Direction, attempt: u32) -> Step {
+    fn dispatch(&mut self, at: StepAttempt) -> Step {
+        let StepAttempt {
+            step,
+            direction,
+            attempt,
+        } = at;
         let def = &self.definition.steps()[step as usize];
         let fenced = match direction {
             Direction::Fence => self.state.fence_target(step),
@@ -323,7 +328,7 @@ impl Decider<'_, '_> {
             // A cancel or a deadline waited for this step: undo it too.
             Direction::Forward if self.state.stop.is_some() => self.stop_at(step),
             Direction::Forward if (step as usize) + 1 < self.definition.steps().len() => {
-                self.dispatch(step + 1, Direction::Forward, 1)
+                self.dispatch(StepAttempt::new(step + 1, Direction::Forward, 1))
             }
             Direction::Forward => self.emit(Event::Completed),
             Direction::Compensation => self.compensate_below(step),
@@ -448,7 +453,7 @@ impl Decider<'_, '_> {
         match next {
             Some(j) => {
                 let attempt = self.next_attempt(j, Direction::Compensation);
-                self.dispatch(j, Direction::Compensation, attempt)
+                self.dispatch(StepAttempt::new(j, Direction::Compensation, attempt))
             }
             None if self.state.stop.as_ref().is_some_and(|s| s.cancelled) => {
                 self.emit(Event::Cancelled)

@@ -3,7 +3,7 @@
 use super::{Current, Fencing, ReceivedSignal, ReplayError, SagaState, SagaStatus, SentCommand};
 use super::{StepProgress, Stop};
 use crate::definition::{Definition, Work};
-use crate::event::{Direction, Event, FenceThen};
+use crate::event::{Direction, Event, FenceThen, StepAttempt};
 
 impl SagaState {
     /// Applies one more event. Replaying a prefix and then the rest equals replaying the whole.
@@ -41,9 +41,7 @@ impl SagaState {
             } => {
                 let i = self.check_step(definition, *step, *direction)?;
                 self.current = Some(Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
+                    at: StepAttempt::new(*step, *direction, *attempt),
                     command_id: Some(*command_id),
                     waiting: false,
                 });
@@ -55,9 +53,7 @@ impl SagaState {
                 self.sent.insert(
                     *command_id,
                     SentCommand {
-                        step: *step,
-                        direction: *direction,
-                        attempt: *attempt,
+                        at: StepAttempt::new(*step, *direction, *attempt),
                         generation,
                     },
                 );
@@ -178,9 +174,7 @@ impl SagaState {
             Event::Waiting { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;
                 self.current = Some(Current {
-                    step: *step,
-                    direction: Direction::Forward,
-                    attempt: 1,
+                    at: StepAttempt::new(*step, Direction::Forward, 1),
                     command_id: None,
                     waiting: true,
                 });
@@ -232,9 +226,7 @@ impl SagaState {
             } => {
                 self.check_step(definition, *step, *direction)?;
                 let held = Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
+                    at: StepAttempt::new(*step, *direction, *attempt),
                     command_id: None,
                     waiting: false,
                 };
@@ -251,9 +243,7 @@ impl SagaState {
             } => {
                 self.check_step(definition, *step, *direction)?;
                 self.current = Some(Current {
-                    step: *step,
-                    direction: *direction,
-                    attempt: *attempt,
+                    at: StepAttempt::new(*step, *direction, *attempt),
                     command_id: None,
                     waiting: false,
                 });
@@ -310,7 +300,7 @@ impl SagaState {
     /// The saga's work on `step` has its answer: nothing is outstanding or held for it.
     fn settled(&mut self, step: u32) {
         self.current = None;
-        if self.held.is_some_and(|h| h.step == step) {
+        if self.held.is_some_and(|h| h.at.step == step) {
             self.held = None;
         }
     }

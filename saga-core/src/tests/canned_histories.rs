@@ -147,7 +147,7 @@ fn retryable_failure_backs_off_then_succeeds() {
     }));
     assert!(matches!(again.verdict, Verdict::Ignored(_)) && again.events.is_empty());
     run.ok(json!("R-1"));
-    assert_eq!(run.state.current.unwrap().step, 1);
+    assert_eq!(run.state.current.unwrap().at.step, 1);
 }
 
 /// A late result for a timed-out attempt and a duplicate result are ignored; a result with a

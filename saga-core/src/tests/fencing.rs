@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use saga_core::decide::Effect;
 use saga_core::state::StepProgress;
-use saga_core::{Direction, Event, Input, Outcome, SagaStatus, Timer};
+use saga_core::{Direction, Event, Input, Outcome, SagaStatus, StepAttempt, Timer};
 use serde_json::json;
 use support::{Run, dispatch, order, t0};
 
@@ -38,7 +38,7 @@ fn a_timed_out_step_that_applied_is_compensated() {
         ["timed_out", "fence_started", "dispatched"]
     );
     let fence = run.state.current.unwrap();
-    assert_eq!((fence.step, fence.direction, fence.attempt), (1, X, 1));
+    assert_eq!(fence.at, StepAttempt::new(1, X, 1));
     assert_eq!(run.state.status, SagaStatus::Running);
     let d = run.ok(json!("C-9"));
     let refund = dispatch(&d);
@@ -131,7 +131,7 @@ fn a_pivot_whose_outcome_was_unknown_goes_forward_if_it_applied() {
         run.ok(json!("R-1"));
         run.ok(json!("C-1"));
         run.time_out_attempts(3);
-        assert_eq!(run.state.current.unwrap().direction, X);
+        assert_eq!(run.state.current.unwrap().at.direction, X);
         run
     };
     let mut run = ship_times_out();
@@ -206,7 +206,7 @@ fn a_late_success_answers_the_fence() {
         .state
         .sent
         .iter()
-        .find(|(_, s)| (s.step, s.direction, s.attempt) == (1, F, 2))
+        .find(|(_, s)| s.at == StepAttempt::new(1, F, 2))
         .map(|(id, _)| *id)
         .unwrap();
     let fence = run.state.current.unwrap().command_id.unwrap();
@@ -229,7 +229,7 @@ fn a_late_success_answers_the_fence() {
         },
     );
     assert!(stale.events.is_empty());
-    assert_eq!(run.state.current.unwrap().direction, C);
+    assert_eq!(run.state.current.unwrap().at.direction, C);
 }
 
 /// A fence nobody answers is retried by the step's fence policy (three attempts here), then
@@ -250,7 +250,7 @@ fn an_unanswered_fence_parks_the_saga_until_answered() {
         .state
         .sent
         .iter()
-        .find(|(_, s)| (s.step, s.direction, s.attempt) == (1, X, 1))
+        .find(|(_, s)| s.at == StepAttempt::new(1, X, 1))
         .map(|(id, _)| *id)
         .unwrap();
     // The first fence's answer comes at last: the saga goes on from it.

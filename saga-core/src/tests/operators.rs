@@ -229,7 +229,7 @@ fn a_fenced_answer_of_an_earlier_key_does_not_settle_the_fence_of_this_one() {
     run.fail(false);
     run.input(operator_retry());
     let fence = run.state.current.unwrap();
-    assert_eq!(fence.direction, X);
+    assert_eq!(fence.at.direction, X);
     let d = run.late(release_one, fenced());
     assert!(d.events.is_empty(), "{:?}", d.events);
     assert_eq!(run.state.current, Some(fence));
@@ -255,7 +255,7 @@ fn a_late_unfenceable_answer_revives_a_stuck_saga() {
         },
     );
     assert_eq!(run.state.status, SagaStatus::Compensating);
-    assert_eq!(run.state.current.unwrap().direction, C);
+    assert_eq!(run.state.current.unwrap().at.direction, C);
 }
 
 /// A deadline that passes while the saga is stuck is recorded: once an operator's retry runs

@@ -122,9 +122,9 @@ impl Run {
         let current = self.state.current.expect("a command is outstanding");
         let reply = Reply {
             saga_id: self.saga_id,
-            step: current.step,
-            direction: current.direction,
-            attempt: current.attempt,
+            step: current.at.step,
+            direction: current.at.direction,
+            attempt: current.at.attempt,
             command_id: current.command_id.expect("dispatched"),
             outcome,
         };
@@ -146,9 +146,9 @@ impl Run {
     pub fn time_out(&mut self) -> Decision {
         let c = self.state.current.expect("a command is outstanding");
         self.input(Input::Timer(saga_core::Timer::Timeout {
-            step: c.step,
-            direction: c.direction,
-            attempt: c.attempt,
+            step: c.at.step,
+            direction: c.at.direction,
+            attempt: c.at.attempt,
         }))
     }
 
@@ -177,9 +177,9 @@ impl Run {
         let c = self.state.current.expect("a retry is pending");
         assert!(c.command_id.is_none(), "a retry is pending: {c:?}");
         self.input(Input::Timer(saga_core::Timer::Retry {
-            step: c.step,
-            direction: c.direction,
-            attempt: c.attempt,
+            step: c.at.step,
+            direction: c.at.direction,
+            attempt: c.at.attempt,
         }))
     }
 
@@ -188,9 +188,9 @@ impl Run {
         let sent = self.state.sent[&command_id];
         self.input(Input::Reply(Reply {
             saga_id: self.saga_id,
-            step: sent.step,
-            direction: sent.direction,
-            attempt: sent.attempt,
+            step: sent.at.step,
+            direction: sent.at.direction,
+            attempt: sent.at.attempt,
             command_id,
             outcome,
         }))

@@ -5,7 +5,7 @@
 
 use super::{Decider, Step};
 use crate::definition::StepKind;
-use crate::event::{Direction, Event, FenceThen};
+use crate::event::{Direction, Event, FenceThen, StepAttempt};
 use crate::message::Outcome;
 use crate::state::Fencing;
 
@@ -72,7 +72,7 @@ impl Decider<'_, '_> {
             then,
         })?;
         let attempt = self.next_attempt(step, Direction::Fence);
-        self.dispatch(step, Direction::Fence, attempt)
+        self.dispatch(StepAttempt::new(step, Direction::Fence, attempt))
     }
 
     /// Records a fence's definitive answer (from any of its attempts), then goes on.
@@ -143,7 +143,7 @@ impl Decider<'_, '_> {
             (FenceThen::Retry, Answer::Applied(_)) => self.after_success(step, fencing.target),
             (FenceThen::Retry, _) => {
                 let attempt = self.next_attempt(step, fencing.target);
-                self.dispatch(step, fencing.target, attempt)
+                self.dispatch(StepAttempt::new(step, fencing.target, attempt))
             }
             (FenceThen::Resolve, _) => self.compensate_below(step),
         }

@@ -5,7 +5,7 @@ use uuid::Uuid;
 use super::Decider;
 use crate::SagaStatus;
 use crate::decide::{OperatorAction, Verdict};
-use crate::event::{Direction, Event, FenceThen};
+use crate::event::{Direction, Event, FenceThen, StepAttempt};
 use crate::state::ReplayError;
 
 impl Decider<'_, '_> {
@@ -45,7 +45,7 @@ impl Decider<'_, '_> {
                         )?;
                     } else {
                         let attempt = self.next_attempt(step, direction);
-                        self.dispatch(step, direction, attempt)?;
+                        self.dispatch(StepAttempt::new(step, direction, attempt))?;
                     }
                     return Ok(Verdict::Applied);
                 }
@@ -110,7 +110,7 @@ impl Decider<'_, '_> {
                     let held = self.state.held.filter(|_| status.is_active());
                     self.emit(Event::Resumed { request })?;
                     if let Some(h) = held {
-                        self.dispatch(h.step, h.direction, h.attempt)?;
+                        self.dispatch(h.at)?;
                     }
                     return Ok(Verdict::Applied);
                 }

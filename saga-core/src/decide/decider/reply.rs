@@ -17,17 +17,12 @@ impl Decider<'_, '_> {
                 self.env.saga_id, reply.command_id
             )));
         };
-        if (sent.step, sent.direction, sent.attempt) != (reply.step, reply.direction, reply.attempt)
-        {
+        if sent.at != reply.step_attempt() {
             return Ok(Verdict::Rejected(format!(
-                "result for command {} names step {} {} attempt {}, but the command was step {} {} attempt {}",
+                "result for command {} names {}, but the command was {}",
                 reply.command_id,
-                reply.step,
-                reply.direction,
-                reply.attempt,
-                sent.step,
-                sent.direction,
-                sent.attempt
+                reply.step_attempt(),
+                sent.at
             )));
         }
         let outstanding = self.state.current.and_then(|c| c.command_id);
@@ -146,7 +141,7 @@ impl Decider<'_, '_> {
                 return Ok(Verdict::Applied);
             }
             (_, Outcome::Fenced { detail }, Some(_)) if this_key => {
-                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                let attempt = self.state.current.map_or(0, |c| c.at.attempt);
                 (attempt, Answer::NotApplied(detail.clone()))
             }
             (
@@ -157,7 +152,7 @@ impl Decider<'_, '_> {
                 },
                 Some(f),
             ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] && this_key => {
-                let attempt = self.state.current.map_or(0, |c| c.attempt);
+                let attempt = self.state.current.map_or(0, |c| c.at.attempt);
                 let detail = format!("its attempt {} failed: {error}", reply.attempt);
                 (attempt, Answer::NotApplied(detail))
             }
@@ -180,7 +175,7 @@ impl Decider<'_, '_> {
         let current = self
             .state
             .current
-            .is_some_and(|c| c.step == step && !c.waiting && at(c.direction));
+            .is_some_and(|c| c.at.step == step && !c.waiting && at(c.at.direction));
         let stuck = self.state.status == SagaStatus::Stuck
             && self.state.stuck_at.is_some_and(|(s, d)| s == step && at(d));
         current || stuck

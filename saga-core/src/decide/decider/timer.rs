@@ -6,7 +6,7 @@ use super::{Decider, Step};
 use crate::SagaStatus;
 use crate::decide::{Effect, Timer, Verdict};
 use crate::definition::Work;
-use crate::event::{Direction, Event};
+use crate::event::{Direction, Event, StepAttempt};
 use crate::state::{Current, ReplayError};
 
 impl Decider<'_, '_> {
@@ -44,16 +44,14 @@ impl Decider<'_, '_> {
                 attempt,
             } => {
                 let due = Current {
-                    step,
-                    direction,
-                    attempt,
+                    at: StepAttempt::new(step, direction, attempt),
                     command_id: None,
                     waiting: false,
                 };
                 if current != Some(due) || self.state.held == Some(due) {
                     return stale();
                 }
-                self.dispatch(step, direction, attempt)?;
+                self.dispatch(StepAttempt::new(step, direction, attempt))?;
             }
             Timer::Timeout {
                 step,
@@ -61,7 +59,7 @@ impl Decider<'_, '_> {
                 attempt,
             } => {
                 let Some(c) = current.filter(|c| {
-                    (c.step, c.direction, c.attempt) == (step, direction, attempt)
+                    c.at == StepAttempt::new(step, direction, attempt)
                         && (c.command_id.is_some() || c.waiting)
                 }) else {
                     return stale();
@@ -90,7 +88,7 @@ impl Decider<'_, '_> {
                 }
             }
             Timer::Delay { step } => {
-                if !current.is_some_and(|c| c.step == step && c.waiting) {
+                if !current.is_some_and(|c| c.at.step == step && c.waiting) {
                     return stale();
                 }
                 self.emit(Event::Succeeded {
@@ -120,9 +118,9 @@ impl Decider<'_, '_> {
                     payload: payload.clone(),
                 })?;
                 if let Some(c) = current.filter(|c| c.waiting)
-                    && matches!(&self.definition.steps()[c.step as usize].work, Work::Signal(w) if w.name == name)
+                    && matches!(&self.definition.steps()[c.at.step as usize].work, Work::Signal(w) if w.name == name)
                 {
-                    self.take_signal(c.step, payload)?;
+                    self.take_signal(c.at.step, payload)?;
                 }
             }
             Timer::Operator { .. } => unreachable!("handled before"),
@@ -184,25 +182,25 @@ impl Decider<'_, '_> {
         };
         let reason = self.stop_reason();
         if c.waiting {
-            let timer = match self.definition.steps()[c.step as usize].work {
-                Work::Delay(_) => Timer::Delay { step: c.step },
+            let timer = match self.definition.steps()[c.at.step as usize].work {
+                Work::Delay(_) => Timer::Delay { step: c.at.step },
                 _ => Timer::Timeout {
-                    step: c.step,
-                    direction: c.direction,
-                    attempt: c.attempt,
+                    step: c.at.step,
+                    direction: c.at.direction,
+                    attempt: c.at.attempt,
                 },
             };
             self.effects.push(Effect::CancelTimer(timer));
-            return self.stop_at(c.step);
+            return self.stop_at(c.at.step);
         }
-        if c.direction != Direction::Forward {
+        if c.at.direction != Direction::Forward {
             // A fence runs already (its answer decides with the stop in mind).
             return Ok(());
         }
-        self.drop_current_timer(c.step);
+        self.drop_current_timer(c.at.step);
         if c.command_id.is_some() {
-            return self.start_fence(c.step, reason);
+            return self.start_fence(c.at.step, reason);
         }
-        self.give_up(c.step, reason)
+        self.give_up(c.at.step, reason)
     }
 }
