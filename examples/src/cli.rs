@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
+use saga_core::ops::Ops;
 use saga_core::{Client, Orchestrator, PgStore, QueryStore, SagaStatus};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio_util::sync::CancellationToken;
 
 use crate::Example;
 use crate::participant::{Ledger, migrate, worker_with};
@@ -209,9 +209,9 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             ops.serve(Some(store.clone())).await?;
             let run = Orchestrator::builder(store, Arc::new(transport))
                 .register(&E::definition())
-                .metrics(ops.metrics.clone())
+                .metrics(ops.metrics().clone())
                 .build()
-                .run(ops.shutdown.clone());
+                .run(ops.shutdown());
             ops.run_until_shutdown(run).await?;
         }
         Command::Service { name } => {
@@ -226,9 +226,9 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let pool = database(8).await?;
             let ledger = Ledger::pg(pool, service)?;
             let transport = broker(E::PROGRAM, service).await?;
-            ops.serve(None).await?;
-            let run = worker_with::<E>(service, &ledger, ops.metrics.clone())
-                .run(Arc::new(transport), ops.shutdown.clone());
+            ops.serve(None::<Arc<PgStore>>).await?;
+            let run = worker_with::<E>(service, &ledger, ops.metrics().clone())
+                .run(Arc::new(transport), ops.shutdown());
             ops.run_until_shutdown(run).await?;
         }
         Command::Start {
@@ -396,104 +396,4 @@ async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTransport> {
     AmqpTransport::connect(config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))
-}
-
-/// What a long-running command needs for operations: metrics and health on `METRICS_ADDR`
-/// (if set), and a shutdown on SIGTERM or SIGINT bounded by `SHUTDOWN_GRACE_SECS` (default 30).
-struct Ops {
-    metrics: saga_core::Metrics,
-    health: saga_core::http::Health,
-    shutdown: CancellationToken,
-    addr: Option<std::net::SocketAddr>,
-    grace: Duration,
-}
-
-impl Ops {
-    fn from_env() -> anyhow::Result<Self> {
-        let addr = match std::env::var("METRICS_ADDR") {
-            Ok(v) => Some(v.parse().map_err(|_| {
-                anyhow::anyhow!("invalid METRICS_ADDR: expected host:port, got `{v}`")
-            })?),
-            Err(_) => None,
-        };
-        let grace = match std::env::var("SHUTDOWN_GRACE_SECS") {
-            Ok(v) => Duration::from_secs(v.parse().map_err(|_| {
-                anyhow::anyhow!("invalid SHUTDOWN_GRACE_SECS: expected seconds, got `{v}`")
-            })?),
-            Err(_) => Duration::from_secs(30),
-        };
-        Ok(Self {
-            metrics: saga_core::Metrics::new(),
-            health: saga_core::http::Health::new(),
-            shutdown: shutdown_on_signal(),
-            addr,
-            grace,
-        })
-    }
-
-    async fn serve(&self, store: Option<Arc<PgStore>>) -> anyhow::Result<()> {
-        if let Some(addr) = self.addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on METRICS_ADDR {addr}"))?;
-            let store = store.map(|s| s as Arc<dyn QueryStore>);
-            tokio::spawn(saga_core::http::serve(
-                listener,
-                self.metrics.clone(),
-                self.health.clone(),
-                store,
-            ));
-        }
-        Ok(())
-    }
-
-    /// Marks the process ready, runs `work` until it ends after the shutdown signal, and fails
-    /// if it takes longer than the grace period (in-flight messages go back to the broker).
-    /// Work that ends before the signal (an orchestrator's loop that died) marks the process
-    /// dead and not ready, and fails: the program exits non-zero, to be restarted.
-    async fn run_until_shutdown(
-        &self,
-        work: impl std::future::Future<Output = saga_core::Result<()>> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let mut task = tokio::spawn(work);
-        self.health.set_ready(true);
-        tokio::select! {
-            done = &mut task => {
-                // Work that ends because the signal came (the select may see either first)
-                // is a clean end.
-                if self.shutdown.is_cancelled() {
-                    self.health.set_ready(false);
-                    return Ok(done??);
-                }
-                self.health.set_dead();
-                done??;
-                bail!("stopped before it was asked to");
-            }
-            _ = self.shutdown.cancelled() => {}
-        }
-        self.health.set_ready(false);
-        match tokio::time::timeout(self.grace, task).await {
-            Ok(done) => Ok(done??),
-            Err(_) => bail!(
-                "in-flight work did not finish within the grace period of {:?}",
-                self.grace
-            ),
-        }
-    }
-}
-
-/// A token cancelled on SIGTERM or SIGINT.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        }
-        cancel.cancel();
-    });
-    token
 }

@@ -70,6 +70,13 @@ pub enum Error {
     /// closed); the orchestrator stopped its other loops and returned.
     #[error("{0} ended before shutdown")]
     LoopEnded(String),
+    /// In-flight work did not finish within the grace period after the shutdown signal (see
+    /// `ops::Ops::run_until_shutdown`, feature `http`).
+    #[error("in-flight work did not finish within the grace period of {grace:?}")]
+    ShutdownTimedOut {
+        /// The grace period.
+        grace: std::time::Duration,
+    },
     /// One error for several calls served together (starts written in one statement, say).
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),

@@ -55,6 +55,8 @@ pub mod http;
 mod inbox;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "http")]
+pub mod ops;
 pub mod orchestrator;
 #[cfg(feature = "otel")]
 pub mod otel;
