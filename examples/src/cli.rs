@@ -69,7 +69,7 @@ enum Command {
         /// Its payload, as JSON.
         payload: String,
     },
-    /// Cancels a saga; fails, saying why, once it has passed its pivot.
+    /// Cancels a saga; fails, saying why, once its pivot has started.
     Cancel {
         /// The saga's id.
         id: uuid::Uuid,

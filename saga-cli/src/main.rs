@@ -72,7 +72,7 @@ enum Command {
         /// Its payload, as JSON.
         payload: String,
     },
-    /// Cancels a saga (refused once it has passed its pivot).
+    /// Cancels a saga (refused once its pivot has started).
     Cancel {
         /// The saga's id.
         id: Uuid,

@@ -190,7 +190,7 @@ impl ReplayError {
 /// #     .build().unwrap();
 /// let events = [Event::Started { saga: "demo".into(), version: 1, input: 7.into(), business_key: None, steps: vec!["a".into()] }];
 /// let state = replay(def.definition(), &events).unwrap();
-/// assert_eq!(state.status, SagaStatus::Running);
+/// assert_eq!(state.status(), SagaStatus::Running);
 /// ```
 pub fn replay<'e>(
     definition: &Definition,
