@@ -98,11 +98,14 @@ async fn a_saga_that_does_not_replay_is_isolated() {
         ])
         .await
         .unwrap();
-    let pending = |id: Uuid| {
+    // The retry timer, not the attempt's timeout timer (set when it was dispatched): only the
+    // retry says the failure was applied.
+    let retry_pending = |id: Uuid| {
         let (pool, schema) = (db.pool.clone(), db.schema.clone());
         async move {
             sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
-                "SELECT count(*) FROM \"{schema}\".timers WHERE saga_id = $1 AND fired_at IS NULL"
+                "SELECT count(*) FROM \"{schema}\".timers \
+                 WHERE saga_id = $1 AND key LIKE 'retry:%' AND fired_at IS NULL"
             )))
             .bind(id)
             .fetch_one(&pool)
@@ -112,7 +115,7 @@ async fn a_saga_that_does_not_replay_is_isolated() {
     };
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            pending(a).await == 1 && pending(b).await == 1
+            retry_pending(a).await == 1 && retry_pending(b).await == 1
         })
         .await
     );

@@ -130,20 +130,21 @@ impl Engine {
             self.store.apply(&self.registry, vec![item])
         })
         .await;
-        let mut handed_back = (Vec::new(), Vec::new(), None);
+        // Results that failed for a reason that may pass go back together, after one delay.
+        let (mut back, mut back_items, mut why) = (Vec::new(), Vec::new(), None);
         for ((delivery, item), result) in deliveries.into_iter().zip(batch).zip(results) {
             match result {
                 Ok(applied) => self.settle(vec![delivery], &[item], applied).await,
                 Err(e) if e.is_transient() => {
-                    handed_back.0.push(delivery);
-                    handed_back.1.push(item);
-                    handed_back.2 = Some(e);
+                    back.push(delivery);
+                    back_items.push(item);
+                    why = Some(e);
                 }
                 Err(e) => self.give_back(vec![delivery], &[item], e).await,
             }
         }
-        if let (deliveries, batch, Some(e)) = handed_back {
-            self.give_back(deliveries, &batch, e).await;
+        if let Some(e) = why {
+            self.give_back(back, &back_items, e).await;
         }
     }
 
