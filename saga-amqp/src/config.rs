@@ -227,19 +227,65 @@ impl ConfigError {
     }
 }
 
-/// The URL with its password replaced by `***`, for logs.
+/// The URL with every password replaced by `***`, for logs and errors: the password of each
+/// URL's userinfo (in a comma-separated list of URLs too) and the values of `password` and
+/// `sslpassword` in a query string.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{path}")
+    mask_query_passwords(&mask_userinfo(url))
+}
+
+/// Masks the password of the userinfo after each `scheme://` in `text`.
+fn mask_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at its path, query or fragment, or where the next URL of a list
+        // begins (`u:p@h1,amqp://u:p2@h2`).
+        let mut end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
+        if let Some(comma) = tail.find("://").and_then(|next| tail[..next].rfind(',')) {
+            end = end.min(comma);
         }
-        None => url.to_owned(),
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) if authority[..at].contains(':') => {
+                let user = authority[..at].split(':').next().unwrap_or_default();
+                out.push_str(user);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
     }
+    out.push_str(rest);
+    out
+}
+
+/// Masks the values of the `password` and `sslpassword` query parameters in `text`.
+fn mask_query_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("password=") {
+        let value_start = i + "password=".len();
+        let value_end = rest[value_start..]
+            .find(['&', ',', '#'])
+            .map_or(rest.len(), |e| value_start + e);
+        // The parameter's name starts after `?` or `&`.
+        let name = rest[..i]
+            .rfind(['?', '&'])
+            .map(|s| &rest[s + 1..i + "password".len()]);
+        out.push_str(&rest[..value_start]);
+        if matches!(name, Some("password" | "sslpassword")) {
+            out.push_str("***");
+        } else {
+            out.push_str(&rest[value_start..value_end]);
+        }
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Escapes the characters a prefix or service name may hold that regular expressions treat
@@ -269,6 +315,33 @@ mod tests {
         assert_eq!(redact("amqps://mq/%2f"), "amqps://mq/%2f");
         let config = AmqpConfig::new("amqp://app:s3cret@mq/%2f");
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn every_password_of_a_url_list_or_query_is_redacted() {
+        let list = "amqp://guest:pw1@127.0.0.1:5999/%2f,amqp://guest:pw2@127.0.0.1:5672/%2f";
+        assert_eq!(
+            redact(list),
+            "amqp://guest:***@127.0.0.1:5999/%2f,amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("postgres://app@db/shop?sslmode=require&password=pw3"),
+            "postgres://app@db/shop?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact("postgres://app:pw4@db1:5432,db2:5432/shop?sslpassword=pw5"),
+            "postgres://app:***@db1:5432,db2:5432/shop?sslpassword=***"
+        );
+        assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
+        for secret in ["pw1", "pw2", "pw3", "pw4", "pw5"] {
+            for url in [
+                list,
+                "postgres://app@db/shop?sslmode=require&password=pw3",
+                "postgres://app:pw4@db1:5432,db2:5432/shop?sslpassword=pw5",
+            ] {
+                assert!(!redact(url).contains(secret), "{url}");
+            }
+        }
     }
 
     #[test]

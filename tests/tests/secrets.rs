@@ -76,6 +76,24 @@ async fn passwords_never_reach_the_logs() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         ));
     }
+    // A list of broker URLs, as AMQP clients accept them: each password hidden.
+    let list = format!(
+        "{},{}",
+        amqp_url.replace("5672", "1"),
+        amqp_url.replace("5672", "2")
+    );
+    let output = std::process::Command::new(saga_tests::process::binary("order-saga"))
+        .args(["service", "payment"])
+        .env("DATABASE_URL", &database_url)
+        .env("AMQP_URL", &list)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    outputs.push((
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ));
     stack.shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
