@@ -15,6 +15,10 @@ use crate::event::{Event, RecordedEvent};
 use crate::state::SagaStatus;
 use crate::store::{ListFilter, SagaSummary, StartRequest, Started, Store};
 
+mod outcome;
+
+pub use outcome::SagaOutcome;
+
 /// Starts sagas and reads them back. Cheap to clone.
 ///
 /// ```no_run
@@ -89,6 +93,58 @@ impl Client {
             .await?;
         tracing::debug!(saga.id = %started.saga_id, saga.name = definition.name(), created = started.created, "saga started");
         Ok(started)
+    }
+
+    /// Waits until the saga ends (`completed`, `compensated` or `cancelled`) or parks as
+    /// `stuck`, for at most `timeout`, and returns how, with its steps' outputs.
+    ///
+    /// It reads the saga's status (a lookup by primary key) at growing intervals, from 10 ms
+    /// up to half a second, and its log once, when it has settled. Fails with
+    /// [`Error::StillRunning`] if the saga is still running when `timeout` has passed (it goes
+    /// on), and with [`Error::UnknownSaga`] if there is no such saga.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: saga_core::Client, def: saga_core::SagaDefinition<u32>) -> saga_core::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let started = client.start(&def, &42).await?;
+    /// let outcome = client.outcome(started.saga_id, Duration::from_secs(30)).await?;
+    /// if outcome.is_completed() {
+    ///     let receipt: Option<String> = outcome.output("charge")?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn outcome(&self, saga_id: Uuid, timeout: Duration) -> Result<SagaOutcome> {
+        const FIRST_PAUSE: Duration = Duration::from_millis(10);
+        const LONGEST_PAUSE: Duration = Duration::from_millis(500);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let summary = self
+                .store
+                .summary(saga_id)
+                .await?
+                .ok_or(Error::UnknownSaga(saga_id))?;
+            if !summary.status.is_active() {
+                let history = self.store.history(saga_id).await?;
+                return Ok(SagaOutcome::from_log(
+                    saga_id,
+                    summary.status,
+                    summary.reason,
+                    &history,
+                ));
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::StillRunning {
+                    saga_id,
+                    status: summary.status,
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(LONGEST_PAUSE);
+        }
     }
 
     /// Sends the signal `name` to a saga. It is recorded durably and applied by an

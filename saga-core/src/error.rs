@@ -63,6 +63,17 @@ pub enum Error {
         /// How long the caller waited.
         waited: std::time::Duration,
     },
+    /// A saga had not ended when the wait for it ran out (see
+    /// [`Client::outcome`](crate::Client::outcome)); it goes on.
+    #[error("saga {saga_id} is still {status} after {waited:?}")]
+    StillRunning {
+        /// The saga.
+        saga_id: uuid::Uuid,
+        /// Its status when the wait ran out.
+        status: crate::state::SagaStatus,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+    },
     /// Invalid configuration, naming the setting.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -72,7 +72,7 @@ pub mod transport;
 mod watch;
 pub mod worker;
 
-pub use client::Client;
+pub use client::{Client, SagaOutcome};
 pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
     DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,
