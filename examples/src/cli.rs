@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use futures_util::{StreamExt, TryStreamExt};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
 use saga_core::ops::Ops;
 use saga_core::{Client, Orchestrator, PgStore, QueryStore, SagaStatus};
@@ -56,7 +57,11 @@ enum Command {
         /// Every K-th saga fails terminally at its pivot, so it compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
-        /// Also prints each saga's id, one per line.
+        /// How many starts may wait for their commit at once (starts waiting together share
+        /// one statement and one commit).
+        #[arg(long, value_name = "C", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        in_flight: u64,
+        /// Also prints each saga's id, one per line, in the order they were numbered.
         #[arg(long)]
         ids: bool,
     },
@@ -234,32 +239,41 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
         Command::Start {
             count,
             fail_every,
+            in_flight,
             ids,
         } => {
             let pool = database(4).await?;
             let client = Client::new(Arc::new(ready_store(&pool).await?));
             let def = E::definition();
-            let mut started = Vec::new();
             // Each start has a business key, so a start whose commit is in doubt (the
             // database restarting) is retried without starting the saga twice.
             let run = uuid::Uuid::now_v7().simple().to_string();
-            for n in 1..=count {
+            let start = |n: u64| {
+                let (client, def) = (&client, &def);
                 let fail = fail_every.is_some_and(|k| n.is_multiple_of(k));
                 let input = E::input(n, fail);
                 let key = format!("{run}-{n}");
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                let saga_id = loop {
-                    match client.start_with_key(&def, &input, key.clone()).await {
-                        Ok(s) => break s.saga_id,
-                        Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                            tracing::warn!(error = %e, "starting a saga failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match client.start_with_key(def, &input, key.clone()).await {
+                            Ok(s) => return Ok(s.saga_id),
+                            Err(e)
+                                if e.is_transient() && tokio::time::Instant::now() < deadline =>
+                            {
+                                tracing::warn!(error = %e, "starting a saga failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => return Err(anyhow::Error::from(e)),
                         }
-                        Err(e) => return Err(e.into()),
                     }
-                };
-                started.push(saga_id);
-            }
+                }
+            };
+            let started: Vec<uuid::Uuid> = futures_util::stream::iter(1..=count)
+                .map(start)
+                .buffered(usize::try_from(in_flight).unwrap_or(usize::MAX))
+                .try_collect()
+                .await?;
             println!("started {count}");
             if ids {
                 for id in started {
