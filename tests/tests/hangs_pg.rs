@@ -1,6 +1,7 @@
 //! A compensation whose handler hangs, and a command no handler knows, on the real PostgreSQL
 //! (with the in-process transport): the first gets the saga stuck with its reason until the
-//! fault is fixed and an operator retries it; the second fails its step for good.
+//! fault is fixed and an operator retries it; the second is retried (a build with the handler
+//! may take a retry), then fenced, and its step fails.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +9,8 @@ use std::time::Duration;
 
 use saga_core::worker::{StepError, handler_fn};
 use saga_core::{
-    Client, CommandContext, InProcessTransport, OperatorAction, Orchestrator, RetryPolicy,
-    SagaDefinition, SagaStatus, Worker,
+    Client, CommandContext, Direction, Event, InProcessTransport, OperatorAction, Orchestrator,
+    RetryPolicy, SagaDefinition, SagaStatus, Worker,
 };
 use saga_tests::{database, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,11 @@ fn quick() -> RetryPolicy {
 
 /// reserve (release) -> charge (the pivot, declined).
 fn definition() -> SagaDefinition<u32> {
+    definition_retrying(quick())
+}
+
+/// [`definition`], with `charge` retried by `retry`.
+fn definition_retrying(retry: RetryPolicy) -> SagaDefinition<u32> {
     SagaDefinition::<u32>::builder("hangs", 1)
         .step("reserve", |s| {
             s.action("svc", "reserve", |c| Ok(*c.input()))
@@ -36,7 +42,7 @@ fn definition() -> SagaDefinition<u32> {
         .step("charge", |s| {
             s.pivot()
                 .action("svc", "charge", |c| Ok(*c.input()))
-                .retry(quick())
+                .retry(retry)
         })
         .build()
         .expect("valid definition")
@@ -141,7 +147,7 @@ async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_no_handler_knows_fails_its_step_for_good() {
+async fn a_command_no_handler_knows_is_retried_then_fenced_and_its_step_fails() {
     let db = database().await;
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
     // This build of the service knows `reserve` and `release`, not `charge`.
@@ -158,9 +164,97 @@ async fn a_command_no_handler_knows_fails_its_step_for_good() {
     let (state, reason) = status(client, id).await;
     assert!(done, "compensated, not {state}: {reason}");
     assert!(
-        reason.contains("service `svc` has no handler for command `charge`"),
+        reason.contains(
+            "service `svc` has no handler for command `charge` (this build handles: release, reserve)"
+        ),
         "{reason}"
     );
+    // Each attempt the policy allows, then a fence before the saga gives up on the step.
+    let history = client.history(id).await.unwrap();
+    let dispatched = |direction: Direction| {
+        history
+            .iter()
+            .filter(|r| {
+                matches!(&r.event, Event::Dispatched { step: 1, direction: d, .. } if *d == direction)
+            })
+            .count()
+    };
+    assert_eq!(dispatched(Direction::Forward), 2, "both attempts of charge");
+    assert_eq!(dispatched(Direction::Fence), 1, "charge fenced once");
     running.stop().await;
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_with_the_handler_takes_the_retry_of_a_command_an_older_build_lacked() {
+    let db = database().await;
+    let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
+    let store = Arc::new(db.store());
+    let transport = Arc::new(InProcessTransport::new());
+    let def = definition_retrying(RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_millis(500),
+        ..RetryPolicy::default()
+    });
+    let shutdown = CancellationToken::new();
+    let orchestrator = tokio::spawn(
+        Orchestrator::builder(store.clone(), transport.clone())
+            .register(&def)
+            .config(saga_tests::harness::config())
+            .build()
+            .run(shutdown.clone()),
+    );
+    // The old build, without `charge`.
+    let old = Worker::builder("svc", db.inbox().await)
+        .handler("reserve", handler_fn(ok))
+        .handler("release", handler_fn(ok))
+        .build();
+    let old_stop = CancellationToken::new();
+    let old_run = tokio::spawn(old.run(transport.clone(), old_stop.clone()));
+    let client = Client::new(store);
+    let id = client.start(&def, &7).await.unwrap().saga_id;
+    let failed_once = wait_until(Duration::from_secs(10), || async {
+        client.history(id).await.unwrap().iter().any(|r| {
+            matches!(
+                &r.event,
+                Event::Failed {
+                    step: 1,
+                    retryable: true,
+                    ..
+                }
+            )
+        })
+    })
+    .await;
+    assert!(failed_once, "the old build answered the first charge");
+    // The rolling deploy: the old build stops, the new one (with `charge`) takes the retry.
+    old_stop.cancel();
+    old_run.await.unwrap().unwrap();
+    let charges = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = Arc::clone(&charges);
+    let new = Worker::builder("svc", db.inbox().await)
+        .handler("reserve", handler_fn(ok))
+        .handler("release", handler_fn(ok))
+        .handler(
+            "charge",
+            handler_fn(move |n: u32, _: CommandContext| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, StepError>(n) }
+            }),
+        )
+        .build();
+    let new_run = tokio::spawn(new.run(transport.clone(), shutdown.clone()));
+    let outcome = client.outcome(id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        outcome.status,
+        SagaStatus::Completed,
+        "{:?}",
+        outcome.reason
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+    shutdown.cancel();
+    orchestrator.await.unwrap().unwrap();
+    new_run.await.unwrap().unwrap();
     db.drop_schema().await;
 }

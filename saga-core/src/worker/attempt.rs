@@ -32,11 +32,26 @@ impl Worker {
     /// running it) and records the outcome with the handler's writes.
     pub(super) async fn attempt(&self, command: &Command, trace_id: Option<String>) -> Outcome {
         let handler = self.handlers.get(&command.command);
+        // A command this build has no handler for: a misspelt name, or a rolling deploy where
+        // an older build meets a newer command. Answered as retryable and not recorded, so
+        // that a build with the handler may take a retry; once the step's retries are spent,
+        // the saga fences the step (a tombstone under its key) before it gives up on it.
         let unknown = || {
-            format!(
-                "service `{}` has no handler for command `{}`",
-                self.service, command.command
-            )
+            let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            let why = format!(
+                "service `{}` has no handler for command `{}` (this build handles: {})",
+                self.service,
+                command.command,
+                known.join(", ")
+            );
+            tracing::error!(
+                service = %self.service,
+                command = %command.command,
+                saga.id = %command.saga_id,
+                "{why}; answering retryable, so that a build with the handler may take a retry"
+            );
+            retryable(why)
         };
         let ctx = CommandContext {
             trace_id,
@@ -44,21 +59,20 @@ impl Worker {
         };
         let Some(inbox) = &self.inbox else {
             let Some(handler) = handler else {
-                return terminal(unknown());
+                return unknown();
             };
             // An output too large to send is caught when the result is (`process`).
             return failure(self.run_handler(handler, command, ctx).await);
+        };
+        let Some(handler) = handler else {
+            // Before the claim: nothing is recorded under the key.
+            return unknown();
         };
         let key = &command.idempotency_key;
         let tx = match inbox.claim(command, self.timeout_of(command)).await {
             Ok(Claim::Mine(tx)) => tx,
             Ok(Claim::Recorded(outcome)) => return outcome,
             Err(e) => return retryable(format!("the inbox cannot be reached: {e}")),
-        };
-        let Some(handler) = handler else {
-            // Recorded, so that a later build with the handler does not apply a step its
-            // saga has given up on.
-            return recorded(inbox.fail(tx, command, &unknown()).await);
         };
         let slot = TxSlot::new(tx);
         let ran = self
@@ -211,13 +225,6 @@ fn retryable(error: String) -> Outcome {
     Outcome::Failure {
         error,
         retryable: true,
-    }
-}
-
-fn terminal(error: String) -> Outcome {
-    Outcome::Failure {
-        error,
-        retryable: false,
     }
 }
 

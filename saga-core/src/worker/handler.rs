@@ -249,12 +249,81 @@ impl<H: Handler> ErasedHandler for Erased<H> {
     ) -> BoxFuture<'static, Result<Value, StepError>> {
         async move {
             let input: H::Input = serde_json::from_value(payload).map_err(|e| {
-                StepError::terminal(format!("invalid input for command `{}`: {e}", ctx.command))
+                // The saga definition builds this command's input as another type than the
+                // handler reads: a bug to fix, not a business failure.
+                let why = format!(
+                    "the input of command `{}` is not a `{}`: {e}",
+                    ctx.command,
+                    std::any::type_name::<H::Input>()
+                );
+                tracing::error!(
+                    saga = %ctx.saga,
+                    step = %ctx.step,
+                    saga.id = %ctx.saga_id,
+                    "{why}; the saga definition and the handler disagree"
+                );
+                StepError::terminal(why)
             })?;
+            let command = ctx.command.clone();
             let output = self.0.handle(input, ctx).await?;
-            serde_json::to_value(output)
-                .map_err(|e| StepError::terminal(format!("output does not serialize: {e}")))
+            serde_json::to_value(output).map_err(|e| {
+                let why = format!(
+                    "the output of command `{command}` (a `{}`) does not serialize: {e}",
+                    std::any::type_name::<H::Output>()
+                );
+                tracing::error!("{why}");
+                StepError::terminal(why)
+            })
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::event::Direction;
+
+    fn command() -> Command {
+        Command {
+            command_id: Uuid::nil(),
+            saga_id: Uuid::nil(),
+            saga: "order".into(),
+            step: 1,
+            step_name: "charge".into(),
+            direction: Direction::Compensation,
+            attempt: 1,
+            service: "payment".into(),
+            command: "refund".into(),
+            idempotency_key: "k".into(),
+            timeout_ms: None,
+            payload: json!("ch-1"),
+        }
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Receipt {
+        #[allow(dead_code)]
+        charge_id: String,
+    }
+
+    #[tokio::test]
+    async fn an_input_of_another_type_fails_for_good_naming_the_handlers_type() {
+        let refund = handler_fn(|_: Receipt, _| async { Ok::<_, StepError>(()) });
+        let handler: Arc<dyn ErasedHandler> = Arc::new(Erased(refund));
+        let command = command();
+        let err = handler
+            .call(command.payload.clone(), CommandContext::of(&command))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        let message = err.message();
+        assert!(
+            message.contains("the input of command `refund` is not a `")
+                && message.contains("Receipt`"),
+            "{message}"
+        );
     }
 }
