@@ -117,7 +117,8 @@ impl Client {
     pub async fn outcome(&self, saga_id: Uuid, timeout: Duration) -> Result<SagaOutcome> {
         const FIRST_PAUSE: Duration = Duration::from_millis(10);
         const LONGEST_PAUSE: Duration = Duration::from_millis(500);
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `None`: a wait too long to count is a wait without end.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut pause = FIRST_PAUSE;
         loop {
             let summary = self
@@ -134,7 +135,9 @@ impl Client {
                     &history,
                 ));
             }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = deadline.map_or(LONGEST_PAUSE, |d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+            });
             if left.is_zero() {
                 return Err(Error::StillRunning {
                     saga_id,

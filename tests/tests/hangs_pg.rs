@@ -186,6 +186,71 @@ async fn a_command_no_handler_knows_is_retried_then_fenced_and_its_step_fails() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_no_handler_knows_is_recorded_failed_after_two_retryable_answers() {
+    let db = database().await;
+    let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
+    let worker = Worker::builder("svc", db.inbox().await)
+        .handler("reserve", handler_fn(ok))
+        .handler("release", handler_fn(ok))
+        .build();
+    let store = Arc::new(db.store());
+    let transport = Arc::new(InProcessTransport::new());
+    // More attempts than an unknown command is answered retryable for.
+    let def = definition_retrying(RetryPolicy {
+        max_attempts: 5,
+        ..quick()
+    });
+    let shutdown = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(worker.run(transport.clone(), shutdown.clone())),
+        tokio::spawn(
+            Orchestrator::builder(store.clone(), transport)
+                .register(&def)
+                .config(saga_tests::harness::config())
+                .build()
+                .run(shutdown.clone()),
+        ),
+    ];
+    let client = Client::new(store);
+    let id = client.start(&def, &7).await.unwrap().saga_id;
+    let outcome = client.outcome(id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        outcome.status,
+        SagaStatus::Compensated,
+        "{:?}",
+        outcome.reason
+    );
+    let history = client.history(id).await.unwrap();
+    let charge = |direction: Direction| {
+        history
+            .iter()
+            .filter(|r| {
+                matches!(&r.event, Event::Dispatched { step: 1, direction: d, .. } if *d == direction)
+            })
+            .count()
+    };
+    // Two retryable answers, then the third attempt is recorded as failed; the step is
+    // fenced before the saga gives up on it (an earlier attempt, answered retryable, might
+    // yet have applied), and the fence finds the recorded failure.
+    assert_eq!(charge(Direction::Forward), 3);
+    assert_eq!(charge(Direction::Fence), 1);
+    assert!(
+        outcome
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("has no handler for command `charge`"),
+        "{:?}",
+        outcome.reason
+    );
+    shutdown.cancel();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_with_the_handler_takes_the_retry_of_a_command_an_older_build_lacked() {
     let db = database().await;
     let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };

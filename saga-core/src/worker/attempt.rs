@@ -23,6 +23,11 @@ enum Ran {
 /// hundred bytes).
 const REPLY_ROOM: usize = 1024;
 
+/// How many attempts of a command no handler knows are answered retryable, with nothing
+/// recorded, before the next is recorded as failed: a rolling deploy has that long to bring
+/// the handler.
+const UNKNOWN_COMMAND_RETRIES: u32 = 2;
+
 /// How long a fence waits at most for a running delivery of its step to finish.
 const FENCE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -32,47 +37,41 @@ impl Worker {
     /// running it) and records the outcome with the handler's writes.
     pub(super) async fn attempt(&self, command: &Command, trace_id: Option<String>) -> Outcome {
         let handler = self.handlers.get(&command.command);
-        // A command this build has no handler for: a misspelt name, or a rolling deploy where
-        // an older build meets a newer command. Answered as retryable and not recorded, so
-        // that a build with the handler may take a retry; once the step's retries are spent,
-        // the saga fences the step (a tombstone under its key) before it gives up on it.
-        let unknown = || {
-            let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            let why = format!(
-                "service `{}` has no handler for command `{}` (this build handles: {})",
-                self.service,
-                command.command,
-                known.join(", ")
-            );
-            tracing::error!(
-                service = %self.service,
-                command = %command.command,
-                saga.id = %command.saga_id,
-                "{why}; answering retryable, so that a build with the handler may take a retry"
-            );
-            retryable(why)
-        };
         let ctx = CommandContext {
             trace_id,
             ..CommandContext::of(command)
         };
         let Some(inbox) = &self.inbox else {
             let Some(handler) = handler else {
-                return unknown();
+                // Without an inbox, a retry guards nothing: the step fails for good.
+                return Outcome::Failure {
+                    error: self.unknown_command(command, false),
+                    retryable: false,
+                };
             };
             // An output too large to send is caught when the result is (`process`).
             return failure(self.run_handler(handler, command, ctx).await);
-        };
-        let Some(handler) = handler else {
-            // Before the claim: nothing is recorded under the key.
-            return unknown();
         };
         let key = &command.idempotency_key;
         let tx = match inbox.claim(command, self.timeout_of(command)).await {
             Ok(Claim::Mine(tx)) => tx,
             Ok(Claim::Recorded(outcome)) => return outcome,
             Err(e) => return retryable(format!("the inbox cannot be reached: {e}")),
+        };
+        let Some(handler) = handler else {
+            // A misspelt name, or a rolling deploy where an older build meets a newer
+            // command. Its first attempts are answered retryable with nothing recorded, so
+            // that a build with the handler may take a retry; a later one is recorded as
+            // failed, so that no build applies a step its saga has given up on.
+            let retry = command.attempt <= UNKNOWN_COMMAND_RETRIES;
+            let why = self.unknown_command(command, retry);
+            if retry {
+                if let Err(e) = tx.rollback().await {
+                    tracing::debug!(error = %e, "releasing the claim of an unknown command failed");
+                }
+                return retryable(why);
+            }
+            return recorded(inbox.fail(tx, command, &why).await);
         };
         let slot = TxSlot::new(tx);
         let ran = self
@@ -109,6 +108,32 @@ impl Worker {
                 failure(ran)
             }
         }
+    }
+
+    /// Why `command` cannot run here, logged as an error naming the commands this build
+    /// handles; `retry` says whether it is answered retryable.
+    fn unknown_command(&self, command: &Command, retry: bool) -> String {
+        let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        let why = capped(&format!(
+            "service `{}` has no handler for command `{}` (this build handles: {})",
+            self.service,
+            command.command,
+            known.join(", ")
+        ));
+        let then = if retry {
+            "answering retryable, so that a build with the handler may take a retry"
+        } else {
+            "failing the step"
+        };
+        tracing::error!(
+            service = %self.service,
+            command = %command.command,
+            saga.id = %command.saga_id,
+            attempt = command.attempt,
+            "{why}; {then}"
+        );
+        why
     }
 
     /// Runs the handler in a task of its own, so a panic or a hang past the command's
