@@ -228,10 +228,11 @@ impl ConfigError {
 }
 
 /// The URL with every password replaced by `***`, for logs and errors: the password of each
-/// URL's userinfo (in a comma-separated list of URLs too) and the values of `password` and
-/// `sslpassword` in a query string.
+/// URL's userinfo (in a comma-separated list of URLs too, and holding `/`, `?` or `#`
+/// unencoded), and the values of `password` and `sslpassword` in a query string or in a
+/// `key=value` connection string. When in doubt it hides more, never less.
 pub fn redact(url: &str) -> String {
-    mask_query_passwords(&mask_userinfo(url))
+    mask_password_params(&mask_userinfo(url))
 }
 
 /// Masks the password of the userinfo after each `scheme://` in `text`.
@@ -241,21 +242,21 @@ fn mask_userinfo(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The authority ends at its path, query or fragment, or where the next URL of a list
-        // begins (`u:p@h1,amqp://u:p2@h2`).
-        let mut end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
-        if let Some(comma) = tail.find("://").and_then(|next| tail[..next].rfind(',')) {
-            end = end.min(comma);
-        }
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) if authority[..at].contains(':') => {
-                let user = authority[..at].split(':').next().unwrap_or_default();
+        // This URL ends where the next one of a list begins (`...,amqp://...`).
+        let end = tail
+            .find("://")
+            .and_then(|next| tail[..next].rfind(','))
+            .unwrap_or(tail.len());
+        let url = &tail[..end];
+        // The userinfo ends at the URL's last `@`: a password may hold `/`, `?` or `#`.
+        match url.rfind('@') {
+            Some(at) if url[..at].contains(':') => {
+                let user = url[..at].split(':').next().unwrap_or_default();
                 out.push_str(user);
                 out.push_str(":***");
-                out.push_str(&authority[at..]);
+                out.push_str(&url[at..]);
             }
-            _ => out.push_str(authority),
+            _ => out.push_str(url),
         }
         rest = &tail[end..];
     }
@@ -263,28 +264,39 @@ fn mask_userinfo(text: &str) -> String {
     out
 }
 
-/// Masks the values of the `password` and `sslpassword` query parameters in `text`.
-fn mask_query_passwords(text: &str) -> String {
+/// Masks the values of the `password` and `sslpassword` parameters (in any case) of a query
+/// string or a `key=value` connection string in `text`.
+fn mask_password_params(text: &str) -> String {
+    const NAME: &str = "password=";
+    let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("password=") {
-        let value_start = i + "password=".len();
-        let value_end = rest[value_start..]
-            .find(['&', ',', '#'])
-            .map_or(rest.len(), |e| value_start + e);
-        // The parameter's name starts after `?` or `&`.
-        let name = rest[..i]
-            .rfind(['?', '&'])
-            .map(|s| &rest[s + 1..i + "password".len()]);
-        out.push_str(&rest[..value_start]);
-        if matches!(name, Some("password" | "sslpassword")) {
-            out.push_str("***");
-        } else {
-            out.push_str(&rest[value_start..value_end]);
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(found) = lower[from..].find(NAME) {
+        let at = from + found;
+        let value_start = at + NAME.len();
+        // The parameter's name starts after `?`, `&`, white space, or at the start.
+        let name_start = lower[..at]
+            .rfind(|c: char| c == '?' || c == '&' || c.is_whitespace())
+            .map_or(0, |s| s + 1);
+        let name = &lower[name_start..at + "password".len()];
+        // The value ends at the next parameter, a fragment, white space, or the next URL of a
+        // list (`,scheme://`).
+        let tail = &text[value_start..];
+        let mut value_end = tail
+            .find(|c: char| c == '&' || c == '#' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        if let Some(comma) = tail.find("://").and_then(|next| tail[..next].rfind(',')) {
+            value_end = value_end.min(comma);
         }
-        rest = &rest[value_end..];
+        if name == "password" || name == "sslpassword" {
+            out.push_str(&text[copied..value_start]);
+            out.push_str("***");
+            copied = value_start + value_end;
+        }
+        from = value_start;
     }
-    out.push_str(rest);
+    out.push_str(&text[copied..]);
     out
 }
 
@@ -333,11 +345,37 @@ mod tests {
             "postgres://app:***@db1:5432,db2:5432/shop?sslpassword=***"
         );
         assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
-        for secret in ["pw1", "pw2", "pw3", "pw4", "pw5"] {
+        // Unencoded `/`, `?`, `#` and `@` in a password; no user; IPv6; key=value strings;
+        // a comma in a query value; any case.
+        assert_eq!(redact("amqp://u:pa/ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact("amqp://u:pa?s#s@h"), "amqp://u:***@h");
+        assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(
+            redact("amqp://:pw@[::1]:5672/v"),
+            "amqp://:***@[::1]:5672/v"
+        );
+        assert_eq!(
+            redact("host=db user=app password=pw6 dbname=shop"),
+            "host=db user=app password=*** dbname=shop"
+        );
+        assert_eq!(
+            redact("postgres://db/shop?PassWord=se,cret&x=1"),
+            "postgres://db/shop?PassWord=***&x=1"
+        );
+        assert_eq!(
+            redact("postgres://db/shop?mypassword=x"),
+            "postgres://db/shop?mypassword=x"
+        );
+        assert_eq!(
+            redact("ümlaut://ü:pw7@hö/ä?password=pw8"),
+            "ümlaut://ü:***@hö/ä?password=***"
+        );
+        for secret in ["pw1", "pw2", "pw3", "pw4", "pw5", "pw6"] {
             for url in [
                 list,
                 "postgres://app@db/shop?sslmode=require&password=pw3",
                 "postgres://app:pw4@db1:5432,db2:5432/shop?sslpassword=pw5",
+                "host=db user=app password=pw6 dbname=shop",
             ] {
                 assert!(!redact(url).contains(secret), "{url}");
             }

@@ -188,9 +188,10 @@ impl Link {
     }
 
     async fn connect(&self) -> Result<Connection, TransportError> {
-        let mut uri: AMQPUri = self.config.url.parse().map_err(|e: String| {
+        // The parser's message quotes the whole URL, password included: not shown.
+        let mut uri: AMQPUri = self.config.url.parse().map_err(|_: String| {
             TransportError::new(format!(
-                "invalid AMQP URL {}: {e}",
+                "invalid AMQP URL {}: expected amqp://user:password@host:port/vhost",
                 redact(&self.config.url)
             ))
         })?;
