@@ -273,7 +273,11 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 .map(start)
                 .buffered(usize::try_from(in_flight).unwrap_or(usize::MAX))
                 .try_collect()
-                .await?;
+                .await
+                .with_context(|| {
+                    // Some starts may have committed: their keys say which run they were.
+                    format!("starting sagas with business keys {run}-1 to {run}-{count}")
+                })?;
             println!("started {count}");
             if ids {
                 for id in started {

@@ -128,6 +128,10 @@ impl Client {
                 .ok_or(Error::UnknownSaga(saga_id))?;
             if !summary.status.is_active() {
                 let history = self.store.history(saga_id).await?;
+                if history.is_empty() {
+                    // Purged between the two reads.
+                    return Err(Error::UnknownSaga(saga_id));
+                }
                 return Ok(SagaOutcome::from_log(
                     saga_id,
                     summary.status,

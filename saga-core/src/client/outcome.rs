@@ -21,7 +21,7 @@ pub struct SagaOutcome {
     pub status: SagaStatus,
     /// Why it compensated, was cancelled, or is stuck.
     pub reason: Option<String>,
-    /// The steps whose action succeeded, by name, with their outputs, in step order.
+    /// The steps that succeeded, by name, with their outputs, in step order.
     outputs: Vec<(String, Value)>,
 }
 
@@ -31,9 +31,11 @@ impl SagaOutcome {
         self.status == SagaStatus::Completed
     }
 
-    /// The output of the action of the step named `step`, as a `T`; `None` if that action
-    /// did not succeed (a compensated step keeps the output its action had). Fails with
-    /// [`Error::Serialization`](crate::Error::Serialization) if the output is not a `T`.
+    /// The output of the step named `step`, as a `T`: its action's (a compensated step keeps
+    /// the output its action had), a wait step's signal payload, a delay step's `null`;
+    /// `None` if the step did not succeed. Fails with
+    /// [`Error::Serialization`](crate::Error::Serialization) if the output is not a `T`. Logs
+    /// written before step names were recorded name their steps `#0`, `#1`, ...
     pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>> {
         match self.outputs.iter().find(|(name, _)| name == step) {
             Some((_, output)) => Ok(Some(T::deserialize(output)?)),
@@ -41,7 +43,7 @@ impl SagaOutcome {
         }
     }
 
-    /// The steps whose action succeeded, and their outputs as JSON, in step order.
+    /// The steps that succeeded, and their outputs as JSON, in step order.
     pub fn outputs(&self) -> impl Iterator<Item = (&str, &Value)> {
         self.outputs
             .iter()
@@ -62,7 +64,12 @@ impl SagaOutcome {
             match &record.event {
                 Event::Started { steps, .. } => names.clone_from(steps),
                 Event::FenceStarted { step, target, .. } => {
-                    fenced.insert(*step, *target);
+                    // As replay reads it: a fence targets the compensation or the action.
+                    let target = match target {
+                        Direction::Compensation => Direction::Compensation,
+                        _ => Direction::Forward,
+                    };
+                    fenced.insert(*step, target);
                 }
                 Event::Succeeded {
                     step,
