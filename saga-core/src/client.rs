@@ -121,11 +121,7 @@ impl Client {
         let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut pause = FIRST_PAUSE;
         loop {
-            let summary = self
-                .store
-                .summary(saga_id)
-                .await?
-                .ok_or(Error::UnknownSaga(saga_id))?;
+            let summary = self.existing(saga_id).await?;
             if !summary.status.is_active() {
                 let history = self.store.history(saga_id).await?;
                 if history.is_empty() {
@@ -154,6 +150,14 @@ impl Client {
         }
     }
 
+    /// The saga's summary; [`Error::UnknownSaga`] if there is no such saga.
+    async fn existing(&self, saga_id: Uuid) -> Result<SagaSummary> {
+        self.store
+            .summary(saga_id)
+            .await?
+            .ok_or(Error::UnknownSaga(saga_id))
+    }
+
     /// Sends the signal `name` to a saga. It is recorded durably and applied by an
     /// orchestrator: a wait step for `name` takes its payload as the step's output. A signal
     /// that arrives before the saga reaches its wait is kept until then; one that arrives after
@@ -173,11 +177,7 @@ impl Client {
     /// already ended or compensates. Waits up to [`Client::CANCEL_WAIT`] for an orchestrator to
     /// decide.
     pub async fn cancel(&self, saga_id: Uuid, reason: &str) -> Result<()> {
-        let summary = self
-            .store
-            .summary(saga_id)
-            .await?
-            .ok_or(Error::UnknownSaga(saga_id))?;
+        let summary = self.existing(saga_id).await?;
         if !summary.status.is_active() {
             return Err(Error::CancelRefused {
                 saga_id,

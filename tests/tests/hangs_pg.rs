@@ -57,9 +57,17 @@ struct Running {
 }
 
 async fn run(db: &saga_tests::TestDb, worker: Worker) -> Running {
+    run_definition(db, worker, definition()).await
+}
+
+/// [`run`], with `def` for the saga.
+async fn run_definition(
+    db: &saga_tests::TestDb,
+    worker: Worker,
+    def: SagaDefinition<u32>,
+) -> Running {
     let store = Arc::new(db.store());
     let transport = Arc::new(InProcessTransport::new());
-    let def = definition();
     let shutdown = CancellationToken::new();
     let tasks = vec![
         tokio::spawn(worker.run(transport.clone(), shutdown.clone())),
@@ -88,6 +96,23 @@ impl Running {
             task.await.unwrap().unwrap();
         }
     }
+}
+
+/// A build of the service that knows `reserve` and `release`, not `charge`.
+async fn without_charge(db: &saga_tests::TestDb) -> Worker {
+    let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
+    Worker::builder("svc", db.inbox().await)
+        .handler("reserve", handler_fn(ok))
+        .handler("release", handler_fn(ok))
+        .build()
+}
+
+/// How many `charge` commands (step 1) went out in `direction`.
+fn charges(history: &[saga_core::RecordedEvent], direction: Direction) -> usize {
+    history
+        .iter()
+        .filter(|r| matches!(&r.event, Event::Dispatched { step: 1, direction: d, .. } if *d == direction))
+        .count()
 }
 
 async fn status(client: &Client, id: uuid::Uuid) -> (SagaStatus, String) {
@@ -149,13 +174,7 @@ async fn a_hanging_compensation_is_stuck_until_fixed_and_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_no_handler_knows_is_retried_then_fenced_and_its_step_fails() {
     let db = database().await;
-    let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
-    // This build of the service knows `reserve` and `release`, not `charge`.
-    let worker = Worker::builder("svc", db.inbox().await)
-        .handler("reserve", handler_fn(ok))
-        .handler("release", handler_fn(ok))
-        .build();
-    let running = run(&db, worker).await;
+    let running = run(&db, without_charge(&db).await).await;
     let (client, id) = (&running.client, running.id);
     let done = wait_until(Duration::from_secs(20), || async {
         status(client, id).await.0 == SagaStatus::Compensated
@@ -171,16 +190,12 @@ async fn a_command_no_handler_knows_is_retried_then_fenced_and_its_step_fails() 
     );
     // Each attempt the policy allows, then a fence before the saga gives up on the step.
     let history = client.history(id).await.unwrap();
-    let dispatched = |direction: Direction| {
-        history
-            .iter()
-            .filter(|r| {
-                matches!(&r.event, Event::Dispatched { step: 1, direction: d, .. } if *d == direction)
-            })
-            .count()
-    };
-    assert_eq!(dispatched(Direction::Forward), 2, "both attempts of charge");
-    assert_eq!(dispatched(Direction::Fence), 1, "charge fenced once");
+    assert_eq!(
+        charges(&history, Direction::Forward),
+        2,
+        "both attempts of charge"
+    );
+    assert_eq!(charges(&history, Direction::Fence), 1, "charge fenced once");
     running.stop().await;
     db.drop_schema().await;
 }
@@ -188,31 +203,14 @@ async fn a_command_no_handler_knows_is_retried_then_fenced_and_its_step_fails() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_no_handler_knows_is_recorded_failed_after_two_retryable_answers() {
     let db = database().await;
-    let ok = |n: u32, _: CommandContext| async move { Ok::<_, StepError>(n) };
-    let worker = Worker::builder("svc", db.inbox().await)
-        .handler("reserve", handler_fn(ok))
-        .handler("release", handler_fn(ok))
-        .build();
-    let store = Arc::new(db.store());
-    let transport = Arc::new(InProcessTransport::new());
+    let worker = without_charge(&db).await;
     // More attempts than an unknown command is answered retryable for.
     let def = definition_retrying(RetryPolicy {
         max_attempts: 5,
         ..quick()
     });
-    let shutdown = CancellationToken::new();
-    let tasks = vec![
-        tokio::spawn(worker.run(transport.clone(), shutdown.clone())),
-        tokio::spawn(
-            Orchestrator::builder(store.clone(), transport)
-                .register(&def)
-                .config(saga_tests::harness::config())
-                .build()
-                .run(shutdown.clone()),
-        ),
-    ];
-    let client = Client::new(store);
-    let id = client.start(&def, &7).await.unwrap().saga_id;
+    let running = run_definition(&db, worker, def).await;
+    let (client, id) = (&running.client, running.id);
     let outcome = client.outcome(id, Duration::from_secs(20)).await.unwrap();
     assert_eq!(
         outcome.status,
@@ -221,19 +219,11 @@ async fn a_command_no_handler_knows_is_recorded_failed_after_two_retryable_answe
         outcome.reason
     );
     let history = client.history(id).await.unwrap();
-    let charge = |direction: Direction| {
-        history
-            .iter()
-            .filter(|r| {
-                matches!(&r.event, Event::Dispatched { step: 1, direction: d, .. } if *d == direction)
-            })
-            .count()
-    };
     // Two retryable answers, then the third attempt is recorded as failed; the step is
     // fenced before the saga gives up on it (an earlier attempt, answered retryable, might
     // yet have applied), and the fence finds the recorded failure.
-    assert_eq!(charge(Direction::Forward), 3);
-    assert_eq!(charge(Direction::Fence), 1);
+    assert_eq!(charges(&history, Direction::Forward), 3);
+    assert_eq!(charges(&history, Direction::Fence), 1);
     assert!(
         outcome
             .reason
@@ -243,10 +233,7 @@ async fn a_command_no_handler_knows_is_recorded_failed_after_two_retryable_answe
         "{:?}",
         outcome.reason
     );
-    shutdown.cancel();
-    for task in tasks {
-        task.await.unwrap().unwrap();
-    }
+    running.stop().await;
     db.drop_schema().await;
 }
 
@@ -271,10 +258,7 @@ async fn a_build_with_the_handler_takes_the_retry_of_a_command_an_older_build_la
             .run(shutdown.clone()),
     );
     // The old build, without `charge`.
-    let old = Worker::builder("svc", db.inbox().await)
-        .handler("reserve", handler_fn(ok))
-        .handler("release", handler_fn(ok))
-        .build();
+    let old = without_charge(&db).await;
     let old_stop = CancellationToken::new();
     let old_run = tokio::spawn(old.run(transport.clone(), old_stop.clone()));
     let client = Client::new(store);
@@ -296,8 +280,8 @@ async fn a_build_with_the_handler_takes_the_retry_of_a_command_an_older_build_la
     // The rolling deploy: the old build stops, the new one (with `charge`) takes the retry.
     old_stop.cancel();
     old_run.await.unwrap().unwrap();
-    let charges = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let counted = Arc::clone(&charges);
+    let charged = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = Arc::clone(&charged);
     let new = Worker::builder("svc", db.inbox().await)
         .handler("reserve", handler_fn(ok))
         .handler("release", handler_fn(ok))
@@ -317,7 +301,7 @@ async fn a_build_with_the_handler_takes_the_retry_of_a_command_an_older_build_la
         "{:?}",
         outcome.reason
     );
-    assert_eq!(charges.load(Ordering::SeqCst), 1, "charged once");
+    assert_eq!(charged.load(Ordering::SeqCst), 1, "charged once");
     shutdown.cancel();
     orchestrator.await.unwrap().unwrap();
     new_run.await.unwrap().unwrap();

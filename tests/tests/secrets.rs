@@ -60,43 +60,30 @@ async fn passwords_never_reach_the_logs() {
         ("AMQP_URL", amqp_url.replace("5672", "1")),
         ("RUST_LOG", "trace".to_owned()),
     ];
-    for args in [&["status"][..], &["service", "payment"][..]] {
-        let output = std::process::Command::new(saga_tests::process::binary("order-saga"))
-            .args(args)
-            .envs(unreachable.iter().map(|(k, v)| (*k, v.as_str())))
-            .env(
-                "DATABASE_URL",
-                if args[0] == "status" {
-                    unreachable[0].1.clone()
-                } else {
-                    database_url.clone()
-                },
-            )
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        outputs.push((
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ));
-    }
+    // The database out of reach, then the broker.
+    outputs.push(fails(&["status"], &unreachable));
+    let broker_unreachable = [unreachable[1].clone(), unreachable[2].clone()];
+    outputs.push(fails(
+        &["service", "payment"],
+        &[
+            &[("DATABASE_URL", database_url.clone())][..],
+            &broker_unreachable[..],
+        ]
+        .concat(),
+    ));
     // A list of broker URLs, as AMQP clients accept them: each password hidden.
     let list = format!(
         "{},{}",
         amqp_url.replace("5672", "1"),
         amqp_url.replace("5672", "2")
     );
-    let output = std::process::Command::new(saga_tests::process::binary("order-saga"))
-        .args(["service", "payment"])
-        .env("DATABASE_URL", &database_url)
-        .env("AMQP_URL", &list)
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    outputs.push((
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    outputs.push(fails(
+        &["service", "payment"],
+        &[
+            ("DATABASE_URL", database_url.clone()),
+            ("AMQP_URL", list),
+            ("RUST_LOG", "trace".to_owned()),
+        ],
     ));
     stack.shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -127,4 +114,18 @@ async fn passwords_never_reach_the_logs() {
     }
     rabbitmqctl(&["delete_user", &user]).await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `order-saga` with `args` and `env`, which must fail; returns its stdout and stderr.
+fn fails(args: &[&str], env: &[(&str, String)]) -> (String, String) {
+    let output = std::process::Command::new(saga_tests::process::binary("order-saga"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} succeeded");
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
