@@ -120,6 +120,23 @@ impl DatabaseError {
         matches!(self.0, sqlx::Error::Database(_))
     }
 
+    /// Whether the database could not be reached: no connection, a lost one, or a server
+    /// shutting down or not yet accepting connections.
+    fn is_unreachable(&self) -> bool {
+        match &self.0 {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().as_deref().is_some_and(|code| {
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
+    }
+
     fn is_transient(&self) -> bool {
         match &self.0 {
             sqlx::Error::Io(_)
@@ -168,7 +185,7 @@ impl Error {
     /// the same way.
     pub(crate) fn is_unreachable(&self) -> bool {
         match self {
-            Error::Database(e) => !e.is_server_answer(),
+            Error::Database(e) => e.is_unreachable(),
             Error::Transport(_) => true,
             Error::Shared(e) => e.is_unreachable(),
             _ => false,
@@ -238,6 +255,18 @@ mod tests {
 
     fn database(code: &'static str) -> Error {
         Error::from(sqlx::Error::Database(Box::new(Coded(code))))
+    }
+
+    #[test]
+    fn only_a_database_out_of_reach_is_unreachable() {
+        assert!(Error::from(sqlx::Error::PoolTimedOut).is_unreachable());
+        assert!(database("08006").is_unreachable());
+        assert!(database("57P01").is_unreachable());
+        // Answers about one statement, or one row, are not.
+        assert!(!database("40P01").is_unreachable());
+        assert!(!database("23505").is_unreachable());
+        assert!(!Error::from(sqlx::Error::RowNotFound).is_unreachable());
+        assert!(!Error::from(sqlx::Error::ColumnNotFound("x".into())).is_unreachable());
     }
 
     #[test]
