@@ -161,13 +161,15 @@ async fn stuck_sagas_and_unconsumed_queues_are_reported() {
     .await;
     assert!(stuck, "{:?}", store.summary(id).await.unwrap());
     let reason = store.summary(id).await.unwrap().unwrap().reason.unwrap();
-    let logged = errors.lines();
-    assert!(
-        logged
+    // Logged after the commit that parked it, so possibly a moment after the status shows.
+    let logged = wait_until(Duration::from_secs(5), || async {
+        errors
+            .lines()
             .iter()
-            .any(|l| l.contains("saga stuck") && l.contains(&reason)),
-        "{logged:?}"
-    );
+            .any(|l| l.contains("saga stuck") && l.contains(&reason))
+    })
+    .await;
+    assert!(logged, "{:?}", errors.lines());
     let text = metrics.render(None);
     assert!(
         text.contains("saga_settled_total{saga=\"parks\",status=\"stuck\"} 1"),
