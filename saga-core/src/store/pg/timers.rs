@@ -90,9 +90,10 @@ impl PgStore {
     }
 
     /// Fires the timers of each of `candidates` alone, after their batch failed. A saga whose
-    /// timers cannot be applied has them postponed by [`TIMER_FAILURE_BACKOFF`], right away;
-    /// once the database is out of reach, the sagas left keep their timers due for the next
-    /// round, and what fired so far is returned (the error, if nothing fired).
+    /// timers cannot be applied (an error that will not pass) has them postponed by
+    /// [`TIMER_FAILURE_BACKOFF`], right away; one that failed for a reason that may pass keeps
+    /// them due for the next round; once the database is out of reach, so do the sagas left,
+    /// and what fired so far is returned (the error, if nothing fired).
     async fn fire_one_by_one(
         &self,
         registry: &Registry,
@@ -101,7 +102,7 @@ impl PgStore {
     ) -> Result<Vec<Applied>> {
         let results = one_by_one(candidates.clone(), |saga_id| async move {
             match self.fire_for(registry, &[saga_id], now).await {
-                Err(e) if !e.is_unreachable() => {
+                Err(e) if !e.is_transient() => {
                     tracing::error!(saga.id = %saga_id, error = %e, "a timer cannot be applied; postponing it");
                     self.postpone(saga_id, now).await?;
                     Ok(Vec::new())
@@ -117,7 +118,7 @@ impl PgStore {
                 Ok(a) => applied.extend(a),
                 Err(e) if e.is_unreachable() => unreachable = Some(e),
                 Err(e) => {
-                    tracing::warn!(saga.id = %saga_id, error = %e, "postponing a timer failed; it is tried again next round");
+                    tracing::warn!(saga.id = %saga_id, error = %e, "firing a timer failed; it is tried again next round");
                 }
             }
         }
