@@ -125,7 +125,6 @@ impl DatabaseError {
     fn is_unreachable(&self) -> bool {
         match &self.0 {
             sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
@@ -137,16 +136,10 @@ impl DatabaseError {
         }
     }
 
+    /// Whether trying again may succeed: the database out of reach, or an answer that
+    /// passes (see [`transient_sqlstate`]).
     fn is_transient(&self) -> bool {
-        match &self.0 {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_) => true,
-            sqlx::Error::Database(db) => db.code().as_deref().is_some_and(transient_sqlstate),
-            _ => false,
-        }
+        self.is_unreachable() || self.code().as_deref().is_some_and(transient_sqlstate)
     }
 }
 
