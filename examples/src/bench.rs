@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use saga_amqp::{AmqpConfig, AmqpTransport};
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::transport::Source;
-use saga_core::{Client, Destination, Orchestrator, PgStore, SagaStatus, Transport};
+use saga_core::{Client, Destination, Metrics, Orchestrator, PgStore, SagaStatus, Transport};
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::{Semaphore, mpsc};
@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::Example;
 use crate::cpu::CpuTimes;
-use crate::participant::{Ledger, migrate, worker};
+use crate::participant::{Ledger, migrate, worker_with};
 
 /// What to run.
 #[derive(Debug, Clone, Copy)]
@@ -191,7 +191,14 @@ where
     F: std::future::Future<Output = anyhow::Result<AmqpTransport>>,
 {
     let pool = pool.clone();
-    let store = Arc::new(PgStore::builder(pool.clone()).schema(schema).build()?);
+    // Payloads encrypted as the programs' are, with the keys of SAGA_PAYLOAD_KEYS.
+    let payloads = crate::cli::payloads()?;
+    let store = Arc::new(
+        PgStore::builder(pool.clone())
+            .schema(schema)
+            .payloads(payloads.clone())
+            .build()?,
+    );
     store.migrate().await?;
     if args.inbox {
         let names: Vec<&str> = service_schemas.iter().map(String::as_str).collect();
@@ -208,7 +215,8 @@ where
         } else {
             memory.clone()
         };
-        tasks.spawn(worker::<E>(service, &ledger).run(Arc::clone(&participants), shutdown.clone()));
+        let worker = worker_with::<E>(service, &ledger, Metrics::new(), payloads.clone());
+        tasks.spawn(worker.run(Arc::clone(&participants), shutdown.clone()));
     }
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel();
     let def = E::definition();
@@ -238,7 +246,10 @@ where
             )
             .await?;
         Client::new(Arc::new(
-            PgStore::builder(client_pool).schema(schema).build()?,
+            PgStore::builder(client_pool)
+                .schema(schema)
+                .payloads(payloads.clone())
+                .build()?,
         ))
     } else {
         Client::new(store.clone())

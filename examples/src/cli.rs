@@ -10,8 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{StreamExt, TryStreamExt};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
+use saga_core::codec::SAGA_PAYLOAD_KEYS;
 use saga_core::ops::Ops;
-use saga_core::{Client, Orchestrator, PgStore, QueryStore, SagaStatus};
+use saga_core::{Client, Orchestrator, Payloads, PgStore, QueryStore, SagaStatus};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -157,6 +158,10 @@ pub fn main<E: Example>() -> ExitCode {
         eprintln!("{}: {e}", E::PROGRAM);
         return ExitCode::from(2);
     }
+    if let Err(e) = payloads() {
+        eprintln!("{}: {e:#}", E::PROGRAM);
+        return ExitCode::from(2);
+    }
     let role = match &cli.command {
         Command::Service { name } => name.as_str(),
         Command::Orchestrator => "orchestrator",
@@ -232,7 +237,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let ledger = Ledger::pg(pool, service)?;
             let transport = broker(E::PROGRAM, service).await?;
             ops.serve(None::<Arc<PgStore>>).await?;
-            let run = worker_with::<E>(service, &ledger, ops.metrics().clone())
+            let run = worker_with::<E>(service, &ledger, ops.metrics().clone(), payloads()?)
                 .run(Arc::new(transport), ops.shutdown());
             ops.run_until_shutdown(run).await?;
         }
@@ -392,7 +397,15 @@ async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
 }
 
 fn store(pool: &PgPool) -> anyhow::Result<PgStore> {
-    Ok(PgStore::builder(pool.clone()).build()?)
+    Ok(PgStore::builder(pool.clone())
+        .payloads(payloads()?)
+        .build()?)
+}
+
+/// The payload codec of `SAGA_PAYLOAD_KEYS` (`id:base64key` pairs, the first for new writes;
+/// unset: payloads are not encrypted).
+pub fn payloads() -> anyhow::Result<Payloads> {
+    Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))
 }
 
 /// The store, after checking that `migrate` ran.

@@ -134,16 +134,22 @@ impl Handler for EffectHandler {
 }
 
 /// The worker of `service`, with a handler for each of its commands: with the service's inbox
-/// in PostgreSQL, or at least once in memory (the demo).
+/// in PostgreSQL, or at least once in memory (the demo). Payloads are not encrypted.
 pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
-    worker_with::<E>(service, ledger, saga_core::Metrics::new())
+    worker_with::<E>(
+        service,
+        ledger,
+        saga_core::Metrics::new(),
+        saga_core::Payloads::plain(),
+    )
 }
 
-/// Like [`worker`], counting into `metrics`.
+/// Like [`worker`], counting into `metrics`, its payloads encoded by `payloads`.
 pub fn worker_with<E: Example>(
     service: &str,
     ledger: &Ledger,
     metrics: saga_core::Metrics,
+    payloads: saga_core::Payloads,
 ) -> Worker {
     let builder = match ledger {
         Ledger::Pg { inbox, .. } => Worker::builder(service, inbox.clone()),
@@ -152,7 +158,7 @@ pub fn worker_with<E: Example>(
     E::COMMANDS
         .iter()
         .filter(|c| c.service == service)
-        .fold(builder.metrics(metrics), |w, spec| {
+        .fold(builder.metrics(metrics).payloads(payloads), |w, spec| {
             w.handler(
                 spec.command,
                 EffectHandler {

@@ -1,8 +1,10 @@
 //! `saga`: the operator's tool. Finds sagas, shows their timelines, and acts on them: signal,
 //! cancel, retry a stuck step, resolve a stuck compensation by hand, pause, resume, purge.
 //!
-//! Reads `DATABASE_URL` (and `SAGA_SCHEMA`, default `saga`). Actions are queued for the
-//! orchestrators, which apply them under the saga's lock; the tool waits for their verdict.
+//! Reads `DATABASE_URL` (and `SAGA_SCHEMA`, default `saga`; `SAGA_PAYLOAD_KEYS`, the payload
+//! keys, to show encrypted payloads and to encrypt the signals it sends). Actions are queued
+//! for the orchestrators, which apply them under the saga's lock; the tool waits for their
+//! verdict.
 
 mod duration;
 
@@ -13,8 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
+use saga_core::codec::{AesGcmCodec, SAGA_PAYLOAD_KEYS};
 use saga_core::store::{ListFilter, SagaSummary};
-use saga_core::{Client, OperatorAction, PgStore, SagaStatus};
+use saga_core::{Client, Event, Inbox, OperatorAction, Payloads, PgStore, SagaStatus};
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
@@ -108,6 +111,20 @@ enum Command {
         /// The saga's id.
         id: Uuid,
     },
+    /// Deletes a participant's inbox records older than this (DATABASE_URL is then the
+    /// participant's database). Keep them longer than any saga that may still send the service
+    /// a command: a later command of an older saga is answered "cannot tell".
+    PurgeInbox {
+        /// The inbox's schema (the service's, in the examples).
+        #[arg(long, value_name = "SCHEMA")]
+        inbox: String,
+        /// e.g. 30d.
+        #[arg(long, value_parser = duration::parse)]
+        older_than: Duration,
+    },
+    /// Prints a new random payload key, base64-encoded, for `SAGA_PAYLOAD_KEYS`
+    /// (`id:key` pairs separated by commas, the first used for new writes). Needs no database.
+    Keygen,
     /// Deletes finished sagas (completed, compensated, cancelled) older than this, with their
     /// logs.
     Purge {
@@ -147,6 +164,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keygen = cli.command {
+        let key = AesGcmCodec::generate_key();
+        if cli.json {
+            println!("{}", serde_json::json!({ "key": key }));
+        } else {
+            println!("{key}");
+        }
+        return Ok(());
+    }
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
     let pool = PgPoolOptions::new()
         .max_connections(2)
@@ -154,7 +180,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .connect(&url)
         .await
         .context("cannot connect to PostgreSQL at DATABASE_URL")?;
-    let store = Arc::new(PgStore::builder(pool).schema(&cli.schema).build()?);
+    let payloads = Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))?;
+    let store = Arc::new(
+        PgStore::builder(pool)
+            .schema(&cli.schema)
+            .payloads(payloads)
+            .build()?,
+    );
     let client = Client::new(store.clone());
     let json = cli.json;
     let done = |what: &str, id: Uuid| {
@@ -202,16 +234,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .summary(id)
                 .await?
                 .with_context(|| format!("saga {id}: no such saga"))?;
+            // Payloads under a key not given here show as `<encrypted: key ..>`.
             let history = client.history(id).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "saga": summary, "events": history })
-                );
+                let shown = serde_json::json!({ "saga": summary, "events": history });
+                println!("{}", Payloads::masked(&shown));
             } else {
                 print!("{}", saga_core::timeline::render(&summary, None, &history));
                 if let Some(reason) = &summary.reason {
                     println!("reason: {reason}");
+                }
+                if let Some(Event::Started { input, .. }) = history.first().map(|r| &r.event) {
+                    println!("input: {}", Payloads::masked(input));
                 }
             }
         }
@@ -248,6 +282,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { id } => {
             client.act(id, OperatorAction::Resume).await?;
             done("resumed", id);
+        }
+        Command::Keygen => unreachable!("answered before connecting"),
+        Command::PurgeInbox { inbox, older_than } => {
+            if older_than.is_zero() {
+                bail!("--older-than must be more than zero");
+            }
+            let inbox = Inbox::new(store.pool().clone(), &inbox)?;
+            let purged = inbox.purge(Utc::now() - older_than).await?;
+            if json {
+                println!("{}", serde_json::json!({ "purged": purged }));
+            } else {
+                println!("purged {purged} inbox records of {}", inbox.schema());
+            }
         }
         Command::Purge { older_than } => {
             if older_than.is_zero() {

@@ -74,6 +74,9 @@ pub enum Error {
         /// How long the caller waited.
         waited: std::time::Duration,
     },
+    /// A payload could not be encrypted or decrypted (see [`codec`](crate::codec)).
+    #[error("payload: {0}")]
+    Payload(#[from] crate::codec::CodecError),
     /// Invalid configuration, naming the setting.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -12,6 +12,8 @@ use crate::error::Result;
 use crate::message::Outcome;
 use crate::schema;
 
+mod purge;
+
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inbox");
 
 /// A participant's inbox, in its own database: give it to
@@ -44,11 +46,18 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inbox");
 pub struct Inbox {
     pool: PgPool,
     schema: String,
+    sql: std::sync::Arc<Statements>,
+}
+
+/// The inbox's statements, the schema name formatted in.
+struct Statements {
     claim: SqlStr,
     claim_compensation: SqlStr,
     recorded: SqlStr,
     record: SqlStr,
     record_new: SqlStr,
+    purge_horizon: SqlStr,
+    purge_rows: SqlStr,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -78,31 +87,47 @@ impl Inbox {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            claim: sql(format!(
-                "INSERT INTO {s}.inbox (idempotency_key, saga_id, command) VALUES ($1, $2, $3) \
+            sql: std::sync::Arc::new(Statements {
+                // Every insert of a key is refused (no row, no conflict) for a saga whose records
+                // a purge may have deleted: one started before the purge's horizon ($4, the saga's
+                // start less a margin; see `purge`).
+                claim: sql(format!(
+                    "INSERT INTO {s}.inbox (idempotency_key, saga_id, command) SELECT $1, $2, $3 \
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.inbox_purged WHERE purged_before > $4) \
                  ON CONFLICT (idempotency_key) DO NOTHING"
-            )),
-            // The claim of a compensation, with a tombstone under its step's forward key ($4)
-            // if nothing is recorded there; the row count is the claim's.
-            claim_compensation: sql(format!(
-                "WITH f AS (INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) \
-                 VALUES ($4, $2, $3, '{{\"fenced\": \"its step was compensated\"}}') \
+                )),
+                // The claim of a compensation, with a tombstone under its step's forward key ($5)
+                // if nothing is recorded there; the row count is the claim's.
+                claim_compensation: sql(format!(
+                    "WITH h AS (SELECT NOT EXISTS (SELECT 1 FROM {s}.inbox_purged WHERE purged_before > $4) AS ok), \
+                 f AS (INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) \
+                 SELECT $5, $2, $3, '{{\"fenced\": \"its step was compensated\"}}' FROM h WHERE h.ok \
                  ON CONFLICT (idempotency_key) DO NOTHING) \
-                 INSERT INTO {s}.inbox (idempotency_key, saga_id, command) VALUES ($1, $2, $3) \
+                 INSERT INTO {s}.inbox (idempotency_key, saga_id, command) SELECT $1, $2, $3 FROM h WHERE h.ok \
                  ON CONFLICT (idempotency_key) DO NOTHING"
-            )),
-            recorded: sql(format!(
-                "SELECT outcome FROM {s}.inbox WHERE idempotency_key = $1"
-            )),
-            record: sql(format!(
-                "UPDATE {s}.inbox SET outcome = $2 WHERE idempotency_key = $1"
-            )),
-            // An outcome for a key nothing is recorded under (a tombstone, a failure); never
-            // over another delivery's.
-            record_new: sql(format!(
-                "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) VALUES ($1, $2, $3, $4) \
+                )),
+                recorded: sql(format!(
+                    "SELECT outcome FROM {s}.inbox WHERE idempotency_key = $1"
+                )),
+                record: sql(format!(
+                    "UPDATE {s}.inbox SET outcome = $2 WHERE idempotency_key = $1"
+                )),
+                // An outcome for a key nothing is recorded under (a tombstone, a failure); never
+                // over another delivery's.
+                record_new: sql(format!(
+                    "INSERT INTO {s}.inbox (idempotency_key, saga_id, command, outcome) SELECT $1, $2, $3, $4 \
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.inbox_purged WHERE purged_before > $5) \
                  ON CONFLICT (idempotency_key) DO NOTHING"
-            )),
+                )),
+                purge_horizon: sql(format!(
+                    "INSERT INTO {s}.inbox_purged (purged_before) VALUES ($1) ON CONFLICT (one) \
+                 DO UPDATE SET purged_before = greatest({s}.inbox_purged.purged_before, EXCLUDED.purged_before)"
+                )),
+                purge_rows: sql(format!(
+                    "DELETE FROM {s}.inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM {s}.inbox \
+                 WHERE created_at < $1 LIMIT $2))"
+                )),
+            }),
         })
     }
 
@@ -144,16 +169,18 @@ impl Inbox {
                 command.step,
                 crate::event::Direction::Forward,
             );
-            sqlx::query(self.claim_compensation.clone())
+            sqlx::query(self.sql.claim_compensation.clone())
                 .bind(key)
                 .bind(saga_id)
                 .bind(&command.command)
+                .bind(purge::horizon_of(saga_id))
                 .bind(forward)
         } else {
-            sqlx::query(self.claim.clone())
+            sqlx::query(self.sql.claim.clone())
                 .bind(key)
                 .bind(saga_id)
                 .bind(&command.command)
+                .bind(purge::horizon_of(saga_id))
         };
         let claimed = claim.execute(&mut *tx).await?.rows_affected() == 1;
         if claimed {
@@ -161,6 +188,15 @@ impl Inbox {
         }
         let outcome = self.recorded(&mut tx, key).await?;
         tx.rollback().await?;
+        let Some(outcome) = outcome else {
+            // Neither claimed nor recorded: its saga predates a purge. Nothing is recorded;
+            // the orchestrator's retries end in a fence, which cannot tell either.
+            tracing::warn!(%key, "command of a saga whose inbox records may have been purged");
+            return Ok(Claim::Recorded(Outcome::Failure {
+                error: purge::too_old(saga_id),
+                retryable: true,
+            }));
+        };
         tracing::info!(%key, "command already settled; answering from the inbox");
         Ok(Claim::Recorded(outcome))
     }
@@ -180,12 +216,13 @@ impl Inbox {
             .await?)
     }
 
-    async fn recorded(&self, conn: &mut PgConnection, key: &str) -> Result<Outcome> {
-        let outcome: Option<Json<Value>> = sqlx::query_scalar(self.recorded.clone())
+    /// The outcome recorded under `key`; `None` if the key has no row.
+    async fn recorded(&self, conn: &mut PgConnection, key: &str) -> Result<Option<Outcome>> {
+        let outcome: Option<Option<Json<Value>>> = sqlx::query_scalar(self.sql.recorded.clone())
             .bind(key)
-            .fetch_one(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-        Ok(decode(outcome.map(|Json(v)| v)))
+        Ok(outcome.map(|o| decode(o.map(|Json(v)| v))))
     }
 
     /// Records the handler's output under `key`, and commits.
@@ -213,11 +250,12 @@ impl Inbox {
         tx.rollback().await?;
         let key = command.idempotency_key.as_str();
         let mut tx = self.pool.begin().await?;
-        let recorded = sqlx::query(self.record_new.clone())
+        let recorded = sqlx::query(self.sql.record_new.clone())
             .bind(key)
             .bind(command.saga_id)
             .bind(&command.command)
             .bind(Json(json!({ "error": error })))
+            .bind(purge::horizon_of(command.saga_id))
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -228,14 +266,19 @@ impl Inbox {
                 retryable: false,
             }
         } else {
-            self.recorded(&mut tx, key).await?
+            self.recorded(&mut tx, key)
+                .await?
+                .unwrap_or_else(|| Outcome::Failure {
+                    error: purge::too_old(command.saga_id),
+                    retryable: true,
+                })
         };
         tx.commit().await?;
         Ok(outcome)
     }
 
     async fn record(&self, conn: &mut PgConnection, key: &str, outcome: Value) -> Result<()> {
-        let updated: PgQueryResult = sqlx::query(self.record.clone())
+        let updated: PgQueryResult = sqlx::query(self.sql.record.clone())
             .bind(key)
             .bind(Json(outcome))
             .execute(&mut *conn)
@@ -261,11 +304,12 @@ impl Inbox {
     ) -> Result<Outcome> {
         let mut tx = self.begin_waiting(wait).await?;
         let tombstone = json!({ "fenced": "fenced before any delivery applied it" });
-        let written = sqlx::query(self.record_new.clone())
+        let written = sqlx::query(self.sql.record_new.clone())
             .bind(key)
             .bind(saga_id)
             .bind(command)
             .bind(Json(tombstone))
+            .bind(purge::horizon_of(saga_id))
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -276,13 +320,17 @@ impl Inbox {
             }
         } else {
             match self.recorded(&mut tx, key).await? {
-                Outcome::Failure {
+                Some(Outcome::Failure {
                     error,
                     retryable: false,
-                } => Outcome::Fenced {
+                }) => Outcome::Fenced {
                     detail: format!("its failure is recorded: {error}"),
                 },
-                other => other,
+                Some(other) => other,
+                // Its record may have been purged: whether it applied is not known here.
+                None => Outcome::Unfenceable {
+                    detail: purge::too_old(saga_id),
+                },
             }
         };
         tx.commit().await?;

@@ -46,6 +46,7 @@ extern crate self as saga_core;
 
 mod batch;
 pub mod client;
+pub mod codec;
 mod decide;
 pub mod definition;
 pub mod error;
@@ -73,6 +74,7 @@ mod watch;
 pub mod worker;
 
 pub use client::{Client, SagaOutcome};
+pub use codec::{PayloadCodec, Payloads};
 pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
     DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,

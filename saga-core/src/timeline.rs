@@ -10,6 +10,7 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 
+use crate::codec::Payloads;
 use crate::definition::Definition;
 use crate::event::{Direction, Event, RecordedEvent, StepAttempt};
 use crate::store::SagaSummary;
@@ -99,7 +100,9 @@ pub fn render(
                     None => format!("{:<8} >> waits{until}", step_name(*step)),
                 }
             }
-            Event::SignalReceived { name, payload } => format!("signal `{name}`: {payload}"),
+            Event::SignalReceived { name, payload } => {
+                format!("signal `{name}`: {}", Payloads::masked(payload))
+            }
             Event::CancelRequested { reason, .. } => format!("cancel requested: {reason}"),
             Event::CancelRefused { reason, why, .. } => format!("cancel refused ({reason}): {why}"),
             Event::DeadlineExceeded => "deadline passed".to_owned(),

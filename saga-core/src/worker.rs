@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::codec::Payloads;
 use crate::error::Result;
 use crate::inbox::Inbox;
 use crate::message::Destination;
@@ -68,6 +69,7 @@ pub struct Worker {
     metrics: Metrics,
     max_message_bytes: usize,
     inbox: Option<Inbox>,
+    payloads: Payloads,
 }
 
 impl std::fmt::Debug for Worker {
@@ -79,6 +81,7 @@ impl std::fmt::Debug for Worker {
             .field("commands", &commands)
             .field("concurrency", &self.concurrency)
             .field("inbox", &self.inbox)
+            .field("payloads", &self.payloads)
             .finish_non_exhaustive()
     }
 }
@@ -124,6 +127,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// The codec for payloads (default: [`Payloads::plain`]), the orchestrator's: commands'
+    /// inputs are opened before their handler runs (one under a key the codec lacks is
+    /// answered retryable, with an error naming the key), outputs sealed before they are
+    /// recorded in the inbox or sent.
+    pub fn payloads(mut self, payloads: Payloads) -> Self {
+        self.inner.payloads = payloads;
+        self
+    }
+
     /// Builds the worker; no I/O.
     pub fn build(self) -> Worker {
         self.inner
@@ -161,6 +173,7 @@ impl Worker {
                 metrics: Metrics::new(),
                 max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
                 inbox,
+                payloads: Payloads::plain(),
             },
         }
     }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use saga_core::worker::{CommandContext, Handler, StepError, Worker};
-use saga_core::{Inbox, RetryPolicy, SagaDefinition};
+use saga_core::{Inbox, Payloads, RetryPolicy, SagaDefinition};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgPool};
 use uuid::Uuid;
@@ -22,6 +22,9 @@ pub struct Order {
     pub flaky_charge: u32,
     /// The reservation handler panics on its first attempt.
     pub panic_reserve: bool,
+    /// Free text (personal data, say); the handlers' outputs end with it when it is set.
+    #[serde(default)]
+    pub note: String,
 }
 
 /// The retry policy of every step: 3 attempts, 50-200 ms backoff.
@@ -113,7 +116,11 @@ impl Effect {
             .bind(self.action)
             .execute(&mut *tx)
             .await?;
-        Ok(format!("{}:{}", self.action, ctx.saga_id))
+        if order.note.is_empty() {
+            Ok(format!("{}:{}", self.action, ctx.saga_id))
+        } else {
+            Ok(format!("{}:{}:{}", self.action, ctx.saga_id, order.note))
+        }
     }
 }
 
@@ -143,6 +150,16 @@ pub async fn participants(pool: &PgPool, schema: &str) -> Participants {
 /// Like [`participants`], with the payment worker serving the queue of `payment` (a misspelt
 /// name, say).
 pub async fn participants_serving(pool: &PgPool, schema: &str, payment: &str) -> Participants {
+    participants_with(pool, schema, payment, Payloads::plain()).await
+}
+
+/// Like [`participants_serving`], the workers' payloads encoded by `payloads`.
+pub async fn participants_with(
+    pool: &PgPool,
+    schema: &str,
+    payment: &str,
+    payloads: Payloads,
+) -> Participants {
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS \"{schema}\".effects (id bigserial PRIMARY KEY, saga_id uuid NOT NULL, \
          service text NOT NULL, action text NOT NULL)"
@@ -175,13 +192,16 @@ pub async fn participants_serving(pool: &PgPool, schema: &str, payment: &str) ->
         Worker::builder("inventory", inbox.clone())
             .handler("reserve", reserve)
             .handler("release", release)
+            .payloads(payloads.clone())
             .build(),
         Worker::builder(payment, inbox.clone())
             .handler("charge", charge)
             .handler("refund", refund)
+            .payloads(payloads.clone())
             .build(),
         Worker::builder("shipping", inbox.clone())
             .handler("ship", ship)
+            .payloads(payloads)
             .build(),
     ];
     Participants { workers, runs }

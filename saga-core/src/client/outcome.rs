@@ -34,11 +34,22 @@ impl SagaOutcome {
     /// The output of the step named `step`, as a `T`: its action's (a compensated step keeps
     /// the output its action had), a wait step's signal payload, a delay step's `null`;
     /// `None` if the step did not succeed. Fails with
-    /// [`Error::Serialization`](crate::Error::Serialization) if the output is not a `T`. Logs
+    /// [`Error::Serialization`](crate::Error::Serialization) if the output is not a `T`, and
+    /// with [`Error::Payload`](crate::Error::Payload) if it is encrypted under a key the
+    /// client's store does not hold. Logs
     /// written before step names were recorded name their steps `#0`, `#1`, ...
     pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<Option<T>> {
         match self.outputs.iter().find(|(name, _)| name == step) {
-            Some((_, output)) => Ok(Some(T::deserialize(output)?)),
+            Some((_, output)) => {
+                if let Some(key) = crate::codec::Payloads::sealed_key(output) {
+                    // The store that read the log does not hold the key.
+                    return Err(crate::codec::CodecError::UnknownKey {
+                        key: key.to_owned(),
+                    }
+                    .into());
+                }
+                Ok(Some(T::deserialize(output)?))
+            }
             None => Ok(None),
         }
     }

@@ -145,6 +145,7 @@ impl Inner {
                     input,
                     now,
                     &mut writes,
+                    &crate::codec::Payloads::plain(),
                 )?),
             ));
         }

@@ -30,6 +30,7 @@ mod timers;
 mod write;
 
 use super::{Applied, LocalRelay, SagaStore, StartRequest, Started};
+use crate::codec::Payloads;
 use crate::decide::{Input, Timer};
 use crate::error::Result;
 use crate::registry::Registry;
@@ -68,6 +69,8 @@ pub struct PgStore {
     local_relay: Arc<Mutex<Option<LocalRelay>>>,
     /// The database's time, as this process reads it.
     clock: Arc<DbClock>,
+    /// The codec applied to payloads on their way in and out.
+    payloads: Payloads,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -85,6 +88,7 @@ pub struct PgStoreBuilder {
     lease: Duration,
     cached_sagas: usize,
     local_clock: LocalClock,
+    payloads: Payloads,
 }
 
 impl std::fmt::Debug for PgStoreBuilder {
@@ -127,6 +131,16 @@ impl PgStoreBuilder {
         self
     }
 
+    /// The codec for payloads (default: [`Payloads::plain`]). The store seals the payloads it
+    /// writes (saga inputs, commands, outputs, signals) under the codec's key for new writes,
+    /// and opens those it reads; a saga whose log holds a payload under a key the codec lacks
+    /// cannot be advanced here (its results are dead-lettered naming the key), and queries
+    /// return such payloads sealed. The workers must hold the same keys.
+    pub fn payloads(mut self, payloads: Payloads) -> Self {
+        self.payloads = payloads;
+        self
+    }
+
     /// Checks the schema name and builds the store; no I/O.
     pub fn build(self) -> Result<PgStore> {
         let quoted = schema::quoted(&self.schema)?;
@@ -141,6 +155,7 @@ impl PgStoreBuilder {
             starts: Arc::new(StartQueue::new()),
             local_relay: Arc::default(),
             clock: Arc::new(DbClock::new(self.local_clock)),
+            payloads: self.payloads,
         })
     }
 }
@@ -161,6 +176,7 @@ impl PgStore {
             lease: Self::DEFAULT_OUTBOX_LEASE,
             cached_sagas: Self::DEFAULT_CACHED_SAGAS,
             local_clock: Arc::new(Utc::now),
+            payloads: Payloads::plain(),
         }
     }
 
@@ -188,6 +204,23 @@ impl PgStore {
     /// The schema this store uses.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// The codec this store applies to payloads.
+    pub fn payloads(&self) -> &Payloads {
+        &self.payloads
+    }
+}
+
+impl PgStore {
+    /// Opens the payload an input carries (a result's output, a signal's payload).
+    fn open_input(&self, input: &mut Input) -> Result<()> {
+        match input {
+            Input::Reply(reply) => self.payloads.open_in(&mut reply.outcome)?,
+            Input::Timer(timer) => self.payloads.open_in(timer)?,
+            Input::Start => {}
+        }
+        Ok(())
     }
 }
 
@@ -240,7 +273,14 @@ impl SagaStore for PgStore {
     /// `BEGIN` and `COMMIT`. The inputs of sagas another writer moved on meanwhile are applied
     /// again under their row locks, from their logs. Otherwise the batch
     /// locks its sagas' rows, reads the logs of those not kept, writes, and commits.
-    async fn apply(&self, registry: &Registry, batch: Vec<(Uuid, Input)>) -> Result<Vec<Applied>> {
+    async fn apply(
+        &self,
+        registry: &Registry,
+        mut batch: Vec<(Uuid, Input)>,
+    ) -> Result<Vec<Applied>> {
+        for (_, input) in &mut batch {
+            self.open_input(input)?;
+        }
         self.apply_batch(registry, batch).await
     }
 

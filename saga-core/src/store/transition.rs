@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::codec::Payloads;
 use crate::decide::{Effect, Env, Input, Timer, Verdict, decide};
 use crate::definition::Definition;
 use crate::error::Result;
@@ -64,7 +65,8 @@ pub(crate) struct Loaded {
     pub(crate) last_seq: i64,
 }
 
-/// Decides `input` for a loaded saga, updates it, and queues the rows to write.
+/// Decides `input` for a loaded saga, updates it, and queues the rows to write, their
+/// payloads sealed by `payloads` (the state keeps them open).
 pub(crate) fn apply_input(
     definition: &Definition,
     saga_id: Uuid,
@@ -72,6 +74,7 @@ pub(crate) fn apply_input(
     input: &Input,
     now: DateTime<Utc>,
     writes: &mut Writes,
+    payloads: &Payloads,
 ) -> Result<Decided> {
     let mut new_id = Uuid::new_v4;
     let mut env = Env {
@@ -100,7 +103,8 @@ pub(crate) fn apply_input(
     if decision.events.is_empty() {
         return Ok(decided);
     }
-    for event in decision.events {
+    for mut event in decision.events {
+        payloads.seal_in(&mut event)?;
         loaded.last_seq += 1;
         writes.events.push(EventRow {
             saga_id,
@@ -111,11 +115,13 @@ pub(crate) fn apply_input(
     }
     for effect in decision.effects {
         match effect {
-            Effect::Dispatch(command) => {
+            Effect::Dispatch(mut command) => {
+                payloads.seal_in(&mut command)?;
                 decided.outbox.push(writes.outbox.len());
                 writes.outbox.push((saga_id, command.to_envelope()));
             }
-            Effect::SetTimer { timer, due_at } => {
+            Effect::SetTimer { mut timer, due_at } => {
+                payloads.seal_in(&mut timer)?;
                 decided.wake_at = Some(decided.wake_at.map_or(due_at, |w| w.min(due_at)));
                 writes.timers_set.push(TimerRow {
                     saga_id,

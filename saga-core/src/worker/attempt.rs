@@ -89,6 +89,16 @@ impl Worker {
         };
         match ran {
             Ran::Done(Ok(output)) => {
+                // Recorded as it is sent: sealed.
+                let output = match self.payloads.seal(output) {
+                    Ok(output) => output,
+                    Err(e) => {
+                        if let Err(e) = tx.rollback().await {
+                            tracing::debug!(error = %e, "rolling back an unsealed output failed");
+                        }
+                        return retryable(format!("sealing the output failed: {e}"));
+                    }
+                };
                 if let Some(why) = self.too_large(command, &output) {
                     return recorded(inbox.fail(tx, command, &why).await);
                 }

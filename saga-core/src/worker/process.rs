@@ -1,6 +1,6 @@
 //! One delivery, end to end: check it, run it (or fence), publish the result, then ack.
 
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::Worker;
 use crate::event::Direction;
@@ -13,7 +13,7 @@ impl Worker {
             let answer = self.unreadable(&delivery, &why).await;
             return self.refuse(transport, delivery, answer, &why).await;
         }
-        let command = match Command::from_message(&delivery.message) {
+        let mut command = match Command::from_message(&delivery.message) {
             Ok(command) => command,
             Err(malformed) => {
                 let answer = self.unreadable(&delivery, &malformed.0).await;
@@ -48,8 +48,23 @@ impl Worker {
             let began = std::time::Instant::now();
             let outcome = match command.direction {
                 Direction::Fence => self.fence(&command).await,
-                _ => self.attempt(&command, trace_id.clone()).await,
+                _ => match self.payloads.open_in(&mut command) {
+                    Ok(()) => self.attempt(&command, trace_id.clone()).await,
+                    Err(e) => {
+                        // A key not rolled out here yet: nothing is recorded, so a worker
+                        // that holds it may take a retry.
+                        error!(service = %self.service, error = %e, "cannot read a command's input");
+                        Outcome::Failure {
+                            error: format!(
+                                "service `{}` cannot read the input of command `{}`: {e}",
+                                self.service, command.command
+                            ),
+                            retryable: true,
+                        }
+                    }
+                },
             };
+            let outcome = self.sealed(outcome);
             let label = match &outcome {
                 Outcome::Success { .. } => "success",
                 Outcome::Failure {
@@ -139,6 +154,21 @@ impl Worker {
         }
     }
 
+    /// `outcome` with its output sealed, as every result leaves the worker (an output the
+    /// inbox recorded is sealed already); a failure to seal is a retryable failure.
+    fn sealed(&self, mut outcome: Outcome) -> Outcome {
+        match self.payloads.seal_in(&mut outcome) {
+            Ok(()) => outcome,
+            Err(e) => {
+                error!(service = %self.service, error = %e, "cannot seal a step's output");
+                Outcome::Failure {
+                    error: format!("service `{}` cannot seal the output: {e}", self.service),
+                    retryable: true,
+                }
+            }
+        }
+    }
+
     /// The terminal failure that answers a command this worker will not run.
     fn refusal(&self, why: &str) -> Outcome {
         Outcome::Failure {
@@ -162,7 +192,15 @@ impl Worker {
         warn!(service = %self.service, reason = %why, "dead-lettering a command");
         self.metrics.dead_lettered(&self.service);
         if let Some(answer) = answer
-            && let Err(e) = transport.publish(vec![answer.to_envelope()]).await
+            && let Err(e) = transport
+                .publish(vec![
+                    Reply {
+                        outcome: self.sealed(answer.outcome),
+                        ..answer
+                    }
+                    .to_envelope(),
+                ])
+                .await
         {
             // The step's timeout answers for it.
             warn!(error = %e, "answering a dead-lettered command failed");

@@ -201,7 +201,8 @@ impl PgStore {
         let mut logs: HashMap<Uuid, Vec<Event>> = HashMap::new();
         for row in rows {
             let id: Uuid = row.try_get("saga_id")?;
-            let Json(event): Json<Event> = row.try_get("data")?;
+            let Json(mut event): Json<Event> = row.try_get("data")?;
+            self.payloads.open_in(&mut event)?;
             logs.entry(id).or_default().push(event);
         }
         for (id, (definition, last_seq)) in definitions {
@@ -272,6 +273,7 @@ impl PgStore {
                             input,
                             now,
                             &mut writes,
+                            &self.payloads,
                         )?),
                     ));
                 }

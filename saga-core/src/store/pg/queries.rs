@@ -90,7 +90,8 @@ impl QueryStore for PgStore {
             .await?;
         rows.into_iter()
             .map(|row| {
-                let Json(event): Json<Event> = row.try_get("data")?;
+                let Json(mut event): Json<Event> = row.try_get("data")?;
+                self.payloads.open_in_if_possible(&mut event);
                 Ok(RecordedEvent {
                     seq: row.try_get("seq")?,
                     at: row.try_get("recorded_at")?,

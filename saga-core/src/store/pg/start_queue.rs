@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
 
+use crate::codec::Payloads;
 use crate::decide::Input;
 use crate::definition::Definition;
 use crate::error::{Error, Result};
@@ -27,8 +28,13 @@ pub(super) struct PreparedStart {
     pub(super) loaded: Loaded,
 }
 
-/// Decides a start at `now`: the `Started` event, and what the definition does first.
-pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result<PreparedStart> {
+/// Decides a start at `now`: the `Started` event, and what the definition does first, their
+/// payloads sealed by `payloads`.
+pub(super) fn prepare_start(
+    request: StartRequest,
+    now: DateTime<Utc>,
+    payloads: &Payloads,
+) -> Result<PreparedStart> {
     let definition = request.definition;
     let saga_id = Uuid::now_v7();
     let business_key = request.business_key.clone();
@@ -45,10 +51,12 @@ pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result
         last_seq: 1,
     };
     let mut writes = Writes::default();
+    let mut event = started;
+    payloads.seal_in(&mut event)?;
     writes.events.push(EventRow {
         saga_id,
         seq: 1,
-        event: started,
+        event,
         at: now,
     });
     apply_input(
@@ -58,6 +66,7 @@ pub(super) fn prepare_start(request: StartRequest, now: DateTime<Utc>) -> Result
         &Input::Start,
         now,
         &mut writes,
+        payloads,
     )?;
     let instance = writes
         .instances

@@ -139,7 +139,7 @@ impl PgStore {
             business_key,
         };
         let now = self.clock.now_synced_on(conn).await?;
-        let start = prepare_start(request, now)?;
+        let start = prepare_start(request, now, &self.payloads)?;
         // Not handed to a relay: the caller's transaction may yet roll back.
         let mut started = self
             .insert_starts(conn, std::slice::from_ref(&start), now, None)
@@ -274,8 +274,9 @@ impl PgStore {
             let mut ready = Vec::with_capacity(batch.len());
             for Pending { request, reply } in batch {
                 // The definition's code runs here: a panic in it goes to its own caller.
-                let prepared =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| prepare_start(request, now)));
+                let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    prepare_start(request, now, &self.payloads)
+                }));
                 match prepared {
                     Ok(Ok(start)) => ready.push((start, reply)),
                     Ok(Err(e)) => {

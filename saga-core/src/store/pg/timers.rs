@@ -171,7 +171,8 @@ impl PgStore {
         let mut batch = Vec::with_capacity(rows.len());
         for row in rows {
             let saga_id: Uuid = row.try_get("saga_id")?;
-            let Json(timer): Json<Timer> = row.try_get("timer")?;
+            let Json(mut timer): Json<Timer> = row.try_get("timer")?;
+            self.payloads.open_in(&mut timer)?;
             batch.push((saga_id, Input::Timer(timer)));
         }
         self.commit_decided(tx, loaded, &batch, now).await
@@ -191,7 +192,8 @@ impl PgStore {
     }
 
     /// Queues `timer` for `saga_id`, due now, and wakes the orchestrators.
-    pub(super) async fn enqueue_timer(&self, saga_id: Uuid, timer: Timer) -> Result<()> {
+    pub(super) async fn enqueue_timer(&self, saga_id: Uuid, mut timer: Timer) -> Result<()> {
+        self.payloads.seal_in(&mut timer)?;
         let mut tx = self.begin().await?;
         // Due at the database's `now()`, not this process's.
         let inserted = sqlx::query(self.sql.timers.set_timers.clone())
