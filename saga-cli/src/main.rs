@@ -173,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let payloads = Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))?;
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
     let pool = PgPoolOptions::new()
         .max_connections(2)
@@ -180,7 +181,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .connect(&url)
         .await
         .context("cannot connect to PostgreSQL at DATABASE_URL")?;
-    let payloads = Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))?;
     let store = Arc::new(
         PgStore::builder(pool)
             .schema(&cli.schema)

@@ -163,10 +163,12 @@ impl Client {
     /// that arrives before the saga reaches its wait is kept until then; one that arrives after
     /// the saga ended is dropped.
     pub async fn signal<T: Serialize>(&self, saga_id: Uuid, name: &str, payload: &T) -> Result<()> {
+        let payload = serde_json::to_value(payload)?;
+        crate::codec::refuse_sealed_shape(&payload, "the signal's payload")?;
         let timer = Timer::Signal {
             id: Uuid::now_v7(),
             name: name.to_owned(),
-            payload: serde_json::to_value(payload)?,
+            payload,
         };
         self.store.enqueue(saga_id, timer).await
     }

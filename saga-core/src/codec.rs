@@ -93,6 +93,13 @@ pub enum CodecError {
     Encode(String),
 }
 
+impl CodecError {
+    /// Whether it may pass: a key not configured here yet (a rotation rolling out).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::UnknownKey { .. })
+    }
+}
+
 /// Applies a [`PayloadCodec`] (or none) to JSON payloads. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Payloads {
@@ -137,13 +144,13 @@ impl Payloads {
         self.codec.is_some()
     }
 
-    /// `value` sealed under the codec's key for new writes; returned as it is without a codec,
-    /// when it is `null`, or when it is sealed already.
+    /// `value` sealed under the codec's key for new writes (a value of the sealed shape too:
+    /// opened, it gives that value back); returned as it is without a codec, or when `null`.
     pub fn seal(&self, value: Value) -> Result<Value, CodecError> {
         let Some(codec) = &self.codec else {
             return Ok(value);
         };
-        if value.is_null() || Self::sealed_key(&value).is_some() {
+        if value.is_null() {
             return Ok(value);
         }
         let plain = serde_json::to_vec(&value).expect("a JSON value serializes");
@@ -155,6 +162,14 @@ impl Payloads {
             SEALED.to_owned(),
             Value::Object(inner),
         )])))
+    }
+
+    /// `value` sealed, unless it is sealed already (an output the inbox recorded sealed).
+    pub(crate) fn seal_once(&self, value: Value) -> Result<Value, CodecError> {
+        if Self::sealed_key(&value).is_some() {
+            return Ok(value);
+        }
+        self.seal(value)
     }
 
     /// `value` opened if it is sealed, else as it is.
@@ -215,6 +230,38 @@ impl Payloads {
             other => other.clone(),
         }
     }
+}
+
+/// `e`'s message without the value it quotes: `invalid type: string "4111 1111", expected
+/// u32` becomes `invalid type (value not shown), expected u32`. Such messages are kept in the
+/// log as reasons, in plain text, so they must not carry the payload they are about.
+pub fn without_values(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(start) = text.find(lead)
+            && let Some(end) = text[start..].find(", expected")
+        {
+            let kind = lead.trim_end_matches(": ");
+            return format!(
+                "{}{kind} (value not shown){}",
+                &text[..start],
+                &text[start + end..]
+            );
+        }
+    }
+    text
+}
+
+/// Refuses a value given by a caller or a handler that has the shape of a sealed value: only
+/// the codec writes those.
+pub(crate) fn refuse_sealed_shape(value: &Value, what: &str) -> Result<(), CodecError> {
+    if sealed_parts(value).is_some() {
+        return Err(CodecError::Config(format!(
+            "{what} has the shape of a sealed payload (an object whose one field is `{SEALED}`), \
+             which only the payload codec writes"
+        )));
+    }
+    Ok(())
 }
 
 /// The key id and base64 data of a sealed value.

@@ -293,7 +293,10 @@ impl<'a, I> StepContext<'a, I> {
         match self.raw.outputs.get(index).and_then(Option::as_ref) {
             Some(value) => serde_json::from_value(value.clone())
                 .map(Some)
-                .map_err(|e| InputError::new(format!("output of step `{step}`: {e}"))),
+                .map_err(|e| {
+                    let e = crate::codec::without_values(&e);
+                    InputError::new(format!("output of step `{step}`: {e}"))
+                }),
             None => Ok(None),
         }
     }

@@ -169,6 +169,8 @@ impl Error {
         match self {
             Error::Database(e) => e.is_transient(),
             Error::Transport(_) | Error::Internal(_) => true,
+            // A key not configured here yet: results wait for it rather than being lost.
+            Error::Payload(e) => e.is_transient(),
             Error::Shared(e) => e.is_transient(),
             _ => false,
         }

@@ -434,3 +434,68 @@ impl Payment {
         self.transport.publish(vec![envelope]).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_purge_forgets_old_records_but_never_takes_their_keys_for_new_ones() {
+    let mut p = Payment::start(true).await;
+    // A saga started two days ago (its id, a UUIDv7, holds its start) and one started now.
+    let two_days_ago = chrono::Utc::now() - chrono::TimeDelta::days(2);
+    let old = Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        two_days_ago.timestamp() as u64,
+        0,
+    ));
+    let recent = Uuid::now_v7();
+    for saga in [old, recent] {
+        p.send(&charge(saga, 1, "ok")).await;
+        assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    }
+    // The old saga's record dates from its time.
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE \"{}\".inbox SET created_at = $2 WHERE saga_id = $1",
+        p.db.schema
+    )))
+    .bind(old)
+    .bind(two_days_ago)
+    .execute(&p.db.pool)
+    .await
+    .unwrap();
+    let inbox = saga_core::Inbox::new(p.db.pool.clone(), &p.db.schema).unwrap();
+    // A horizon that recent would refuse the sagas in flight.
+    let recent_horizon = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    assert!(matches!(
+        inbox.purge(recent_horizon).await,
+        Err(saga_core::Error::Config(_))
+    ));
+    let purged = inbox
+        .purge(chrono::Utc::now() - chrono::TimeDelta::days(1))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+
+    // A late delivery of the old saga's charge is not taken for a new one: it cannot tell.
+    p.send(&charge(old, 2, "ok")).await;
+    match p.answer().await.outcome {
+        Outcome::Failure {
+            retryable: true,
+            error,
+        } => assert!(error.contains("latest purge"), "{error}"),
+        other => panic!("expected a retryable failure, got {other:?}"),
+    }
+    // Nor does a late fence write a tombstone: the step counts as applied.
+    p.send(&fence(old)).await;
+    assert!(matches!(
+        p.answer().await.outcome,
+        Outcome::Unfenceable { .. }
+    ));
+    assert_eq!(p.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(p.ledger(old).await, 1);
+
+    // The recent saga's record stays; a saga started now runs as usual.
+    p.send(&charge(recent, 2, "decline")).await;
+    assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    p.send(&charge(Uuid::now_v7(), 1, "ok")).await;
+    assert_eq!(p.answer().await.outcome, ok("ch-1"));
+    assert_eq!(p.runs.load(Ordering::SeqCst), 3);
+    p.stop().await;
+}

@@ -352,3 +352,93 @@ async fn no_plaintext_in_rows_or_messages_and_a_key_rotation_mid_run_loses_nothi
     broker.cleanup().await;
     db.drop_schema().await;
 }
+
+/// A rotation rolled out in the wrong order: the orchestrator reads results under a key it
+/// does not hold yet. They wait (handed back, an error naming the key) instead of being
+/// dead-lettered, and apply once it holds the key.
+#[tokio::test(flavor = "current_thread")]
+async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
+    let (errors, _guard) = saga_tests::logs::Errors::capture();
+    let db = database().await;
+    let broker = broker().await;
+    // The participants write under k2; the orchestrator knows only k1.
+    let store = |keys: &str| {
+        Arc::new(
+            PgStore::builder(db.pool.clone())
+                .schema(&db.schema)
+                .outbox_lease(Duration::from_secs(1))
+                .payloads(payloads(keys))
+                .build()
+                .unwrap(),
+        )
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let workers = order::participants_with(
+        &db.pool,
+        &db.schema,
+        "payment",
+        payloads(&format!("{K2},{K1}")),
+    )
+    .await;
+    for worker in workers.workers {
+        tasks.spawn(worker.run(Arc::new(broker.transport().await), shutdown.clone()));
+    }
+    let behind = CancellationToken::new();
+    let old = store(K1);
+    let mut orchestrator = tokio::spawn(
+        Orchestrator::builder(old.clone(), Arc::new(broker.transport().await))
+            .register(&order::definition())
+            .config(config())
+            .build()
+            .run(behind.clone()),
+    );
+    let ids = start(&old, 1, 3).await;
+    let waited = wait_until(Duration::from_secs(20), || async {
+        errors.contain("encrypted with key `k2`, which is not configured here")
+    })
+    .await;
+    assert!(
+        waited,
+        "the orchestrator says which key it lacks: {:?}",
+        errors.lines()
+    );
+    for id in &ids {
+        assert_eq!(order::effects(&db.pool, &db.schema, *id).await, ["reserve"]);
+    }
+    behind.cancel();
+    (&mut orchestrator).await.unwrap().unwrap();
+
+    // Given the key, it applies the results that waited.
+    let rotated = store(&format!("{K2},{K1}"));
+    tasks.spawn(
+        Orchestrator::builder(rotated.clone(), Arc::new(broker.transport().await))
+            .register(&order::definition())
+            .config(config())
+            .build()
+            .run(shutdown.clone()),
+    );
+    let done = wait_until(Duration::from_secs(30), || async {
+        let counts = rotated.count_by_status().await.unwrap();
+        counts.get(&SagaStatus::Completed) == Some(&3)
+    })
+    .await;
+    assert!(done, "{:?}", rotated.count_by_status().await.unwrap());
+    for id in &ids {
+        assert_eq!(
+            order::effects(&db.pool, &db.schema, *id).await,
+            ["reserve", "charge", "ship"]
+        );
+    }
+    assert!(
+        !errors.contain("dead-lettering"),
+        "nothing dead-lettered: {:?}",
+        errors.lines()
+    );
+    shutdown.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    broker.cleanup().await;
+    db.drop_schema().await;
+}

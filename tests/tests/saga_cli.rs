@@ -340,3 +340,66 @@ async fn operators_find_inspect_and_fix_sagas() {
     o.await.unwrap().unwrap();
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn purge_inbox_keygen_and_bad_payload_keys() {
+    let db = database().await;
+    let inbox = db.inbox().await;
+    for age in ["2 days", "0 days"] {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".inbox (idempotency_key, saga_id, command, created_at) \
+             VALUES ($1, $2, 'charge', now() - interval '{age}')",
+            db.schema
+        )))
+        .bind(format!("key-{age}"))
+        .bind(Uuid::now_v7())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let purged: Value = serde_json::from_str(
+        &ok(
+            &db,
+            &[
+                "purge-inbox",
+                "--inbox",
+                inbox.schema(),
+                "--older-than",
+                "1d",
+                "--json",
+            ],
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(purged["purged"], 1);
+    let left: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT idempotency_key FROM \"{}\".inbox",
+        db.schema
+    )))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, ["key-0 days"]);
+
+    // keygen: a key SAGA_PAYLOAD_KEYS takes.
+    let key = ok(&db, &["keygen"]).await;
+    saga_core::codec::AesGcmCodec::parse(&format!("k1:{}", key.trim())).expect("a usable key");
+    // A key that is not one is refused before anything else, without echoing it.
+    let secret = "c2VjcmV0LWtleS1tYXRlcmlhbA==";
+    let output = tokio::process::Command::new(binary("saga"))
+        .args(["list"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("SAGA_PAYLOAD_KEYS", format!("k1:{secret}"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("SAGA_PAYLOAD_KEYS") && stderr.contains("AES-256 takes 32"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(secret), "{stderr}");
+    db.drop_schema().await;
+}

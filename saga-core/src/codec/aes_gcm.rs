@@ -47,7 +47,8 @@ impl AesGcmCodec {
             let bytes = bytes.as_ref();
             if bytes.len() != Self::KEY_LEN {
                 return Err(CodecError::Config(format!(
-                    "key `{id}` has {} bytes; AES-256 takes {}",
+                    "key {} has {} bytes; AES-256 takes {}",
+                    n + 1,
                     bytes.len(),
                     Self::KEY_LEN
                 )));
@@ -84,7 +85,7 @@ impl AesGcmCodec {
                 .decode(key.trim())
                 .or_else(|_| STANDARD_NO_PAD.decode(key.trim()))
                 .map_err(|_| {
-                    CodecError::Config(format!("the key of pair {position} (`{id}`) is not base64"))
+                    CodecError::Config(format!("the key of pair {position} is not base64"))
                 })?;
             ring.push((id.to_owned(), bytes));
         }
@@ -159,8 +160,10 @@ impl PayloadCodec for AesGcmCodec {
 /// `SAGA_PAYLOAD_KEYS` form.
 /// An invalid id is not shown: it may be a key given in the wrong place.
 fn check_id(id: &str, position: usize) -> Result<(), CodecError> {
+    // At most 32 characters: a key (at least 43 in base64) put in the id's place is refused
+    // here, without being shown.
     let valid = !id.is_empty()
-        && id.len() <= 64
+        && id.len() <= 32
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -168,7 +171,7 @@ fn check_id(id: &str, position: usize) -> Result<(), CodecError> {
         Ok(())
     } else {
         Err(CodecError::Config(format!(
-            "the id of key {position} must be 1 to 64 letters, digits, `-`, `_` or `.`"
+            "the id of key {position} must be 1 to 32 letters, digits, `-`, `_` or `.`"
         )))
     }
 }

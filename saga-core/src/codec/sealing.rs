@@ -63,6 +63,17 @@ impl Payloads {
         Ok(())
     }
 
+    /// Seals the payload `record` carries, unless it is sealed already.
+    pub(crate) fn seal_in_once(&self, record: &mut impl Carries) -> Result<(), CodecError> {
+        if !self.is_encoding() {
+            return Ok(());
+        }
+        if let Some(slot) = record.payload_mut() {
+            *slot = self.seal_once(std::mem::take(slot))?;
+        }
+        Ok(())
+    }
+
     /// Opens the payload `record` carries, if it is sealed.
     pub(crate) fn open_in(&self, record: &mut impl Carries) -> Result<(), CodecError> {
         if let Some(slot) = record.payload_mut()

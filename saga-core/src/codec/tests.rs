@@ -34,16 +34,40 @@ fn each_seal_draws_a_fresh_nonce() {
 }
 
 #[test]
-fn null_sealed_and_plain_values_pass_through_seal_unchanged() {
+fn null_and_plain_values_pass_through_and_a_sealed_shape_is_sealed_again() {
     let p = payloads(&format!("k1:{K1}"));
     assert_eq!(p.seal(Value::Null).unwrap(), Value::Null);
-    let sealed = p.seal(json!(7)).unwrap();
-    assert_eq!(p.seal(sealed.clone()).unwrap(), sealed);
     assert_eq!(Payloads::plain().seal(json!(7)).unwrap(), json!(7));
     assert_eq!(
         p.open(json!({"plain": true})).unwrap(),
         json!({"plain": true})
     );
+    // A value of the sealed shape given to `seal` (data, not the codec's) is sealed like any
+    // other: opened, it comes back as it was, never opened a second time.
+    let sealed = p.seal(json!(7)).unwrap();
+    let twice = p.seal(sealed.clone()).unwrap();
+    assert_ne!(twice, sealed);
+    assert_eq!(p.open(twice).unwrap(), sealed);
+    // What the codec sealed itself is not sealed again on its way out.
+    assert_eq!(p.seal_once(sealed.clone()).unwrap(), sealed);
+    assert!(super::refuse_sealed_shape(&sealed, "the input").is_err());
+    assert!(super::refuse_sealed_shape(&json!({"$sealed": 1, "x": 2}), "the input").is_ok());
+}
+
+#[test]
+fn serde_errors_lose_the_values_they_quote() {
+    let e = serde_json::from_value::<u32>(json!("4111 1111 1111 1111")).unwrap_err();
+    let shown = super::without_values(&e);
+    assert!(!shown.contains("4111"), "{shown}");
+    assert!(
+        shown.contains("invalid type (value not shown), expected u32"),
+        "{shown}"
+    );
+    let e = serde_json::from_value::<u8>(json!(4111)).unwrap_err();
+    assert!(!super::without_values(&e).contains("4111"));
+    let e =
+        serde_json::from_value::<std::collections::HashMap<String, u8>>(json!([1])).unwrap_err();
+    assert!(super::without_values(&e).contains("expected a map"));
 }
 
 #[test]
@@ -112,12 +136,20 @@ fn bad_keys_are_refused_without_showing_key_material() {
         ("k1:not base64!", "is not base64"),
         ("k1:AAEC", "has 3 bytes"),
         (&format!("{K1}:k1") as &str, "the id of key 1"),
+        // A URL-safe, unpadded key in the id's place.
+        (
+            "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8:k1",
+            "the id of key 1",
+        ),
         (&format!("k1:{K1},k1:{K2}") as &str, "given twice"),
     ];
     for (keys, expected) in cases {
         let e = AesGcmCodec::parse(keys).unwrap_err().to_string();
         assert!(e.contains(expected), "{keys:?}: {e}");
-        assert!(!e.contains(K1) && !e.contains(K2), "{e}");
+        assert!(
+            !e.contains(K1) && !e.contains(K2) && !e.contains("ICEiIyQl"),
+            "{e}"
+        );
     }
 }
 

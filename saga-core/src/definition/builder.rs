@@ -236,8 +236,10 @@ where
     {
         let signal = name.to_owned();
         let check: CheckFn = Arc::new(move |payload: &Value| {
-            let value: T = serde_json::from_value(payload.clone())
-                .map_err(|e| format!("signal `{signal}` has an invalid payload: {e}"))?;
+            let value: T = serde_json::from_value(payload.clone()).map_err(|e| {
+                let e = crate::codec::without_values(&e);
+                format!("signal `{signal}` has an invalid payload: {e}")
+            })?;
             accept(&value)
         });
         self.work = Some(Work::Signal(SignalWait {
@@ -310,8 +312,9 @@ where
     F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
 {
     let build: BuildFn = Arc::new(move |raw: &RawContext<'_>| {
-        let saga_input: I = serde_json::from_value(raw.input.clone())
-            .map_err(|e| InputError::new(format!("saga input: {e}")))?;
+        let saga_input: I = serde_json::from_value(raw.input.clone()).map_err(|e| {
+            InputError::new(format!("saga input: {}", crate::codec::without_values(&e)))
+        })?;
         let payload = input(&StepContext::new(&saga_input, raw))?;
         Ok(serde_json::to_value(payload)?)
     });

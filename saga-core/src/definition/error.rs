@@ -147,7 +147,9 @@ impl InputError {
 }
 
 impl From<serde_json::Error> for InputError {
+    /// The error's message, without the value it quotes (see
+    /// [`codec::without_values`](crate::codec::without_values)).
     fn from(error: serde_json::Error) -> Self {
-        Self(error.to_string())
+        Self(crate::codec::without_values(&error))
     }
 }

@@ -22,6 +22,15 @@ const CLOCK_MARGIN: TimeDelta = TimeDelta::hours(1);
 /// How many rows one statement of a purge deletes.
 const PURGE_BATCH: i64 = 10_000;
 
+/// How recent a purge's `before` may be, at most: a purge refuses the commands of sagas that
+/// started before `before` and [`CLOCK_MARGIN`], so a recent one would refuse sagas in flight.
+const MIN_AGE: TimeDelta = TimeDelta::days(1);
+
+/// How long a purge waits between committing its horizon and deleting: a claim whose
+/// statement began before the horizon was visible (its snapshot older) has ended by then, so
+/// it either found the record or ran before any was deleted.
+const HORIZON_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The time a purge must be after for `saga_id`'s records to be safe from it: the saga's
 /// start (from its UUIDv7) less [`CLOCK_MARGIN`]; for an id of another version, the epoch
 /// (any purge may have removed its records).
@@ -50,6 +59,8 @@ impl Inbox {
     /// that can still send this service a command or a fence (for instance, older than the
     /// longest a saga runs, stuck ones included, and the orchestrators' `saga purge`
     /// retention): such a command is answered "cannot tell" instead (see the module's docs).
+    /// `before` must be a day ago at least; the purge waits two seconds between recording its
+    /// horizon and deleting.
     ///
     /// ```no_run
     /// # async fn demo(inbox: saga_core::Inbox) -> saga_core::Result<()> {
@@ -57,11 +68,18 @@ impl Inbox {
     /// # Ok(()) }
     /// ```
     pub async fn purge(&self, before: DateTime<Utc>) -> Result<u64> {
+        if before > Utc::now() - MIN_AGE {
+            return Err(crate::Error::Config(format!(
+                "an inbox purge deletes records older than a day at least (asked: before \
+                 {before}): the commands of sagas started before its horizon are refused"
+            )));
+        }
         // The horizon first: from its commit on, no key of an older saga is taken for new.
         sqlx::query(self.sql.purge_horizon.clone())
             .bind(before)
             .execute(&self.pool)
             .await?;
+        tokio::time::sleep(HORIZON_SETTLE).await;
         let mut purged = 0;
         loop {
             let deleted = sqlx::query(self.sql.purge_rows.clone())

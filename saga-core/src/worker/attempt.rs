@@ -50,7 +50,13 @@ impl Worker {
                 };
             };
             // An output too large to send is caught when the result is (`process`).
-            return failure(self.run_handler(handler, command, ctx).await);
+            return match self.run_handler(handler, command, ctx).await {
+                Ran::Done(Ok(output)) => match self.sealed_output(command, output) {
+                    Ok(output) => Outcome::Success { output },
+                    Err(failure) => failure,
+                },
+                ran => failure(ran),
+            };
         };
         let key = &command.idempotency_key;
         let tx = match inbox.claim(command, self.timeout_of(command)).await {
@@ -90,13 +96,17 @@ impl Worker {
         match ran {
             Ran::Done(Ok(output)) => {
                 // Recorded as it is sent: sealed.
-                let output = match self.payloads.seal(output) {
+                let output = match self.sealed_output(command, output) {
                     Ok(output) => output,
-                    Err(e) => {
+                    Err(Outcome::Failure {
+                        error,
+                        retryable: false,
+                    }) => return recorded(inbox.fail(tx, command, &error).await),
+                    Err(failure) => {
                         if let Err(e) = tx.rollback().await {
                             tracing::debug!(error = %e, "rolling back an unsealed output failed");
                         }
-                        return retryable(format!("sealing the output failed: {e}"));
+                        return failure;
                     }
                 };
                 if let Some(why) = self.too_large(command, &output) {
@@ -170,6 +180,20 @@ impl Worker {
                 Ran::TimedOut(timeout)
             }
         }
+    }
+
+    /// A handler's output, sealed; or the failure that answers instead: terminal for an output
+    /// of the sealed shape (only the codec writes those), retryable if sealing fails.
+    fn sealed_output(&self, command: &Command, output: Value) -> Result<Value, Outcome> {
+        if let Err(e) = crate::codec::refuse_sealed_shape(&output, "the handler's output") {
+            return Err(Outcome::Failure {
+                error: format!("command `{}`: {e}", command.command),
+                retryable: false,
+            });
+        }
+        self.payloads
+            .seal(output)
+            .map_err(|e| retryable(format!("sealing the output failed: {e}")))
     }
 
     /// How long `command` may run: its attempt's timeout, or the worker's default.

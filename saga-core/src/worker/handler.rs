@@ -249,6 +249,7 @@ impl<H: Handler> ErasedHandler for Erased<H> {
     ) -> BoxFuture<'static, Result<Value, StepError>> {
         async move {
             let input: H::Input = serde_json::from_value(payload).map_err(|e| {
+                let e = crate::codec::without_values(&e);
                 // The saga definition builds this command's input as another type than the
                 // handler reads: a bug to fix, not a business failure.
                 let why = format!(

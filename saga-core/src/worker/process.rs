@@ -51,15 +51,16 @@ impl Worker {
                 _ => match self.payloads.open_in(&mut command) {
                     Ok(()) => self.attempt(&command, trace_id.clone()).await,
                     Err(e) => {
-                        // A key not rolled out here yet: nothing is recorded, so a worker
-                        // that holds it may take a retry.
+                        // A key not rolled out here yet may come (nothing is recorded, so a
+                        // worker that holds it may take a retry); a payload that does not
+                        // decrypt never will.
                         error!(service = %self.service, error = %e, "cannot read a command's input");
                         Outcome::Failure {
                             error: format!(
                                 "service `{}` cannot read the input of command `{}`: {e}",
                                 self.service, command.command
                             ),
-                            retryable: true,
+                            retryable: e.is_transient(),
                         }
                     }
                 },
@@ -155,9 +156,10 @@ impl Worker {
     }
 
     /// `outcome` with its output sealed, as every result leaves the worker (an output the
-    /// inbox recorded is sealed already); a failure to seal is a retryable failure.
+    /// inbox recorded, or one [`attempt`](Self::attempt) sealed, is sealed already); a failure
+    /// to seal is a retryable failure.
     fn sealed(&self, mut outcome: Outcome) -> Outcome {
-        match self.payloads.seal_in(&mut outcome) {
+        match self.payloads.seal_in_once(&mut outcome) {
             Ok(()) => outcome,
             Err(e) => {
                 error!(service = %self.service, error = %e, "cannot seal a step's output");

@@ -35,6 +35,7 @@ pub(super) fn prepare_start(
     now: DateTime<Utc>,
     payloads: &Payloads,
 ) -> Result<PreparedStart> {
+    crate::codec::refuse_sealed_shape(&request.input, "the saga input")?;
     let definition = request.definition;
     let saga_id = Uuid::now_v7();
     let business_key = request.business_key.clone();
