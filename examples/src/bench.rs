@@ -361,9 +361,10 @@ where
         .filter(|s| s.compensation.is_some())
         .count() as u64;
     let step_count = completed * steps + compensated * (steps + undone);
+    let encrypted = payloads.is_encoding();
 
     Ok(format!(
-        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
+        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0},\"encrypted\":{encrypted}}}",
         args.count,
         args.count as f64 / secs,
         step_count as f64 / secs,

@@ -209,3 +209,8 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/GETTING-STARTED.md")]
 struct GettingStartedDoctests;
+
+/// The data-protection guide's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/DATA-PROTECTION.md")]
+struct DataProtectionDoctests;
