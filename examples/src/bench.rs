@@ -193,6 +193,9 @@ where
     let pool = pool.clone();
     // Payloads encrypted as the programs' are, with the keys of SAGA_PAYLOAD_KEYS.
     let payloads = crate::cli::payloads()?;
+    if payloads.is_encoding() {
+        eprintln!("payloads: encrypted (SAGA_PAYLOAD_KEYS)");
+    }
     let store = Arc::new(
         PgStore::builder(pool.clone())
             .schema(schema)
@@ -361,10 +364,9 @@ where
         .filter(|s| s.compensation.is_some())
         .count() as u64;
     let step_count = completed * steps + compensated * (steps + undone);
-    let encrypted = payloads.is_encoding();
 
     Ok(format!(
-        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0},\"encrypted\":{encrypted}}}",
+        "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
         args.count,
         args.count as f64 / secs,
         step_count as f64 / secs,

@@ -148,11 +148,9 @@ pub fn main<E: Example>() -> ExitCode {
         }
     };
     // The demo prints timelines; services log what they do.
-    // lapin logs returned messages whole (bodies may hold personal data): we report them
-    // ourselves, without the body.
     let default_filter = match cli.command {
-        Command::Demo { .. } | Command::Bench { .. } => "warn,lapin::returned_messages=error",
-        _ => "info,lapin::returned_messages=error",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
+        _ => "info",
     };
     if let Err(e) = crate::order::step_timeout_from_env() {
         eprintln!("{}: {e}", E::PROGRAM);

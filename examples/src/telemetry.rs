@@ -42,14 +42,18 @@ pub fn export_requested() -> bool {
 /// when [`export_requested`], an OTLP/HTTP span exporter as the global tracer provider, named
 /// by `OTEL_SERVICE_NAME` or else `service`.
 pub fn init(default_filter: &str, service: &str) -> anyhow::Result<Telemetry> {
-    // Whatever RUST_LOG says, sqlx's warning about a connection parameter it does not know
-    // stays off: it prints the parameter's value (an `sslpassword`, say) in clear.
-    let quiet: tracing_subscriber::filter::Directive = "sqlx_postgres::options=error"
-        .parse()
-        .expect("a valid directive");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| default_filter.into())
-        .add_directive(quiet);
+    // Whatever RUST_LOG says, two library logs stay off: sqlx's warning about a connection
+    // parameter it does not know prints the parameter's value (an `sslpassword`, say) in
+    // clear, and lapin logs a returned message whole, body included (we report returns
+    // ourselves, without the body).
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    for quiet in [
+        "sqlx_postgres::options=error",
+        "lapin::returned_messages=error",
+    ] {
+        filter = filter.add_directive(quiet.parse().expect("a valid directive"));
+    }
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(filter);

@@ -236,12 +236,19 @@ impl Payloads {
 /// u32` becomes `invalid type (value not shown), expected u32`. Such messages are kept in the
 /// log as reasons, in plain text, so they must not carry the payload they are about.
 pub fn without_values(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    for lead in ["invalid type: ", "invalid value: "] {
+    without_values_in(&e.to_string())
+}
+
+/// [`without_values`] on a message already formatted.
+pub(crate) fn without_values_in(text: &str) -> String {
+    for (lead, kind) in [
+        ("invalid type: ", "invalid type"),
+        ("invalid value: ", "invalid value"),
+        ("unknown variant `", "unknown variant"),
+    ] {
         if let Some(start) = text.find(lead)
             && let Some(end) = text[start..].find(", expected")
         {
-            let kind = lead.trim_end_matches(": ");
             return format!(
                 "{}{kind} (value not shown){}",
                 &text[..start],
@@ -249,7 +256,7 @@ pub fn without_values(e: &serde_json::Error) -> String {
             );
         }
     }
-    text
+    text.to_owned()
 }
 
 /// Refuses a value given by a caller or a handler that has the shape of a sealed value: only

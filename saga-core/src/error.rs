@@ -169,8 +169,6 @@ impl Error {
         match self {
             Error::Database(e) => e.is_transient(),
             Error::Transport(_) | Error::Internal(_) => true,
-            // A key not configured here yet: results wait for it rather than being lost.
-            Error::Payload(e) => e.is_transient(),
             Error::Shared(e) => e.is_transient(),
             _ => false,
         }
@@ -178,6 +176,15 @@ impl Error {
 }
 
 impl Error {
+    /// Whether a payload is sealed under a key this process is not given (yet: a rotation
+    /// rolling out). Only its own item waits for it; the others of its batch go on.
+    pub(crate) fn is_missing_key(&self) -> bool {
+        matches!(
+            self,
+            Error::Payload(crate::codec::CodecError::UnknownKey { .. })
+        )
+    }
+
     /// Whether the database or the broker could not be reached at all (as opposed to an
     /// answer about the statement or message at hand): the next item of a batch would fail
     /// the same way.

@@ -328,8 +328,10 @@ impl Command {
     /// Reads a command from a message, or says why it cannot.
     pub fn from_message(message: &Message) -> Result<Self, Malformed> {
         check_schema(message)?;
-        serde_json::from_slice(&message.body)
-            .map_err(|e| Malformed(format!("invalid command: {e}")))
+        serde_json::from_slice(&message.body).map_err(|e| {
+            let e = crate::codec::without_values(&e);
+            Malformed(format!("invalid command: {e}"))
+        })
     }
 }
 
@@ -357,7 +359,10 @@ impl Reply {
     /// Reads a reply from a message, or says why it cannot.
     pub fn from_message(message: &Message) -> Result<Self, Malformed> {
         check_schema(message)?;
-        serde_json::from_slice(&message.body).map_err(|e| Malformed(format!("invalid result: {e}")))
+        serde_json::from_slice(&message.body).map_err(|e| {
+            let e = crate::codec::without_values(&e);
+            Malformed(format!("invalid result: {e}"))
+        })
     }
 
     /// The reply with `outcome` to the command a message's headers name, when its body cannot

@@ -250,6 +250,20 @@ async fn no_plaintext_in_rows_or_messages_and_a_key_rotation_mid_run_loses_nothi
     })
     .await;
     assert!(waiting, "every saga reached its pivot under k1");
+    // A signal (no step waits for it: the saga keeps it) travels as a timer, then an event.
+    Client::new(first.store.clone())
+        .signal(before[1], "note", &serde_json::json!({ "note": MARKER }))
+        .await
+        .unwrap();
+    let kept = wait_until(Duration::from_secs(10), || async {
+        let history = first.store.history(before[1]).await.unwrap();
+        history.iter().any(|r| {
+            matches!(&r.event, saga_core::Event::SignalReceived { payload, .. }
+                if payload["note"] == MARKER)
+        })
+    })
+    .await;
+    assert!(kept, "the signal is in the log, opened for the reader");
     first.stop().await;
 
     // Rotated: k2 for new writes, k1 still read. The queued k1 commands run, new sagas too.
@@ -291,10 +305,7 @@ async fn no_plaintext_in_rows_or_messages_and_a_key_rotation_mid_run_loses_nothi
     let mut written = Vec::new();
     for table in ["events", "outbox_copy", "timers_copy", "inbox"] {
         let rows = rows(&db, table).await;
-        assert!(
-            !rows.is_empty() || table == "timers_copy",
-            "{table} has rows"
-        );
+        assert!(!rows.is_empty(), "{table} has rows");
         for row in &rows {
             assert!(!row.contains(MARKER), "plaintext in {table}: {row}");
         }
@@ -395,7 +406,11 @@ async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
     );
     let ids = start(&old, 1, 3).await;
     let waited = wait_until(Duration::from_secs(20), || async {
-        errors.contain("encrypted with key `k2`, which is not configured here")
+        let mut reserved = true;
+        for id in &ids {
+            reserved &= !order::effects(&db.pool, &db.schema, *id).await.is_empty();
+        }
+        reserved && errors.contain("encrypted with key `k2`, which is not configured here")
     })
     .await;
     assert!(
@@ -403,6 +418,7 @@ async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
         "the orchestrator says which key it lacks: {:?}",
         errors.lines()
     );
+    // Their reservations' results wait: no saga went on to its charge.
     for id in &ids {
         assert_eq!(order::effects(&db.pool, &db.schema, *id).await, ["reserve"]);
     }
@@ -439,6 +455,127 @@ async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
     while let Some(result) = tasks.join_next().await {
         result.unwrap().unwrap();
     }
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+/// The other wrong order: a worker lacks the key its commands come under. Each attempt fails
+/// retryably with an error naming the key, nothing is applied; once the retries are spent the
+/// step fails like any other, and what applied before it is compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_key_applies_nothing_and_says_which_key() {
+    let db = database().await;
+    let broker = broker().await;
+    let store = Arc::new(
+        PgStore::builder(db.pool.clone())
+            .schema(&db.schema)
+            .outbox_lease(Duration::from_secs(1))
+            .payloads(payloads(&format!("{K2},{K1}")))
+            .build()
+            .unwrap(),
+    );
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let with_k2 = order::participants_with(
+        &db.pool,
+        &db.schema,
+        "payment",
+        payloads(&format!("{K2},{K1}")),
+    )
+    .await;
+    let only_k1 = order::participants_with(&db.pool, &db.schema, "payment", payloads(K1)).await;
+    // inventory and shipping hold k2; payment only k1.
+    let chosen = with_k2
+        .workers
+        .into_iter()
+        .filter(|w| w.service() != "payment")
+        .chain(
+            only_k1
+                .workers
+                .into_iter()
+                .filter(|w| w.service() == "payment"),
+        );
+    for worker in chosen {
+        tasks.spawn(worker.run(Arc::new(broker.transport().await), shutdown.clone()));
+    }
+    tasks.spawn(
+        Orchestrator::builder(store.clone(), Arc::new(broker.transport().await))
+            .register(&order::definition())
+            .config(config())
+            .build()
+            .run(shutdown.clone()),
+    );
+    let id = start(&store, 1, 1).await[0];
+    let client = Client::new(store.clone());
+    let outcome = client.outcome(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(outcome.status, SagaStatus::Compensated);
+    let reason = outcome.reason.unwrap_or_default();
+    assert!(
+        reason.contains("cannot read the input of command `charge`") && reason.contains("key `k2`"),
+        "{reason}"
+    );
+    assert_eq!(
+        order::effects(&db.pool, &db.schema, id).await,
+        ["reserve", "release"]
+    );
+    shutdown.cancel();
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
+/// A signal sealed under a key the orchestrator lacks waits (postponed, an ERROR names the
+/// key) without holding back the timers of other sagas.
+#[tokio::test(flavor = "current_thread")]
+async fn a_timer_under_a_missing_key_waits_alone() {
+    let (errors, _guard) = saga_tests::logs::Errors::capture();
+    let db = database().await;
+    let broker = broker().await;
+    // Shipping down: the sagas wait at their pivot, running, while signals come.
+    let running = run(&db, &broker, K1, &["shipping"]).await;
+    let ids = start(&running.store, 1, 2).await;
+    let at_pivot = wait_until(Duration::from_secs(20), || async {
+        let mut all = true;
+        for id in &ids {
+            all &= order::effects(&db.pool, &db.schema, *id).await == ["reserve", "charge"];
+        }
+        all
+    })
+    .await;
+    assert!(at_pivot);
+    let sender = PgStore::builder(db.pool.clone())
+        .schema(&db.schema)
+        .payloads(payloads(&format!("{K2},{K1}")))
+        .build()
+        .unwrap();
+    let signal = serde_json::json!({ "note": MARKER });
+    Client::new(Arc::new(sender))
+        .signal(ids[0], "note", &signal)
+        .await
+        .unwrap();
+    Client::new(running.store.clone())
+        .signal(ids[1], "note", &signal)
+        .await
+        .unwrap();
+    let received = |id: Uuid| {
+        let store = running.store.clone();
+        async move {
+            store.history(id).await.unwrap().iter().any(|r| {
+                matches!(&r.event, saga_core::Event::SignalReceived { payload, .. }
+                    if payload["note"] == MARKER)
+            })
+        }
+    };
+    let applied = wait_until(Duration::from_secs(20), || async {
+        received(ids[1]).await && errors.contain("a timer cannot be applied; postponing it")
+    })
+    .await;
+    assert!(applied, "{:?}", errors.lines());
+    assert!(errors.contain("key `k2`"), "{:?}", errors.lines());
+    assert!(!received(ids[0]).await, "the k2 signal waits");
+    running.stop().await;
     broker.cleanup().await;
     db.drop_schema().await;
 }

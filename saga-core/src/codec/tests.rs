@@ -63,6 +63,15 @@ fn serde_errors_lose_the_values_they_quote() {
         shown.contains("invalid type (value not shown), expected u32"),
         "{shown}"
     );
+    #[derive(Debug, serde::Deserialize)]
+    enum Card {
+        Visa,
+    }
+    let e = serde_json::from_value::<Card>(json!("4111-secret")).unwrap_err();
+    let shown = super::without_values(&e);
+    assert!(!shown.contains("4111"), "{shown}");
+    assert!(shown.contains("expected `Visa`"), "{shown}");
+    let _ = Card::Visa;
     let e = serde_json::from_value::<u8>(json!(4111)).unwrap_err();
     assert!(!super::without_values(&e).contains("4111"));
     let e =

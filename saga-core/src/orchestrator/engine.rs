@@ -135,7 +135,7 @@ impl Engine {
         for ((delivery, item), result) in deliveries.into_iter().zip(batch).zip(results) {
             match result {
                 Ok(applied) => self.settle(vec![delivery], &[item], applied).await,
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() || e.is_missing_key() => {
                     back.push(delivery);
                     back_items.push(item);
                     why = Some(e);
@@ -148,10 +148,11 @@ impl Engine {
         }
     }
 
-    /// Hands back results that could not be applied: after a delay if the failure may pass,
-    /// else to the dead letters with the reason.
+    /// Hands back results that could not be applied: after a delay if the failure may pass
+    /// (the database restarting, a payload key not rolled out here yet), else to the dead
+    /// letters with the reason.
     async fn give_back(&self, deliveries: Vec<Delivery>, batch: &[(uuid::Uuid, Input)], e: Error) {
-        if e.is_transient() {
+        if e.is_transient() || e.is_missing_key() {
             error!(error = %e, count = deliveries.len(), "applying results failed; handing them back");
             tokio::time::sleep(self.config.defer_delay).await;
             for delivery in deliveries {

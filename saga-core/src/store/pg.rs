@@ -133,9 +133,10 @@ impl PgStoreBuilder {
 
     /// The codec for payloads (default: [`Payloads::plain`]). The store seals the payloads it
     /// writes (saga inputs, commands, outputs, signals) under the codec's key for new writes,
-    /// and opens those it reads; a saga whose log holds a payload under a key the codec lacks
-    /// cannot be advanced here (its results are dead-lettered naming the key), and queries
-    /// return such payloads sealed. The workers must hold the same keys.
+    /// and opens those it reads. A saga whose log or result holds a payload under a key the
+    /// codec lacks waits here (its results are handed back and tried again, its timers
+    /// postponed, an ERROR names the key), and queries return such payloads sealed. The
+    /// workers must hold the same keys.
     pub fn payloads(mut self, payloads: Payloads) -> Self {
         self.payloads = payloads;
         self
