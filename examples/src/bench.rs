@@ -38,17 +38,13 @@ pub struct BenchArgs {
     pub history: u64,
     /// Sagas are started through a store of their own, not the orchestrator's.
     pub remote_starts: bool,
+    /// The orchestrator and each participant run as processes of their own (see
+    /// [`bench_processes`](crate::bench_processes)).
+    pub processes: bool,
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+/// When a saga was started, and whether it is meant to compensate.
+pub(crate) type Started = (bool, Instant);
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -137,6 +133,9 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
         .await
         .map_err(|e| anyhow::anyhow!("measuring the broker: {}", e.message()))?;
     let broker_msgs_per_sec = baseline as f64 / broker_secs.as_secs_f64();
+    if args.processes {
+        return crate::bench_processes::run::<E>(args, broker_msgs_per_sec).await;
+    }
 
     let options: PgConnectOptions = url.parse().context("DATABASE_URL")?;
     let search_path = format!("\"{schema}\", public");
@@ -298,7 +297,7 @@ where
     // for the cores.
     let count = args.count as usize;
     let tally = tokio::spawn(async move {
-        let mut started: HashMap<Uuid, (bool, Instant)> = HashMap::new();
+        let mut started: HashMap<Uuid, Started> = HashMap::new();
         let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         while settled.len() < count {
@@ -325,7 +324,7 @@ where
         anyhow::Ok((started, settled, secs))
     });
     let (started, settled, secs) = tally.await??;
-    let rss = peak_rss_mb();
+    let rss = crate::cpu::peak_rss_mb(std::process::id());
     if let Some(line) = CpuTimes::now().per_saga_since(&cpu_before, args.count) {
         eprintln!("{line}");
     }
@@ -333,10 +332,29 @@ where
     while let Some(task) = tasks.join_next().await {
         task??;
     }
+    figures::<E>(
+        args.count,
+        &started,
+        &settled,
+        secs,
+        rss,
+        broker_msgs_per_sec,
+    )
+}
 
+/// Checks that every saga started settled as meant (compensated or completed), and gives the
+/// JSON line of figures.
+pub(crate) fn figures<E: Example>(
+    count: u64,
+    started: &HashMap<Uuid, Started>,
+    settled: &HashMap<Uuid, (SagaStatus, Instant)>,
+    secs: f64,
+    rss: f64,
+    broker_msgs_per_sec: f64,
+) -> anyhow::Result<String> {
     let (mut completed, mut compensated) = (0u64, 0u64);
     let mut latencies = Vec::with_capacity(settled.len());
-    for (id, (fail, at)) in &started {
+    for (id, (fail, at)) in started {
         let Some((status, done)) = settled.get(id) else {
             bail!("saga {id} never settled");
         };
@@ -367,8 +385,8 @@ where
 
     Ok(format!(
         "{{\"sagas\":{},\"secs\":{secs:.3},\"sagas_per_sec\":{:.1},\"steps_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"completed\":{completed},\"compensated\":{compensated},\"orchestrator_rss_mb\":{rss:.1},\"broker_msgs_per_sec\":{broker_msgs_per_sec:.0}}}",
-        args.count,
-        args.count as f64 / secs,
+        count,
+        count as f64 / secs,
         step_count as f64 / secs,
         percentile(&latencies, 50.0),
         percentile(&latencies, 99.0),

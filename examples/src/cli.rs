@@ -118,6 +118,11 @@ enum Command {
         /// commands then wait for the relay's poller), rather than through the orchestrator's.
         #[arg(long)]
         remote_starts: bool,
+        /// Run the orchestrator and each participant as a process of its own (this program's
+        /// `orchestrator` and `service NAME`, participants with their inbox, on a database of
+        /// the bench's own), as they are deployed; sagas are started from the bench process.
+        #[arg(long, conflicts_with_all = ["at_least_once", "history", "remote_starts"])]
+        processes: bool,
     },
 }
 
@@ -329,10 +334,12 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             inbox: _,
             history,
             remote_starts,
+            processes,
         } => {
             let args = crate::bench::BenchArgs {
                 history,
                 remote_starts,
+                processes,
                 count,
                 in_flight,
                 fail_every,

@@ -105,6 +105,24 @@ fn named(name: &str) -> Option<f64> {
     total
 }
 
+/// The CPU time (user and system) process `pid` spent so far, in µs.
+pub fn process_us(pid: u32) -> Option<f64> {
+    read_trimmed(Path::new(&format!("/proc/{pid}/stat")))
+        .and_then(|s| parse_stat(&s))
+        .map(Ticks::own)
+}
+
+/// The peak resident memory of process `pid`, in MiB (0 if it cannot be read).
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()

@@ -14,6 +14,7 @@
 
 pub mod baseline;
 pub mod bench;
+pub mod bench_processes;
 pub mod cli;
 pub mod cpu;
 pub mod demo;

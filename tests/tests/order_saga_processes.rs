@@ -248,3 +248,72 @@ async fn the_bench_with_remote_starts_checks_every_outcome() {
     assert_eq!(figures["compensated"], 5, "{last}");
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_of_processes_checks_every_outcome_and_stops_its_programs() {
+    let stack = Stack::new("order-saga").await;
+    let (stdout, stderr) = stack
+        .run_with(
+            &[
+                "bench",
+                "--processes",
+                "--count",
+                "30",
+                "--in-flight",
+                "6",
+                "--fail-every",
+                "5",
+            ],
+            &[],
+        )
+        .await;
+    let last = stdout.lines().last().expect("a JSON line");
+    let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
+    // The same line as `bench`.
+    let keys: Vec<&str> = last.split('"').skip(1).step_by(2).collect();
+    assert_eq!(
+        keys,
+        [
+            "sagas",
+            "secs",
+            "sagas_per_sec",
+            "steps_per_sec",
+            "p50_ms",
+            "p99_ms",
+            "completed",
+            "compensated",
+            "orchestrator_rss_mb",
+            "broker_msgs_per_sec"
+        ]
+    );
+    assert_eq!(figures["sagas"], 30);
+    assert_eq!(figures["completed"], 24);
+    assert_eq!(figures["compensated"], 6);
+    for key in ["sagas_per_sec", "p50_ms", "orchestrator_rss_mb"] {
+        assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {last}");
+    }
+    // It ran the orchestrator and the three services as processes, and stopped them all.
+    let started = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("processes: "))
+        .unwrap_or_else(|| panic!("no processes line: {stderr}"));
+    let parts: Vec<&str> = started.split(", ").collect();
+    assert_eq!(parts.len(), 4, "{started}");
+    for part in parts {
+        let pid = part.rsplit(' ').next().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("order-saga"),
+            "`{part}` still runs"
+        );
+    }
+    assert!(stderr.contains("the programs "), "{stderr}");
+    // Its database is gone.
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'bench\\_%'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    stack.shutdown().await;
+}
