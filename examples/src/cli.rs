@@ -162,7 +162,7 @@ pub fn main<E: Example>() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Err(e) = payloads() {
-        eprintln!("{}: {e:#}", E::PROGRAM);
+        eprintln!("{}: {}", E::PROGRAM, saga_core::error::report(&*e));
         return ExitCode::from(2);
     }
     let role = match &cli.command {
@@ -174,7 +174,7 @@ pub fn main<E: Example>() -> ExitCode {
     let telemetry = match crate::telemetry::init(default_filter, name) {
         Ok(telemetry) => telemetry,
         Err(e) => {
-            eprintln!("{}: {e:#}", E::PROGRAM);
+            eprintln!("{}: {}", E::PROGRAM, saga_core::error::report(&*e));
             return ExitCode::FAILURE;
         }
     };
@@ -188,7 +188,7 @@ pub fn main<E: Example>() -> ExitCode {
     let code = match runtime.block_on(run::<E>(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}: {e:#}", E::PROGRAM);
+            eprintln!("{}: {}", E::PROGRAM, saga_core::error::report(&*e));
             ExitCode::FAILURE
         }
     };
@@ -312,7 +312,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let store = ready_store(&pool).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
             loop {
-                let counts = store.count_by_status().await?;
+                let counts = counts_riding_out(&store, deadline).await?;
                 if counts.keys().all(|s| !s.is_active()) {
                     println!("{}", status_line(&counts));
                     break;
@@ -349,11 +349,40 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
         }
         Command::Status => {
             let pool = database(2).await?;
-            let counts = ready_store(&pool).await?.count_by_status().await?;
-            println!("{}", status_line(&counts));
+            let store = ready_store(&pool).await?;
+            let deadline = tokio::time::Instant::now() + OUT_OF_REACH;
+            println!(
+                "{}",
+                status_line(&counts_riding_out(&store, deadline).await?)
+            );
         }
     }
     Ok(())
+}
+
+/// How long `status` rides out a database out of reach (a restart, say).
+const OUT_OF_REACH: Duration = Duration::from_secs(60);
+
+/// The counts by status; while the database is out of reach (a restart), tries again until
+/// `deadline`, saying so once.
+async fn counts_riding_out(
+    store: &PgStore,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<BTreeMap<SagaStatus, u64>> {
+    let mut said = false;
+    loop {
+        match store.count_by_status().await {
+            Ok(counts) => return Ok(counts),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                if !said {
+                    eprintln!("the database is out of reach ({e}); trying again");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `{"running":R,"completed":C,"compensated":P,"stuck":S}`; running counts compensating sagas.

@@ -8,6 +8,23 @@
 
 mod duration;
 
+/// Writes a line on stdout; fails (so that the program ends quietly, see `is_closed_pipe`)
+/// when the reader has gone, as with `saga list | head`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// Writes on stdout, like [`outln`] without the line end.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,19 +174,32 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("saga: {e:#}");
+            if is_closed_pipe(&e) {
+                // `saga list | head`: the reader has what it wanted.
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("saga: {}", saga_core::error::report(&*e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is a write to a pipe whose reader has gone.
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Keygen = cli.command {
         let key = AesGcmCodec::generate_key();
         if cli.json {
-            println!("{}", serde_json::json!({ "key": key }));
+            outln!("{}", serde_json::json!({ "key": key }));
         } else {
-            println!("{key}");
+            outln!("{key}");
         }
         return Ok(());
     }
@@ -189,20 +219,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let client = Client::new(store.clone());
     let json = cli.json;
-    let done = |what: &str, id: Uuid| {
+    let done = |what: &str, id: Uuid| -> anyhow::Result<()> {
         if json {
-            println!("{}", serde_json::json!({ "saga_id": id, "done": what }));
+            outln!("{}", serde_json::json!({ "saga_id": id, "done": what }));
         } else {
-            println!("saga {id}: {what}");
+            outln!("saga {id}: {what}");
         }
+        Ok(())
     };
     match cli.command {
         Command::Migrate => {
             store.migrate().await?;
             if json {
-                println!("{}", serde_json::json!({ "migrated": true }));
+                outln!("{}", serde_json::json!({ "migrated": true }));
             } else {
-                println!("migrated schema {}", cli.schema);
+                outln!("migrated schema {}", cli.schema);
             }
         }
         Command::List {
@@ -224,9 +255,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let sagas = client.list(&filter).await?;
             if json {
-                println!("{}", serde_json::to_string(&sagas)?);
+                outln!("{}", serde_json::to_string(&sagas)?);
             } else {
-                print_list(&sagas);
+                print_list(&sagas)?;
             }
         }
         Command::Show { id } => {
@@ -238,30 +269,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let history = client.history(id).await?;
             if json {
                 let shown = serde_json::json!({ "saga": summary, "events": history });
-                println!("{}", Payloads::masked(&shown));
+                outln!("{}", Payloads::masked(&shown));
             } else {
-                print!("{}", saga_core::timeline::render(&summary, None, &history));
+                out!("{}", saga_core::timeline::render(&summary, None, &history));
                 if let Some(reason) = &summary.reason {
-                    println!("reason: {reason}");
+                    outln!("reason: {reason}");
                 }
                 if let Some(Event::Started { input, .. }) = history.first().map(|r| &r.event) {
-                    println!("input: {}", Payloads::masked(input));
+                    outln!("input: {}", Payloads::masked(input));
                 }
+                outln!("{}", saga_core::timeline::LEGEND);
             }
         }
         Command::Signal { id, name, payload } => {
             let payload: serde_json::Value = serde_json::from_str(&payload)
                 .with_context(|| format!("saga {id}: the payload is not JSON"))?;
             client.signal(id, &name, &payload).await?;
-            done(&format!("signal `{name}` recorded"), id);
+            done(&format!("signal `{name}` recorded"), id)?;
         }
         Command::Cancel { id, reason } => {
             client.cancel(id, &reason).await?;
-            done("cancel accepted; it compensates", id);
+            done("cancel accepted; it compensates", id)?;
         }
         Command::Retry { id } => {
             client.act(id, OperatorAction::Retry).await?;
-            done("retrying its failed step", id);
+            done("retrying its failed step", id)?;
         }
         Command::Resolve { id, step, reason } => {
             client
@@ -273,15 +305,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            done(&format!("compensation of `{step}` resolved by hand"), id);
+            done(&format!("compensation of `{step}` resolved by hand"), id)?;
         }
         Command::Pause { id, reason } => {
             client.act(id, OperatorAction::Pause { reason }).await?;
-            done("paused", id);
+            done("paused", id)?;
         }
         Command::Resume { id } => {
             client.act(id, OperatorAction::Resume).await?;
-            done("resumed", id);
+            done("resumed", id)?;
         }
         Command::Keygen => unreachable!("answered before connecting"),
         Command::PurgeInbox { inbox, older_than } => {
@@ -291,9 +323,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let inbox = Inbox::new(store.pool().clone(), &inbox)?;
             let purged = inbox.purge(Utc::now() - older_than).await?;
             if json {
-                println!("{}", serde_json::json!({ "purged": purged }));
+                outln!("{}", serde_json::json!({ "purged": purged }));
             } else {
-                println!("purged {purged} inbox records of {}", inbox.schema());
+                outln!("purged {purged} inbox records of {}", inbox.schema());
             }
         }
         Command::Purge { older_than } => {
@@ -302,22 +334,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let purged = client.purge(Utc::now() - older_than).await?;
             if json {
-                println!("{}", serde_json::json!({ "purged": purged }));
+                outln!("{}", serde_json::json!({ "purged": purged }));
             } else {
-                println!("purged {purged} finished sagas");
+                outln!("purged {purged} finished sagas");
             }
         }
     }
     Ok(())
 }
 
-fn print_list(sagas: &[SagaSummary]) {
-    println!(
+fn print_list(sagas: &[SagaSummary]) -> anyhow::Result<()> {
+    outln!(
         "{:<36}  {:<16} {:>3}  {:<12}  {:<20}  reason",
-        "id", "saga", "v", "status", "updated"
+        "id",
+        "saga",
+        "v",
+        "status",
+        "updated"
     );
     for s in sagas {
-        println!(
+        outln!(
             "{:<36}  {:<16} {:>3}  {:<12}  {:<20}  {}",
             s.id,
             s.saga,
@@ -327,4 +363,5 @@ fn print_list(sagas: &[SagaSummary]) {
             s.reason.as_deref().unwrap_or("")
         );
     }
+    Ok(())
 }

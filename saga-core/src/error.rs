@@ -152,6 +152,23 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+/// `error` and its sources on one line, `what: why: cause`, each source left out when the text
+/// before it says it already (sqlx and the errors that wrap it repeat their source's message),
+/// for programs that report an error on one line.
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
 /// A failed migration of the saga tables, with its sources.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
@@ -220,6 +237,38 @@ mod tests {
     use std::borrow::Cow;
 
     use super::*;
+
+    /// An error that repeats its source's message, as sqlx's do.
+    #[derive(Debug)]
+    struct Wrapping(&'static str, Option<Box<Wrapping>>);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match &self.1 {
+                Some(inner) => write!(f, "{}: {inner}", self.0),
+                None => f.write_str(self.0),
+            }
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_report_says_each_cause_once() {
+        let missing = Wrapping("relation \"saga.instances\" does not exist", None);
+        let sqlx = Wrapping("error returned from database", Some(Box::new(missing)));
+        let ours = Wrapping("database", Some(Box::new(sqlx)));
+        assert_eq!(
+            report(&ours),
+            "database: error returned from database: relation \"saga.instances\" does not exist"
+        );
+        let io = std::io::Error::other("connection refused");
+        assert_eq!(report(&io), "connection refused");
+    }
 
     #[derive(Debug)]
     struct Coded(&'static str);

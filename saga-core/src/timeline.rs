@@ -224,6 +224,10 @@ fn target_in(definition: Option<&Definition>, step: u32, direction: Direction) -
     )
 }
 
+/// What the marks of a rendered timeline mean.
+pub const LEGEND: &str = "legend: >> the action, << its compensation, || a fence (asks the \
+     step's service whether the action applied, and stops it if not); times are from the start";
+
 fn arrow(direction: Direction) -> &'static str {
     match direction {
         Direction::Forward => ">>",

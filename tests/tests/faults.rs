@@ -323,12 +323,38 @@ async fn pg_ctl(args: &[&str]) {
 async fn postgres_restarts_fast_and_immediate_are_ridden_out() {
     let stack = running(300).await;
     let _guard = PostgresGuard;
+    // An operator's `wait`, already polling when the database restarts, rides it out too.
+    let waiting = tokio::spawn(
+        tokio::process::Command::new(saga_tests::process::binary("order-saga"))
+            .args(["wait", "--timeout", "180"])
+            .env("DATABASE_URL", &stack.database_url)
+            .env("AMQP_URL", stack.broker_config().url)
+            .kill_on_drop(true)
+            .output(),
+    );
+    let polling = wait_until(Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'order-saga client'",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .is_ok_and(|n| n > 0)
+    })
+    .await;
+    assert!(polling, "`wait` connected");
     for mode in ["fast", "immediate"] {
         pg_ctl(&["15", "main", "restart", "-m", mode]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let waited = waiting.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&waited.stdout);
+    assert!(
+        waited.status.success(),
+        "`wait` failed: {stdout}{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
     assert_eq!(
-        stack.run(&["wait", "--timeout", "180"]).await.trim(),
+        stdout.trim(),
         r#"{"running":0,"completed":270,"compensated":30,"stuck":0}"#
     );
     assert_invariants(&stack, 300, 10).await;

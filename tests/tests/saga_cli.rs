@@ -403,3 +403,77 @@ async fn purge_inbox_keygen_and_bad_payload_keys() {
     assert!(!stderr.contains(secret), "{stderr}");
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn list_pads_its_columns_survives_a_closed_pipe_and_errors_say_it_once() {
+    let db = database().await;
+    let client = Client::new(Arc::new(db.store()));
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            client
+                .start(&failing(), &json!({ "n": n }))
+                .await
+                .unwrap()
+                .saga_id,
+        );
+    }
+    // Statuses of three lengths.
+    for (id, status) in ids.iter().zip(["stuck", "compensated", "running"]) {
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{}\".instances SET status = $2 WHERE id = $1",
+            db.schema
+        )))
+        .bind(id)
+        .bind(status)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let listed = ok(&db, &["list"]).await;
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{listed}");
+    let year = |row: &str| row.find(" 20").expect("an updated time");
+    assert!(
+        rows.iter().all(|r| year(r) == year(rows[0])),
+        "the column after the status drifts:\n{listed}"
+    );
+
+    // `saga list | head`: the reader is gone before the first line; the tool ends quietly.
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| saga_tests::DEFAULT_DATABASE_URL.to_owned());
+    let mut child = tokio::process::Command::new(binary("saga"))
+        .arg("list")
+        .env("DATABASE_URL", &url)
+        .env("SAGA_SCHEMA", &db.schema)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // A schema without the saga tables: the cause once, on one line.
+    let (success, _, stderr) = saga(
+        &TestDb {
+            pool: db.pool.clone(),
+            schema: "no_such_schema".into(),
+        },
+        &["list"],
+    )
+    .await;
+    assert!(!success);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");
+
+    // `show` explains its marks.
+    let shown = ok(&db, &["show", &ids[0].to_string()]).await;
+    assert!(
+        shown.contains("legend: >> the action, << its compensation, || a fence"),
+        "{shown}"
+    );
+    db.drop_schema().await;
+}

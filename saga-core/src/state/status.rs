@@ -74,8 +74,9 @@ impl SagaStatus {
 }
 
 impl std::fmt::Display for SagaStatus {
+    /// The status's name; honours width and alignment (`{:<12}`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
