@@ -6,6 +6,7 @@
 //! for the orchestrators, which apply them under the saga's lock; the tool waits for their
 //! verdict.
 
+mod bulk;
 mod duration;
 
 /// Writes a line on stdout; fails (so that the program ends quietly, see `is_closed_pipe`)
@@ -100,9 +101,21 @@ enum Command {
         reason: String,
     },
     /// Runs a stuck saga's failed step again.
+    /// With `--status stuck [--name NAME]` instead of an id: every stuck saga (of that name),
+    /// after saying how many and asking (`--yes` does not ask).
     Retry {
         /// The saga's id.
-        id: Uuid,
+        #[arg(required_unless_present = "status", conflicts_with_all = ["status", "name", "yes"])]
+        id: Option<Uuid>,
+        /// Every saga in this status (only `stuck` ones can be retried).
+        #[arg(long)]
+        status: Option<SagaStatus>,
+        /// Only sagas of this name (with `--status`).
+        #[arg(long, requires = "status")]
+        name: Option<String>,
+        /// Do not ask before retrying them (needed when no terminal is attached).
+        #[arg(long, requires = "status")]
+        yes: bool,
     },
     /// Marks a stuck compensation as done by hand (recorded in the log).
     Resolve {
@@ -291,9 +304,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.cancel(id, &reason).await?;
             done("cancel accepted; it compensates", id)?;
         }
-        Command::Retry { id } => {
+        Command::Retry { id: Some(id), .. } => {
             client.act(id, OperatorAction::Retry).await?;
             done("retrying its failed step", id)?;
+        }
+        Command::Retry {
+            id: None,
+            status,
+            name,
+            yes,
+        } => {
+            let status = status.expect("clap requires an id or --status");
+            bulk::retry_matching(&client, status, name, yes, json).await?;
         }
         Command::Resolve { id, step, reason } => {
             client

@@ -199,19 +199,32 @@ async fn operators_find_inspect_and_fix_sagas() {
         "stuck"
     );
 
-    // retry while the fault lasts: stuck again, on a new attempt; once fixed: compensated.
-    ok(&db, &["retry", &s1.to_string()]).await;
+    // retry both while the fault lasts, in bulk: asked first (no terminal here: refused,
+    // saying how many), then with --yes; stuck again, each on a new attempt.
+    let bulk = ["retry", "--status", "stuck", "--name", "ops-fail"];
+    let (success, _, stderr) = saga(&db, &bulk).await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            kinds(&client, s1)
-                .await
-                .iter()
-                .filter(|k| **k == "stuck")
-                .count()
-                == 2
-        })
-        .await
+        !success && stderr.contains("2 stuck `ops-fail` sagas match") && stderr.contains("--yes"),
+        "{stderr}"
     );
+    let retried: Value =
+        serde_json::from_str(&ok(&db, &[&bulk[..], &["--yes", "--json"]].concat()).await).unwrap();
+    assert_eq!(retried["matched"], 2, "{retried}");
+    assert_eq!(retried["retried"], 2, "{retried}");
+    for id in [s1, s2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                kinds(&client, id)
+                    .await
+                    .iter()
+                    .filter(|k| **k == "stuck")
+                    .count()
+                    == 2
+            })
+            .await
+        );
+    }
+    // once fixed: compensated.
     refunds_down.store(false, Ordering::SeqCst);
     ok(&db, &["retry", &s1.to_string()]).await;
     settle(s1, SagaStatus::Compensated).await;
