@@ -191,7 +191,7 @@ where
 {
     let pool = pool.clone();
     // Payloads encrypted as the programs' are, with the keys of SAGA_PAYLOAD_KEYS.
-    let payloads = crate::cli::payloads()?;
+    let payloads = crate::connections::payloads()?;
     if payloads.is_encoding() {
         eprintln!("payloads: encrypted (SAGA_PAYLOAD_KEYS)");
     }

@@ -9,14 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{StreamExt, TryStreamExt};
-use saga_amqp::{AmqpConfig, AmqpTransport, redact};
-use saga_core::codec::SAGA_PAYLOAD_KEYS;
 use saga_core::ops::Ops;
-use saga_core::{Client, Orchestrator, Payloads, PgStore, QueryStore, SagaStatus};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use saga_core::{Client, Orchestrator, PgStore, SagaStatus};
 
 use crate::Example;
+use crate::connections::{
+    OUT_OF_REACH, PROCESS_NAME, broker, counts_riding_out, database, payloads, ready_store, store,
+    store_riding_out,
+};
 use crate::participant::{Ledger, migrate, worker_with};
 
 #[derive(Debug, Parser)]
@@ -126,6 +126,15 @@ enum Command {
     },
 }
 
+/// Writes a line on stdout; fails when the reader has gone (`start --ids | head`), so that the
+/// program ends quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 /// Checks that `args` (without the program name) form a valid command line of `E`'s program,
 /// service names included; no I/O.
 pub fn check_args<E: Example>(args: &[&str]) -> Result<(), String> {
@@ -188,8 +197,13 @@ pub fn main<E: Example>() -> ExitCode {
     let code = match runtime.block_on(run::<E>(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}: {}", E::PROGRAM, saga_core::error::report(&*e));
-            ExitCode::FAILURE
+            if saga_core::error::is_closed_pipe(&*e) {
+                // `start --ids | head`: the reader has what it wanted.
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}: {}", E::PROGRAM, saga_core::error::report(&*e));
+                ExitCode::FAILURE
+            }
         }
     };
     drop(runtime);
@@ -201,7 +215,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo { count, fail_every } => {
             let counts = crate::demo::run::<E>(count, fail_every).await?;
-            println!("{}", status_line(&counts));
+            outln!("{}", status_line(&counts));
         }
         Command::Migrate => {
             let pool = database(4).await?;
@@ -212,7 +226,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             migrate(&pool, &E::services())
                 .await
                 .context("migrating the example tables")?;
-            println!("migrated");
+            outln!("migrated");
         }
         Command::Orchestrator => {
             let ops = Ops::from_env()?;
@@ -286,10 +300,10 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                     // Some starts may have committed: their keys say which run they were.
                     format!("starting sagas with business keys {run}-1 to {run}-{count}")
                 })?;
-            println!("started {count}");
+            outln!("started {count}");
             if ids {
                 for id in started {
-                    println!("{id}");
+                    outln!("{id}");
                 }
             }
         }
@@ -299,22 +313,21 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let pool = database(2).await?;
             let client = Client::new(Arc::new(ready_store(&pool).await?));
             client.signal(id, &name, &payload).await?;
-            println!("signalled");
+            outln!("signalled");
         }
         Command::Cancel { id, reason } => {
             let pool = database(2).await?;
             let client = Client::new(Arc::new(ready_store(&pool).await?));
             client.cancel(id, &reason).await?;
-            println!("cancelled");
+            outln!("cancelled");
         }
         Command::Wait { timeout } => {
-            let pool = database(2).await?;
-            let store = ready_store(&pool).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            let store = store_riding_out(deadline).await?;
             loop {
                 let counts = counts_riding_out(&store, deadline).await?;
                 if counts.keys().all(|s| !s.is_active()) {
-                    println!("{}", status_line(&counts));
+                    outln!("{}", status_line(&counts));
                     break;
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -345,44 +358,20 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 fail_every,
                 inbox: !at_least_once,
             };
-            println!("{}", crate::bench::run::<E>(args).await?);
+            outln!("{}", crate::bench::run::<E>(args).await?);
         }
         Command::Status => {
-            let pool = database(2).await?;
-            let store = ready_store(&pool).await?;
+            // A database out of reach at the start is reported at once (a wrong URL, most
+            // often); one lost after, while counting, is waited for.
+            let store = ready_store(&database(2).await?).await?;
             let deadline = tokio::time::Instant::now() + OUT_OF_REACH;
-            println!(
+            outln!(
                 "{}",
                 status_line(&counts_riding_out(&store, deadline).await?)
             );
         }
     }
     Ok(())
-}
-
-/// How long `status` rides out a database out of reach (a restart, say).
-const OUT_OF_REACH: Duration = Duration::from_secs(60);
-
-/// The counts by status; while the database is out of reach (a restart), tries again until
-/// `deadline`, saying so once.
-async fn counts_riding_out(
-    store: &PgStore,
-    deadline: tokio::time::Instant,
-) -> anyhow::Result<BTreeMap<SagaStatus, u64>> {
-    let mut said = false;
-    loop {
-        match store.count_by_status().await {
-            Ok(counts) => return Ok(counts),
-            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                if !said {
-                    eprintln!("the database is out of reach ({e}); trying again");
-                    said = true;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// `{"running":R,"completed":C,"compensated":P,"stuck":S}`; running counts compensating sagas.
@@ -400,65 +389,4 @@ pub fn status_line(counts: &BTreeMap<SagaStatus, u64>) -> String {
         get(SagaStatus::Compensated),
         get(SagaStatus::Stuck),
     )
-}
-
-/// What this process is (`order-saga orchestrator`, `order-saga inventory`, ...): its
-/// sessions' `application_name` in `pg_stat_activity`, and its OpenTelemetry service name.
-static PROCESS_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
-    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-    let options: sqlx::postgres::PgConnectOptions = url
-        .parse()
-        .with_context(|| format!("DATABASE_URL is not a PostgreSQL URL ({})", redact(&url)))?;
-    let name = PROCESS_NAME.get().map_or("saga-examples", String::as_str);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        // No ping round trip before each transaction (docs/PERFORMANCE.md): the long-running
-        // commands retry what a connection broken by a database restart fails (the
-        // orchestrator its batch, a participant's inbox handler its command), and the one-shot
-        // commands start with fresh connections.
-        .test_before_acquire(false)
-        .connect_with(options.application_name(name))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at DATABASE_URL ({})",
-                redact(&url)
-            )
-        })
-}
-
-fn store(pool: &PgPool) -> anyhow::Result<PgStore> {
-    Ok(PgStore::builder(pool.clone())
-        .payloads(payloads()?)
-        .build()?)
-}
-
-/// The payload codec of `SAGA_PAYLOAD_KEYS` (`id:base64key` pairs, the first for new writes;
-/// unset: payloads are not encrypted).
-pub fn payloads() -> anyhow::Result<Payloads> {
-    Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))
-}
-
-/// The store, after checking that `migrate` ran.
-async fn ready_store(pool: &PgPool) -> anyhow::Result<PgStore> {
-    let store = store(pool)?;
-    let migrated: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{}.instances", store.schema()))
-        .fetch_one(pool)
-        .await?;
-    if !migrated {
-        bail!("the saga tables do not exist in this database; run `migrate` first");
-    }
-    Ok(store)
-}
-
-async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTransport> {
-    let mut config = AmqpConfig::from_env()?;
-    config.connection_name = format!("{program}-{role}");
-    AmqpTransport::connect(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))
 }

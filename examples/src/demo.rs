@@ -59,10 +59,12 @@ pub async fn run<E: Example>(
     for id in ids {
         let summary = client.summary(id).await?.expect("started above");
         let history = client.history(id).await?;
-        println!(
+        use std::io::Write as _;
+        writeln!(
+            std::io::stdout(),
             "{}",
             saga_core::timeline::render(&summary, Some(def.definition()), &history)
-        );
+        )?;
     }
     Ok(counts)
 }

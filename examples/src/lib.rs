@@ -16,6 +16,7 @@ pub mod baseline;
 pub mod bench;
 pub mod bench_processes;
 pub mod cli;
+mod connections;
 pub mod cpu;
 pub mod demo;
 pub mod example;

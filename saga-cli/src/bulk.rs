@@ -32,8 +32,17 @@ pub(crate) async fn retry_matching(
     }
     let mut refused = Vec::new();
     for id in &ids {
-        if let Err(e) = client.act(*id, OperatorAction::Retry).await {
-            refused.push((*id, e.to_string()));
+        match client.act(*id, OperatorAction::Retry).await {
+            Ok(()) => {}
+            Err(e @ saga_core::Error::ActionRefused { .. }) => {
+                refused.push((*id, saga_core::error::report(&e)));
+            }
+            // No orchestrator answered: this request stays queued and will apply; the others
+            // are not sent one by one into the same silence.
+            Err(e @ saga_core::Error::NotAnswered { .. }) => {
+                bail!("{e}; the sagas after it were not asked (is an orchestrator running?)")
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     let retried = ids.len() - refused.len();
@@ -67,19 +76,23 @@ async fn matching(
     status: SagaStatus,
     name: Option<String>,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let mut ids = Vec::new();
+    let mut ids: Vec<Uuid> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut offset = 0;
     loop {
         let page = client
             .list(&ListFilter {
                 status: Some(status),
                 saga: name.clone(),
                 limit: Some(PAGE),
-                offset: ids.len() as u32,
+                offset,
                 ..ListFilter::default()
             })
             .await?;
         let full = page.len() == PAGE as usize;
-        ids.extend(page.into_iter().map(|s| s.id));
+        offset += page.len() as u32;
+        // A saga that changed status between pages may come twice: it is asked once.
+        ids.extend(page.into_iter().map(|s| s.id).filter(|id| seen.insert(*id)));
         if !full {
             return Ok(ids);
         }

@@ -9,7 +9,8 @@
 mod bulk;
 mod duration;
 
-/// Writes a line on stdout; fails (so that the program ends quietly, see `is_closed_pipe`)
+/// Writes a line on stdout; fails (so that the program ends quietly, see
+/// `saga_core::error::is_closed_pipe`)
 /// when the reader has gone, as with `saga list | head`.
 macro_rules! outln {
     ($($arg:tt)*) => {{
@@ -111,7 +112,7 @@ enum Command {
         #[arg(long)]
         status: Option<SagaStatus>,
         /// Only sagas of this name (with `--status`).
-        #[arg(long, requires = "status")]
+        #[arg(long, visible_alias = "saga", requires = "status")]
         name: Option<String>,
         /// Do not ask before retrying them (needed when no terminal is attached).
         #[arg(long, requires = "status")]
@@ -187,7 +188,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if is_closed_pipe(&e) {
+            if saga_core::error::is_closed_pipe(&*e) {
                 // `saga list | head`: the reader has what it wanted.
                 return ExitCode::SUCCESS;
             }
@@ -195,15 +196,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Whether `e` is a write to a pipe whose reader has gone.
-fn is_closed_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -169,6 +169,21 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether `error`, or one of its sources, is a write to a pipe whose reader has gone (`saga
+/// list | head`): programs end quietly on it.
+pub fn is_closed_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// A failed migration of the saga tables, with its sources.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
