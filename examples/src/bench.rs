@@ -277,21 +277,7 @@ where
     let (started_tx, mut started_rx) = mpsc::unbounded_channel();
     let cpu_before = CpuTimes::now();
     let begin = Instant::now();
-    let starter = {
-        let (client, permits, def) = (client.clone(), permits.clone(), def.clone());
-        tokio::spawn(async move {
-            for n in 1..=args.count {
-                permits.acquire().await.expect("open").forget();
-                let fail = args.fail_every.is_some_and(|k| n.is_multiple_of(k));
-                let (client, def, started_tx) = (client.clone(), def.clone(), started_tx.clone());
-                tokio::spawn(async move {
-                    let at = Instant::now();
-                    let result = client.start(&def, &E::input(n, fail)).await;
-                    let _ = started_tx.send(result.map(|s| (s.saga_id, fail, at)));
-                });
-            }
-        })
-    };
+    let starter = spawn_starts::<E>(args, client.clone(), permits.clone(), started_tx);
     // The tally runs as a task, on the runtime's workers, not on the bench's main thread: a
     // third thread woken for every start and every outcome would compete with the engine
     // for the cores.
@@ -340,6 +326,34 @@ where
         rss,
         broker_msgs_per_sec,
     )
+}
+
+/// What a start sends back: the saga's id, whether it is meant to compensate, and when it was
+/// asked for.
+pub(crate) type StartSent = saga_core::Result<(Uuid, bool, Instant)>;
+
+/// Starts the run's sagas from a task of its own, each once a permit is free (at most
+/// `in_flight` unsettled: the tally gives a permit back as each settles), and sends each
+/// start's answer to `started`.
+pub(crate) fn spawn_starts<E: Example>(
+    args: BenchArgs,
+    client: Client,
+    permits: Arc<Semaphore>,
+    started: mpsc::UnboundedSender<StartSent>,
+) -> tokio::task::JoinHandle<()> {
+    let def = E::definition();
+    tokio::spawn(async move {
+        for n in 1..=args.count {
+            permits.acquire().await.expect("open").forget();
+            let fail = args.fail_every.is_some_and(|k| n.is_multiple_of(k));
+            let (client, def, started) = (client.clone(), def.clone(), started.clone());
+            tokio::spawn(async move {
+                let at = Instant::now();
+                let result = client.start(&def, &E::input(n, fail)).await;
+                let _ = started.send(result.map(|s| (s.saga_id, fail, at)));
+            });
+        }
+    })
 }
 
 /// Checks that every saga started settled as meant (compensated or completed), and gives the

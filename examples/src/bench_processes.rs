@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
 use crate::Example;
-use crate::bench::{BenchArgs, Started, figures};
+use crate::bench::{BenchArgs, Started, figures, spawn_starts};
 use crate::cpu::CpuTimes;
 
 /// The channel the settle trigger notifies on.
@@ -116,21 +116,7 @@ async fn measure<E: Example>(
     let cpu_before = CpuTimes::now();
     let programs_before = programs.cpu_us();
     let begin = Instant::now();
-    let starter = {
-        let (client, permits, def) = (client.clone(), permits.clone(), def.clone());
-        tokio::spawn(async move {
-            for n in 1..=args.count {
-                permits.acquire().await.expect("open").forget();
-                let fail = args.fail_every.is_some_and(|k| n.is_multiple_of(k));
-                let (client, def, started_tx) = (client.clone(), def.clone(), started_tx.clone());
-                tokio::spawn(async move {
-                    let at = Instant::now();
-                    let result = client.start(&def, &E::input(n, fail)).await;
-                    let _ = started_tx.send(result.map(|s| (s.saga_id, fail, at)));
-                });
-            }
-        })
-    };
+    let starter = spawn_starts::<E>(args, client.clone(), permits.clone(), started_tx);
     let count = args.count as usize;
     let mut started: HashMap<Uuid, Started> = HashMap::new();
     let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();

@@ -155,6 +155,27 @@ async fn bad_input_is_one_line_and_a_failure() {
     }
 }
 
+/// The bench's JSON line, its keys checked, in the order the issue fixed.
+fn bench_line(last: &str) -> serde_json::Value {
+    let keys: Vec<&str> = last.split('"').skip(1).step_by(2).collect();
+    assert_eq!(
+        keys,
+        [
+            "sagas",
+            "secs",
+            "sagas_per_sec",
+            "steps_per_sec",
+            "p50_ms",
+            "p99_ms",
+            "completed",
+            "compensated",
+            "orchestrator_rss_mb",
+            "broker_msgs_per_sec"
+        ]
+    );
+    serde_json::from_str(last).expect("JSON")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bench_checks_every_outcome_and_prints_its_figures() {
     let stack = Stack::new("order-saga").await;
@@ -192,24 +213,7 @@ async fn the_bench_checks_every_outcome_and_prints_its_figures() {
         assert_eq!(cpu.contains(part), local, "{cpu}");
     }
     let last = stdout.lines().last().expect("a JSON line");
-    let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
-    // The keys, in the order the issue fixed.
-    let keys: Vec<&str> = last.split('"').skip(1).step_by(2).collect();
-    assert_eq!(
-        keys,
-        [
-            "sagas",
-            "secs",
-            "sagas_per_sec",
-            "steps_per_sec",
-            "p50_ms",
-            "p99_ms",
-            "completed",
-            "compensated",
-            "orchestrator_rss_mb",
-            "broker_msgs_per_sec"
-        ]
-    );
+    let figures = bench_line(last);
     assert_eq!(figures["sagas"], 40);
     assert_eq!(figures["completed"], 32);
     assert_eq!(figures["compensated"], 8);
@@ -268,24 +272,8 @@ async fn the_bench_of_processes_checks_every_outcome_and_stops_its_programs() {
         )
         .await;
     let last = stdout.lines().last().expect("a JSON line");
-    let figures: serde_json::Value = serde_json::from_str(last).expect("JSON");
     // The same line as `bench`.
-    let keys: Vec<&str> = last.split('"').skip(1).step_by(2).collect();
-    assert_eq!(
-        keys,
-        [
-            "sagas",
-            "secs",
-            "sagas_per_sec",
-            "steps_per_sec",
-            "p50_ms",
-            "p99_ms",
-            "completed",
-            "compensated",
-            "orchestrator_rss_mb",
-            "broker_msgs_per_sec"
-        ]
-    );
+    let figures = bench_line(last);
     assert_eq!(figures["sagas"], 30);
     assert_eq!(figures["completed"], 24);
     assert_eq!(figures["compensated"], 6);

@@ -33,6 +33,18 @@ fn payloads(keys: &str) -> Payloads {
     Payloads::new(AesGcmCodec::parse(keys).expect("valid keys"))
 }
 
+/// A store in the test's schema, its payloads under `keys`.
+fn store_with(db: &TestDb, keys: &str) -> Arc<PgStore> {
+    Arc::new(
+        PgStore::builder(db.pool.clone())
+            .schema(&db.schema)
+            .outbox_lease(Duration::from_secs(1))
+            .payloads(payloads(keys))
+            .build()
+            .unwrap(),
+    )
+}
+
 /// An orchestrator and the participants (all but those in `held`) with `keys`.
 struct Run {
     store: Arc<PgStore>,
@@ -41,14 +53,7 @@ struct Run {
 }
 
 async fn run(db: &TestDb, broker: &saga_tests::amqp::Broker, keys: &str, held: &[&str]) -> Run {
-    let store = Arc::new(
-        PgStore::builder(db.pool.clone())
-            .schema(&db.schema)
-            .outbox_lease(Duration::from_secs(1))
-            .payloads(payloads(keys))
-            .build()
-            .unwrap(),
-    );
+    let store = store_with(db, keys);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let participants =
@@ -373,16 +378,7 @@ async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
     let db = database().await;
     let broker = broker().await;
     // The participants write under k2; the orchestrator knows only k1.
-    let store = |keys: &str| {
-        Arc::new(
-            PgStore::builder(db.pool.clone())
-                .schema(&db.schema)
-                .outbox_lease(Duration::from_secs(1))
-                .payloads(payloads(keys))
-                .build()
-                .unwrap(),
-        )
-    };
+    let store = |keys: &str| store_with(&db, keys);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let workers = order::participants_with(
@@ -466,14 +462,7 @@ async fn results_under_a_key_the_orchestrator_lacks_wait_for_it() {
 async fn a_worker_without_the_key_applies_nothing_and_says_which_key() {
     let db = database().await;
     let broker = broker().await;
-    let store = Arc::new(
-        PgStore::builder(db.pool.clone())
-            .schema(&db.schema)
-            .outbox_lease(Duration::from_secs(1))
-            .payloads(payloads(&format!("{K2},{K1}")))
-            .build()
-            .unwrap(),
-    );
+    let store = store_with(&db, &format!("{K2},{K1}"));
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let with_k2 = order::participants_with(
