@@ -88,6 +88,12 @@ pub enum CodecError {
     /// The keys given are not valid.
     #[error("invalid payload keys: {0}")]
     Config(String),
+    /// A value from a caller or a handler has the shape of a sealed payload, which only the
+    /// codec writes.
+    #[error(
+        "{0} has the shape of a sealed payload (an object whose one field is `$sealed`), which only the payload codec writes"
+    )]
+    SealedShape(String),
     /// Encoding failed.
     #[error("cannot encrypt a payload: {0}")]
     Encode(String),
@@ -263,10 +269,7 @@ pub(crate) fn without_values_in(text: &str) -> String {
 /// the codec writes those.
 pub(crate) fn refuse_sealed_shape(value: &Value, what: &str) -> Result<(), CodecError> {
     if sealed_parts(value).is_some() {
-        return Err(CodecError::Config(format!(
-            "{what} has the shape of a sealed payload (an object whose one field is `{SEALED}`), \
-             which only the payload codec writes"
-        )));
+        return Err(CodecError::SealedShape(what.to_owned()));
     }
     Ok(())
 }

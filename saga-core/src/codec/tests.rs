@@ -50,7 +50,13 @@ fn null_and_plain_values_pass_through_and_a_sealed_shape_is_sealed_again() {
     assert_eq!(p.open(twice).unwrap(), sealed);
     // What the codec sealed itself is not sealed again on its way out.
     assert_eq!(p.seal_once(sealed.clone()).unwrap(), sealed);
-    assert!(super::refuse_sealed_shape(&sealed, "the input").is_err());
+    let refused = super::refuse_sealed_shape(&sealed, "the input").unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .starts_with("the input has the shape of a sealed payload"),
+        "{refused}"
+    );
     assert!(super::refuse_sealed_shape(&json!({"$sealed": 1, "x": 2}), "the input").is_ok());
 }
 
