@@ -98,7 +98,15 @@ async fn metrics_match_the_run_and_health_answers() {
     // 18 x 3 results + 2 x 5 results, all applied.
     assert_eq!(at(r#"saga_results_total{verdict="applied"}"#), 64.0);
     assert_eq!(at("saga_outbox_backlog"), 0.0);
-    assert_eq!(at("saga_timers_due"), 0.0);
+    // No timer is left due: one a last transaction claimed, or one that came due as its saga
+    // ended (seen once under load: 2 for a moment), is fired by the timer loop (and ignored by
+    // its ended saga) within a poll.
+    let drained = wait_until(Duration::from_secs(10), || async {
+        let (_, body) = get(orchestrator_port, "/metrics").await;
+        samples(&body).get("saga_timers_due") == Some(&0.0)
+    })
+    .await;
+    assert!(drained, "timers left due: {body}");
 
     let (_, body) = get(shipping_port, "/metrics").await;
     let m = samples(&body);
