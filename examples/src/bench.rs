@@ -430,16 +430,19 @@ where
         .execute(pool)
         .await?;
     }
+    delete_topology::<E>(&connect().await?).await
+}
+
+/// Deletes the queues and exchanges of `E`'s services and of the results, under the prefix
+/// `transport` was configured with.
+pub(crate) async fn delete_topology<E: Example>(transport: &AmqpTransport) -> anyhow::Result<()> {
     let mut sources: Vec<Source> = E::services()
         .into_iter()
         .map(|s| Destination::Service(s.to_owned()))
         .collect();
     sources.push(Destination::Results);
-    connect()
-        .await?
+    transport
         .delete_topology(&sources)
         .await
-        .map_err(|e| anyhow::anyhow!(e.message().to_owned()))?;
-
-    Ok(())
+        .map_err(|e| anyhow::anyhow!(e.message().to_owned()))
 }

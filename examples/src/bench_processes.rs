@@ -13,15 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use saga_amqp::{AmqpConfig, AmqpTransport};
-use saga_core::transport::Source;
-use saga_core::{Client, Destination, PgStore, SagaStatus};
+use saga_core::{Client, PgStore, SagaStatus};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
 use crate::Example;
-use crate::bench::{BenchArgs, Started, figures, spawn_starts};
+use crate::bench::{BenchArgs, Started, delete_topology, figures, spawn_starts};
 use crate::cpu::CpuTimes;
 
 /// The channel the settle trigger notifies on.
@@ -372,16 +371,8 @@ async fn clean_up<E: Example>(
     )))
     .execute(admin)
     .await?;
-    let mut sources: Vec<Source> = E::services()
-        .into_iter()
-        .map(|s| Destination::Service(s.to_owned()))
-        .collect();
-    sources.push(Destination::Results);
-    AmqpTransport::connect(amqp)
+    let transport = AmqpTransport::connect(amqp)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))?
-        .delete_topology(&sources)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.message().to_owned()))?;
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))?;
+    delete_topology::<E>(&transport).await
 }
