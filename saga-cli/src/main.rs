@@ -4,10 +4,12 @@
 //! Reads `DATABASE_URL` (and `SAGA_SCHEMA`, default `saga`; `SAGA_PAYLOAD_KEYS`, the payload
 //! keys, to show encrypted payloads and to encrypt the signals it sends). Actions are queued
 //! for the orchestrators, which apply them under the saga's lock; the tool waits for their
-//! verdict.
+//! verdict. `saga ui` serves the same as a web console.
 
 mod bulk;
 mod duration;
+mod reach;
+mod ui;
 
 /// Writes a line on stdout; fails (so that the program ends quietly, see
 /// `saga_core::error::is_closed_pipe`)
@@ -37,7 +39,6 @@ use clap::{Parser, Subcommand};
 use saga_core::codec::{AesGcmCodec, SAGA_PAYLOAD_KEYS};
 use saga_core::store::{ListFilter, SagaSummary};
 use saga_core::{Client, Event, Inbox, OperatorAction, Payloads, PgStore, SagaStatus};
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
@@ -49,6 +50,10 @@ struct Cli {
     /// The schema of the saga tables.
     #[arg(long, global = true, env = "SAGA_SCHEMA", default_value = "saga")]
     schema: String,
+    /// While the database is out of reach (a restart), keep trying this long before failing
+    /// (the connection, and the reads of `list` and `show`); 0s fails at once.
+    #[arg(long, global = true, value_parser = duration::parse, default_value = "30s")]
+    reconnect_for: Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +71,9 @@ enum Command {
         /// Only sagas of this name.
         #[arg(long)]
         saga: Option<String>,
+        /// Only the saga with this business key.
+        #[arg(long)]
+        key: Option<String>,
         /// Only sagas started longer ago than this (e.g. 30m, 12h, 7d).
         #[arg(long, value_parser = duration::parse)]
         older_than: Option<Duration>,
@@ -156,6 +164,16 @@ enum Command {
     /// Prints a new random payload key, base64-encoded, for `SAGA_PAYLOAD_KEYS`
     /// (`id:key` pairs separated by commas, the first used for new writes). Needs no database.
     Keygen,
+    /// Serves the web console: an overview, the sagas with filters, each saga's timeline
+    /// and the actions that apply to it, and the same as JSON under /api.
+    Ui {
+        /// The address to serve on. Off loopback, actions need `SAGA_UI_TOKEN`.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Show everything, offer and accept no action.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Deletes finished sagas (completed, compensated, cancelled) older than this, with their
     /// logs.
     Purge {
@@ -210,12 +228,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let payloads = Payloads::from_env().with_context(|| format!("reading {SAGA_PAYLOAD_KEYS}"))?;
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await
-        .context("cannot connect to PostgreSQL at DATABASE_URL")?;
+    let deadline = tokio::time::Instant::now() + cli.reconnect_for;
+    let pool = reach::connect(&url, deadline).await?;
     let store = Arc::new(
         PgStore::builder(pool)
             .schema(&cli.schema)
@@ -244,6 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List {
             status,
             saga,
+            key,
             older_than,
             newer_than,
             limit,
@@ -255,10 +270,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 saga,
                 created_before: older_than.map(|d| now - d),
                 created_after: newer_than.map(|d| now - d),
+                business_key: key,
                 limit: Some(limit),
                 offset: (page - 1) * limit,
+                ..ListFilter::default()
             };
-            let sagas = client.list(&filter).await?;
+            let sagas =
+                reach::retry(deadline, || async { Ok(client.list(&filter).await?) }).await?;
             if json {
                 outln!("{}", serde_json::to_string(&sagas)?);
             } else {
@@ -266,12 +284,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Show { id } => {
-            let summary = client
-                .summary(id)
-                .await?
-                .with_context(|| format!("saga {id}: no such saga"))?;
+            let (summary, history) = reach::retry(deadline, || async {
+                Ok((client.summary(id).await?, client.history(id).await?))
+            })
+            .await?;
+            let summary = summary.with_context(|| format!("saga {id}: no such saga"))?;
             // Payloads under a key not given here show as `<encrypted: key ..>`.
-            let history = client.history(id).await?;
             if json {
                 let shown = serde_json::json!({ "saga": summary, "events": history });
                 outln!("{}", Payloads::masked(&shown));
@@ -330,6 +348,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             done("resumed", id)?;
         }
         Command::Keygen => unreachable!("answered before connecting"),
+        Command::Ui { listen, read_only } => {
+            let token = std::env::var("SAGA_UI_TOKEN").ok();
+            ui::serve(client, listen, ui::Access::new(listen, token, read_only)).await?;
+        }
         Command::PurgeInbox { inbox, older_than } => {
             if older_than.is_zero() {
                 bail!("--older-than must be more than zero");

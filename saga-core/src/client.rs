@@ -296,6 +296,15 @@ impl Client {
         self.store.history(saga_id).await
     }
 
+    /// Sagas by name and status: every unfinished one, and those finished since
+    /// `finished_since`.
+    pub async fn counts(
+        &self,
+        finished_since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<crate::store::SagaCount>> {
+        self.store.counts(finished_since).await
+    }
+
     /// How many sagas are in each status.
     pub async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>> {
         self.store.count_by_status().await

@@ -148,6 +148,10 @@ pub struct ListFilter {
     pub created_before: Option<DateTime<Utc>>,
     /// Only sagas created after this.
     pub created_after: Option<DateTime<Utc>>,
+    /// Only sagas with this business key.
+    pub business_key: Option<String>,
+    /// Oldest first instead of newest first.
+    pub oldest_first: bool,
     /// At most this many (default 50).
     pub limit: Option<u32>,
     /// Skip this many (pagination).
@@ -243,7 +247,7 @@ pub trait QueryStore: Send + Sync + 'static {
     /// A saga's whole log.
     async fn history(&self, saga_id: Uuid) -> Result<Vec<RecordedEvent>>;
 
-    /// Sagas matching `filter`, newest first.
+    /// Sagas matching `filter`, newest first (or oldest first, as the filter says).
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>>;
 
     /// Deletes sagas that finished (completed, compensated, cancelled) before `before`, with
@@ -255,4 +259,19 @@ pub trait QueryStore: Send + Sync + 'static {
 
     /// How many sagas are in each status (statuses with none are left out).
     async fn count_by_status(&self) -> Result<BTreeMap<SagaStatus, u64>>;
+
+    /// Sagas by name and status: every unfinished one, and those that finished at or after
+    /// `finished_since` (counting every finished saga of a long log would read all of it).
+    async fn counts(&self, finished_since: DateTime<Utc>) -> Result<Vec<SagaCount>>;
+}
+
+/// How many sagas of one name are in one status (see [`QueryStore::counts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaCount {
+    /// The definition's name.
+    pub saga: String,
+    /// The status.
+    pub status: SagaStatus,
+    /// How many.
+    pub count: u64,
 }

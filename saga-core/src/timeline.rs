@@ -22,12 +22,33 @@ pub fn render(
     history: &[RecordedEvent],
 ) -> String {
     let start = history.first().map(|r| r.at).unwrap_or(summary.created_at);
-    let mut names: Vec<String> = definition.map(Definition::step_names).unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "saga {} ({} v{}) {}",
+        summary.id, summary.saga, summary.version, summary.status
+    );
+    for (record, line) in history.iter().zip(describe(definition, history)) {
+        let ms = (record.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+        let _ = writeln!(out, "  {ms:>8.1} ms  {line}");
+    }
+    out
+}
+
+/// The names of a saga's steps, in order: from its log, or else the definition.
+pub fn step_names(definition: Option<&Definition>, history: &[RecordedEvent]) -> Vec<String> {
     if let Some(Event::Started { steps, .. }) = history.first().map(|r| &r.event)
         && !steps.is_empty()
     {
-        names = steps.clone();
+        return steps.clone();
     }
+    definition.map(Definition::step_names).unwrap_or_default()
+}
+
+/// One line of words for each event of `history`, as [`render`] prints them after their
+/// times (a result says how long its attempt took).
+pub fn describe(definition: Option<&Definition>, history: &[RecordedEvent]) -> Vec<String> {
+    let names = step_names(definition, history);
     let step_name = |step: u32| {
         names
             .get(step as usize)
@@ -36,14 +57,8 @@ pub fn render(
     };
     // When each attempt was dispatched, for how long its answer took.
     let mut dispatched: HashMap<StepAttempt, DateTime<Utc>> = HashMap::new();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "saga {} ({} v{}) {}",
-        summary.id, summary.saga, summary.version, summary.status
-    );
+    let mut lines = Vec::with_capacity(history.len());
     for record in history {
-        let ms = (record.at - start).num_microseconds().unwrap_or(0) as f64 / 1000.0;
         let took = record
             .event
             .step_attempt()
@@ -206,9 +221,9 @@ pub fn render(
             Event::Compensated => "compensated".to_owned(),
             Event::Stuck { reason, .. } => format!("stuck: {reason}"),
         };
-        let _ = writeln!(out, "  {ms:>8.1} ms  {line}");
+        lines.push(line);
     }
-    out
+    lines
 }
 
 /// `service.command` of a step's command in `direction`, from the definition, or `?`.

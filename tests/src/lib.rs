@@ -2,6 +2,7 @@
 //! small order saga whose participants record their effects through the inbox.
 
 pub mod amqp;
+pub mod browser;
 pub mod harness;
 pub mod logs;
 pub mod order;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::transition::{Loaded, Writes, apply_input, report};
 use super::{
-    Applied, ListFilter, OutboxRecord, OutboxStore, QueryStore, SagaStore, SagaSummary,
+    Applied, ListFilter, OutboxRecord, OutboxStore, QueryStore, SagaCount, SagaStore, SagaSummary,
     StartRequest, Started,
 };
 use crate::decide::{Input, Timer, Verdict};
@@ -402,9 +402,18 @@ impl QueryStore for MemoryStore {
             .filter(|s| filter.saga.as_ref().is_none_or(|n| &s.saga == n))
             .filter(|s| filter.created_before.is_none_or(|t| s.created_at < t))
             .filter(|s| filter.created_after.is_none_or(|t| s.created_at > t))
+            .filter(|s| {
+                filter
+                    .business_key
+                    .as_ref()
+                    .is_none_or(|k| s.business_key.as_ref() == Some(k))
+            })
             .cloned()
             .collect();
         found.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.id)));
+        if filter.oldest_first {
+            found.reverse();
+        }
         Ok(found
             .into_iter()
             .skip(filter.offset as usize)
@@ -464,6 +473,25 @@ impl QueryStore for MemoryStore {
             *counts.entry(instance.summary.status).or_default() += 1;
         }
         Ok(counts)
+    }
+
+    async fn counts(&self, finished_since: DateTime<Utc>) -> Result<Vec<SagaCount>> {
+        let mut counts: BTreeMap<(String, SagaStatus), u64> = BTreeMap::new();
+        for i in self.lock().instances.values() {
+            let s = &i.summary;
+            if s.status.is_terminal() && s.updated_at < finished_since {
+                continue;
+            }
+            *counts.entry((s.saga.clone(), s.status)).or_default() += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((saga, status), count)| SagaCount {
+                saga,
+                status,
+                count,
+            })
+            .collect())
     }
 }
 

@@ -13,19 +13,32 @@ use super::sql;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent};
 use crate::state::SagaStatus;
-use crate::store::{ListFilter, QueryStore, SagaSummary, StoreStats};
+use crate::store::{ListFilter, QueryStore, SagaCount, SagaSummary, StoreStats};
 
 /// The statements of the queries and the purge.
 pub(super) struct Statements {
     summary: SqlStr,
     history: SqlStr,
     list: SqlStr,
+    list_oldest: SqlStr,
     stats_sagas: SqlStr,
     stats_queues: SqlStr,
     purge: SqlStr,
     purge_events: SqlStr,
     purge_timers: SqlStr,
     count_by_status: SqlStr,
+    counts: SqlStr,
+}
+
+/// The list, ordered by `created_at` in `order` (ASC or DESC), so that an index serves it.
+fn list(s: &str, order: &str) -> SqlStr {
+    sql(format!(
+        "SELECT id, saga, version, status, business_key, reason, created_at, updated_at FROM {s}.instances \
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga = $2) \
+         AND ($3::timestamptz IS NULL OR created_at < $3) AND ($4::timestamptz IS NULL OR created_at > $4) \
+         AND ($7::text IS NULL OR business_key = $7) \
+         ORDER BY created_at {order}, id {order} LIMIT $5 OFFSET $6"
+    ))
 }
 
 impl Statements {
@@ -38,12 +51,8 @@ impl Statements {
             history: sql(format!(
                 "SELECT seq, data, recorded_at FROM {s}.events WHERE saga_id = $1 ORDER BY seq"
             )),
-            list: sql(format!(
-                "SELECT id, saga, version, status, business_key, reason, created_at, updated_at FROM {s}.instances \
-                 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR saga = $2) \
-                 AND ($3::timestamptz IS NULL OR created_at < $3) AND ($4::timestamptz IS NULL OR created_at > $4) \
-                 ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6"
-            )),
+            list: list(s, "DESC"),
+            list_oldest: list(s, "ASC"),
             stats_sagas: sql(format!(
                 "SELECT saga, status, count(*) AS n FROM {s}.instances GROUP BY saga, status"
             )),
@@ -65,6 +74,15 @@ impl Statements {
             purge_timers: sql(format!("DELETE FROM {s}.timers WHERE saga_id = ANY($1)")),
             count_by_status: sql(format!(
                 "SELECT status, count(*) AS n FROM {s}.instances GROUP BY status"
+            )),
+            // Two parts, each on its own partial index: the unfinished sagas, and those finished
+            // since $1.
+            counts: sql(format!(
+                "SELECT saga, status, count(*) AS n FROM {s}.instances \
+                 WHERE status NOT IN ('completed', 'compensated', 'cancelled') GROUP BY saga, status \
+                 UNION ALL \
+                 SELECT saga, status, count(*) AS n FROM {s}.instances \
+                 WHERE finished_at IS NOT NULL AND finished_at >= $1 GROUP BY saga, status"
             )),
         }
     }
@@ -102,13 +120,22 @@ impl QueryStore for PgStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaSummary>> {
-        let rows = sqlx::query(self.sql.queries.list.clone())
+        // Unnamed, so each is planned for its own filter: a generic plan for every
+        // combination of `$n IS NULL` would scan.
+        let statement = if filter.oldest_first {
+            &self.sql.queries.list_oldest
+        } else {
+            &self.sql.queries.list
+        };
+        let rows = sqlx::query(statement.clone())
+            .persistent(false)
             .bind(filter.status.map(|s| s.as_str()))
             .bind(&filter.saga)
             .bind(filter.created_before)
             .bind(filter.created_after)
             .bind(i64::from(filter.limit.unwrap_or(50)))
             .bind(i64::from(filter.offset))
+            .bind(&filter.business_key)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(summary_from_row).collect()
@@ -180,6 +207,24 @@ impl QueryStore for PgStore {
             counts.insert(status.parse().map_err(Error::Internal)?, n as u64);
         }
         Ok(counts)
+    }
+
+    async fn counts(&self, finished_since: DateTime<Utc>) -> Result<Vec<SagaCount>> {
+        let rows = sqlx::query(self.sql.queries.counts.clone())
+            .persistent(false)
+            .bind(finished_since)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let status: String = row.try_get("status")?;
+                Ok(SagaCount {
+                    saga: row.try_get("saga")?,
+                    status: status.parse().map_err(Error::Internal)?,
+                    count: row.try_get::<i64, _>("n")? as u64,
+                })
+            })
+            .collect()
     }
 }
 

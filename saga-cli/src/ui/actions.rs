@@ -1,0 +1,163 @@
+//! The console's actions (POST): retry, resolve, cancel, pause, resume, signal, through the
+//! same client calls as the CLI, so they are queued for the orchestrators and recorded in the
+//! log as the CLI's are; and the login that takes the token.
+
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::http::header::{LOCATION, SET_COOKIE};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use saga_core::OperatorAction;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::guard::TOKEN_COOKIE;
+use super::{PageError, Ui};
+
+/// An action's form: `csrf` always, the rest as the action needs.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    step: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    payload: String,
+}
+
+/// `POST /sagas/{id}/{action}`: does it, then shows the saga with the verdict.
+pub(crate) async fn act(
+    State(ui): State<Ui>,
+    Path((id, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Result<Response, PageError> {
+    ui.access.authorize(&headers, &form.csrf)?;
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| PageError::BadRequest(format!("`{id}` is not a saga id")))?;
+    let verdict = run(&ui, id, &action, form).await?;
+    let flash = match verdict {
+        Ok(done) => ui.flash(true, done),
+        Err(e) => ui.flash(false, format!("{action}: {}", saga_core::error::report(&e))),
+    };
+    Ok(see_other(&format!("/sagas/{id}?flash={flash}")))
+}
+
+/// Runs one action; the outer error is a bad request, the inner the action's verdict.
+async fn run(
+    ui: &Ui,
+    id: Uuid,
+    action: &str,
+    form: ActionForm,
+) -> Result<Result<String, saga_core::Error>, PageError> {
+    let required = |value: &str, what: &str| {
+        if value.trim().is_empty() {
+            Err(PageError::BadRequest(format!("{action} needs {what}")))
+        } else {
+            Ok(value.trim().to_owned())
+        }
+    };
+    let client = &ui.client;
+    Ok(match action {
+        "retry" => client
+            .act(id, OperatorAction::Retry)
+            .await
+            .map(|()| "retrying its failed step".to_owned()),
+        "resolve" => {
+            let step = required(&form.step, "a step")?;
+            let reason = required(&form.reason, "a reason")?;
+            client
+                .act(
+                    id,
+                    OperatorAction::Resolve {
+                        step: step.clone(),
+                        reason,
+                    },
+                )
+                .await
+                .map(|()| format!("compensation of `{step}` resolved by hand"))
+        }
+        "cancel" => {
+            let reason = required(&form.reason, "a reason")?;
+            client
+                .cancel(id, &reason)
+                .await
+                .map(|()| "cancel accepted; it compensates".to_owned())
+        }
+        "pause" => {
+            let reason = Some(form.reason.trim().to_owned())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "paused by an operator".to_owned());
+            client
+                .act(id, OperatorAction::Pause { reason })
+                .await
+                .map(|()| "paused".to_owned())
+        }
+        "resume" => client
+            .act(id, OperatorAction::Resume)
+            .await
+            .map(|()| "resumed".to_owned()),
+        "signal" => {
+            let name = required(&form.name, "a signal name")?;
+            let payload: serde_json::Value = serde_json::from_str(&form.payload)
+                .map_err(|e| PageError::BadRequest(format!("the payload is not JSON: {e}")))?;
+            client
+                .signal(id, &name, &payload)
+                .await
+                .map(|()| format!("signal `{name}` recorded"))
+        }
+        other => return Err(PageError::NotFound(format!("no action `{other}`"))),
+    })
+}
+
+/// The login form.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct LoginForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// `POST /login`: keeps the token in a cookie (HTTP only, this site only) when it is right.
+pub(crate) async fn login(
+    State(ui): State<Ui>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, PageError> {
+    ui.access.check_form(&headers, &form.csrf)?;
+    if !ui.access.token_is(&form.token) {
+        return Err(PageError::Forbidden("wrong token".into()));
+    }
+    // Only a path of this console: never another site.
+    let next = if form.next.starts_with('/') && !form.next.starts_with("//") {
+        form.next
+    } else {
+        "/".to_owned()
+    };
+    let mut response = see_other(&next);
+    let cookie = format!(
+        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        form.token
+    );
+    let cookie = HeaderValue::from_str(&cookie)
+        .map_err(|_| PageError::BadRequest("the token cannot be kept in a cookie".into()))?;
+    response.headers_mut().insert(SET_COOKIE, cookie);
+    Ok(response)
+}
+
+fn see_other(location: &str) -> Response {
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    response
+}

@@ -1,0 +1,423 @@
+//! A real browser for the web console's tests: headless Chromium driven over WebDriver by
+//! ChromeDriver (Debian's `chromium` and `chromium-driver`, which `scripts/test` installs),
+//! and plain HTTP requests for what a browser would not send.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where Debian puts them.
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// WebDriver's key for an element reference.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The header lines, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The first header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request to `addr` (`host:port`) and reads the whole answer.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    // Read the head, then the body by its length (a server may keep the connection open).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    let split = loop {
+        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{addr} closed before its answer's head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    loop {
+        let complete = match length {
+            Some(length) => body.len() >= length,
+            None if chunked => body.windows(5).any(|w| w == b"0\r\n\r\n"),
+            None => false,
+        };
+        if complete {
+            break;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    if chunked {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&data[..end])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+    out
+}
+
+/// A headless Chromium session, its ChromeDriver stopped (by PID) when dropped.
+pub struct Browser {
+    driver: Child,
+    addr: String,
+    session: String,
+}
+
+impl Browser {
+    /// Starts ChromeDriver on a free port and opens a session with a 1280x900 window.
+    pub async fn start() -> Browser {
+        for (path, package) in [(CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")] {
+            assert!(
+                std::path::Path::new(path).exists(),
+                "{path} is missing: the console's browser tests need Debian's `{package}` \
+                 (`apt-get install chromium chromium-driver`; `scripts/test` installs them)"
+            );
+        }
+        let port = crate::free_port();
+        let driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let addr = format!("127.0.0.1:{port}");
+        let mut browser = Browser {
+            driver,
+            addr,
+            session: String::new(),
+        };
+        let up = crate::wait_until(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(&browser.addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "chromedriver did not listen on {}", browser.addr);
+        let profile = std::env::temp_dir().join(format!("saga-chromium-{}", uuid::Uuid::new_v4()));
+        let created = browser
+            .call(
+                "POST",
+                "/session",
+                json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": CHROMIUM,
+                        "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                 "--disable-dev-shm-usage", "--window-size=1280,900",
+                                 format!("--user-data-dir={}", profile.display())],
+                    }
+                }}}),
+            )
+            .await;
+        browser.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_owned();
+        browser
+    }
+
+    /// One WebDriver call; panics with the driver's answer on an error.
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let body = if method == "GET" {
+            Vec::new()
+        } else {
+            body.to_string().into_bytes()
+        };
+        let response = http(
+            &self.addr,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            &body,
+        )
+        .await;
+        let value: Value = serde_json::from_slice(&response.body)
+            .unwrap_or_else(|e| panic!("webdriver {path}: {e}: {}", response.text()));
+        assert!(
+            response.status < 300,
+            "webdriver {method} {path}: {}",
+            value
+        );
+        value["value"].clone()
+    }
+
+    fn at(&self, path: &str) -> String {
+        format!("/session/{}{path}", self.session)
+    }
+
+    /// Opens `url` and waits for it to load.
+    pub async fn goto(&self, url: &str) {
+        self.call("POST", &self.at("/url"), json!({ "url": url }))
+            .await;
+    }
+
+    /// The page's address now.
+    pub async fn url(&self) -> String {
+        self.call("GET", &self.at("/url"), Value::Null)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The elements matching a CSS selector.
+    pub async fn all(&self, css: &str) -> Vec<Element<'_>> {
+        let found = self
+            .call(
+                "POST",
+                &self.at("/elements"),
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        found
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| Element {
+                browser: self,
+                id: e[ELEMENT]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("an element id in {e}"))
+                    .to_owned(),
+            })
+            .collect()
+    }
+
+    /// The first element matching a CSS selector; panics, with the page, if there is none.
+    pub async fn find(&self, css: &str) -> Element<'_> {
+        match self.all(css).await.into_iter().next() {
+            Some(e) => e,
+            None => panic!(
+                "no `{css}` on {}:\n{}",
+                self.url().await,
+                self.source().await
+            ),
+        }
+    }
+
+    /// The page's HTML.
+    pub async fn source(&self) -> String {
+        self.call("GET", &self.at("/source"), Value::Null)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Runs `script` in the page and returns its result.
+    pub async fn run(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            &self.at("/execute/sync"),
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    /// A PNG of the window.
+    pub async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let data = self.call("GET", &self.at("/screenshot"), Value::Null).await;
+        base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().expect("base64 PNG"))
+            .expect("a PNG")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// An element of the page.
+pub struct Element<'a> {
+    browser: &'a Browser,
+    id: String,
+}
+
+impl Element<'_> {
+    /// Clicks it.
+    pub async fn click(&self) {
+        self.browser
+            .call(
+                "POST",
+                &self.browser.at(&format!("/element/{}/click", self.id)),
+                json!({}),
+            )
+            .await;
+    }
+
+    /// Types `text` into it.
+    pub async fn type_text(&self, text: &str) {
+        self.browser
+            .call(
+                "POST",
+                &self.browser.at(&format!("/element/{}/value", self.id)),
+                json!({ "text": text }),
+            )
+            .await;
+    }
+
+    /// Its rendered text.
+    pub async fn text(&self) -> String {
+        self.browser
+            .call(
+                "GET",
+                &self.browser.at(&format!("/element/{}/text", self.id)),
+                Value::Null,
+            )
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// `saga ui` as a process of the test's own, stopped (by PID) when dropped.
+pub struct Console {
+    child: Child,
+    /// `host:port` it serves on.
+    pub addr: String,
+}
+
+impl Console {
+    /// Starts `saga ui --listen <listen>` on the test's schema with `env`, and waits for its
+    /// address.
+    pub async fn start(
+        schema: &str,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Console {
+        use std::io::BufRead as _;
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned());
+        let mut command = Command::new(crate::process::binary("saga"));
+        command
+            .args(["--schema", schema, "ui", "--listen", listen])
+            .args(extra)
+            .env("DATABASE_URL", url)
+            .env_remove("SAGA_UI_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start saga ui");
+        let stderr = child.stderr.take().expect("its stderr");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("serving http://").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(rest.split('/').next().unwrap_or_default().to_owned());
+                }
+                eprintln!("saga ui: {line}");
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("saga ui to say where it serves")
+            .expect("saga ui to start");
+        Console { child, addr }
+    }
+
+    /// `http://host:port`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
