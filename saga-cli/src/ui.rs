@@ -13,6 +13,7 @@ mod svg;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
@@ -29,8 +30,11 @@ pub(crate) use guard::Access;
 pub(crate) struct Ui {
     client: Client,
     access: Arc<Access>,
-    /// What an action did, shown once on the page it redirects to.
+    /// What an action did, shown on the page it redirects to (kept a minute, so that the
+    /// page's own refreshes keep showing it).
     flashes: Arc<Mutex<HashMap<Uuid, Flash>>>,
+    /// When the login form takes another try (a wrong token closes it a second).
+    login_open_at: Arc<Mutex<Instant>>,
 }
 
 /// An action's verdict, for the next page.
@@ -38,24 +42,28 @@ pub(crate) struct Ui {
 pub(crate) struct Flash {
     ok: bool,
     text: String,
+    at: Instant,
 }
 
 impl Ui {
     fn flash(&self, ok: bool, text: String) -> Uuid {
         let id = Uuid::new_v4();
         let mut flashes = self.flashes.lock().expect("flashes");
-        // Flashes nobody came back for are dropped rather than kept forever.
-        if flashes.len() > 1000 {
-            flashes.clear();
-        }
-        flashes.insert(id, Flash { ok, text });
+        flashes.retain(|_, f| f.at.elapsed() < FLASH_KEPT);
+        let at = Instant::now();
+        flashes.insert(id, Flash { ok, text, at });
         id
     }
 
-    fn take_flash(&self, id: Option<Uuid>) -> Option<Flash> {
-        id.and_then(|id| self.flashes.lock().expect("flashes").remove(&id))
+    fn flash_of(&self, id: Option<Uuid>) -> Option<Flash> {
+        let flashes = self.flashes.lock().expect("flashes");
+        id.and_then(|id| flashes.get(&id).cloned())
+            .filter(|f| f.at.elapsed() < FLASH_KEPT)
     }
 }
+
+/// How long an action's verdict is shown.
+const FLASH_KEPT: Duration = Duration::from_secs(60);
 
 /// Serves the console on `listen` until Ctrl-C.
 pub(crate) async fn serve(
@@ -72,6 +80,7 @@ pub(crate) async fn serve(
         client,
         access: Arc::new(access.bound_to(bound)),
         flashes: Arc::default(),
+        login_open_at: Arc::new(Mutex::new(Instant::now())),
     };
     axum::serve(listener, router(ui))
         .with_graceful_shutdown(async {
@@ -95,7 +104,7 @@ fn router(ui: Ui) -> Router {
         .fallback(|| async { PageError::NotFound("no such page".into()) })
         .layer(axum::middleware::from_fn_with_state(
             ui.clone(),
-            guard::check_host,
+            guard::check_request,
         ))
         .with_state(ui)
 }

@@ -41,8 +41,24 @@ impl Response {
     }
 }
 
-/// Sends one HTTP/1.1 request to `addr` (`host:port`) and reads the whole answer.
+/// Sends one HTTP/1.1 request to `addr` (`host:port`) and reads the whole answer; panics
+/// after a minute without one.
 pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        exchange(addr, method, path, headers, body),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{method} {path} at {addr}: no answer within a minute"))
+}
+
+async fn exchange(
     addr: &str,
     method: &str,
     path: &str,
@@ -62,7 +78,8 @@ pub async fn http(
     request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     stream.write_all(request.as_bytes()).await.unwrap();
     stream.write_all(body).await.unwrap();
-    // Read the head, then the body by its length (a server may keep the connection open).
+    // The head, then the body: by its length when given (a server may keep the connection
+    // open), else to the end of the connection.
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     let split = loop {
@@ -89,25 +106,17 @@ pub async fn http(
         .iter()
         .find(|(n, _)| n == "content-length")
         .and_then(|(_, v)| v.parse::<usize>().ok());
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    loop {
-        let complete = match length {
-            Some(length) => body.len() >= length,
-            None if chunked => body.windows(5).any(|w| w == b"0\r\n\r\n"),
-            None => false,
-        };
-        if complete {
-            break;
-        }
+    while length.is_none_or(|length| body.len() < length) {
         let n = stream.read(&mut buf).await.unwrap();
         if n == 0 {
             break;
         }
         body.extend_from_slice(&buf[..n]);
     }
-    if chunked {
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
     Response {
@@ -129,11 +138,11 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
             16,
         )
         .unwrap_or(0);
-        if size == 0 {
+        if size == 0 || data.len() < end + 2 + size {
             break;
         }
         out.extend_from_slice(&data[end + 2..end + 2 + size]);
-        data = &data[end + 2 + size + 2..];
+        data = data.get(end + 2 + size + 2..).unwrap_or_default();
     }
     out
 }
@@ -143,6 +152,7 @@ pub struct Browser {
     driver: Child,
     addr: String,
     session: String,
+    profile: std::path::PathBuf,
 }
 
 impl Browser {
@@ -155,25 +165,29 @@ impl Browser {
                  (`apt-get install chromium chromium-driver`; `scripts/test` installs them)"
             );
         }
+        use std::os::unix::process::CommandExt as _;
         let port = crate::free_port();
+        // A process group of its own, so that Chromium, its child, goes with it.
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start chromedriver");
         let addr = format!("127.0.0.1:{port}");
+        let profile = std::env::temp_dir().join(format!("saga-chromium-{}", uuid::Uuid::new_v4()));
         let mut browser = Browser {
             driver,
             addr,
             session: String::new(),
+            profile,
         };
         let up = crate::wait_until(Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(&browser.addr).await.is_ok()
         })
         .await;
         assert!(up, "chromedriver did not listen on {}", browser.addr);
-        let profile = std::env::temp_dir().join(format!("saga-chromium-{}", uuid::Uuid::new_v4()));
         let created = browser
             .call(
                 "POST",
@@ -184,7 +198,7 @@ impl Browser {
                         "binary": CHROMIUM,
                         "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                                  "--disable-dev-shm-usage", "--window-size=1280,900",
-                                 format!("--user-data-dir={}", profile.display())],
+                                 format!("--user-data-dir={}", browser.profile.display())],
                     }
                 }}}),
             )
@@ -198,6 +212,13 @@ impl Browser {
 
     /// One WebDriver call; panics with the driver's answer on an error.
     async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"))
+    }
+
+    /// One WebDriver call; the driver's error as `Err`.
+    async fn try_call(&self, method: &str, path: &str, body: Value) -> Result<Value, Value> {
         let body = if method == "GET" {
             Vec::new()
         } else {
@@ -213,12 +234,11 @@ impl Browser {
         .await;
         let value: Value = serde_json::from_slice(&response.body)
             .unwrap_or_else(|e| panic!("webdriver {path}: {e}: {}", response.text()));
-        assert!(
-            response.status < 300,
-            "webdriver {method} {path}: {}",
-            value
-        );
-        value["value"].clone()
+        if response.status < 300 {
+            Ok(value["value"].clone())
+        } else {
+            Err(value)
+        }
     }
 
     fn at(&self, path: &str) -> String {
@@ -275,6 +295,25 @@ impl Browser {
         }
     }
 
+    /// The text of the first element matching `css`, or `None` when there is none (or it went
+    /// stale: a page that reloads itself).
+    pub async fn text_of(&self, css: &str) -> Option<String> {
+        let found = self
+            .try_call(
+                "POST",
+                &self.at("/element"),
+                json!({"using": "css selector", "value": css}),
+            )
+            .await
+            .ok()?;
+        let id = found[ELEMENT].as_str()?;
+        let text = self
+            .try_call("GET", &self.at(&format!("/element/{id}/text")), Value::Null)
+            .await
+            .ok()?;
+        text.as_str().map(str::to_owned)
+    }
+
     /// The page's HTML.
     pub async fn source(&self) -> String {
         self.call("GET", &self.at("/source"), Value::Null)
@@ -306,8 +345,24 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // Ends the session (Chromium quits), then ChromeDriver's whole process group.
+        if let Ok(mut stream) = std::net::TcpStream::connect(&self.addr) {
+            use std::io::{Read as _, Write as _};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                self.session, self.addr
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let _ = stream.read(&mut [0u8; 1024]);
+            }
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -376,7 +431,15 @@ impl Console {
             .unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned());
         let mut command = Command::new(crate::process::binary("saga"));
         command
-            .args(["--schema", schema, "ui", "--listen", listen])
+            .args([
+                "--schema",
+                schema,
+                "--reconnect-for",
+                "10s",
+                "ui",
+                "--listen",
+                listen,
+            ])
             .args(extra)
             .env("DATABASE_URL", url)
             .env_remove("SAGA_UI_TOKEN")
@@ -387,6 +450,11 @@ impl Console {
         }
         let mut child = command.spawn().expect("start saga ui");
         let stderr = child.stderr.take().expect("its stderr");
+        // Stopped on drop, even if it never says where it serves.
+        let mut console = Console {
+            child,
+            addr: String::new(),
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
@@ -402,11 +470,11 @@ impl Console {
                 eprintln!("saga ui: {line}");
             }
         });
-        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+        console.addr = tokio::time::timeout(Duration::from_secs(30), rx)
             .await
             .expect("saga ui to say where it serves")
             .expect("saga ui to start");
-        Console { child, addr }
+        console
     }
 
     /// `http://host:port`.

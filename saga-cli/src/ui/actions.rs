@@ -12,7 +12,7 @@ use saga_core::OperatorAction;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::guard::TOKEN_COOKIE;
+use super::guard::{Access, TOKEN_COOKIE};
 use super::{PageError, Ui};
 
 /// An action's form: `csrf` always, the rest as the action needs.
@@ -134,24 +134,39 @@ pub(crate) async fn login(
     Form(form): Form<LoginForm>,
 ) -> Result<Response, PageError> {
     ui.access.check_form(&headers, &form.csrf)?;
-    if !ui.access.token_is(&form.token) {
-        return Err(PageError::Forbidden("wrong token".into()));
+    // One wrong token closes the form for a second, for everyone: guessing goes slowly.
+    {
+        let mut open_at = ui.login_open_at.lock().expect("login gate");
+        let now = std::time::Instant::now();
+        if now < *open_at {
+            return Err(PageError::Forbidden(
+                "too many attempts: wait a second and try again".into(),
+            ));
+        }
+        if !ui.access.token_is(&form.token) {
+            *open_at = now + std::time::Duration::from_secs(1);
+            return Err(PageError::Forbidden("wrong token".into()));
+        }
     }
-    // Only a path of this console: never another site.
-    let next = if form.next.starts_with('/') && !form.next.starts_with("//") {
-        form.next
-    } else {
-        "/".to_owned()
-    };
-    let mut response = see_other(&next);
+    let mut response = see_other(&safe_next(&form.next));
     let cookie = format!(
-        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        form.token
+        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
+        Access::cookie_value(&form.token)
     );
     let cookie = HeaderValue::from_str(&cookie)
         .map_err(|_| PageError::BadRequest("the token cannot be kept in a cookie".into()))?;
     response.headers_mut().insert(SET_COOKIE, cookie);
     Ok(response)
+}
+
+/// Where a login goes back to: a path of this console, never another site (`//host`,
+/// `/\\host` and control characters, which browsers read as another site, give `/`).
+fn safe_next(next: &str) -> String {
+    let ok = next.starts_with('/')
+        && !next[1..].starts_with(['/', '\\'])
+        && !next.contains('\\')
+        && !next.chars().any(char::is_control);
+    if ok { next.to_owned() } else { "/".to_owned() }
 }
 
 fn see_other(location: &str) -> Response {
@@ -160,4 +175,23 @@ fn see_other(location: &str) -> Response {
         response.headers_mut().insert(LOCATION, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn a_login_goes_back_only_to_a_page_of_the_console() {
+        assert_eq!(safe_next("/sagas/1?flash=2"), "/sagas/1?flash=2");
+        for other in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "https://evil.example",
+            "",
+        ] {
+            assert_eq!(safe_next(other), "/", "{other:?}");
+        }
+    }
 }

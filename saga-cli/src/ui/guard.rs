@@ -1,11 +1,15 @@
-//! Who may act through the console: the token, the CSRF check of every form, and the `Host`
-//! check that keeps other sites' pages (DNS rebinding) away from a console on loopback.
+//! Who may read and act through the console: the token, the CSRF check of every form, the
+//! `Host` check that keeps other sites' pages (DNS rebinding) away from a console on loopback,
+//! and the headers that keep pages out of other sites' frames.
 
 use std::net::SocketAddr;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
-use axum::http::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
+use axum::http::header::{
+    AUTHORIZATION, CONTENT_SECURITY_POLICY, COOKIE, HOST, LOCATION, ORIGIN, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -17,7 +21,8 @@ pub(crate) const TOKEN_COOKIE: &str = "saga_ui_token";
 /// The console's access rules.
 #[derive(Debug, Clone)]
 pub(crate) struct Access {
-    /// `SAGA_UI_TOKEN`, if set: then every action needs it.
+    /// The digest of `SAGA_UI_TOKEN`, if set: then every action needs the token, and off
+    /// loopback every page too. The login cookie holds the digest, never the token.
     token: Option<String>,
     /// `--read-only`: no action at all.
     read_only: bool,
@@ -42,7 +47,7 @@ impl Access {
     /// The rules for a console on `listen`.
     pub(crate) fn new(listen: SocketAddr, token: Option<String>, read_only: bool) -> Self {
         Access {
-            token: token.filter(|t| !t.is_empty()),
+            token: token.filter(|t| !t.is_empty()).map(|t| digest(&t)),
             read_only,
             bound: listen,
             csrf: uuid::Uuid::new_v4().simple().to_string(),
@@ -83,19 +88,33 @@ impl Access {
 
     /// Whether this request may act.
     pub(crate) fn actions(&self, headers: &HeaderMap) -> Actions {
-        match (self.actions_without_token(), &self.token) {
-            (Actions::NeedToken, Some(token))
-                if presented(headers).is_some_and(|t| same(&t, token)) =>
-            {
-                Actions::Allowed
-            }
-            (other, _) => other,
+        match self.actions_without_token() {
+            Actions::NeedToken if self.has_token(headers) => Actions::Allowed,
+            other => other,
         }
+    }
+
+    /// Whether the request presents the console's token (or the login cookie).
+    fn has_token(&self, headers: &HeaderMap) -> bool {
+        let token = self.token.as_deref();
+        presented(headers).is_some_and(|t| token.is_some_and(|token| same(&t, token)))
+    }
+
+    /// Whether reading needs the token too: off loopback, once there is one.
+    fn reads_need_token(&self) -> bool {
+        self.token.is_some() && !self.bound.ip().is_loopback()
     }
 
     /// Whether `token` is the console's token.
     pub(crate) fn token_is(&self, token: &str) -> bool {
-        self.token.as_deref().is_some_and(|t| same(token, t))
+        self.token
+            .as_deref()
+            .is_some_and(|t| same(&digest(token), t))
+    }
+
+    /// What the login cookie holds for `token`.
+    pub(crate) fn cookie_value(token: &str) -> String {
+        digest(token)
     }
 
     /// Refuses an action unless this request may act and its form came from a page of this
@@ -135,14 +154,15 @@ impl Access {
     }
 }
 
-/// The token a request presents: `Authorization: Bearer ..` or the login cookie.
+/// The digest of the token a request presents: `Authorization: Bearer ..`, or the login
+/// cookie (which holds the digest).
 fn presented(headers: &HeaderMap) -> Option<String> {
     if let Some(bearer) = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        return Some(bearer.trim().to_owned());
+        return Some(digest(bearer.trim()));
     }
     headers
         .get_all(COOKIE)
@@ -154,6 +174,13 @@ fn presented(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
+/// The hex SHA-256 of the token, so that secrets compared are of one length and the cookie
+/// never holds the token.
+fn digest(token: &str) -> String {
+    let hash = ring::digest::digest(&ring::digest::SHA256, format!("saga-ui:{token}").as_bytes());
+    hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Compares secrets in time independent of where they differ.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -163,30 +190,76 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// On a loopback address, refuses requests whose `Host` is not a loopback name: a page of
-/// another site whose name was made to point here (DNS rebinding) gets nothing.
-pub(crate) async fn check_host(State(ui): State<Ui>, request: Request, next: Next) -> Response {
-    if ui.access.bound.ip().is_loopback() {
-        let host = request
-            .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        let name = host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.parse::<u16>().is_ok() {
-                name
-            } else {
-                host
+/// Addresses served without the token: the login form and what it needs.
+const PUBLIC: [&str; 3] = ["/login", "/style.css", "/console.js"];
+
+/// Every request: on a loopback address, refuses a `Host` that is not a loopback name (a page
+/// of another site whose name was made to point here, DNS rebinding, gets nothing); off
+/// loopback with a token, sends a request without it to the login form (`/api`: 401); and
+/// keeps every page out of other sites' frames.
+pub(crate) async fn check_request(State(ui): State<Ui>, request: Request, next: Next) -> Response {
+    let access = &ui.access;
+    let mut response = if access.bound.ip().is_loopback() && !loopback_host(request.headers()) {
+        PageError::Forbidden(
+            "the console on a loopback address answers only to 127.0.0.1, localhost or [::1]"
+                .into(),
+        )
+        .into_response()
+    } else if access.reads_need_token()
+        && !PUBLIC.contains(&request.uri().path())
+        && !access.has_token(request.headers())
+    {
+        if request.method() != axum::http::Method::GET {
+            PageError::Forbidden(
+                "this console needs its token (SAGA_UI_TOKEN): log in first".into(),
+            )
+            .into_response()
+        } else if request.uri().path().starts_with("/api/") {
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({ "error": "this console needs its token: Authorization: Bearer <SAGA_UI_TOKEN>" })),
+            )
+                .into_response()
+        } else {
+            let back = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            let mut response = StatusCode::SEE_OTHER.into_response();
+            if let Ok(to) =
+                HeaderValue::from_str(&format!("/login?next={}", super::pages::encode(back)))
+            {
+                response.headers_mut().insert(LOCATION, to);
             }
-        });
-        if !matches!(name, "127.0.0.1" | "localhost" | "[::1]") {
-            return PageError::Forbidden(format!(
-                "the console on a loopback address answers only to 127.0.0.1, localhost or [::1], not `{host}`"
-            ))
-            .into_response();
+            response
         }
-    }
-    next.run(request).await
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    response
+}
+
+/// Whether the request's `Host` is a loopback name.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.parse::<u16>().is_ok() {
+            name
+        } else {
+            host
+        }
+    });
+    matches!(name, "127.0.0.1" | "localhost" | "[::1]")
 }
 
 #[cfg(test)]
@@ -214,9 +287,15 @@ mod tests {
             false,
         );
         assert_eq!(guarded.actions(&headers(&[])), Actions::NeedToken);
+        let cookie = format!("a=b; saga_ui_token={}", Access::cookie_value("s3cret"));
         assert_eq!(
-            guarded.actions(&headers(&[("cookie", "a=b; saga_ui_token=s3cret")])),
+            guarded.actions(&headers(&[("cookie", cookie.as_str())])),
             Actions::Allowed
+        );
+        assert_eq!(
+            guarded.actions(&headers(&[("cookie", "saga_ui_token=s3cret")])),
+            Actions::NeedToken,
+            "the cookie holds the digest, not the token"
         );
         assert_eq!(
             guarded.actions(&headers(&[("authorization", "Bearer s3cret")])),

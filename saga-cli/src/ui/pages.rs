@@ -14,8 +14,12 @@ use serde::Deserialize;
 use super::layout::{Refresh, framed, page};
 use super::{PageError, Ui};
 
-/// How far back the overview counts finished sagas.
-const FINISHED_WINDOW_HOURS: i64 = 24;
+/// How far back the overview counts finished sagas (their count is read from an index
+/// range, which grows with the window).
+const FINISHED_WINDOW_HOURS: i64 = 1;
+
+/// How many sagas the list's pages reach past (an offset reads every row it skips).
+const DEEPEST: u32 = 10_000;
 
 /// `/`: sagas by name and status, the stuck ones, the oldest running, recent failures.
 pub(crate) async fn overview(State(ui): State<Ui>) -> Result<Html<String>, PageError> {
@@ -60,13 +64,13 @@ pub(crate) async fn overview(State(ui): State<Ui>) -> Result<Html<String>, PageE
     let body = html! {
         h1 { "Overview" }
         @if names.is_empty() {
-            p.muted { "No sagas running, stuck, or finished in the last " (FINISHED_WINDOW_HOURS) " hours." }
+            p.muted { "No saga is running or stuck, and none finished in the last " (FINISHED_WINDOW_HOURS) " h." }
         } @else {
             table #counts {
                 tr {
                     th { "saga" }
                     @for s in COLUMNS {
-                        th.num { (s.as_str()) @if s.is_terminal() { " (" (FINISHED_WINDOW_HOURS) " h)" } }
+                        th.num { (s.as_str()) @if s.is_terminal() { " (last " (FINISHED_WINDOW_HOURS) " h)" } }
                     }
                 }
                 @for (name, m) in &names {
@@ -128,6 +132,12 @@ impl ListQuery {
             return Err(PageError::BadRequest("limit must be from 1 to 500".into()));
         }
         let page = self.page.unwrap_or(1).max(1);
+        if u64::from(page - 1) * u64::from(limit) > u64::from(DEEPEST) {
+            return Err(PageError::BadRequest(format!(
+                "page {page} is too deep (past {DEEPEST} sagas): narrow the filters (status, name, key) \
+                 or use `saga list --older-than`"
+            )));
+        }
         let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
         Ok(ListFilter {
             status,
@@ -165,7 +175,8 @@ pub(crate) async fn list(
 ) -> Result<Html<String>, PageError> {
     let filter = query.filter()?;
     let sagas = ui.client.list(&filter).await?;
-    let full = sagas.len() as u32 == filter.limit.unwrap_or(50);
+    let limit = filter.limit.unwrap_or(50);
+    let full = sagas.len() as u32 == limit && filter.offset + limit <= DEEPEST;
     let page_no = query.page();
     let body = html! {
         h1 { "Sagas" }

@@ -40,7 +40,7 @@ pub(crate) async fn saga(
         .await?
         .ok_or_else(|| PageError::NotFound(format!("saga {id}: no such saga")))?;
     let history = ui.client.history(id).await?;
-    let flash = ui.take_flash(query.flash);
+    let flash = ui.flash_of(query.flash);
     let actions = ui.access.actions(&headers);
     let body = render(
         &summary,
@@ -99,6 +99,12 @@ pub(crate) fn render(
             _ => None,
         })
         .flatten();
+    let stuck = history.iter().rev().find_map(|r| match &r.event {
+        Event::Stuck {
+            step, direction, ..
+        } => Some((*step, *direction)),
+        _ => None,
+    });
     let input = match history.first().map(|r| &r.event) {
         Some(Event::Started { input, .. }) => {
             serde_json::to_string_pretty(&Payloads::masked(input)).unwrap_or_default()
@@ -125,7 +131,7 @@ pub(crate) fn render(
         (svg::render(&steps, &services, history, end))
         (svg::legend())
         h2 { "Actions" }
-        (action_forms(summary, &steps, paused.is_some(), actions, csrf))
+        (action_forms(summary, &steps, stuck, paused.is_some(), actions, csrf))
         h2 { "Input" }
         pre #input { (input) }
         h2 { "Events" }
@@ -147,6 +153,7 @@ pub(crate) fn render(
 fn action_forms(
     summary: &SagaSummary,
     steps: &[String],
+    stuck: Option<(u32, Direction)>,
     paused: bool,
     actions: &Actions,
     csrf: &str,
@@ -174,14 +181,22 @@ fn action_forms(
             }
         }
     };
-    let stuck_step = summary.reason.as_deref();
+    // A compensation stuck can be resolved by hand, for its own step only.
+    let resolvable = match stuck {
+        Some((step, Direction::Compensation)) if status == SagaStatus::Stuck => steps
+            .get(step as usize)
+            .cloned()
+            .or_else(|| Some(format!("#{step}"))),
+        _ => None,
+    };
     html! {
         @if status == SagaStatus::Stuck {
             (form("retry", "retry the failed step", html! {}))
+        }
+        @if let Some(step) = &resolvable {
             (form("resolve", "resolve by hand", html! {
-                select name="step" {
-                    @for s in steps { option value=(s) { (s) } }
-                }
+                input type="hidden" name="step" value=(step);
+                span { "compensation of " code { (step) } " done by hand: " }
                 input type="text" name="reason" placeholder="what was done, and why" required size="28";
             }))
         }
@@ -192,7 +207,7 @@ fn action_forms(
         }
         @if paused {
             (form("resume", "resume", html! {}))
-        } @else {
+        } @else if status.is_active() {
             (form("pause", "pause", html! {
                 input type="text" name="reason" placeholder="why" size="20";
             }))
@@ -201,9 +216,6 @@ fn action_forms(
             input type="text" name="name" placeholder="signal name" required size="14";
             textarea name="payload" rows="1" cols="24" placeholder="JSON payload" { "{}" }
         }))
-        @if let (SagaStatus::Stuck, Some(reason)) = (status, stuck_step) {
-            p.muted { "Stuck: " (reason) }
-        }
     }
 }
 

@@ -479,7 +479,7 @@ impl QueryStore for MemoryStore {
         let mut counts: BTreeMap<(String, SagaStatus), u64> = BTreeMap::new();
         for i in self.lock().instances.values() {
             let s = &i.summary;
-            if s.status.is_terminal() && s.updated_at < finished_since {
+            if i.finished_at.is_some_and(|at| at < finished_since) {
                 continue;
             }
             *counts.entry((s.saga.clone(), s.status)).or_default() += 1;
