@@ -283,6 +283,7 @@ where
     // for the cores.
     let count = args.count as usize;
     let tally = tokio::spawn(async move {
+        let bar = crate::progress::bar(count as u64, "sagas settled");
         let mut started: HashMap<Uuid, Started> = HashMap::new();
         let mut settled: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -295,6 +296,7 @@ where
                 Some((id, status, at)) = settled_rx.recv() => {
                     settled.insert(id, (status, at));
                     permits.add_permits(1);
+                    bar.inc(1);
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     bail!("the run did not finish within 10 minutes")
@@ -302,6 +304,7 @@ where
             }
         }
         let secs = begin.elapsed().as_secs_f64();
+        bar.finish_and_clear();
         starter.await?;
         while let Ok(s) = started_rx.try_recv() {
             let (id, fail, at) = s?;

@@ -122,7 +122,9 @@ async fn measure<E: Example>(
     // Notifications may come before their start's answer: kept until it does.
     let mut early: HashMap<Uuid, (SagaStatus, Instant)> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(600);
+    let bar = crate::progress::bar(count as u64, "sagas settled");
     while settled.len() < count {
+        bar.set_position(settled.len() as u64);
         tokio::select! {
             Some(s) = started_rx.recv() => {
                 let (id, fail, at) = s.context("starting a saga")?;
@@ -165,6 +167,7 @@ async fn measure<E: Example>(
         }
     }
     let secs = begin.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     starter.await?;
     let rss = programs.orchestrator_rss_mb();
     if let Some(line) = CpuTimes::now().per_saga_since(&cpu_before, args.count) {

@@ -291,15 +291,18 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                     }
                 }
             };
+            let bar = crate::progress::bar(count, "started");
             let started: Vec<uuid::Uuid> = futures_util::stream::iter(1..=count)
                 .map(start)
                 .buffered(usize::try_from(in_flight).unwrap_or(usize::MAX))
+                .inspect_ok(|_| bar.inc(1))
                 .try_collect()
                 .await
                 .with_context(|| {
                     // Some starts may have committed: their keys say which run they were.
                     format!("starting sagas with business keys {run}-1 to {run}-{count}")
                 })?;
+            bar.finish_and_clear();
             outln!("started {count}");
             if ids {
                 for id in started {

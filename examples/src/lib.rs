@@ -24,6 +24,7 @@ pub mod expense;
 pub mod order;
 pub mod participant;
 pub mod payment;
+mod progress;
 pub mod telemetry;
 pub mod travel;
 

@@ -98,6 +98,37 @@ impl Stack {
         (stdout, String::from_utf8_lossy(&output.stderr).into_owned())
     }
 
+    /// Runs the program to its end on a pseudo-terminal (util-linux `script`), as at a
+    /// person's terminal; returns what the terminal showed. Panics if it fails.
+    pub async fn run_on_terminal(&self, args: &[&str]) -> String {
+        let inner = self.command(args);
+        let quote =
+            |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"));
+        let line: Vec<String> = std::iter::once(inner.get_program())
+            .chain(inner.get_args())
+            .map(quote)
+            .collect();
+        let mut command = tokio::process::Command::new("script");
+        command
+            .args(["-qec", &line.join(" "), "/dev/null"])
+            .stdin(Stdio::null());
+        for (key, value) in inner.get_envs() {
+            if let Some(value) = value {
+                command.env(key, value);
+            }
+        }
+        let output = command
+            .output()
+            .await
+            .expect("run `script` (util-linux) for a pseudo-terminal");
+        let shown = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?} on a terminal failed: {shown}"
+        );
+        shown
+    }
+
     /// Runs the program to its end with extra environment, expecting it to fail; returns its
     /// stderr.
     pub async fn run_failing(&self, args: &[&str], env: &[(&str, &str)]) -> String {

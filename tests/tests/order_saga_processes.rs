@@ -305,3 +305,21 @@ async fn the_bench_of_processes_checks_every_outcome_and_stops_its_programs() {
     assert_eq!(left, 0);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_shows_its_progress_on_a_terminal_and_nothing_when_piped() {
+    let stack = Stack::new("order-saga").await;
+    stack.run(&["migrate"]).await;
+    // Piped: stdout says what was done, stderr holds no bar.
+    let (stdout, stderr) = stack.run_with(&["start", "--count", "300"], &[]).await;
+    assert_eq!(stdout.trim(), "started 300");
+    assert!(!stderr.contains("/300"), "no bar when piped: {stderr}");
+    // At a terminal: the bar is drawn (and cleared), then the same line.
+    let shown = stack.run_on_terminal(&["start", "--count", "300"]).await;
+    assert!(
+        shown.contains("started") && shown.contains("/300"),
+        "a bar on a terminal: {shown:?}"
+    );
+    assert!(shown.trim_end().ends_with("started 300"), "{shown:?}");
+    stack.shutdown().await;
+}
