@@ -426,9 +426,20 @@ impl Console {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Console {
-        use std::io::BufRead as _;
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| crate::DEFAULT_DATABASE_URL.to_owned());
+        Self::start_on(&url, schema, listen, extra, env).await
+    }
+
+    /// [`Console::start`] on the database at `url`.
+    pub async fn start_on(
+        url: &str,
+        schema: &str,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Console {
+        use std::io::BufRead as _;
         let mut command = Command::new(crate::process::binary("saga"));
         command
             .args([

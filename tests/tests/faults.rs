@@ -7,9 +7,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio::io::AsyncBufReadExt as _;
+
 use saga_core::message::headers;
 use saga_core::{Destination, Envelope, Message, Reply, Transport};
 use saga_tests::amqp::{WatermarkGuard, drain_dead_letters, rabbitmqctl};
+use saga_tests::browser::{Console, http};
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
 
@@ -342,10 +345,45 @@ async fn postgres_restarts_fast_and_immediate_are_ridden_out() {
     })
     .await;
     assert!(polling, "`wait` connected");
+    // The web console, serving before the restarts.
+    let console = Console::start_on(&stack.database_url, "saga", "127.0.0.1:0", &[], &[]).await;
+    let api = |path: &'static str| {
+        let addr = console.addr.clone();
+        async move { http(&addr, "GET", path, &[], b"").await.status }
+    };
+    assert_eq!(api("/api/sagas").await, 200);
     for mode in ["fast", "immediate"] {
         pg_ctl(&["15", "main", "restart", "-m", mode]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // ... serves again once the database is back.
+    let serving = wait_until(Duration::from_secs(30), || async {
+        api("/api/sagas").await == 200 && api("/").await == 200
+    })
+    .await;
+    assert!(serving, "the console serves again after the restarts");
+    drop(console);
+    // `saga list`, started while the database is down, waits for it.
+    pg_ctl(&["15", "main", "stop", "-m", "immediate"]).await;
+    let mut listing = tokio::process::Command::new(saga_tests::process::binary("saga"))
+        .args(["list", "--json", "--reconnect-for", "120s"])
+        .env("DATABASE_URL", &stack.database_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(listing.stderr.take().unwrap()).lines();
+    let said = stderr.next_line().await.unwrap().unwrap_or_default();
+    assert!(said.contains("out of reach"), "{said}");
+    pg_ctl(&["15", "main", "start"]).await;
+    let listed = listing.wait_with_output().await.unwrap();
+    assert!(
+        listed.status.success(),
+        "`saga list` failed after the restart"
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(!listed.is_empty());
     let waited = waiting.await.unwrap().unwrap();
     let stdout = String::from_utf8_lossy(&waited.stdout);
     assert!(
