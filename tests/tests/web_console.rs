@@ -31,6 +31,27 @@ fn definition() -> SagaDefinition<Value> {
         .unwrap()
 }
 
+/// reserve -> waits for `approval` -> charge (pivot).
+fn gated() -> SagaDefinition<Value> {
+    SagaDefinition::<Value>::builder("approval", 1)
+        .step("reserve", |s| {
+            s.action("stock", "reserve", |c| Ok(c.input().clone()))
+                .compensation("stock", "release", |c| Ok(c.input().clone()))
+        })
+        .step("approval", |s| {
+            s.wait_for::<Value, _>("approved", |v| match v["by"].as_str() {
+                Some(_) => Ok(()),
+                None => Err("an approval names its approver".into()),
+            })
+        })
+        .step("charge", |s| {
+            s.pivot()
+                .action("stock", "charge", |c| Ok(c.input().clone()))
+        })
+        .build()
+        .unwrap()
+}
+
 /// An orchestrator and the `stock` service on a vhost of the test's own; the release fails
 /// for good while `release_down` holds; the charge fails with the input's `fail` as reason.
 struct Services {
@@ -80,6 +101,7 @@ async fn services(db: &TestDb) -> Services {
         tokio::spawn(
             Orchestrator::builder(store.clone(), Arc::new(broker.transport().await))
                 .register(&definition())
+                .register(&gated())
                 .config(config())
                 .build()
                 .run(shutdown.clone()),
@@ -454,4 +476,137 @@ async fn what_the_log_holds_shows_as_text_and_actions_need_the_token_off_loopbac
 fn csrf_of(page: &str) -> String {
     let at = page.find("name=\"csrf\" value=\"").expect("a form") + 19;
     page[at..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_records_them() {
+    let db = database().await;
+    let services = services(&db).await;
+    services.release_down.store(false, Ordering::SeqCst);
+    let client = &services.client;
+    let approved = client
+        .start(&gated(), &json!({"sku": "C-3"}))
+        .await
+        .unwrap()
+        .saga_id;
+    let withdrawn = client
+        .start(&gated(), &json!({"sku": "D-4"}))
+        .await
+        .unwrap()
+        .saga_id;
+    let waiting = |id: Uuid| async move {
+        wait_until(Duration::from_secs(20), || async {
+            kinds(client, id).await.contains(&"waiting")
+        })
+        .await
+    };
+    assert!(waiting(approved).await && waiting(withdrawn).await);
+
+    let console = Console::start(&db.schema, "127.0.0.1:0", &[], &[]).await;
+    let browser = Browser::start().await;
+    let page = format!("{}/sagas/{approved}", console.base());
+    browser.goto(&page).await;
+    // Waiting: the wait's bar is drawn, and the actions of a running saga are offered.
+    assert_eq!(browser.all("svg.timeline rect.bar.waiting").await.len(), 1);
+    for action in ["cancel", "pause", "signal"] {
+        browser.find(&format!("button[value={action}]")).await;
+    }
+    assert!(browser.all("button[value=retry]").await.is_empty());
+
+    // Pause, then resume: each said on the page and recorded in the log.
+    browser
+        .find("form[action$='/pause'] input[name=reason]")
+        .await
+        .type_text("checking stock")
+        .await;
+    browser.find("button[value=pause]").await.click().await;
+    assert_eq!(browser.find("#flash").await.text().await, "paused");
+    browser.goto(&page).await;
+    browser.find("button[value=resume]").await.click().await;
+    assert_eq!(browser.find("#flash").await.text().await, "resumed");
+
+    // A payload that is not JSON is refused, saying so; an approval is taken, and the saga
+    // completes.
+    browser.goto(&page).await;
+    browser
+        .find("form[action$='/signal'] input[name=name]")
+        .await
+        .type_text("approved")
+        .await;
+    let payload = browser
+        .find("form[action$='/signal'] textarea[name=payload]")
+        .await;
+    browser
+        .run("document.querySelector('textarea[name=payload]').value = ''")
+        .await;
+    payload.type_text("{not json").await;
+    browser.find("button[value=signal]").await.click().await;
+    assert!(
+        browser
+            .find("main")
+            .await
+            .text()
+            .await
+            .contains("the payload is not JSON")
+    );
+    browser.goto(&page).await;
+    browser
+        .find("form[action$='/signal'] input[name=name]")
+        .await
+        .type_text("approved")
+        .await;
+    browser
+        .run("document.querySelector('textarea[name=payload]').value = ''")
+        .await;
+    browser
+        .find("form[action$='/signal'] textarea[name=payload]")
+        .await
+        .type_text(r#"{"by": "maria"}"#)
+        .await;
+    browser.find("button[value=signal]").await.click().await;
+    assert_eq!(
+        browser.find("#flash").await.text().await,
+        "signal `approved` recorded"
+    );
+    services.settle(approved, SagaStatus::Completed).await;
+
+    // Cancel the other: it compensates and ends cancelled.
+    browser
+        .goto(&format!("{}/sagas/{withdrawn}", console.base()))
+        .await;
+    browser
+        .find("form[action$='/cancel'] input[name=reason]")
+        .await
+        .type_text("customer withdrew")
+        .await;
+    browser.find("button[value=cancel]").await.click().await;
+    assert_eq!(
+        browser.find("#flash").await.text().await,
+        "cancel accepted; it compensates"
+    );
+    services.settle(withdrawn, SagaStatus::Cancelled).await;
+
+    let approved_kinds = kinds(client, approved).await;
+    for kind in ["paused", "resumed", "signal_received", "completed"] {
+        assert!(
+            approved_kinds.contains(&kind),
+            "{kind} in {approved_kinds:?}"
+        );
+    }
+    let cancelled = kinds(client, withdrawn).await;
+    assert!(cancelled.contains(&"cancel_requested"), "{cancelled:?}");
+    drop(browser);
+    drop(console);
+    services.stop().await;
+    db.drop_schema().await;
+}
+
+async fn kinds(client: &Client, id: Uuid) -> Vec<&'static str> {
+    client
+        .history(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.event.kind())
+        .collect()
 }
