@@ -6,6 +6,7 @@
 //! version instead.
 
 mod builder;
+mod contracted;
 mod error;
 mod retry;
 
@@ -18,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use builder::{DEFAULT_STEP_TIMEOUT, SagaBuilder, StepBuilder};
+pub use contracted::ContractStep;
 pub use error::{DefinitionError, InputError};
 pub use retry::RetryPolicy;
 

@@ -47,6 +47,7 @@ extern crate self as saga_core;
 mod batch;
 pub mod client;
 pub mod codec;
+pub mod contract;
 mod decide;
 pub mod definition;
 pub mod error;
@@ -75,10 +76,11 @@ pub mod worker;
 
 pub use client::{Client, SagaOutcome};
 pub use codec::{PayloadCodec, Payloads};
+pub use contract::{Contract, Service};
 pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
-    DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy, SagaBuilder,
-    SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
+    ContractStep, DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy,
+    SagaBuilder, SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
 };
 pub use error::{DatabaseError, Error, MigrateError, Result};
 pub use event::{Direction, Event, RecordedEvent, StepAttempt};

@@ -168,6 +168,15 @@ impl TestEnv {
         self
     }
 
+    /// Handles the contract `C` ([`crate::contract`]) with a closure from its input to its
+    /// output, typed as the contract says.
+    pub fn serve<C: crate::Contract>(
+        &mut self,
+        f: impl FnMut(C::Input) -> Result<C::Output, StepError> + Send + 'static,
+    ) -> &mut Self {
+        self.handle(<C::Service as crate::Service>::NAME, C::COMMAND, f)
+    }
+
     /// Makes the next delivery of `command` of `service` suffer `fault` (faults queue up).
     pub fn inject(&mut self, service: &str, command: &str, fault: Fault) -> &mut Self {
         self.faults

@@ -7,6 +7,7 @@ mod process;
 mod step_error;
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::codec::Payloads;
+use crate::contract::{Contract, Service};
 use crate::error::Result;
 use crate::inbox::Inbox;
 use crate::message::Destination;
@@ -86,14 +88,28 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Builds a [`Worker`].
+/// Builds a [`Worker`]: of a service declared by type ([`Worker::for_service`]), whose
+/// contracts it [`serve`](Self::serve)s, or named by a string ([`Worker::builder`]).
 #[derive(Debug)]
-pub struct WorkerBuilder {
+pub struct WorkerBuilder<S = ()> {
     inner: Worker,
+    _service: PhantomData<fn() -> S>,
 }
 
-impl WorkerBuilder {
-    /// Registers the handler of `command`.
+impl<S: Service> WorkerBuilder<S> {
+    /// Serves the contract `C`, a command of this worker's service, with `handler`, whose
+    /// input and output are the contract's (anything else does not compile).
+    pub fn serve<C: Contract<Service = S>>(
+        self,
+        handler: impl Handler<Input = C::Input, Output = C::Output>,
+    ) -> Self {
+        self.handler(C::COMMAND, handler)
+    }
+}
+
+impl<S> WorkerBuilder<S> {
+    /// Registers the handler of `command` by its name (for commands without a
+    /// [`Contract`], as from a service in another language).
     pub fn handler<H: Handler>(mut self, command: &str, handler: H) -> Self {
         self.inner
             .handlers
@@ -154,6 +170,13 @@ impl Worker {
         Self::with(service.into(), Some(inbox))
     }
 
+    /// Starts building the worker of the service `S` declared by type
+    /// ([`service!`](crate::service!)), with `inbox` as [`Worker::builder`]: it
+    /// [`serve`](WorkerBuilder::serve)s that service's contracts.
+    pub fn for_service<S: Service>(inbox: Inbox) -> WorkerBuilder<S> {
+        Self::with(S::NAME.to_owned(), Some(inbox))
+    }
+
     /// Starts building the worker of `service` without an inbox, for a participant with no
     /// database of its own: its handlers' effects are at least once (make them idempotent,
     /// with [`CommandContext::idempotency_key`]), and it cannot fence, so a step whose outcome
@@ -163,8 +186,14 @@ impl Worker {
         Self::with(service.into(), None)
     }
 
-    fn with(service: String, inbox: Option<Inbox>) -> WorkerBuilder {
+    /// [`Worker::at_least_once`] for the service `S` declared by type.
+    pub fn at_least_once_for<S: Service>() -> WorkerBuilder<S> {
+        Self::with(S::NAME.to_owned(), None)
+    }
+
+    fn with<S>(service: String, inbox: Option<Inbox>) -> WorkerBuilder<S> {
         WorkerBuilder {
+            _service: PhantomData,
             inner: Worker {
                 service,
                 handlers: HashMap::new(),

@@ -9,7 +9,8 @@
 
 use std::time::Instant;
 
-use saga_tests::browser::{Console, http};
+use saga_tests::browser::http;
+use saga_tests::console::Console;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgPoolOptions;

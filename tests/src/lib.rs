@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod browser;
+pub mod console;
 pub mod harness;
 pub mod logs;
 pub mod order;

@@ -12,7 +12,8 @@ use tokio::io::AsyncBufReadExt as _;
 use saga_core::message::headers;
 use saga_core::{Destination, Envelope, Message, Reply, Transport};
 use saga_tests::amqp::{WatermarkGuard, drain_dead_letters, rabbitmqctl};
-use saga_tests::browser::{Console, http};
+use saga_tests::browser::http;
+use saga_tests::console::Console;
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
 

@@ -58,13 +58,15 @@ where
         self
     }
 
-    /// Appends a step named `name`, configured by `configure`.
-    pub fn step(
+    /// Appends a step named `name`, configured by `configure` (which returns the step
+    /// builder, or a [`ContractStep`](super::ContractStep) made from it).
+    pub fn step<S: Into<StepBuilder<I>>>(
         mut self,
         name: impl Into<String>,
-        configure: impl FnOnce(StepBuilder<I>) -> StepBuilder<I>,
+        configure: impl FnOnce(StepBuilder<I>) -> S,
     ) -> Self {
-        self.steps.push(configure(StepBuilder::new(name.into())));
+        self.steps
+            .push(configure(StepBuilder::new(name.into())).into());
         self
     }
 
@@ -185,7 +187,7 @@ where
 
 /// Configures one step; see [`SagaBuilder::step`].
 pub struct StepBuilder<I> {
-    name: String,
+    pub(super) name: String,
     kind: StepKind,
     work: Option<Work>,
     compensation: Option<Action>,

@@ -4,6 +4,7 @@
 //! state's fields) visible to them.
 
 mod canned_histories;
+mod contracts;
 mod fencing;
 mod operators;
 mod properties;

@@ -1,0 +1,130 @@
+//! Steps declared by contract: [`StepBuilder::call`] and the [`ContractStep`] it returns.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{InputError, RetryPolicy, StepBuilder, StepContext};
+use crate::contract::{Contract, Service};
+
+impl<I> StepBuilder<I>
+where
+    I: Serialize + DeserializeOwned + 'static,
+{
+    /// The forward command of contract `C` (its service and command), its input built by
+    /// `input` as the contract's input type. The step's output is `C::Output`, which
+    /// [`ContractStep::compensate`] and [`StepContext::output_of`] read as that type.
+    pub fn call<C: Contract>(
+        self,
+        input: impl Fn(&StepContext<'_, I>) -> Result<C::Input, InputError> + Send + Sync + 'static,
+    ) -> ContractStep<I, C> {
+        ContractStep {
+            step: self.action(<C::Service as Service>::NAME, C::COMMAND, input),
+            _contract: PhantomData,
+        }
+    }
+}
+
+/// A step whose action is the contract `C`; see [`StepBuilder::call`]. The rest of
+/// [`StepBuilder`]'s settings apply to it as they are.
+pub struct ContractStep<I, C> {
+    step: StepBuilder<I>,
+    _contract: PhantomData<fn() -> C>,
+}
+
+impl<I, C> ContractStep<I, C>
+where
+    I: Serialize + DeserializeOwned + 'static,
+    C: Contract,
+{
+    /// The compensation: contract `K`, its input built from the saga's context and this
+    /// step's own output, read as `C::Output`. (When that output is unknown, as after an
+    /// at-least-once service's step that could not be fenced, the input cannot be built and
+    /// the saga parks as `stuck`, naming the step.)
+    pub fn compensate<K: Contract>(
+        mut self,
+        input: impl Fn(&StepContext<'_, I>, C::Output) -> Result<K::Input, InputError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        let name = self.step.name.clone();
+        self.step = self.step.compensation(
+            <K::Service as Service>::NAME,
+            K::COMMAND,
+            move |ctx: &StepContext<'_, I>| {
+                let output: C::Output = ctx.output(&name)?;
+                input(ctx, output)
+            },
+        );
+        self
+    }
+
+    /// Marks this step as the pivot ([`StepBuilder::pivot`]).
+    pub fn pivot(self) -> Self {
+        self.map(StepBuilder::pivot)
+    }
+
+    /// Marks this step as retriable ([`StepBuilder::retriable`]).
+    pub fn retriable(self) -> Self {
+        self.map(StepBuilder::retriable)
+    }
+
+    /// How the action is retried ([`StepBuilder::retry`]).
+    pub fn retry(self, policy: RetryPolicy) -> Self {
+        self.map(|s| s.retry(policy))
+    }
+
+    /// How the compensation is retried ([`StepBuilder::compensation_retry`]).
+    pub fn compensation_retry(self, policy: RetryPolicy) -> Self {
+        self.map(|s| s.compensation_retry(policy))
+    }
+
+    /// How a fence of the action is retried ([`StepBuilder::fence_retry`]).
+    pub fn fence_retry(self, policy: RetryPolicy) -> Self {
+        self.map(|s| s.fence_retry(policy))
+    }
+
+    /// How long one attempt may take ([`StepBuilder::timeout`]).
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.map(|s| s.timeout(timeout))
+    }
+
+    fn map(mut self, f: impl FnOnce(StepBuilder<I>) -> StepBuilder<I>) -> Self {
+        self.step = f(self.step);
+        self
+    }
+}
+
+impl<I, C> From<ContractStep<I, C>> for StepBuilder<I> {
+    fn from(step: ContractStep<I, C>) -> Self {
+        step.step
+    }
+}
+
+impl<I> StepContext<'_, I> {
+    /// The output of step `step`, whose action is the contract `C`, as `C::Output`. Fails
+    /// (naming both) if that step runs another command, or has no output.
+    pub fn output_of<C: Contract>(&self, step: &str) -> Result<C::Output, InputError> {
+        let (service, command) = (<C::Service as Service>::NAME, C::COMMAND);
+        if let Some(action) = self
+            .raw
+            .definition
+            .steps()
+            .iter()
+            .find(|s| s.name == step)
+            .and_then(|s| s.action())
+            && (action.service != service || action.command != command)
+        {
+            return Err(InputError::new(format!(
+                "step `{step}` runs {}.{}, not {service}.{command} (contract `{}`)",
+                action.service,
+                action.command,
+                std::any::type_name::<C>()
+            )));
+        }
+        self.output(step)
+    }
+}

@@ -1,0 +1,89 @@
+//! Sagas declared with contracts: the compensation reads its action's output as the
+//! contract's type, and `output_of` refuses a step that runs another command.
+
+use saga_core::testing::TestEnv;
+use saga_core::{SagaDefinition, SagaStatus, StepError, contract, service};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Receipt {
+    charge_id: String,
+}
+
+service!(pub Payment = "payment");
+service!(pub Shipping = "shipping");
+contract!(pub Charge: Payment, "charge", u64 => Receipt);
+contract!(pub Refund: Payment, "refund", String => ());
+contract!(pub Ship: Shipping, "ship", String => ());
+
+/// charge (refund: the receipt's id) -> ship the receipt (pivot).
+fn saga(
+    ship_reads: fn(&saga_core::StepContext<'_, u64>) -> Result<String, saga_core::InputError>,
+) -> SagaDefinition<u64> {
+    SagaDefinition::<u64>::builder("order", 1)
+        .step("charge", |s| {
+            s.call::<Charge>(|ctx| Ok(*ctx.input()))
+                .compensate::<Refund>(|_, receipt| Ok(receipt.charge_id))
+        })
+        .step("ship", move |s| s.call::<Ship>(ship_reads).pivot())
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_compensation_gets_the_actions_output_as_its_type() {
+    let saga = saga(|ctx| Ok(ctx.output_of::<Charge>("charge")?.charge_id));
+    let mut env = TestEnv::new();
+    let refunded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = refunded.clone();
+    env.register(&saga)
+        .serve::<Charge>(|amount| {
+            Ok(Receipt {
+                charge_id: format!("ch-{amount}"),
+            })
+        })
+        .serve::<Refund>(move |charge_id| {
+            seen.lock().unwrap().push(charge_id);
+            Ok(())
+        })
+        .serve::<Ship>(|charge_id| {
+            assert_eq!(charge_id, "ch-42", "ship reads the charge's receipt");
+            Err(StepError::terminal("no courier"))
+        });
+    let id = env.start(&saga, &42);
+    assert_eq!(env.status(id), SagaStatus::Compensated);
+    assert_eq!(*refunded.lock().unwrap(), ["ch-42"]);
+    assert_eq!(
+        env.commands(id),
+        ["payment.charge", "shipping.ship", "payment.refund"]
+    );
+}
+
+contract!(pub Other: Shipping, "quote", u64 => Receipt);
+
+#[test]
+fn reading_a_step_as_another_contract_fails_naming_both() {
+    let saga = saga(|ctx| Ok(ctx.output_of::<Other>("charge")?.charge_id));
+    let mut env = TestEnv::new();
+    env.register(&saga)
+        .serve::<Charge>(|amount| {
+            Ok(Receipt {
+                charge_id: format!("ch-{amount}"),
+            })
+        })
+        .serve::<Refund>(|_| Ok(()))
+        .serve::<Ship>(|_| Ok(()));
+    let id = env.start(&saga, &42);
+    assert_eq!(env.status(id), SagaStatus::Compensated);
+    let reason = env
+        .state(id)
+        .failure
+        .as_ref()
+        .map(|(_, r)| r.clone())
+        .unwrap();
+    assert!(
+        reason.contains("step `charge` runs payment.charge, not shipping.quote")
+            && reason.contains("Other"),
+        "{reason}"
+    );
+}
