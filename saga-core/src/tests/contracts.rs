@@ -6,15 +6,15 @@ use saga_core::{SagaDefinition, SagaStatus, StepError, contract, service};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Receipt {
+struct Receipt {
     charge_id: String,
 }
 
-service!(pub Payment = "payment");
-service!(pub Shipping = "shipping");
-contract!(pub Charge: Payment, "charge", u64 => Receipt);
-contract!(pub Refund: Payment, "refund", String => ());
-contract!(pub Ship: Shipping, "ship", String => ());
+service!(Payment = "payment");
+service!(Shipping = "shipping");
+contract!(Charge: Payment, "charge", u64 => Receipt);
+contract!(Refund: Payment, "refund", String => ());
+contract!(Ship: Shipping, "ship", String => ());
 
 /// charge (refund: the receipt's id) -> ship the receipt (pivot).
 fn saga(
@@ -59,7 +59,7 @@ fn the_compensation_gets_the_actions_output_as_its_type() {
     );
 }
 
-contract!(pub Other: Shipping, "quote", u64 => Receipt);
+contract!(Other: Shipping, "quote", u64 => Receipt);
 
 #[test]
 fn reading_a_step_as_another_contract_fails_naming_both() {
