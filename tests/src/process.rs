@@ -53,8 +53,12 @@ impl Stack {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        self.command_of(&self.program, args)
+    }
+
+    fn command_of(&self, program: &std::path::Path, args: &[&str]) -> Command {
         let broker = self.broker.as_ref().expect("broker until cleanup");
-        let mut command = Command::new(&self.program);
+        let mut command = Command::new(program);
         command
             .args(args)
             .env("DATABASE_URL", &self.database_url)
@@ -173,6 +177,18 @@ impl Stack {
         let mut command = self.command(args);
         command.envs(env.iter().copied());
         let child = command.spawn().expect("spawn the program");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Starts another program (a participant in another language, say) in the background on
+    /// the stack's database and vhost; returns its PID.
+    pub fn spawn_program(&mut self, program: &std::path::Path, args: &[&str]) -> u32 {
+        let child = self
+            .command_of(program, args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let pid = child.id();
         self.children.push(child);
         pid
