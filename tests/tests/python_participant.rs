@@ -3,7 +3,6 @@
 //! and RabbitMQ: killed mid-run (orders cancelled meanwhile, so their charges are fenced at
 //! it), and replaced, every order's effects are still exactly as required.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
