@@ -168,7 +168,7 @@ impl TestEnv {
         self
     }
 
-    /// Handles the contract `C` ([`crate::contract`]) with a closure from its input to its
+    /// Handles the contract `C` ([`mod@crate::contract`]) with a closure from its input to its
     /// output, typed as the contract says.
     pub fn serve<C: crate::Contract>(
         &mut self,
