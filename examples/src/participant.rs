@@ -169,3 +169,42 @@ pub fn worker_with<E: Example>(
         })
         .build()
 }
+
+/// The examples' real handlers on the test kit (in memory, a virtual clock).
+#[cfg(test)]
+mod tests {
+    use saga_core::SagaStatus;
+    use saga_core::testing::TestEnv;
+
+    use super::*;
+    use crate::order::OrderSaga;
+
+    #[test]
+    fn the_order_saga_runs_on_the_test_kit_with_its_real_handlers() {
+        let effects = Arc::new(Mutex::new(Vec::new()));
+        let ledger = Ledger::Memory(Arc::clone(&effects));
+        let saga = OrderSaga::definition();
+        let mut env = TestEnv::new();
+        env.register(&saga);
+        for service in ["inventory", "payment", "shipping"] {
+            env.worker(&worker::<OrderSaga>(service, &ledger));
+        }
+        let shipped = env.start(&saga, &OrderSaga::input(1, false));
+        let refused = env.start(&saga, &OrderSaga::input(2, true));
+        assert_eq!(env.status(shipped), SagaStatus::Completed);
+        assert_eq!(env.status(refused), SagaStatus::Compensated);
+        let done = |id: Uuid| -> Vec<&str> {
+            effects
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(saga, _, _)| *saga == id)
+                .map(|(_, _, action)| *action)
+                .collect()
+        };
+        assert_eq!(done(shipped), ["reserve", "charge", "ship"]);
+        assert_eq!(done(refused), ["reserve", "charge", "refund", "release"]);
+        let reason = SagaStatus::reason(env.state(refused)).unwrap_or_default();
+        assert!(reason.contains("ship refused: undeliverable"), "{reason}");
+    }
+}

@@ -177,6 +177,37 @@ impl TestEnv {
         self.handle(<C::Service as crate::Service>::NAME, C::COMMAND, f)
     }
 
+    /// Serves the commands of `worker`'s service with its own handlers: the `Handler`
+    /// implementations production runs, async, each command run to its end on a runtime of its
+    /// own. The env keeps the inbox's records (redeliveries and fences are answered from them);
+    /// handlers get no transaction ([`CommandContext::transaction`] fails, terminally, as in a
+    /// worker built with [`Worker::at_least_once`](crate::Worker::at_least_once)), so a
+    /// handler that writes through it needs the database: test it with the services.
+    pub fn worker(&mut self, worker: &crate::Worker) -> &mut Self {
+        for (command, handler) in worker.handlers() {
+            let handler = Arc::clone(handler);
+            let run: TestHandler = Box::new(move |payload, ctx| {
+                let call = Arc::clone(&handler).call(payload, ctx.clone());
+                // A thread of its own: the test may itself run on a runtime.
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| {
+                            tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .expect("a runtime for the handler")
+                                .block_on(call)
+                        })
+                        .join()
+                        .unwrap_or_else(|_| Err(StepError::terminal("the handler panicked")))
+                })
+            });
+            self.handlers
+                .insert((worker.service().to_owned(), command.clone()), run);
+        }
+        self
+    }
+
     /// Makes the next delivery of `command` of `service` suffer `fault` (faults queue up).
     pub fn inject(&mut self, service: &str, command: &str, fault: Fault) -> &mut Self {
         self.faults

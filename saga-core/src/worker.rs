@@ -25,8 +25,9 @@ use crate::message::Destination;
 use crate::metrics::Metrics;
 use crate::transport::Transport;
 
+use handler::Erased;
+pub(crate) use handler::ErasedHandler;
 pub use handler::{CommandContext, FnHandler, Handler, Tx, handler_fn};
-use handler::{Erased, ErasedHandler};
 pub use step_error::{StepError, StepResultExt};
 
 /// Runs the step handlers of one participant service.
@@ -208,6 +209,13 @@ impl Worker {
     }
 
     /// The service this worker serves.
+    /// Its handlers, by command name (for the test kit).
+    #[cfg(feature = "testing")]
+    pub(crate) fn handlers(&self) -> impl Iterator<Item = (&String, &Arc<dyn ErasedHandler>)> {
+        self.handlers.iter()
+    }
+
+    /// The service whose commands it runs.
     pub fn service(&self) -> &str {
         &self.service
     }

@@ -314,6 +314,37 @@ impl Browser {
         text.as_str().map(str::to_owned)
     }
 
+    /// The text of the first element matching `css` once there is one (after a click that
+    /// loads another page, say); panics after 10 s without.
+    pub async fn wait_text(&self, css: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(text) = self.text_of(css).await {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no `{css}` on {}",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the page's address ends with `suffix` (a click that loads another page);
+    /// panics after 10 s.
+    pub async fn wait_url(&self, suffix: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.url().await.ends_with(suffix) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still at {}, not at …{suffix}",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The page's HTML.
     pub async fn source(&self) -> String {
         self.call("GET", &self.at("/source"), Value::Null)

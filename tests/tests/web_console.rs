@@ -175,12 +175,13 @@ async fn an_operator_finds_a_stuck_saga_reads_its_timeline_and_retries_it() {
         .await
         .click()
         .await;
+    browser.wait_url("/sagas?status=stuck").await;
     let rows = browser.all("table.sagas td.id a").await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].text().await, stuck.to_string());
     rows[0].click().await;
-    assert!(browser.url().await.ends_with(&format!("/sagas/{stuck}")));
-    assert_eq!(browser.find("#status").await.text().await, "stuck");
+    browser.wait_url(&format!("/sagas/{stuck}")).await;
+    assert_eq!(browser.wait_text("#status").await, "stuck");
 
     // The timeline names its steps and service, and draws each attempt by outcome.
     let mut labels = Vec::new();
@@ -210,7 +211,7 @@ async fn an_operator_finds_a_stuck_saga_reads_its_timeline_and_retries_it() {
     // log has the retry as the CLI records it.
     services.release_down.store(false, Ordering::SeqCst);
     browser.find("button[value=retry]").await.click().await;
-    let flash = browser.find("#flash").await.text().await;
+    let flash = browser.wait_text("#flash").await;
     assert_eq!(flash, "retrying its failed step");
     // The page refreshes itself while the saga may change: it comes to show it finished.
     let finished = wait_until(Duration::from_secs(30), || async {
@@ -521,10 +522,10 @@ async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_re
         .type_text("checking stock")
         .await;
     browser.find("button[value=pause]").await.click().await;
-    assert_eq!(browser.find("#flash").await.text().await, "paused");
+    assert_eq!(browser.wait_text("#flash").await, "paused");
     browser.goto(&page).await;
     browser.find("button[value=resume]").await.click().await;
-    assert_eq!(browser.find("#flash").await.text().await, "resumed");
+    assert_eq!(browser.wait_text("#flash").await, "resumed");
 
     // A payload that is not JSON is refused, saying so; an approval is taken, and the saga
     // completes.
@@ -542,14 +543,8 @@ async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_re
         .await;
     payload.type_text("{not json").await;
     browser.find("button[value=signal]").await.click().await;
-    assert!(
-        browser
-            .find("main")
-            .await
-            .text()
-            .await
-            .contains("the payload is not JSON")
-    );
+    let refused = browser.wait_text("p.flash.error").await;
+    assert!(refused.contains("the payload is not JSON"), "{refused}");
     browser.goto(&page).await;
     browser
         .find("form[action$='/signal'] input[name=name]")
@@ -566,7 +561,7 @@ async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_re
         .await;
     browser.find("button[value=signal]").await.click().await;
     assert_eq!(
-        browser.find("#flash").await.text().await,
+        browser.wait_text("#flash").await,
         "signal `approved` recorded"
     );
     services.settle(approved, SagaStatus::Completed).await;
@@ -582,7 +577,7 @@ async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_re
         .await;
     browser.find("button[value=cancel]").await.click().await;
     assert_eq!(
-        browser.find("#flash").await.text().await,
+        browser.wait_text("#flash").await,
         "cancel accepted; it compensates"
     );
     services.settle(withdrawn, SagaStatus::Cancelled).await;
