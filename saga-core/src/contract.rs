@@ -131,13 +131,16 @@ pub trait Contract: 'static {
     type Output: Serialize + DeserializeOwned + Send + 'static;
 }
 
-/// Declares a [`Service`]: `service!(pub Payment = "payment");`.
+/// Declares a [`Service`]: `service!(pub Payment = "payment");`, a unit struct that derives
+/// `Debug, Clone, Copy, PartialEq, Eq` (add other attributes, not these derives).
 #[macro_export]
 macro_rules! service {
     ($(#[$meta:meta])* $vis:vis $name:ident = $service:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         $vis struct $name;
+
+        const _: () = assert!(!$service.is_empty(), "a service's name is not empty");
 
         impl $crate::contract::Service for $name {
             const NAME: &'static str = $service;
@@ -146,13 +149,16 @@ macro_rules! service {
 }
 
 /// Declares a [`Contract`]: `contract!(pub Charge: Payment, "charge", u64 => Receipt);`,
-/// the command `charge` of the service `Payment`, taking a `u64` and returning a `Receipt`.
+/// the command `charge` of the service `Payment`, taking a `u64` and returning a `Receipt`;
+/// a unit struct that derives `Debug, Clone, Copy, PartialEq, Eq`.
 #[macro_export]
 macro_rules! contract {
     ($(#[$meta:meta])* $vis:vis $name:ident : $service:ty, $command:literal, $input:ty => $output:ty) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         $vis struct $name;
+
+        const _: () = assert!(!$command.is_empty(), "a command's name is not empty");
 
         impl $crate::contract::Contract for $name {
             type Service = $service;

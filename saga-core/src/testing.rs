@@ -178,29 +178,42 @@ impl TestEnv {
     }
 
     /// Serves the commands of `worker`'s service with its own handlers: the `Handler`
-    /// implementations production runs, async, each command run to its end on a runtime of its
-    /// own. The env keeps the inbox's records (redeliveries and fences are answered from them);
-    /// handlers get no transaction ([`CommandContext::transaction`] fails, terminally, as in a
-    /// worker built with [`Worker::at_least_once`](crate::Worker::at_least_once)), so a
-    /// handler that writes through it needs the database: test it with the services.
+    /// implementations production runs, async, each command run to its end (or the worker's
+    /// default timeout) on a runtime of its own, in a thread of its own. A panic or a timeout
+    /// is a retryable failure, as in the worker; tasks a handler spawns end with its command,
+    /// and it must not wait on anything driven by the test's own runtime (a pool made in the
+    /// test, say), which is blocked meanwhile. The env keeps the inbox's records
+    /// (redeliveries and fences are answered from them); handlers get no transaction
+    /// ([`CommandContext::transaction`] fails terminally), so a handler that writes through it
+    /// needs the database: test it with the services.
     pub fn worker(&mut self, worker: &crate::Worker) -> &mut Self {
-        for (command, handler) in worker.handlers() {
+        let (handlers, limit) = worker.handlers();
+        for (command, handler) in handlers {
             let handler = Arc::clone(handler);
             let run: TestHandler = Box::new(move |payload, ctx| {
                 let call = Arc::clone(&handler).call(payload, ctx.clone());
-                // A thread of its own: the test may itself run on a runtime.
-                std::thread::scope(|scope| {
-                    scope
-                        .spawn(|| {
-                            tokio::runtime::Builder::new_current_thread()
-                                .enable_all()
-                                .build()
-                                .expect("a runtime for the handler")
-                                .block_on(call)
-                        })
-                        .join()
-                        .unwrap_or_else(|_| Err(StepError::terminal("the handler panicked")))
+                let ran = std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for the handler")
+                        .block_on(async move { tokio::time::timeout(limit, call).await })
                 })
+                .join();
+                match ran {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(StepError::retryable(format!(
+                        "the handler did not finish within {limit:?}"
+                    ))),
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(StepError::retryable(format!("the handler panicked: {why}")))
+                    }
+                }
             });
             self.handlers
                 .insert((worker.service().to_owned(), command.clone()), run);

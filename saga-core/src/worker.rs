@@ -208,11 +208,15 @@ impl Worker {
         }
     }
 
-    /// The service this worker serves.
-    /// Its handlers, by command name (for the test kit).
+    /// Its handlers, by command name, and how long one may run (for the test kit).
     #[cfg(feature = "testing")]
-    pub(crate) fn handlers(&self) -> impl Iterator<Item = (&String, &Arc<dyn ErasedHandler>)> {
-        self.handlers.iter()
+    pub(crate) fn handlers(
+        &self,
+    ) -> (
+        impl Iterator<Item = (&String, &Arc<dyn ErasedHandler>)>,
+        Duration,
+    ) {
+        (self.handlers.iter(), self.default_timeout)
     }
 
     /// The service whose commands it runs.

@@ -231,56 +231,82 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("two inboxes"))?;
     let transport = Arc::new(AmqpTransport::connect(AmqpConfig::from_env()?).await?);
 
+    // Each command holds a connection of its inbox's pool while it runs: with one pool here,
+    // the services run a few commands at once each.
     let shutdown = CancellationToken::new();
     let warehouse = Worker::for_service::<Warehouse>(warehouse_inbox)
         .serve::<Reserve>(ReserveItem)
         .serve::<Release>(ReleaseItem)
         .serve::<Ship>(ShipOrder)
+        .concurrency(8)
         .build();
     let payments = Worker::for_service::<Payments>(payments_inbox)
         .serve::<Charge>(ChargeCard)
         .serve::<Refund>(RefundCard)
+        .concurrency(8)
         .build();
     let saga = order_saga();
-    let tasks = [
-        tokio::spawn(warehouse.run(transport.clone(), shutdown.clone())),
-        tokio::spawn(payments.run(transport.clone(), shutdown.clone())),
-        tokio::spawn(
-            Orchestrator::builder(store.clone(), transport)
-                .register(&saga)
-                .build()
-                .run(shutdown.clone()),
-        ),
-    ];
+    let mut services = tokio::task::JoinSet::new();
+    services.spawn(warehouse.run(transport.clone(), shutdown.clone()));
+    services.spawn(payments.run(transport.clone(), shutdown.clone()));
+    services.spawn(
+        Orchestrator::builder(store.clone(), transport)
+            .register(&saga)
+            .build()
+            .run(shutdown.clone()),
+    );
 
     let client = Client::new(store);
+    let placing = place_orders(&client, &saga, orders);
+    // A service that stops (it cannot reach RabbitMQ, say) ends the program with its error,
+    // rather than leave the orders waiting.
+    let placed = tokio::select! {
+        placed = placing => placed,
+        Some(stopped) = services.join_next() => {
+            Err(anyhow::anyhow!("a service stopped: {:?}", stopped?.err()))
+        }
+    };
+    shutdown.cancel();
+    while let Some(service) = services.join_next().await {
+        service??;
+    }
+    for line in placed? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Places orders 1 to `orders` and says how each ended.
+async fn place_orders(
+    client: &Client,
+    saga: &SagaDefinition<Order>,
+    orders: u64,
+) -> anyhow::Result<Vec<String>> {
     let mut placed = Vec::new();
     for n in 1..=orders {
-        // The business key makes placing an order idempotent.
+        // The business key makes placing an order idempotent: a second run finds the sagas
+        // of the first (so the rows the handlers key by order number are written once).
         let started = client
-            .start_with_key(&saga, &order(n), format!("plain-order-{n}"))
+            .start_with_key(saga, &order(n), format!("plain-order-{n}"))
             .await?;
         placed.push((n, started.saga_id));
     }
+    let mut lines = Vec::new();
     for (n, id) in placed {
         let outcome = client.outcome(id, Duration::from_secs(60)).await?;
-        match outcome.status {
+        lines.push(match outcome.status {
             SagaStatus::Completed => {
                 let shipment: Option<Shipment> = outcome.output("ship")?;
                 let tracking = shipment.map(|s| s.tracking_no).unwrap_or_default();
-                println!("order {n}: completed, tracking {tracking}");
+                format!("order {n}: completed, tracking {tracking}")
             }
-            status => println!(
+            status => format!(
                 "order {n}: {status}: {}",
                 outcome.reason.as_deref().unwrap_or("")
             ),
-        }
+        });
     }
-    shutdown.cancel();
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
+    Ok(lines)
 }
 
 /// The saga's logic on the in-memory test kit: no services, a virtual clock.

@@ -27,8 +27,9 @@ where
     }
 }
 
-/// A step whose action is the contract `C`; see [`StepBuilder::call`]. The rest of
-/// [`StepBuilder`]'s settings apply to it as they are.
+/// A step whose action is the contract `C`; see [`StepBuilder::call`]. Its compensation is
+/// [`compensate`](Self::compensate) (by contract) or [`compensate_with`](Self::compensate_with)
+/// (by name); the other settings are [`StepBuilder`]'s. `.into()` gives the `StepBuilder`.
 pub struct ContractStep<I, C> {
     step: StepBuilder<I>,
     _contract: PhantomData<fn() -> C>,
@@ -40,25 +41,37 @@ where
     C: Contract,
 {
     /// The compensation: contract `K`, its input built from the saga's context and this
-    /// step's own output, read as `C::Output`. (When that output is unknown, as after an
-    /// at-least-once service's step that could not be fenced, the input cannot be built and
-    /// the saga parks as `stuck`, naming the step.)
+    /// step's own output, read as `C::Output`. When that output is not known (an
+    /// at-least-once service's step whose outcome could not be fenced counts as applied
+    /// without one), the closure gets what `null` reads as: `()` for a unit output, `None` for
+    /// an `Option`; for any other type the input cannot be built and the saga parks as
+    /// `stuck`, naming the step. Declare the output as an `Option` to handle that case.
     pub fn compensate<K: Contract>(
-        mut self,
+        self,
         input: impl Fn(&StepContext<'_, I>, C::Output) -> Result<K::Input, InputError>
         + Send
         + Sync
         + 'static,
     ) -> Self {
+        let (service, command) = (<K::Service as Service>::NAME, K::COMMAND);
+        self.compensate_with(service, command, input)
+    }
+
+    /// The compensation as `command` of `service`, named by strings (a service without a
+    /// contract, as in another language), its input built as [`compensate`](Self::compensate)
+    /// builds it, from this step's output read as `C::Output`.
+    pub fn compensate_with<T: Serialize>(
+        mut self,
+        service: &str,
+        command: &str,
+        input: impl Fn(&StepContext<'_, I>, C::Output) -> Result<T, InputError> + Send + Sync + 'static,
+    ) -> Self {
         let name = self.step.name.clone();
-        self.step = self.step.compensation(
-            <K::Service as Service>::NAME,
-            K::COMMAND,
-            move |ctx: &StepContext<'_, I>| {
-                let output: C::Output = ctx.output(&name)?;
-                input(ctx, output)
-            },
-        );
+        self.step = self
+            .step
+            .compensation(service, command, move |ctx: &StepContext<'_, I>| {
+                input(ctx, own_output::<I, C>(ctx, &name)?)
+            });
         self
     }
 
@@ -96,6 +109,23 @@ where
         self.step = f(self.step);
         self
     }
+}
+
+/// The output of `step`, whose action is `C`; what `null` reads as when it is not known.
+fn own_output<I, C: Contract>(
+    ctx: &StepContext<'_, I>,
+    step: &str,
+) -> Result<C::Output, InputError> {
+    if let Some(output) = ctx.try_output::<C::Output>(step)? {
+        return Ok(output);
+    }
+    serde_json::from_value(serde_json::Value::Null).map_err(|_| {
+        InputError::new(format!(
+            "step `{step}` has no output (its outcome was not known), and its compensation reads \
+             a `{}`: declare the output as an Option to compensate such a step",
+            std::any::type_name::<C::Output>()
+        ))
+    })
 }
 
 impl<I, C> From<ContractStep<I, C>> for StepBuilder<I> {
