@@ -55,6 +55,15 @@ impl Ui {
         id
     }
 
+    /// The saga an address names, or the page that says why there is none.
+    async fn saga(&self, id: &str) -> Result<saga_core::store::SagaSummary, PageError> {
+        let id = saga_id(id)?;
+        self.client
+            .summary(id)
+            .await?
+            .ok_or_else(|| PageError::NotFound(format!("saga {id}: no such saga")))
+    }
+
     fn flash_of(&self, id: Option<Uuid>) -> Option<Flash> {
         let flashes = self.flashes.lock().expect("flashes");
         id.and_then(|id| flashes.get(&id).cloned())
@@ -107,6 +116,12 @@ fn router(ui: Ui) -> Router {
             guard::check_request,
         ))
         .with_state(ui)
+}
+
+/// The saga id in an address.
+fn saga_id(id: &str) -> Result<Uuid, PageError> {
+    id.parse()
+        .map_err(|_| PageError::BadRequest(format!("`{id}` is not a saga id")))
 }
 
 /// What a request could not do, as a page (or JSON under `/api`) with its status code.

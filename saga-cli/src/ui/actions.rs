@@ -38,9 +38,7 @@ pub(crate) async fn act(
     Form(form): Form<ActionForm>,
 ) -> Result<Response, PageError> {
     ui.access.authorize(&headers, &form.csrf)?;
-    let id: Uuid = id
-        .parse()
-        .map_err(|_| PageError::BadRequest(format!("`{id}` is not a saga id")))?;
+    let id = super::saga_id(&id)?;
     let verdict = run(&ui, id, &action, form).await?;
     let flash = match verdict {
         Ok(done) => ui.flash(true, done),

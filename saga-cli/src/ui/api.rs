@@ -7,7 +7,6 @@ use saga_core::Payloads;
 use saga_core::store::SagaSummary;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use super::pages::ListQuery;
 use super::{PageError, Ui};
@@ -59,14 +58,8 @@ pub(crate) async fn saga(
     Path(id): Path<String>,
     Query(query): Query<SagaQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: Uuid = id
-        .parse()
-        .map_err(|_| PageError::BadRequest(format!("`{id}` is not a saga id")))?;
-    let summary = ui
-        .client
-        .summary(id)
-        .await?
-        .ok_or_else(|| PageError::NotFound(format!("saga {id}: no such saga")))?;
+    let summary = ui.saga(&id).await?;
+    let id = summary.id;
     let shown = if query.events {
         json!({ "saga": summary, "events": ui.client.history(id).await? })
     } else {

@@ -31,14 +31,8 @@ pub(crate) async fn saga(
     Query(query): Query<SagaQuery>,
     headers: HeaderMap,
 ) -> Result<Html<String>, PageError> {
-    let id: Uuid = id
-        .parse()
-        .map_err(|_| PageError::BadRequest(format!("`{id}` is not a saga id")))?;
-    let summary = ui
-        .client
-        .summary(id)
-        .await?
-        .ok_or_else(|| PageError::NotFound(format!("saga {id}: no such saga")))?;
+    let summary = ui.saga(&id).await?;
+    let id = summary.id;
     let history = ui.client.history(id).await?;
     let flash = ui.flash_of(query.flash);
     let actions = ui.access.actions(&headers);
