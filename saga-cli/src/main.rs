@@ -167,7 +167,8 @@ enum Command {
     /// Serves the web console: an overview, the sagas with filters, each saga's timeline
     /// and the actions that apply to it, and the same as JSON under /api.
     Ui {
-        /// The address to serve on. Off loopback, actions need `SAGA_UI_TOKEN`.
+        /// The address to serve on. Off loopback, `SAGA_UI_TOKEN` guards every page and action
+        /// (without it, the console is read-only).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
         /// Show everything, offer and accept no action.
