@@ -158,3 +158,52 @@ impl<I> StepContext<'_, I> {
         self.output(step)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::definition::RawContext;
+    use crate::{SagaDefinition, contract, service};
+
+    service!(Shop = "shop");
+    contract!(Reserve: Shop, "reserve", u64 => ());
+    contract!(Charge: Shop, "charge", u64 => String);
+
+    #[test]
+    fn an_unknown_output_reads_as_null_where_the_type_allows() {
+        let saga = SagaDefinition::<u64>::builder("order", 1)
+            .step("reserve", |s| s.call::<Reserve>(|ctx| Ok(*ctx.input())))
+            .step("charge", |s| s.call::<Charge>(|ctx| Ok(*ctx.input())))
+            .build()
+            .unwrap();
+        let outputs: [Option<Value>; 2] = [None, None];
+        let raw = RawContext {
+            definition: saga.definition(),
+            input: &json!(5),
+            outputs: &outputs,
+        };
+        let ctx = StepContext::new(&5u64, &raw);
+        // A unit output compensates without one; a `String` cannot be made up.
+        own_output::<u64, Reserve>(&ctx, "reserve").unwrap();
+        let why = own_output::<u64, Charge>(&ctx, "charge")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("declare the output as an Option"), "{why}");
+        // A known output is read as it is.
+        let known = [Some(Value::Null), Some(json!("ch-5"))];
+        let raw = RawContext {
+            outputs: &known,
+            ..raw
+        };
+        let ctx = StepContext::new(&5u64, &raw);
+        assert_eq!(own_output::<u64, Charge>(&ctx, "charge").unwrap(), "ch-5");
+        // ... and `output_of` refuses a step read as another contract.
+        let wrong = ctx.output_of::<Reserve>("charge").unwrap_err().to_string();
+        assert!(
+            wrong.contains("runs shop.charge, not shop.reserve"),
+            "{wrong}"
+        );
+    }
+}

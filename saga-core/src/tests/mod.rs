@@ -4,6 +4,7 @@
 //! state's fields) visible to them.
 
 mod canned_histories;
+#[cfg(feature = "testing")]
 mod contracts;
 mod fencing;
 mod operators;
