@@ -72,7 +72,7 @@ pub fn definition_with(approval_wait: Duration, deadline: Duration) -> SagaDefin
                 .timeout(step_timeout())
         })
         .step("approval", |s| {
-            s.wait_for::<Approval, _>("approval", |a| {
+            s.wait_for::<Approval>("approval", |a| {
                 if a.approved {
                     Ok(())
                 } else {

@@ -19,7 +19,7 @@
 //!             .compensation("budget", "release", |ctx| Ok(*ctx.input()))
 //!     })
 //!     .step("approval", |s| {
-//!         s.wait_for::<bool, _>("approval", |ok| if *ok { Ok(()) } else { Err("rejected".into()) })
+//!         s.wait_for::<bool>("approval", |ok| if *ok { Ok(()) } else { Err("rejected".into()) })
 //!             .timeout(Duration::from_secs(30 * 24 * 3600))
 //!     })
 //!     .step("pay", |s| s.pivot().action("payroll", "pay", |ctx| Ok(*ctx.input())))

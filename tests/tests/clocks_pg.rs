@@ -24,7 +24,7 @@ fn skewed(db: &TestDb, skew: chrono::Duration) -> PgStore {
 
 fn approval() -> SagaDefinition<u32> {
     SagaDefinition::<u32>::builder("approval", 1)
-        .step("approve", |s| s.wait_for::<bool, _>("approved", |_| Ok(())))
+        .step("approve", |s| s.wait_for::<bool>("approved", |_| Ok(())))
         .build()
         .unwrap()
 }

@@ -41,7 +41,7 @@ fn gated() -> SagaDefinition<Value> {
             s.action("svc", "a", |c| Ok(c.input().clone()))
                 .compensation("svc", "undo_a", |c| Ok(c.input().clone()))
         })
-        .step("gate", |s| s.wait_for::<Value, _>("go", |_| Ok(())))
+        .step("gate", |s| s.wait_for::<Value>("go", |_| Ok(())))
         .step("b", |s| {
             s.pivot().action("svc", "b", |c| Ok(c.input().clone()))
         })

@@ -40,7 +40,7 @@ fn gated() -> SagaDefinition<Value> {
                 .compensation("stock", "release", |c| Ok(c.input().clone()))
         })
         .step("approval", |s| {
-            s.wait_for::<Value, _>("approved", |v| match v["by"].as_str() {
+            s.wait_for::<Value>("approved", |v| match v["by"].as_str() {
                 Some(_) => Ok(()),
                 None => Err("an approval names its approver".into()),
             })

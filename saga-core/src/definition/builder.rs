@@ -231,11 +231,14 @@ where
     /// fails the step terminally with its reason. The step's [`timeout`](Self::timeout) bounds
     /// the wait; past it the step fails terminally. A signal that arrives before the saga
     /// reaches the wait is kept until then.
-    pub fn wait_for<T, F>(mut self, name: &str, accept: F) -> Self
-    where
-        T: DeserializeOwned,
-        F: Fn(&T) -> Result<(), String> + Send + Sync + 'static,
-    {
+    ///
+    /// The payload's type is named once: `wait_for::<Approval>("approval", |a| ..)`, or by the
+    /// closure's argument, `wait_for("approval", |a: &Approval| ..)`.
+    pub fn wait_for<T: DeserializeOwned>(
+        mut self,
+        name: &str,
+        accept: impl Fn(&T) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
         let signal = name.to_owned();
         let check: CheckFn = Arc::new(move |payload: &Value| {
             let value: T = serde_json::from_value(payload.clone()).map_err(|e| {

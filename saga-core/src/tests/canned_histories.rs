@@ -411,7 +411,7 @@ fn a_duration_that_overflows_the_date_parks_the_saga() {
 fn a_panicking_accept_keeps_its_signal() {
     let def = SagaDefinition::<Value>::builder("order", 1)
         .step("approval", |s| {
-            s.wait_for::<Value, _>("approval", |_| panic!("accept bug"))
+            s.wait_for::<Value>("approval", |_| panic!("accept bug"))
         })
         .build()
         .unwrap();
