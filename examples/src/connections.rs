@@ -87,7 +87,10 @@ pub(crate) async fn store_riding_out(deadline: tokio::time::Instant) -> anyhow::
         let attempt = async { ready_store(&database(2).await?).await };
         match attempt.await {
             Ok(store) => return Ok(store),
-            Err(e) if out_of_reach(&e) && tokio::time::Instant::now() < deadline => {
+            Err(e)
+                if saga_core::error::is_out_of_reach(&*e)
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 if !said {
                     eprintln!(
                         "the database is out of reach ({}); trying again",
@@ -100,22 +103,6 @@ pub(crate) async fn store_riding_out(deadline: tokio::time::Instant) -> anyhow::
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Whether `e` says the database could not be reached or is restarting (as opposed to an
-/// answer about this program's request).
-fn out_of_reach(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<saga_core::Error>()
-            .is_some_and(saga_core::Error::is_transient)
-            || cause.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-                matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
-                    || e.as_database_error()
-                        .and_then(|d| d.code())
-                        .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
-            })
-    })
 }
 
 /// The counts by status; while the database is out of reach (a restart), tries again until

@@ -6,6 +6,7 @@
 //! for the orchestrators, which apply them under the saga's lock; the tool waits for their
 //! verdict. `saga ui` serves the same as a web console.
 
+mod act;
 mod bulk;
 mod duration;
 mod reach;
@@ -33,6 +34,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use act::Action;
 use anyhow::{Context, bail};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
@@ -308,16 +310,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Signal { id, name, payload } => {
             let payload: serde_json::Value = serde_json::from_str(&payload)
                 .with_context(|| format!("saga {id}: the payload is not JSON"))?;
-            client.signal(id, &name, &payload).await?;
-            done(&format!("signal `{name}` recorded"), id)?;
+            let said = act::perform(&client, id, Action::Signal { name, payload }).await?;
+            done(&said, id)?;
         }
         Command::Cancel { id, reason } => {
-            client.cancel(id, &reason).await?;
-            done("cancel accepted; it compensates", id)?;
+            done(
+                &act::perform(&client, id, Action::Cancel { reason }).await?,
+                id,
+            )?;
         }
         Command::Retry { id: Some(id), .. } => {
-            client.act(id, OperatorAction::Retry).await?;
-            done("retrying its failed step", id)?;
+            let retry = Action::Operator(OperatorAction::Retry);
+            done(&act::perform(&client, id, retry).await?, id)?;
         }
         Command::Retry {
             id: None,
@@ -329,24 +333,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bulk::retry_matching(&client, status, name, yes, json).await?;
         }
         Command::Resolve { id, step, reason } => {
-            client
-                .act(
-                    id,
-                    OperatorAction::Resolve {
-                        step: step.clone(),
-                        reason,
-                    },
-                )
-                .await?;
-            done(&format!("compensation of `{step}` resolved by hand"), id)?;
+            let resolve = Action::Operator(OperatorAction::Resolve { step, reason });
+            done(&act::perform(&client, id, resolve).await?, id)?;
         }
         Command::Pause { id, reason } => {
-            client.act(id, OperatorAction::Pause { reason }).await?;
-            done("paused", id)?;
+            let pause = Action::Operator(OperatorAction::Pause { reason });
+            done(&act::perform(&client, id, pause).await?, id)?;
         }
         Command::Resume { id } => {
-            client.act(id, OperatorAction::Resume).await?;
-            done("resumed", id)?;
+            let resume = Action::Operator(OperatorAction::Resume);
+            done(&act::perform(&client, id, resume).await?, id)?;
         }
         Command::Keygen => unreachable!("answered before connecting"),
         Command::Ui { listen, read_only } => {

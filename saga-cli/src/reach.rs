@@ -36,7 +36,9 @@ where
     let mut said = false;
     loop {
         match attempt().await {
-            Err(e) if out_of_reach(&e) && Instant::now() + PAUSE < deadline => {
+            Err(e)
+                if saga_core::error::is_out_of_reach(&*e) && Instant::now() + PAUSE < deadline =>
+            {
                 if !said {
                     eprintln!(
                         "saga: the database is out of reach ({}); trying again",
@@ -49,19 +51,4 @@ where
             other => return other,
         }
     }
-}
-
-/// Whether `e` says the database could not be reached or is restarting.
-fn out_of_reach(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<saga_core::Error>()
-            .is_some_and(|e| matches!(e, saga_core::Error::Database(_)) && e.is_transient())
-            || cause.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-                matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
-                    || e.as_database_error()
-                        .and_then(|d| d.code())
-                        .is_some_and(|code| code.starts_with("08") || code.starts_with("57P"))
-            })
-    })
 }

@@ -126,7 +126,11 @@ impl DatabaseError {
     /// Whether the database could not be reached: no connection, a lost one, or a server
     /// shutting down or not yet accepting connections.
     fn is_unreachable(&self) -> bool {
-        match &self.0 {
+        Self::unreachable(&self.0)
+    }
+
+    fn unreachable(error: &sqlx::Error) -> bool {
+        match error {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -167,6 +171,28 @@ pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     text
+}
+
+/// Whether `error`, or one of its sources, says the database could not be reached or is
+/// restarting (no connection, a lost one, a server shutting down or starting up), as opposed
+/// to an answer that will not change (a wrong password, no such database): what a program
+/// that rides out a database restart tries again.
+pub fn is_out_of_reach(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let unreachable = e
+            .downcast_ref::<Error>()
+            .is_some_and(|e| matches!(e, Error::Database(db) if db.is_transient()))
+            || e.downcast_ref::<DatabaseError>()
+                .is_some_and(DatabaseError::is_transient)
+            || e.downcast_ref::<sqlx::Error>()
+                .is_some_and(DatabaseError::unreachable);
+        if unreachable {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Whether `error`, or one of its sources, is a write to a pipe whose reader has gone (`saga
@@ -324,6 +350,25 @@ mod tests {
 
     fn database(code: &'static str) -> Error {
         Error::from(sqlx::Error::Database(Box::new(Coded(code))))
+    }
+
+    /// A caller's error around ours, as `anyhow`'s context is.
+    #[derive(Debug, thiserror::Error)]
+    #[error("connecting")]
+    struct Context(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn out_of_reach_is_found_among_the_causes() {
+        let io = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        // A driver's error, ours, and either under a context of the caller's.
+        assert!(is_out_of_reach(&io()));
+        assert!(is_out_of_reach(&Error::from(io())));
+        assert!(is_out_of_reach(&Context(Box::new(io()))));
+        assert!(is_out_of_reach(&database("57P03")));
+        // An answer that will not change is not.
+        assert!(!is_out_of_reach(&database("28P01")));
+        assert!(!is_out_of_reach(&Context(Box::new(database("3D000")))));
+        assert!(!is_out_of_reach(&Error::Internal("a bug".into())));
     }
 
     #[test]

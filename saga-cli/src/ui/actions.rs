@@ -1,5 +1,5 @@
 //! The console's actions (POST): retry, resolve, cancel, pause, resume, signal, through the
-//! same client calls as the CLI, so they are queued for the orchestrators and recorded in the
+//! same code as the CLI ([`crate::act`]), so they are queued for the orchestrators and recorded in the
 //! log as the CLI's are; and the login that takes the token.
 
 use axum::Form;
@@ -9,6 +9,8 @@ use axum::http::header::{LOCATION, SET_COOKIE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use saga_core::OperatorAction;
+
+use crate::act::Action;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -61,57 +63,29 @@ async fn run(
             Ok(value.trim().to_owned())
         }
     };
-    let client = &ui.client;
-    Ok(match action {
-        "retry" => client
-            .act(id, OperatorAction::Retry)
-            .await
-            .map(|()| "retrying its failed step".to_owned()),
-        "resolve" => {
-            let step = required(&form.step, "a step")?;
-            let reason = required(&form.reason, "a reason")?;
-            client
-                .act(
-                    id,
-                    OperatorAction::Resolve {
-                        step: step.clone(),
-                        reason,
-                    },
-                )
-                .await
-                .map(|()| format!("compensation of `{step}` resolved by hand"))
-        }
-        "cancel" => {
-            let reason = required(&form.reason, "a reason")?;
-            client
-                .cancel(id, &reason)
-                .await
-                .map(|()| "cancel accepted; it compensates".to_owned())
-        }
-        "pause" => {
-            let reason = Some(form.reason.trim().to_owned())
+    let action = match action {
+        "retry" => Action::Operator(OperatorAction::Retry),
+        "resolve" => Action::Operator(OperatorAction::Resolve {
+            step: required(&form.step, "a step")?,
+            reason: required(&form.reason, "a reason")?,
+        }),
+        "cancel" => Action::Cancel {
+            reason: required(&form.reason, "a reason")?,
+        },
+        "pause" => Action::Operator(OperatorAction::Pause {
+            reason: Some(form.reason.trim().to_owned())
                 .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| "paused by an operator".to_owned());
-            client
-                .act(id, OperatorAction::Pause { reason })
-                .await
-                .map(|()| "paused".to_owned())
-        }
-        "resume" => client
-            .act(id, OperatorAction::Resume)
-            .await
-            .map(|()| "resumed".to_owned()),
-        "signal" => {
-            let name = required(&form.name, "a signal name")?;
-            let payload: serde_json::Value = serde_json::from_str(&form.payload)
-                .map_err(|e| PageError::BadRequest(format!("the payload is not JSON: {e}")))?;
-            client
-                .signal(id, &name, &payload)
-                .await
-                .map(|()| format!("signal `{name}` recorded"))
-        }
+                .unwrap_or_else(|| "paused by an operator".to_owned()),
+        }),
+        "resume" => Action::Operator(OperatorAction::Resume),
+        "signal" => Action::Signal {
+            name: required(&form.name, "a signal name")?,
+            payload: serde_json::from_str(&form.payload)
+                .map_err(|e| PageError::BadRequest(format!("the payload is not JSON: {e}")))?,
+        },
         other => return Err(PageError::NotFound(format!("no action `{other}`"))),
-    })
+    };
+    Ok(crate::act::perform(&ui.client, id, action).await)
 }
 
 /// The login form.
