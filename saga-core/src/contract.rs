@@ -41,9 +41,9 @@
 //! # contract!(pub Charge: Payment, "charge", u64 => Receipt);
 //! # contract!(pub Refund: Payment, "refund", String => ());
 //! SagaDefinition::<u64>::builder("order", 1).step("charge", |s| {
-//!     s.call::<Charge>(|ctx| Ok(*ctx.input()))
+//!     s.call::<Charge>(|ctx| *ctx.input())
 //!         // Charge returns a Receipt, not a String:
-//!         .compensate::<Refund>(|_, charge_id: String| Ok(charge_id))
+//!         .compensate::<Refund>(|_, charge_id: String| charge_id)
 //! });
 //! ```
 //!
@@ -92,8 +92,8 @@
 //! # contract!(pub Refund: Payment, "refund", String => ());
 //! let saga = SagaDefinition::<u64>::builder("order", 1)
 //!     .step("charge", |s| {
-//!         s.call::<Charge>(|ctx| Ok(*ctx.input()))
-//!             .compensate::<Refund>(|_, receipt: Receipt| Ok(receipt.charge_id))
+//!         s.call::<Charge>(|ctx| *ctx.input())
+//!             .compensate::<Refund>(|_, receipt: Receipt| receipt.charge_id)
 //!     })
 //!     .build()
 //!     .unwrap();

@@ -371,6 +371,14 @@ fn decode(outcome: Option<Value>) -> Outcome {
 mod tests {
     use super::*;
 
+    /// Migrations can be spawned: their futures are `Send`.
+    #[allow(dead_code)]
+    fn migrations_are_send(inbox: &Inbox, store: &crate::PgStore) {
+        fn send<T: Send>(_: T) {}
+        send(inbox.migrate());
+        send(store.migrate());
+    }
+
     #[test]
     fn recorded_outcomes_decode_to_their_answers() {
         assert_eq!(

@@ -52,7 +52,9 @@ pub(crate) async fn migrate(
         sqlx::query(AssertSqlSafe(format!("SET search_path TO {quoted}")))
             .execute(&mut conn)
             .await?;
-        migrator.run(&mut conn).await?;
+        // `run_direct` rather than `run`: `run`'s `Acquire` bound makes the future not `Send`
+        // (sqlx's "not general enough"), so a migration could not be spawned.
+        migrator.run_direct(None, &mut conn, false).await?;
         Ok::<_, Error>(())
     }
     .await;

@@ -1,5 +1,6 @@
 //! A testing kit for users: run sagas in memory on a virtual clock, with handlers as closures
-//! and injected failures. A saga that waits 30 days for an approval runs in microseconds.
+//! or your workers themselves ([`TestEnv::worker`]), and injected failures. A saga that waits
+//! 30 days for an approval runs in microseconds.
 //!
 //! Enabled by the `testing` feature:
 //!
@@ -50,17 +51,18 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::decide::{Effect, Env, Input, Timer, Verdict, decide};
 use crate::definition::{Definition, SagaDefinition};
-use crate::event::{Direction, Event, RecordedEvent};
-use crate::message::{Command, Outcome, Reply};
+use crate::event::{Event, RecordedEvent};
+use crate::message::{Command, Reply};
 use crate::state::{SagaState, SagaStatus, replay};
-use crate::worker::{CommandContext, StepError};
+use crate::worker::StepError;
 
-type TestHandler = Box<dyn FnMut(Value, &CommandContext) -> Result<Value, StepError> + Send>;
+mod participant;
+
+use participant::{Recorded, TestHandler};
 
 /// What an injected fault does to the next delivery of a command.
 ///
@@ -70,7 +72,8 @@ type TestHandler = Box<dyn FnMut(Value, &CommandContext) -> Result<Value, StepEr
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// The handler is not called; the attempt fails with this error (a terminal one is
-    /// recorded, as the inbox records it).
+    /// recorded in the env's inbox; a worker's own inbox records nothing, so a fence of the
+    /// step finds it unapplied).
     Fail(StepError),
     /// The handler runs (its outcome is recorded) but the answer is lost: the attempt times
     /// out, and the saga learns the truth from a later attempt or a fence.
@@ -78,14 +81,6 @@ pub enum Fault {
     /// The command is lost before it runs (a message that expired in its queue): the attempt
     /// times out, and a fence finds the step unapplied.
     LoseCommand,
-}
-
-/// What a participant's inbox holds under a key.
-#[derive(Debug, Clone)]
-enum Recorded {
-    Ok(Value),
-    Failed(String),
-    Fenced,
 }
 
 struct TestSaga {
@@ -106,6 +101,12 @@ pub struct TestEnv {
     handlers: HashMap<(String, String), TestHandler>,
     faults: HashMap<(String, String), VecDeque<Fault>>,
     inbox: HashMap<(String, String), Recorded>,
+    /// Services served by a worker without an inbox, one closure for all their commands.
+    services: HashMap<String, TestHandler>,
+    /// Services served by a worker with its own inbox: their commands take the worker's path.
+    inboxed: HashMap<String, Arc<crate::Worker>>,
+    /// Where handlers of workers run (made on first use).
+    runtime: std::sync::OnceLock<tokio::runtime::Runtime>,
 }
 
 impl Default for TestEnv {
@@ -138,6 +139,9 @@ impl TestEnv {
             handlers: HashMap::new(),
             faults: HashMap::new(),
             inbox: HashMap::new(),
+            services: HashMap::new(),
+            inboxed: HashMap::new(),
+            runtime: std::sync::OnceLock::new(),
         }
     }
 
@@ -157,8 +161,8 @@ impl TestEnv {
         F: FnMut(In) -> Result<Out, StepError> + Send + 'static,
     {
         let name = format!("{service}.{command}");
-        let handler: TestHandler = Box::new(move |payload, _ctx| {
-            let input: In = serde_json::from_value(payload)
+        let handler: TestHandler = Box::new(move |command| {
+            let input: In = serde_json::from_value(command.payload.clone())
                 .map_err(|e| StepError::terminal(format!("invalid input for {name}: {e}")))?;
             let output = f(input)?;
             serde_json::to_value(output).map_err(|e| StepError::terminal(e.to_string()))
@@ -175,50 +179,6 @@ impl TestEnv {
         f: impl FnMut(C::Input) -> Result<C::Output, StepError> + Send + 'static,
     ) -> &mut Self {
         self.handle(<C::Service as crate::Service>::NAME, C::COMMAND, f)
-    }
-
-    /// Serves the commands of `worker`'s service with its own handlers: the `Handler`
-    /// implementations production runs, async, each command run to its end (or the worker's
-    /// default timeout) on a runtime of its own, in a thread of its own. A panic or a timeout
-    /// is a retryable failure, as in the worker; tasks a handler spawns end with its command,
-    /// and it must not wait on anything driven by the test's own runtime (a pool made in the
-    /// test, say), which is blocked meanwhile. The env keeps the inbox's records
-    /// (redeliveries and fences are answered from them); handlers get no transaction
-    /// ([`CommandContext::transaction`] fails terminally), so a handler that writes through it
-    /// needs the database: test it with the services.
-    pub fn worker(&mut self, worker: &crate::Worker) -> &mut Self {
-        let (handlers, limit) = worker.handlers();
-        for (command, handler) in handlers {
-            let handler = Arc::clone(handler);
-            let run: TestHandler = Box::new(move |payload, ctx| {
-                let call = Arc::clone(&handler).call(payload, ctx.clone());
-                let ran = std::thread::spawn(move || {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a runtime for the handler")
-                        .block_on(async move { tokio::time::timeout(limit, call).await })
-                })
-                .join();
-                match ran {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(_)) => Err(StepError::retryable(format!(
-                        "the handler did not finish within {limit:?}"
-                    ))),
-                    Err(panic) => {
-                        let why = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        Err(StepError::retryable(format!("the handler panicked: {why}")))
-                    }
-                }
-            });
-            self.handlers
-                .insert((worker.service().to_owned(), command.clone()), run);
-        }
-        self
     }
 
     /// Makes the next delivery of `command` of `service` suffer `fault` (faults queue up).
@@ -400,73 +360,5 @@ impl TestEnv {
                 self.apply(command.saga_id, Input::Reply(Reply::to(&command, outcome)));
             }
         }
-    }
-
-    /// What the participant answers to `command`, or `None` if the answer is lost.
-    fn deliver(&mut self, command: &Command) -> Option<Outcome> {
-        let key = (command.service.clone(), command.idempotency_key.clone());
-        if command.direction == Direction::Fence {
-            let recorded = self.inbox.entry(key).or_insert(Recorded::Fenced);
-            return Some(answer(recorded, true));
-        }
-        if let Some(recorded) = self.inbox.get(&key) {
-            return Some(answer(recorded, false));
-        }
-        let route = (command.service.clone(), command.command.clone());
-        let fault = self.faults.get_mut(&route).and_then(VecDeque::pop_front);
-        let lost = fault == Some(Fault::LoseResult);
-        let ctx = CommandContext::of(command);
-        let result = match fault {
-            Some(Fault::LoseCommand) => return None,
-            Some(Fault::Fail(error)) => Err(error),
-            _ => {
-                let handler = self.handlers.get_mut(&route).unwrap_or_else(|| {
-                    panic!(
-                        "no handler for {}.{}; register one with TestEnv::handle",
-                        route.0, route.1
-                    )
-                });
-                handler(command.payload.clone(), &ctx)
-            }
-        };
-        match &result {
-            Ok(output) => {
-                self.inbox.insert(key, Recorded::Ok(output.clone()));
-            }
-            Err(e) if !e.is_retryable() => {
-                self.inbox
-                    .insert(key, Recorded::Failed(e.message().to_owned()));
-            }
-            Err(_) => {}
-        }
-        if lost {
-            return None;
-        }
-        Some(match result {
-            Ok(output) => Outcome::Success { output },
-            Err(e) => Outcome::Failure {
-                error: e.message().to_owned(),
-                retryable: e.is_retryable(),
-            },
-        })
-    }
-}
-
-/// The answer a recorded outcome gives to a redelivery, or to a `fence`.
-fn answer(recorded: &Recorded, fence: bool) -> Outcome {
-    match recorded {
-        Recorded::Ok(output) => Outcome::Success {
-            output: output.clone(),
-        },
-        Recorded::Failed(error) if fence => Outcome::Fenced {
-            detail: format!("its failure is recorded: {error}"),
-        },
-        Recorded::Failed(error) => Outcome::Failure {
-            error: error.clone(),
-            retryable: false,
-        },
-        Recorded::Fenced => Outcome::Fenced {
-            detail: "fenced before any delivery applied it".into(),
-        },
     }
 }

@@ -208,15 +208,25 @@ impl Worker {
         }
     }
 
-    /// Its handlers, by command name, and how long one may run (for the test kit).
+    /// A copy sharing its handlers, inbox and metrics (for the test kit).
     #[cfg(feature = "testing")]
-    pub(crate) fn handlers(
-        &self,
-    ) -> (
-        impl Iterator<Item = (&String, &Arc<dyn ErasedHandler>)>,
-        Duration,
-    ) {
-        (self.handlers.iter(), self.default_timeout)
+    pub(crate) fn shared(&self) -> Arc<Worker> {
+        Arc::new(Worker {
+            service: self.service.clone(),
+            handlers: self.handlers.clone(),
+            concurrency: self.concurrency,
+            default_timeout: self.default_timeout,
+            metrics: self.metrics.clone(),
+            max_message_bytes: self.max_message_bytes,
+            inbox: self.inbox.clone(),
+            payloads: self.payloads.clone(),
+        })
+    }
+
+    /// Whether it keeps an inbox (runs exactly once) rather than running at least once.
+    #[cfg(feature = "testing")]
+    pub(crate) fn has_inbox(&self) -> bool {
+        self.inbox.is_some()
     }
 
     /// The service whose commands it runs.

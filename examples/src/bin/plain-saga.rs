@@ -68,15 +68,15 @@ contract!(Refund: Payments, "refund", Receipt => ());
 fn order_saga() -> SagaDefinition<Order> {
     SagaDefinition::<Order>::builder("plain-order", 1)
         .step("reserve", |s| {
-            s.call::<Reserve>(|ctx| Ok(ctx.input().clone()))
-                .compensate::<Release>(|_, reservation| Ok(reservation))
+            s.call::<Reserve>(|ctx| ctx.input().clone())
+                .compensate::<Release>(|_, reservation| reservation)
         })
         .step("charge", |s| {
-            s.call::<Charge>(|ctx| Ok(ctx.input().clone()))
-                .compensate::<Refund>(|_, receipt| Ok(receipt))
+            s.call::<Charge>(|ctx| ctx.input().clone())
+                .compensate::<Refund>(|_, receipt| receipt)
         })
         .step("ship", |s| {
-            s.call::<Ship>(|ctx| Ok(ctx.input().clone())).pivot()
+            s.call::<Ship>(|ctx| ctx.input().clone()).pivot()
         })
         .build()
         .expect("the saga is valid")
@@ -197,6 +197,24 @@ async fn migrate_services(pool: &PgPool) -> anyhow::Result<Vec<Inbox>> {
     Ok(inboxes)
 }
 
+/// The two services' workers, each command's writes committed with its inbox record.
+fn workers(warehouse_inbox: Inbox, payments_inbox: Inbox) -> [Worker; 2] {
+    // Each command holds a connection of its inbox's pool while it runs: with one pool in
+    // this program, the services run a few commands at once each.
+    let warehouse = Worker::for_service::<Warehouse>(warehouse_inbox)
+        .serve::<Reserve>(ReserveItem)
+        .serve::<Release>(ReleaseItem)
+        .serve::<Ship>(ShipOrder)
+        .concurrency(8)
+        .build();
+    let payments = Worker::for_service::<Payments>(payments_inbox)
+        .serve::<Charge>(ChargeCard)
+        .serve::<Refund>(RefundCard)
+        .concurrency(8)
+        .build();
+    [warehouse, payments]
+}
+
 /// Order `n`: every third has no address.
 fn order(n: u64) -> Order {
     Order {
@@ -231,20 +249,8 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("two inboxes"))?;
     let transport = Arc::new(AmqpTransport::connect(AmqpConfig::from_env()?).await?);
 
-    // Each command holds a connection of its inbox's pool while it runs: with one pool here,
-    // the services run a few commands at once each.
     let shutdown = CancellationToken::new();
-    let warehouse = Worker::for_service::<Warehouse>(warehouse_inbox)
-        .serve::<Reserve>(ReserveItem)
-        .serve::<Release>(ReleaseItem)
-        .serve::<Ship>(ShipOrder)
-        .concurrency(8)
-        .build();
-    let payments = Worker::for_service::<Payments>(payments_inbox)
-        .serve::<Charge>(ChargeCard)
-        .serve::<Refund>(RefundCard)
-        .concurrency(8)
-        .build();
+    let [warehouse, payments] = workers(warehouse_inbox, payments_inbox);
     let saga = order_saga();
     let mut services = tokio::task::JoinSet::new();
     services.spawn(warehouse.run(transport.clone(), shutdown.clone()));
@@ -309,10 +315,11 @@ async fn place_orders(
     Ok(lines)
 }
 
-/// The saga's logic on the in-memory test kit: no services, a virtual clock.
+/// The saga's logic on the test kit (a virtual clock, no broker), with its handlers as
+/// closures and as they are.
 #[cfg(test)]
 mod tests {
-    use saga_core::testing::TestEnv;
+    use saga_core::testing::{Fault, TestEnv};
 
     use super::*;
 
@@ -345,6 +352,74 @@ mod tests {
                 }
             });
         (env, saga)
+    }
+
+    /// The real handlers on the test kit, writing through their inboxes: this one needs
+    /// PostgreSQL (`DATABASE_URL`), where it creates a database of its own; no RabbitMQ.
+    #[test]
+    fn the_real_handlers_write_once_through_their_inboxes() {
+        let url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL names a PostgreSQL where this test may create a database");
+        let database = format!("plain_saga_{}", uuid::Uuid::new_v4().simple());
+        let mut env = TestEnv::new();
+        // Pools are made on the env's runtime, where the handlers run.
+        let (admin, pool, inboxes) = env.block_on(async move {
+            let admin = PgPool::connect(&url)
+                .await
+                .expect("PostgreSQL at DATABASE_URL");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+                .execute(&admin)
+                .await
+                .expect("a database for the test");
+            let (root, _) = url.rsplit_once('/').expect("a URL with a database");
+            let pool = PgPool::connect(&format!("{root}/{database}"))
+                .await
+                .unwrap();
+            let inboxes = migrate_services(&pool).await.expect("the services' tables");
+            (admin, pool, inboxes)
+        });
+        let [warehouse_inbox, payments_inbox] = inboxes.try_into().expect("two inboxes");
+        let saga = order_saga();
+        env.register(&saga);
+        for worker in workers(warehouse_inbox, payments_inbox) {
+            env.worker(&worker);
+        }
+        // The first charge applies but its answer is lost: the retry finds it recorded.
+        env.inject("payments", "charge", Fault::LoseResult);
+        let shipped = env.start(&saga, &order(1));
+        let undeliverable = env.start(&saga, &order(3));
+        env.advance(Duration::from_secs(120));
+        assert_eq!(env.status(shipped), SagaStatus::Completed);
+        assert_eq!(env.status(undeliverable), SagaStatus::Compensated);
+        let charges = env
+            .commands(shipped)
+            .iter()
+            .filter(|c| *c == "payments.charge");
+        assert_eq!(charges.count(), 2, "the charge was sent again");
+
+        let counts: (i64, i64, i64, i64, i64) = env.block_on(async move {
+            let counts = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM warehouse.reservations), \
+                 (SELECT count(*) FROM warehouse.reservations WHERE released), \
+                 (SELECT count(*) FROM warehouse.shipments), \
+                 (SELECT count(*) FROM payments.charges), \
+                 (SELECT count(*) FROM payments.charges WHERE refunded)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            let database = pool.connect_options().get_database().unwrap().to_owned();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {database} WITH (FORCE)"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+            counts
+        });
+        // Two reservations, one released; one shipment; two charges, one refunded.
+        assert_eq!(counts, (2, 1, 1, 2, 1));
     }
 
     #[test]

@@ -16,7 +16,18 @@ where
     /// The forward command of contract `C` (its service and command), its input built by
     /// `input` as the contract's input type. The step's output is `C::Output`, which
     /// [`ContractStep::compensate`] and [`StepContext::output_of`] read as that type.
+    /// [`try_call`](Self::try_call) takes a builder that can fail.
     pub fn call<C: Contract>(
+        self,
+        input: impl Fn(&StepContext<'_, I>) -> C::Input + Send + Sync + 'static,
+    ) -> ContractStep<I, C> {
+        self.try_call::<C>(move |ctx| Ok(input(ctx)))
+    }
+
+    /// Like [`call`](Self::call), with an input builder that can fail (one that reads an
+    /// earlier step's output with `?`, say): its error parks the saga as `stuck`, naming the
+    /// step.
+    pub fn try_call<C: Contract>(
         self,
         input: impl Fn(&StepContext<'_, I>) -> Result<C::Input, InputError> + Send + Sync + 'static,
     ) -> ContractStep<I, C> {
@@ -46,7 +57,16 @@ where
     /// without one), the closure gets what `null` reads as: `()` for a unit output, `None` for
     /// an `Option`; for any other type the input cannot be built and the saga parks as
     /// `stuck`, naming the step. Declare the output as an `Option` to handle that case.
+    /// [`try_compensate`](Self::try_compensate) takes a builder that can fail.
     pub fn compensate<K: Contract>(
+        self,
+        input: impl Fn(&StepContext<'_, I>, C::Output) -> K::Input + Send + Sync + 'static,
+    ) -> Self {
+        self.try_compensate::<K>(move |ctx, output| Ok(input(ctx, output)))
+    }
+
+    /// Like [`compensate`](Self::compensate), with an input builder that can fail.
+    pub fn try_compensate<K: Contract>(
         self,
         input: impl Fn(&StepContext<'_, I>, C::Output) -> Result<K::Input, InputError>
         + Send
@@ -58,8 +78,9 @@ where
     }
 
     /// The compensation as `command` of `service`, named by strings (a service without a
-    /// contract, as in another language), its input built as [`compensate`](Self::compensate)
-    /// builds it, from this step's output read as `C::Output`.
+    /// contract, as in another language), its input built as
+    /// [`try_compensate`](Self::try_compensate) builds it, from this step's output read as
+    /// `C::Output`.
     pub fn compensate_with<T: Serialize>(
         mut self,
         service: &str,
@@ -174,8 +195,8 @@ mod tests {
     #[test]
     fn an_unknown_output_reads_as_null_where_the_type_allows() {
         let saga = SagaDefinition::<u64>::builder("order", 1)
-            .step("reserve", |s| s.call::<Reserve>(|ctx| Ok(*ctx.input())))
-            .step("charge", |s| s.call::<Charge>(|ctx| Ok(*ctx.input())))
+            .step("reserve", |s| s.call::<Reserve>(|ctx| *ctx.input()))
+            .step("charge", |s| s.call::<Charge>(|ctx| *ctx.input()))
             .build()
             .unwrap();
         let outputs: [Option<Value>; 2] = [None, None];

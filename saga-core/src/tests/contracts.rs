@@ -22,10 +22,10 @@ fn saga(
 ) -> SagaDefinition<u64> {
     SagaDefinition::<u64>::builder("order", 1)
         .step("charge", |s| {
-            s.call::<Charge>(|ctx| Ok(*ctx.input()))
-                .compensate::<Refund>(|_, receipt| Ok(receipt.charge_id))
+            s.call::<Charge>(|ctx| *ctx.input())
+                .compensate::<Refund>(|_, receipt| receipt.charge_id)
         })
-        .step("ship", move |s| s.call::<Ship>(ship_reads).pivot())
+        .step("ship", move |s| s.try_call::<Ship>(ship_reads).pivot())
         .build()
         .unwrap()
 }

@@ -35,7 +35,7 @@ impl Worker {
     /// Runs `command`'s handler and says how it went. With an inbox, the handler runs in a
     /// transaction that claims the command's key first (a settled key answers without
     /// running it) and records the outcome with the handler's writes.
-    pub(super) async fn attempt(&self, command: &Command, trace_id: Option<String>) -> Outcome {
+    pub(crate) async fn attempt(&self, command: &Command, trace_id: Option<String>) -> Outcome {
         let handler = self.handlers.get(&command.command);
         let ctx = CommandContext {
             trace_id,
@@ -222,7 +222,7 @@ impl Worker {
     /// Answers a fence of `command`'s step from the inbox: applied (with the recorded
     /// output), or fenced (a tombstone written, or a terminal failure recorded). A worker
     /// without an inbox cannot fence (`unfenceable`): the command counts as applied.
-    pub(super) async fn fence(&self, command: &Command) -> Outcome {
+    pub(crate) async fn fence(&self, command: &Command) -> Outcome {
         let Some(inbox) = &self.inbox else {
             return Outcome::Unfenceable {
                 detail: format!(
