@@ -46,6 +46,8 @@ pub struct Action {
     pub service: String,
     /// The command's name, which selects the handler inside the service.
     pub command: String,
+    /// The type its input is built as, unless raw JSON.
+    pub(crate) input_type: Option<&'static str>,
     pub(crate) build: BuildFn,
 }
 

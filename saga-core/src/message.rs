@@ -58,6 +58,11 @@ pub struct Command {
     pub idempotency_key: String,
     /// How long the orchestrator waits for this attempt, if it has a timeout.
     pub timeout_ms: Option<u64>,
+    /// The Rust type the saga built the input as (`std::any::type_name`), when it was built
+    /// as a type rather than as raw JSON: informational, for the error a handler that reads
+    /// another type reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_type: Option<String>,
     /// The command's input.
     pub payload: Value,
 }
@@ -400,6 +405,7 @@ mod tests {
             command: "charge".into(),
             idempotency_key: "k".into(),
             timeout_ms: Some(10),
+            input_type: None,
             payload: serde_json::json!({"amount": 5}),
         };
         let envelope = command.to_envelope();

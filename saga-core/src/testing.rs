@@ -162,8 +162,16 @@ impl TestEnv {
     {
         let name = format!("{service}.{command}");
         let handler: TestHandler = Box::new(move |command| {
-            let input: In = serde_json::from_value(command.payload.clone())
-                .map_err(|e| StepError::terminal(format!("invalid input for {name}: {e}")))?;
+            let input: In = serde_json::from_value(command.payload.clone()).map_err(|e| {
+                let sent = match &command.input_type {
+                    Some(sent) => format!("; the saga built it as a `{sent}`"),
+                    None => String::new(),
+                };
+                StepError::terminal(format!(
+                    "the input of {name} is not a `{}` (what its handler reads){sent}: {e}",
+                    std::any::type_name::<In>()
+                ))
+            })?;
             let output = f(input)?;
             serde_json::to_value(output).map_err(|e| StepError::terminal(e.to_string()))
         });

@@ -149,6 +149,7 @@ fn charge(saga_id: Uuid, attempt: u32, then: &str) -> Command {
         command: "charge".into(),
         idempotency_key: Command::idempotency_key_for(saga_id, 1, Direction::Forward),
         timeout_ms: Some(2_000),
+        input_type: None,
         payload: json!({ "then": then }),
     }
 }
@@ -234,6 +235,7 @@ async fn a_hung_handler_is_aborted_and_its_writes_rolled_back() {
     let saga = Uuid::new_v4();
     let hang = Command {
         timeout_ms: Some(300),
+        input_type: None,
         ..charge(saga, 1, "hang")
     };
     p.send(&hang).await;

@@ -296,6 +296,7 @@ async fn the_python_service_answers_as_the_protocol_says() {
         command: name.into(),
         idempotency_key: Command::idempotency_key_for(saga_id, 1, Direction::Forward),
         timeout_ms: Some(10_000),
+        input_type: None,
         payload: if direction == Direction::Fence {
             serde_json::Value::Null
         } else {

@@ -45,6 +45,7 @@ fn commands() -> Vec<Command> {
         command: "charge".into(),
         idempotency_key: Command::idempotency_key_for(saga_id, 1, direction),
         timeout_ms: (direction != Direction::Compensation).then_some(30_000),
+        input_type: (direction != Direction::Fence).then(|| "shop::Charge".into()),
         payload: if direction == Direction::Fence {
             Value::Null
         } else {

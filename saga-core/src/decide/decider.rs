@@ -251,6 +251,10 @@ impl Decider<'_, '_> {
                 .state
                 .idempotency_key(self.env.saga_id, step, direction),
             timeout_ms: def.timeout.map(|t| t.as_millis() as u64),
+            input_type: (direction != Direction::Fence)
+                .then_some(action.input_type)
+                .flatten()
+                .map(str::to_owned),
             payload: payload.clone(),
         };
         self.emit(Event::Dispatched {

@@ -323,9 +323,11 @@ where
         let payload = input(&StepContext::new(&saga_input, raw))?;
         Ok(serde_json::to_value(payload)?)
     });
+    let input_type = std::any::type_name::<C>();
     Action {
         service: service.to_owned(),
         command: command.to_owned(),
+        input_type: (input_type != std::any::type_name::<Value>()).then_some(input_type),
         build,
     }
 }

@@ -428,3 +428,28 @@ fn a_panicking_accept_keeps_its_signal() {
         ["signal_received", "stuck"]
     );
 }
+
+/// A command says which type its input was built as, so that a handler reading another type
+/// can name both; raw JSON and fences say nothing.
+#[test]
+fn commands_name_the_type_their_input_was_built_as() {
+    let typed = SagaDefinition::<Value>::builder("order", 1)
+        .step("charge", |s| {
+            s.action("payment", "charge", |_| Ok(1200_u64))
+                .compensation("payment", "refund", |_| Ok("ch-1".to_owned()))
+        })
+        .step("ship", |s| {
+            s.pivot().action("shipping", "ship", |_| Ok(json!({})))
+        })
+        .build()
+        .unwrap();
+    let (mut run, first) = Run::start(typed);
+    assert_eq!(dispatch(&first).input_type.as_deref(), Some("u64"));
+    let fence = run.time_out_attempts(5);
+    let fence = dispatch(&fence);
+    assert_eq!(fence.direction, Direction::Fence);
+    assert_eq!(fence.input_type, None);
+
+    let (_, raw) = Run::start(order());
+    assert_eq!(dispatch(&raw).input_type, None);
+}

@@ -40,6 +40,8 @@ pub struct CommandContext {
     pub idempotency_key: String,
     /// The W3C trace id the command carried (the saga's trace), if any.
     pub trace_id: Option<String>,
+    /// The type the saga built the input as, if it said.
+    pub(crate) input_type: Option<String>,
     pub(crate) tx: Option<TxSlot>,
 }
 
@@ -142,6 +144,7 @@ impl CommandContext {
             command: command.command.clone(),
             idempotency_key: command.idempotency_key.clone(),
             trace_id: None,
+            input_type: command.input_type.clone(),
             tx: None,
         }
     }
@@ -252,8 +255,12 @@ impl<H: Handler> ErasedHandler for Erased<H> {
                 let e = crate::codec::without_values(&e);
                 // The saga definition builds this command's input as another type than the
                 // handler reads: a bug to fix, not a business failure.
+                let sent = match &ctx.input_type {
+                    Some(sent) => format!("; the saga built it as a `{sent}`"),
+                    None => String::new(),
+                };
                 let why = format!(
-                    "the input of command `{}` is not a `{}`: {e}",
+                    "the input of command `{}` is not a `{}` (what its handler reads){sent}: {e}",
                     ctx.command,
                     std::any::type_name::<H::Input>()
                 );
@@ -300,6 +307,7 @@ mod tests {
             command: "refund".into(),
             idempotency_key: "k".into(),
             timeout_ms: None,
+            input_type: None,
             payload: json!("ch-1"),
         }
     }
@@ -311,10 +319,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_input_of_another_type_fails_for_good_naming_the_handlers_type() {
+    async fn an_input_of_another_type_fails_for_good_naming_both_types() {
         let refund = handler_fn(|_: Receipt, _| async { Ok::<_, StepError>(()) });
         let handler: Arc<dyn ErasedHandler> = Arc::new(Erased(refund));
-        let command = command();
+        let command = Command {
+            input_type: Some("alloc::string::String".into()),
+            ..command()
+        };
         let err = handler
             .call(command.payload.clone(), CommandContext::of(&command))
             .await
@@ -323,7 +334,7 @@ mod tests {
         let message = err.message();
         assert!(
             message.contains("the input of command `refund` is not a `")
-                && message.contains("Receipt`"),
+                && message.contains("Receipt` (what its handler reads); the saga built it as a `alloc::string::String`: "),
             "{message}"
         );
     }
