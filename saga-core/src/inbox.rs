@@ -225,6 +225,23 @@ impl Inbox {
         Ok(outcome.map(|o| decode(o.map(|Json(v)| v))))
     }
 
+    /// Whether an outcome (a success, a terminal failure or a tombstone) is recorded under
+    /// `key` (for the test kit).
+    #[cfg(feature = "testing")]
+    pub(crate) async fn settles(&self, key: &str) -> Result<bool> {
+        let mut conn = self.pool.acquire().await?;
+        let recorded = self.recorded(&mut conn, key).await?;
+        Ok(recorded.is_some_and(|o| {
+            !matches!(
+                o,
+                Outcome::Failure {
+                    retryable: true,
+                    ..
+                }
+            )
+        }))
+    }
+
     /// Records the handler's output under `key`, and commits.
     pub(crate) async fn succeed(
         &self,

@@ -90,8 +90,9 @@ struct TestSaga {
     commands: Vec<String>,
 }
 
-/// Sagas in memory on a virtual clock. Commands go straight to the registered closures; time
-/// moves only when the test calls [`TestEnv::advance`].
+/// Sagas in memory on a virtual clock. Commands go straight to the registered closures or
+/// workers; the saga's time (timeouts, backoffs, waits, deadlines) moves only when the test
+/// calls [`TestEnv::advance`], while a worker's handler runs in real time.
 pub struct TestEnv {
     now: DateTime<Utc>,
     definitions: HashMap<(String, u32), Arc<Definition>>,
@@ -101,10 +102,8 @@ pub struct TestEnv {
     handlers: HashMap<(String, String), TestHandler>,
     faults: HashMap<(String, String), VecDeque<Fault>>,
     inbox: HashMap<(String, String), Recorded>,
-    /// Services served by a worker without an inbox, one closure for all their commands.
-    services: HashMap<String, TestHandler>,
-    /// Services served by a worker with its own inbox: their commands take the worker's path.
-    inboxed: HashMap<String, Arc<crate::Worker>>,
+    /// Services served by a worker: commands without a closure take the worker's path.
+    workers: HashMap<String, Arc<crate::Worker>>,
     /// Where handlers of workers run (made on first use).
     runtime: std::sync::OnceLock<tokio::runtime::Runtime>,
 }
@@ -139,8 +138,7 @@ impl TestEnv {
             handlers: HashMap::new(),
             faults: HashMap::new(),
             inbox: HashMap::new(),
-            services: HashMap::new(),
-            inboxed: HashMap::new(),
+            workers: HashMap::new(),
             runtime: std::sync::OnceLock::new(),
         }
     }
@@ -168,8 +166,9 @@ impl TestEnv {
                     None => String::new(),
                 };
                 StepError::terminal(format!(
-                    "the input of {name} is not a `{}` (what its handler reads){sent}: {e}",
-                    std::any::type_name::<In>()
+                    "the input of {name} is not a `{}` (what its handler reads){sent}: {}",
+                    std::any::type_name::<In>(),
+                    crate::codec::without_values(&e)
                 ))
             })?;
             let output = f(input)?;

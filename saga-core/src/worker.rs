@@ -223,10 +223,16 @@ impl Worker {
         })
     }
 
-    /// Whether it keeps an inbox (runs exactly once) rather than running at least once.
+    /// Its inbox, if it keeps one (for the test kit).
     #[cfg(feature = "testing")]
-    pub(crate) fn has_inbox(&self) -> bool {
-        self.inbox.is_some()
+    pub(crate) fn inbox(&self) -> Option<&Inbox> {
+        self.inbox.as_ref()
+    }
+
+    /// The commands it has handlers for, and how it encodes payloads (for the test kit).
+    #[cfg(feature = "testing")]
+    pub(crate) fn commands(&self) -> (impl Iterator<Item = &String>, &Payloads) {
+        (self.handlers.keys(), &self.payloads)
     }
 
     /// The service whose commands it runs.

@@ -12,6 +12,9 @@ use crate::message::{Command, Outcome};
 pub(crate) trait Carries {
     /// The payload, if this record has one.
     fn payload_mut(&mut self) -> Option<&mut Value>;
+
+    /// Drops what the record says about its payload in the clear (sealing it hides it).
+    fn hide_metadata(&mut self) {}
 }
 
 impl Carries for Event {
@@ -40,6 +43,11 @@ impl Carries for Command {
     fn payload_mut(&mut self) -> Option<&mut Value> {
         Some(&mut self.payload)
     }
+
+    /// The input's type name would travel beside the sealed input.
+    fn hide_metadata(&mut self) {
+        self.input_type = None;
+    }
 }
 
 impl Carries for Outcome {
@@ -57,6 +65,7 @@ impl Payloads {
         if !self.is_encoding() {
             return Ok(());
         }
+        record.hide_metadata();
         if let Some(slot) = record.payload_mut() {
             *slot = self.seal(std::mem::take(slot))?;
         }
@@ -68,6 +77,7 @@ impl Payloads {
         if !self.is_encoding() {
             return Ok(());
         }
+        record.hide_metadata();
         if let Some(slot) = record.payload_mut() {
             *slot = self.seal_once(std::mem::take(slot))?;
         }

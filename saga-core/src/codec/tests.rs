@@ -202,3 +202,29 @@ fn events_carry_their_payload_sealed_and_metadata_in_the_clear() {
     assert!(completed.payload_mut().is_none());
     p.seal_in(&mut completed).unwrap();
 }
+
+/// A sealed command does not name its input's type in the clear; a plain one does.
+#[test]
+fn a_sealed_command_drops_the_name_of_its_input_type() {
+    let command = || crate::message::Command {
+        command_id: uuid::Uuid::nil(),
+        saga_id: uuid::Uuid::nil(),
+        saga: "order".into(),
+        step: 0,
+        step_name: "charge".into(),
+        direction: Direction::Forward,
+        attempt: 1,
+        service: "payment".into(),
+        command: "charge".into(),
+        idempotency_key: "k".into(),
+        timeout_ms: None,
+        input_type: Some("shop::CardDetails".into()),
+        payload: json!({"card": "tok_4242"}),
+    };
+    let mut sealed = command();
+    payloads(&format!("k1:{K1}")).seal_in(&mut sealed).unwrap();
+    assert_eq!(sealed.input_type, None);
+    let mut plain = command();
+    Payloads::plain().seal_in(&mut plain).unwrap();
+    assert_eq!(plain.input_type.as_deref(), Some("shop::CardDetails"));
+}

@@ -24,17 +24,22 @@ pub(super) enum Recorded {
 }
 
 impl TestEnv {
-    /// Serves the commands of `worker`'s service with the worker itself: the `Handler`
-    /// implementations production runs, async, on the path a delivery takes in production
-    /// (unknown commands, panics and the worker's timeouts included).
+    /// Serves the commands of `worker`'s service with the worker itself: its `Handler`
+    /// implementations, async, through the worker's own run of a command (its inbox, unknown
+    /// commands, panics and its timeouts; the broker's part, such as size limits, is not
+    /// played). A closure registered with [`handle`](Self::handle) for one of the worker's
+    /// commands is replaced; closures for its other commands stay and win.
     ///
     /// A worker with an [`Inbox`](crate::Inbox) runs each command in the inbox's transaction,
     /// so a handler's writes through [`CommandContext::transaction`](crate::CommandContext::transaction)
     /// commit with its recorded outcome, and redeliveries and fences are answered by that
     /// inbox: the database is real, the saga's log, the broker and the clock are the env's.
-    /// A worker without one ([`Worker::at_least_once`]) gets the env's in-memory inbox.
+    /// A worker without one ([`Worker::at_least_once`]) runs a redelivery again and answers a
+    /// fence `unfenceable`, as in production. Outputs a worker seals with its
+    /// [`Payloads`](crate::Payloads) are opened for the env.
     ///
-    /// Handlers run on the env's own runtime while the test waits; a handler's pool (and the
+    /// Handlers run on the env's own runtime while the test waits, in real time (a handler
+    /// that hangs holds the test for the worker's timeout). A handler's pool (and the
     /// inbox's) must be made there too, with [`TestEnv::block_on`], or its connections
     /// would be driven by the test's runtime, which is blocked meanwhile.
     ///
@@ -54,39 +59,18 @@ impl TestEnv {
     pub fn worker(&mut self, worker: &Worker) -> &mut Self {
         let worker = worker.shared();
         let service = worker.service().to_owned();
-        // The last registration wins: closures of this service's commands go.
-        self.handlers.retain(|(s, _), _| *s != service);
-        if worker.has_inbox() {
-            self.inboxed.insert(service, worker);
-            return self;
+        let (commands, _) = worker.commands();
+        for command in commands {
+            self.handlers.remove(&(service.clone(), command.clone()));
         }
-        self.inboxed.remove(&service);
-        self.services.remove(&service);
-        let runtime = self.runtime().handle().clone();
-        let run: TestHandler = Box::new(move |command| {
-            let (worker, command) = (Arc::clone(&worker), command.clone());
-            match run_on(
-                &runtime,
-                async move { worker.attempt(&command, None).await },
-            ) {
-                Outcome::Success { output } => Ok(output),
-                Outcome::Failure { error, retryable } if retryable => {
-                    Err(StepError::retryable(error))
-                }
-                Outcome::Failure { error, .. } => Err(StepError::terminal(error)),
-                other => Err(StepError::terminal(format!(
-                    "a worker without an inbox answered {other:?}"
-                ))),
-            }
-        });
-        // One closure per service: the worker tells its commands apart itself.
-        self.services.insert(service, run);
+        self.workers.insert(service, worker);
         self
     }
 
     /// Runs `future` on the env's runtime, where workers' handlers run, and waits for it:
     /// make the pools that handlers and inboxes use here. Callable from a plain `#[test]` or
-    /// from async code (it blocks the calling thread until `future` ends).
+    /// from async code (it blocks the calling thread until `future` ends); a panic in
+    /// `future` is raised again here.
     pub fn block_on<F>(&self, future: F) -> F::Output
     where
         F: Future + Send + 'static,
@@ -110,9 +94,9 @@ impl TestEnv {
     pub(super) fn deliver(&mut self, command: &Command) -> Option<Outcome> {
         let route = (command.service.clone(), command.command.clone());
         if !self.handlers.contains_key(&route)
-            && let Some(worker) = self.inboxed.get(&command.service).cloned()
+            && let Some(worker) = self.workers.get(&command.service).cloned()
         {
-            return self.deliver_to_inbox(worker, command);
+            return self.deliver_to_worker(worker, command);
         }
         let key = (command.service.clone(), command.idempotency_key.clone());
         if command.direction == Direction::Fence {
@@ -128,15 +112,12 @@ impl TestEnv {
             Some(Fault::LoseCommand) => return None,
             Some(Fault::Fail(error)) => Err(error),
             _ => {
-                let handler = match self.handlers.get_mut(&route) {
-                    Some(handler) => handler,
-                    None => self.services.get_mut(&route.0).unwrap_or_else(|| {
-                        panic!(
-                            "no handler for {}.{}; register one with TestEnv::handle or TestEnv::worker",
-                            route.0, route.1
-                        )
-                    }),
-                };
+                let handler = self.handlers.get_mut(&route).unwrap_or_else(|| {
+                    panic!(
+                        "no handler for {}.{}; register one with TestEnv::handle or TestEnv::worker",
+                        route.0, route.1
+                    )
+                });
                 handler(command)
             }
         };
@@ -162,26 +143,41 @@ impl TestEnv {
         })
     }
 
-    /// A command of a service whose worker keeps its own inbox: the worker's attempt or
-    /// fence, in the inbox's transaction.
-    fn deliver_to_inbox(&mut self, worker: Arc<Worker>, command: &Command) -> Option<Outcome> {
+    /// A command of a service served by a worker: its run of the command, or its fence.
+    /// Faults apply, as with closures, only to a delivery whose outcome is not recorded.
+    fn deliver_to_worker(&mut self, worker: Arc<Worker>, command: &Command) -> Option<Outcome> {
         let runtime = self.runtime().handle().clone();
         let owned = command.clone();
-        if command.direction == Direction::Fence {
-            return Some(run_on(&runtime, async move { worker.fence(&owned).await }));
-        }
-        let fault = self.fault(command);
-        match fault {
-            Some(Fault::LoseCommand) => None,
-            Some(Fault::Fail(error)) => Some(Outcome::Failure {
-                error: error.message().to_owned(),
-                retryable: error.is_retryable(),
-            }),
-            lost => {
-                let outcome = run_on(&runtime, async move { worker.attempt(&owned, None).await });
-                (lost != Some(Fault::LoseResult)).then_some(outcome)
+        let shared = Arc::clone(&worker);
+        let recorded = match worker.inbox().cloned() {
+            Some(inbox) if command.direction != Direction::Fence => {
+                let key = command.idempotency_key.clone();
+                run_on(&runtime, async move { inbox.settles(&key).await })
+                    .unwrap_or_else(|e| panic!("the test env cannot read the worker's inbox: {e}"))
             }
-        }
+            _ => false,
+        };
+        let fault = match (command.direction, recorded) {
+            (Direction::Fence, _) | (_, true) => None,
+            _ => self.fault(command),
+        };
+        let mut outcome = match fault {
+            Some(Fault::LoseCommand) => return None,
+            Some(Fault::Fail(error)) => {
+                return Some(Outcome::Failure {
+                    error: error.message().to_owned(),
+                    retryable: error.is_retryable(),
+                });
+            }
+            _ if command.direction == Direction::Fence => {
+                run_on(&runtime, async move { shared.fence(&owned).await })
+            }
+            _ => run_on(&runtime, async move { shared.attempt(&owned, None).await }),
+        };
+        // The env's saga reads outputs as the orchestrator would after opening them.
+        let (_, payloads) = worker.commands();
+        payloads.open_in_if_possible(&mut outcome);
+        (fault != Some(Fault::LoseResult)).then_some(outcome)
     }
 
     fn fault(&mut self, command: &Command) -> Option<Fault> {
@@ -199,19 +195,33 @@ impl Drop for TestEnv {
     }
 }
 
-/// Runs `future` on `runtime` and waits for it on this thread.
+/// Runs `future` on `runtime` and waits for it on this thread; its panic is raised here.
 fn run_on<F>(runtime: &tokio::runtime::Handle, future: F) -> F::Output
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let (done, result) = std::sync::mpsc::sync_channel(1);
+    let task = runtime.spawn(future);
     runtime.spawn(async move {
-        let _ = done.send(future.await);
+        let _ = done.send(task.await);
     });
-    match result.recv() {
-        Ok(output) => output,
-        Err(_) => panic!("a future run on the test env's runtime panicked"),
+    let patience = std::time::Duration::from_secs(20);
+    let ended = match result.recv_timeout(patience) {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            eprintln!(
+                "saga TestEnv: still waiting for a handler after {patience:?}. A pool made outside \
+                 TestEnv::block_on (on the test's own runtime) cannot be driven while the test \
+                 waits: make it with env.block_on."
+            );
+            result.recv()
+        }
+        other => other.map_err(|_| std::sync::mpsc::RecvError),
+    };
+    match ended {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        _ => panic!("the test env's runtime stopped before the future ended"),
     }
 }
 

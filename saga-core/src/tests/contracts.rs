@@ -87,3 +87,39 @@ fn reading_a_step_as_another_contract_fails_naming_both() {
         "{reason}"
     );
 }
+
+/// A worker without an inbox runs on the kit as in production: a redelivery runs its handler
+/// again, and a closure registered for a command it does not handle still serves it.
+#[test]
+fn an_at_least_once_worker_runs_a_redelivery_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let payment = saga_core::Worker::at_least_once_for::<Payment>()
+        .serve::<Charge>(saga_core::worker::handler_fn(move |amount: u64, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok::<_, StepError>(Receipt {
+                    charge_id: format!("ch-{amount}"),
+                })
+            }
+        }))
+        .build();
+    let saga = saga(|ctx| Ok(ctx.output_of::<Charge>("charge")?.charge_id));
+    let mut env = TestEnv::new();
+    env.register(&saga)
+        .serve::<Refund>(|_| Ok(()))
+        .worker(&payment)
+        .serve::<Ship>(|_| Ok(()))
+        .inject("payment", "charge", saga_core::testing::Fault::LoseResult);
+    let id = env.start(&saga, &42);
+    assert_eq!(env.status(id), SagaStatus::Running, "the answer was lost");
+    env.advance(std::time::Duration::from_secs(120));
+    assert_eq!(env.status(id), SagaStatus::Completed);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "at least once: it ran again"
+    );
+}
