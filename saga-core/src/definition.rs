@@ -60,6 +60,19 @@ impl fmt::Debug for Action {
     }
 }
 
+/// The code of a step's condition: over the saga's input and earlier outputs.
+type Predicate = dyn Fn(&RawContext<'_>) -> Result<bool, InputError> + Send + Sync;
+
+/// Decides whether a step runs, from the saga's input and earlier outputs.
+#[derive(Clone)]
+pub(crate) struct ConditionFn(pub(crate) Arc<Predicate>);
+
+impl fmt::Debug for ConditionFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConditionFn")
+    }
+}
+
 /// Checks a signal's payload; `Err` fails the wait step terminally with the reason.
 pub(crate) type CheckFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 
@@ -113,6 +126,15 @@ pub struct Step {
     /// counts as failed; always set for a command step (the saga's default timeout when the
     /// step sets none). For a signal wait: how long it waits, if set.
     pub timeout: Option<Duration>,
+    /// Runs the step only when this holds; see [`StepBuilder::when`](crate::StepBuilder::when).
+    pub(crate) condition: Option<ConditionFn>,
+}
+
+impl Step {
+    /// Whether the step runs only when a condition holds.
+    pub fn is_conditional(&self) -> bool {
+        self.condition.is_some()
+    }
 }
 
 impl Step {

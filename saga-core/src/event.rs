@@ -241,6 +241,12 @@ pub enum Event {
         /// Why it failed.
         reason: String,
     },
+    /// The step's condition did not hold: it did not run, has no output, and is never
+    /// compensated.
+    Skipped {
+        /// The step's position.
+        step: u32,
+    },
     /// The saga waits at a step: for a signal, or until a delay has passed.
     Waiting {
         /// The step's position.
@@ -395,6 +401,7 @@ impl Event {
             Event::FenceStarted { .. } => "fence_started",
             Event::Fenced { .. } => "fenced",
             Event::CompensationStarted { .. } => "compensation_started",
+            Event::Skipped { .. } => "skipped",
             Event::Waiting { .. } => "waiting",
             Event::SignalReceived { .. } => "signal_received",
             Event::CancelRequested { .. } => "cancel_requested",

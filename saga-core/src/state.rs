@@ -30,6 +30,8 @@ pub(crate) enum StepProgress {
     /// Its outcome is unknown and its service cannot fence it (a worker without an inbox):
     /// it counts as applied, and is compensated.
     PossiblyApplied,
+    /// Its condition did not hold: it did not run, and needs no compensation.
+    Skipped,
 }
 
 /// The command the saga is working on, or the retry it waits for.

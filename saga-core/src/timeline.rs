@@ -115,6 +115,12 @@ pub fn describe(definition: Option<&Definition>, history: &[RecordedEvent]) -> V
                     None => format!("{:<8} >> waits{until}", step_name(*step)),
                 }
             }
+            Event::Skipped { step } => {
+                format!(
+                    "{:<8} -- skipped (its condition did not hold)",
+                    step_name(*step)
+                )
+            }
             Event::SignalReceived { name, payload } => {
                 format!("signal `{name}`: {}", Payloads::masked(payload))
             }

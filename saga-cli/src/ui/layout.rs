@@ -63,7 +63,7 @@ pub(crate) async fn script() -> impl IntoResponse {
 
 const STYLE: &str = r#"
 :root { --ok:#2e9e5b; --compensated:#7c5cc4; --failed:#d64545; --retried:#ef9a2e;
-  --timedout:#c9a400; --waiting:#8fb5dc; --fence:#7d7d7d; --pending:#3a78e0; }
+  --timedout:#c9a400; --waiting:#8fb5dc; --fence:#7d7d7d; --pending:#3a78e0; --skipped:#c8ced6; }
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1f2328; background: #fafbfc; }
 header { display: flex; gap: 2em; align-items: center; padding: .6em 1.5em; background: #24292f; }
 header a { color: #e6edf3; text-decoration: none; margin-right: 1.2em; }
@@ -102,6 +102,7 @@ svg .step { font-size: 13px; font-weight: 600; } svg .service { font-size: 11px;
 .bar.waiting, .swatch.waiting { fill: var(--waiting); background: var(--waiting); }
 .bar.fence, .swatch.fence { fill: var(--fence); background: var(--fence); }
 .bar.pending, .swatch.pending { fill: var(--pending); background: var(--pending); }
+.bar.skipped, .swatch.skipped { fill: var(--skipped); background: var(--skipped); }
 ul.legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 1em; color: #57606a; }
 .swatch { display: inline-block; width: 1em; height: .8em; margin-right: .3em; border-radius: 2px; }
 .pages a { margin-right: 1em; } .muted { color: #57606a; }

@@ -27,6 +27,8 @@ pub(crate) enum Outcome {
     Fence,
     /// Sent, with no answer yet.
     Pending,
+    /// Not run: its condition did not hold.
+    Skipped,
 }
 
 impl Outcome {
@@ -40,11 +42,12 @@ impl Outcome {
             Outcome::Waiting => "waiting",
             Outcome::Fence => "fence",
             Outcome::Pending => "pending",
+            Outcome::Skipped => "skipped",
         }
     }
 
     /// Every outcome with its words, for the legend.
-    pub(crate) const LEGEND: [(Outcome, &'static str); 8] = [
+    pub(crate) const LEGEND: [(Outcome, &'static str); 9] = [
         (Outcome::Ok, "ok"),
         (Outcome::Failed, "failed"),
         (Outcome::TimedOut, "timed out"),
@@ -53,6 +56,7 @@ impl Outcome {
         (Outcome::Compensated, "compensated"),
         (Outcome::Fence, "fence"),
         (Outcome::Pending, "in flight"),
+        (Outcome::Skipped, "skipped"),
     ];
 }
 
@@ -164,6 +168,15 @@ pub(crate) fn bars(history: &[RecordedEvent]) -> Vec<Bar> {
                 Outcome::Fence,
                 format!("not applied, fenced: {detail}"),
             ),
+            Event::Skipped { step } => bars.push(Bar {
+                step: *step,
+                direction: Direction::Forward,
+                attempt: 0,
+                from: at,
+                to: Some(at),
+                outcome: Outcome::Skipped,
+                detail: "skipped: its condition did not hold".into(),
+            }),
             Event::Waiting { step, signal, .. } => {
                 waiting.insert(*step, bars.len());
                 bars.push(Bar {

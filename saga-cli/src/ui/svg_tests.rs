@@ -114,6 +114,25 @@ fn an_unanswered_attempt_and_a_wait_stay_open() {
 }
 
 #[test]
+fn a_skipped_step_is_a_grey_mark_of_its_own() {
+    let history = log(&[
+        (
+            0,
+            json!({"type": "started", "saga": "order", "version": 1, "input": {}, "business_key": null}),
+        ),
+        (1, json!({"type": "skipped", "step": 0})),
+        (2, dispatched(1, "forward", 1)),
+    ]);
+    let bars = bars(&history);
+    assert_eq!(
+        (bars[0].step, bars[0].outcome, bars[0].to),
+        (0, Outcome::Skipped, Some(bars[0].from))
+    );
+    assert_eq!(bars[0].detail, "skipped: its condition did not hold");
+    assert_eq!(bars[1].outcome, Outcome::Pending);
+}
+
+#[test]
 fn names_and_reasons_from_the_log_are_escaped_in_the_picture() {
     let history = log(&[
         (

@@ -1,5 +1,6 @@
 //! The decider: applies one input to a copy of the state, emitting events and effects.
 
+mod condition;
 mod fence;
 mod operator;
 mod reply;
@@ -135,6 +136,9 @@ impl Decider<'_, '_> {
             attempt,
         } = at;
         let def = &self.definition.steps()[step as usize];
+        if direction == Direction::Forward && self.skipped_or_parked(step)? {
+            return Ok(());
+        }
         let fenced = match direction {
             Direction::Fence => self.state.fence_target(step),
             other => other,

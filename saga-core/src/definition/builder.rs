@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
-    Action, BuildFn, CheckFn, Definition, DefinitionError, InputError, RawContext, RetryPolicy,
-    SagaDefinition, SignalWait, Step, StepContext, StepKind, Work,
+    Action, BuildFn, CheckFn, ConditionFn, Definition, DefinitionError, InputError, RawContext,
+    RetryPolicy, SagaDefinition, SignalWait, Step, StepContext, StepKind, Work,
 };
 
 /// Builds a [`SagaDefinition`]; see [`SagaDefinition::builder`].
@@ -171,6 +171,7 @@ where
                 compensation_retry: b.compensation_retry,
                 fence_retry: b.fence_retry,
                 timeout,
+                condition: b.condition,
             });
         }
         Ok(SagaDefinition {
@@ -195,6 +196,7 @@ pub struct StepBuilder<I> {
     compensation_retry: RetryPolicy,
     fence_retry: RetryPolicy,
     timeout: Option<Duration>,
+    condition: Option<ConditionFn>,
     _input: PhantomData<fn(I)>,
 }
 
@@ -212,6 +214,7 @@ where
             compensation_retry: RetryPolicy::patient(),
             fence_retry: RetryPolicy::patient(),
             timeout: None,
+            condition: None,
             _input: PhantomData,
         }
     }
@@ -267,6 +270,37 @@ where
         F: Fn(&StepContext<'_, I>) -> Result<C, InputError> + Send + Sync + 'static,
     {
         self.compensation = Some(typed_action(service, command, input));
+        self
+    }
+
+    /// Runs this step only when `condition` holds, asked once, when the saga reaches the
+    /// step, over the saga's input and the outputs of earlier steps (a skipped step has none:
+    /// read those with [`StepContext::try_output`]). A step it skips is recorded in the log
+    /// as `skipped`, has no output, and is never compensated; the saga goes on to the next.
+    /// A condition that panics parks the saga as `stuck`, naming the step.
+    ///
+    /// ```
+    /// # use saga_core::SagaDefinition;
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Order { gift: bool, amount: u64 }
+    /// let saga = SagaDefinition::<Order>::builder("order", 1)
+    ///     .step("invoice", |s| {
+    ///         s.action("billing", "invoice", |ctx| Ok(ctx.input().amount))
+    ///             .when(|ctx| !ctx.input().gift)
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = saga;
+    /// ```
+    pub fn when(
+        mut self,
+        condition: impl Fn(&StepContext<'_, I>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.condition = Some(ConditionFn(Arc::new(move |raw: &RawContext<'_>| {
+            let saga_input: I = serde_json::from_value(raw.input.clone()).map_err(|e| {
+                InputError::new(format!("saga input: {}", crate::codec::without_values(&e)))
+            })?;
+            Ok(condition(&StepContext::new(&saga_input, raw)))
+        })));
         self
     }
 

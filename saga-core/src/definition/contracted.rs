@@ -96,6 +96,14 @@ where
         self
     }
 
+    /// Runs this step only when `condition` holds ([`StepBuilder::when`]).
+    pub fn when(
+        self,
+        condition: impl Fn(&StepContext<'_, I>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.map(|s| s.when(condition))
+    }
+
     /// Marks this step as the pivot ([`StepBuilder::pivot`]).
     pub fn pivot(self) -> Self {
         self.map(StepBuilder::pivot)

@@ -171,6 +171,10 @@ impl SagaState {
                 }
                 self.end_fence(*step, target);
             }
+            Event::Skipped { step } => {
+                let i = self.check_step(definition, *step, Direction::Forward)?;
+                self.progress[i] = StepProgress::Skipped;
+            }
             Event::Waiting { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;
                 self.current = Some(Current {

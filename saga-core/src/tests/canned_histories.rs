@@ -453,3 +453,79 @@ fn commands_name_the_type_their_input_was_built_as() {
     let (_, raw) = Run::start(order());
     assert_eq!(dispatch(&raw).input_type, None);
 }
+
+/// A step whose condition fails is recorded as skipped, sends nothing, and is not
+/// compensated when a later step fails; one whose condition holds runs as any other.
+#[test]
+fn a_step_whose_condition_fails_is_skipped_and_never_compensated() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(json!(1)))
+                .compensation("inventory", "release", |_| Ok(json!(1)))
+        })
+        .step("invoice", |s| {
+            s.action("billing", "invoice", |_| Ok(json!(1)))
+                .compensation("billing", "void", |_| Ok(json!(1)))
+                .when(|ctx| ctx.input()["gift"] != json!(true))
+        })
+        .step("wrap", |s| {
+            s.action("gifts", "wrap", |_| Ok(json!(1)))
+                .compensation("gifts", "unwrap", |_| Ok(json!(1)))
+                .when(|ctx| ctx.input()["gift"] == json!(true))
+        })
+        .step("ship", |s| {
+            s.pivot().action("shipping", "ship", |_| Ok(json!(1)))
+        })
+        .build()
+        .unwrap();
+    // The support's `Run` starts every saga with the input {"sku": "A-1", "amount": 30}: not
+    // a gift, so `invoice` runs and `wrap` is skipped.
+    let (mut run, _) = Run::start(def);
+    run.ok(json!("R-1"));
+    let d = run.ok(json!("I-1"));
+    assert_eq!(
+        d.events.iter().map(Event::kind).collect::<Vec<_>>(),
+        ["succeeded", "skipped", "dispatched"]
+    );
+    assert_eq!(dispatch(&d).command, "ship");
+    let d = run.fail(false);
+    assert_eq!(run.state.status(), SagaStatus::Compensating);
+    assert_eq!(
+        dispatch(&d).command,
+        "void",
+        "wrap is skipped: nothing to unwrap"
+    );
+    run.ok(json!(null));
+    run.ok(json!(null));
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+    assert_eq!(
+        run.dispatched(),
+        [(0, F), (1, F), (3, F), (1, C), (0, C)],
+        "the skipped step is never sent"
+    );
+    // The log replays to the same state without asking the condition again.
+    assert_eq!(
+        replay(run.def.definition(), &run.events).unwrap(),
+        run.state
+    );
+}
+
+/// A condition that panics parks the saga, naming the step.
+#[test]
+fn a_condition_that_panics_parks_the_saga() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .step("invoice", |s| {
+            s.action("billing", "invoice", |_| Ok(json!(1)))
+                .when(|_| panic!("no tax table"))
+        })
+        .build()
+        .unwrap();
+    let (run, _) = Run::start(def);
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    let reason = run.state.stuck_reason().unwrap();
+    assert!(
+        reason.contains("step `invoice`")
+            && reason.contains("its condition panicked: no tax table"),
+        "{reason}"
+    );
+}

@@ -23,6 +23,8 @@ struct Shape {
     pivot: Option<usize>,
     compensated: Vec<bool>,
     attempts: Vec<u32>,
+    /// A step's condition, if it has one: `Some(false)` skips it.
+    condition: Vec<Option<bool>>,
 }
 
 fn shapes() -> impl Strategy<Value = Shape> {
@@ -32,12 +34,17 @@ fn shapes() -> impl Strategy<Value = Shape> {
             prop::option::of(0..steps),
             prop::collection::vec(prop::bool::weighted(0.8), steps),
             prop::collection::vec(1u32..4, steps),
+            prop::collection::vec(
+                prop_oneof![6 => Just(None), 1 => Just(Some(true)), 2 => Just(Some(false))],
+                steps,
+            ),
         )
-            .prop_map(|(steps, pivot, compensated, attempts)| Shape {
+            .prop_map(|(steps, pivot, compensated, attempts, condition)| Shape {
                 steps,
                 pivot,
                 compensated,
                 attempts,
+                condition,
             })
     })
 }
@@ -59,6 +66,7 @@ fn definition(shape: &Shape) -> SagaDefinition<Value> {
             max_elapsed: None,
         };
         let compensated = shape.compensated[i] && kind == StepKind::Compensatable;
+        let condition = shape.condition[i];
         b = b.step(format!("s{i}"), move |s| {
             let mut s = s
                 .action("svc", &format!("do{i}"), move |_| Ok(i))
@@ -79,6 +87,9 @@ fn definition(shape: &Shape) -> SagaDefinition<Value> {
             };
             if compensated {
                 s = s.compensation("svc", &format!("undo{i}"), move |_| Ok(i));
+            }
+            if let Some(holds) = condition {
+                s = s.when(move |_| holds);
             }
             s
         });
@@ -334,6 +345,16 @@ proptest! {
         let forward = |step: usize| world.effects.iter().filter(|e| **e == (step as u32, Direction::Forward)).count();
         let undone = |step: usize| world.effects.iter().filter(|e| **e == (step as u32, Direction::Compensation)).count();
 
+        // A step is skipped only when its condition fails, and a skipped step is never sent.
+        for step in 0..shape.steps {
+            let skipped = world.events.iter().any(|e| matches!(e, Event::Skipped { step: s } if *s as usize == step));
+            prop_assert!(!skipped || shape.condition[step] == Some(false), "step {step} skipped though its condition held");
+            if shape.condition[step] == Some(false) {
+                prop_assert_eq!(forward(step) + undone(step), 0, "skipped step {} ran: {:?}", step, world.effects);
+                let sent = world.events.iter().any(|e| matches!(e, Event::Dispatched { step: s, .. } if *s as usize == step));
+                prop_assert!(!sent, "skipped step {step} was dispatched");
+            }
+        }
         // Each effect at most once; a compensation only of a step that applied.
         for step in 0..shape.steps {
             prop_assert!(forward(step) <= 1, "step {step} applied twice: {:?}", world.effects);
@@ -346,7 +367,8 @@ proptest! {
         match status {
             SagaStatus::Completed => {
                 for step in 0..shape.steps {
-                    prop_assert_eq!(forward(step), 1, "completed, step {} not applied: {:?}", step, world.effects);
+                    let runs = usize::from(shape.condition[step] != Some(false));
+                    prop_assert_eq!(forward(step), runs, "completed, step {} applied {} times: {:?}", step, forward(step), world.effects);
                     prop_assert_eq!(undone(step), 0);
                 }
             }
