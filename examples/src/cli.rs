@@ -40,6 +40,10 @@ enum Command {
         /// Every K-th saga fails terminally at its pivot, so it compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
+        /// Prints one JSON line per saga instead of the timelines and the counts:
+        /// `{"saga_id","name","status","events":[{"t_ms","step","direction","kind","attempt"}]}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Creates or upgrades the saga schema and the example tables.
     Migrate,
@@ -213,9 +217,15 @@ pub fn main<E: Example>() -> ExitCode {
 
 async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo { count, fail_every } => {
-            let counts = crate::demo::run::<E>(count, fail_every).await?;
-            outln!("{}", status_line(&counts));
+        Command::Demo {
+            count,
+            fail_every,
+            json,
+        } => {
+            let counts = crate::demo::run::<E>(count, fail_every, json).await?;
+            if !json {
+                outln!("{}", status_line(&counts));
+            }
         }
         Command::Migrate => {
             let pool = database(4).await?;

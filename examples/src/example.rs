@@ -39,6 +39,13 @@ pub trait Example: Send + Sync + 'static {
     /// The `n`-th input of a run (from 1); `fail` makes it compensate.
     fn input(n: u64, fail: bool) -> Self::Input;
 
+    /// The signals the `demo` sends the `n`-th saga once it started (name and payload), so
+    /// that a saga that waits for one ends; `fail` as in [`input`](Self::input).
+    fn demo_signals(n: u64, fail: bool) -> Vec<(&'static str, serde_json::Value)> {
+        let _ = (n, fail);
+        Vec::new()
+    }
+
     /// The services, each once, in order of first use.
     fn services() -> Vec<&'static str> {
         let mut services: Vec<&'static str> = Vec::new();

@@ -125,4 +125,21 @@ impl Example for ExpenseSaga {
             amount_cents: 2_000 + 500 * (n % 7),
         }
     }
+
+    /// The manager approves, or (`fail`) rejects, so the saga pays or compensates.
+    fn demo_signals(_n: u64, fail: bool) -> Vec<(&'static str, serde_json::Value)> {
+        let approval = Approval {
+            approved: !fail,
+            approver: "demo-manager".into(),
+            comment: if fail {
+                "over budget".into()
+            } else {
+                String::new()
+            },
+        };
+        vec![(
+            "approval",
+            serde_json::to_value(approval).expect("an approval serializes"),
+        )]
+    }
 }
