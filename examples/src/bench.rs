@@ -129,7 +129,7 @@ pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
 
     // The broker's own rate, measured first, in the same run.
     let baseline = 10_000;
-    let broker_secs = crate::baseline::raw_publish_consume(&amqp.url, baseline, 256)
+    let broker_secs = crate::baseline::raw_publish_consume(amqp.urls()[0], baseline, 256)
         .await
         .map_err(|e| anyhow::anyhow!("measuring the broker: {}", e.message()))?;
     let broker_msgs_per_sec = baseline as f64 / broker_secs.as_secs_f64();

@@ -16,7 +16,9 @@ pub enum QueueType {
 /// How the transport connects and names its topology.
 #[derive(Clone, PartialEq)]
 pub struct AmqpConfig {
-    /// The broker URL (`amqp://` or `amqps://`); the vhost comes from its path.
+    /// The broker URL (`amqp://` or `amqps://`); the vhost comes from its path. For a cluster,
+    /// a comma-separated list of its nodes' URLs (one vhost and one user): the transport
+    /// connects to the first that answers and, having lost it, to the next.
     pub url: String,
     /// The prefix of every exchange and queue name.
     pub prefix: String,
@@ -26,6 +28,10 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Deliveries of one message before a quorum queue dead-letters it (stops poison loops).
     pub delivery_limit: u32,
+    /// On how many nodes a quorum queue is replicated when it is declared
+    /// (`x-quorum-initial-group-size`); `None`: the broker's default (every node of the
+    /// cluster, up to its limit).
+    pub quorum_group_size: Option<u32>,
     /// How long a publish may take (opening the channel, waiting out the broker's block,
     /// sending, confirms); past it, the publish fails.
     pub confirm_timeout: Duration,
@@ -48,6 +54,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
+            .field("quorum_group_size", &self.quorum_group_size)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("heartbeat_secs", &self.heartbeat_secs)
             .field("connection_name", &self.connection_name)
@@ -78,6 +85,7 @@ impl AmqpConfig {
             prefetch: Self::DEFAULT_PREFETCH,
             queue_type: QueueType::Quorum,
             delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
+            quorum_group_size: None,
             confirm_timeout: Self::DEFAULT_CONFIRM_TIMEOUT,
             heartbeat_secs: Self::DEFAULT_HEARTBEAT_SECS,
             connection_name: "saga".to_owned(),
@@ -85,9 +93,11 @@ impl AmqpConfig {
         }
     }
 
-    /// Reads `AMQP_URL`, `AMQP_PREFIX`, `AMQP_PREFETCH`, `AMQP_QUEUE_TYPE` (`quorum` or
-    /// `classic`), `AMQP_DELIVERY_LIMIT`, `AMQP_CONFIRM_TIMEOUT_MS` and `AMQP_DECLARE` (`true`
-    /// or `false`); unset ones take the defaults. A value that does not parse is an error naming the variable.
+    /// Reads `AMQP_URL` (one URL, or a comma-separated list of a cluster's nodes),
+    /// `AMQP_PREFIX`, `AMQP_PREFETCH`, `AMQP_QUEUE_TYPE` (`quorum` or `classic`),
+    /// `AMQP_DELIVERY_LIMIT`, `AMQP_QUORUM_GROUP_SIZE`, `AMQP_CONFIRM_TIMEOUT_MS` and
+    /// `AMQP_DECLARE` (`true` or `false`); unset ones take the defaults. A value that does not
+    /// parse is an error naming the variable.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -96,9 +106,27 @@ impl AmqpConfig {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config =
             Self::new(lookup("AMQP_URL").unwrap_or_else(|| Self::DEFAULT_URL.to_owned()));
-        let scheme_ok = config.url.starts_with("amqp://") || config.url.starts_with("amqps://");
-        if !scheme_ok || config.url.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(ConfigError::new("AMQP_URL", "an amqp:// or amqps:// URL"));
+        let mut parsed = Vec::new();
+        for url in config.urls() {
+            let scheme_ok = url.starts_with("amqp://") || url.starts_with("amqps://");
+            match url.parse::<lapin::uri::AMQPUri>() {
+                Ok(uri) if scheme_ok => parsed.push(uri),
+                _ => {
+                    return Err(ConfigError::new(
+                        "AMQP_URL",
+                        "an amqp:// or amqps:// URL, or a comma-separated list of them",
+                    ));
+                }
+            }
+        }
+        let one_place = parsed.windows(2).all(|w| {
+            (&w[0].vhost, &w[0].authority.userinfo) == (&w[1].vhost, &w[1].authority.userinfo)
+        });
+        if parsed.is_empty() || !one_place {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                "URLs of one cluster: the same vhost and user in each",
+            ));
         }
         if let Some(prefix) = lookup("AMQP_PREFIX") {
             let valid = !prefix.is_empty()
@@ -134,6 +162,12 @@ impl AmqpConfig {
                 .filter(|n| *n > 0)
                 .ok_or_else(|| ConfigError::new("AMQP_DELIVERY_LIMIT", "a positive number"))?;
         }
+        if let Some(v) = lookup("AMQP_QUORUM_GROUP_SIZE") {
+            config.quorum_group_size =
+                Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ConfigError::new("AMQP_QUORUM_GROUP_SIZE", "a positive number")
+                })?);
+        }
         if let Some(v) = lookup("AMQP_DECLARE") {
             config.declare = match v.as_str() {
                 "true" => true,
@@ -155,6 +189,16 @@ impl AmqpConfig {
                 })?;
         }
         Ok(config)
+    }
+
+    /// The URLs of the broker's nodes, in the order they are tried (one, unless `url` is a
+    /// comma-separated list).
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     /// The name of the commands exchange.
@@ -315,132 +359,4 @@ fn regex_escape(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("amqp://app:s3cret@mq:5672/prod"),
-            "amqp://app:***@mq:5672/prod"
-        );
-        assert_eq!(redact("amqps://mq/%2f"), "amqps://mq/%2f");
-        let config = AmqpConfig::new("amqp://app:s3cret@mq/%2f");
-        assert!(!format!("{config:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn every_password_of_a_url_list_or_query_is_redacted() {
-        let list = "amqp://guest:pw1@127.0.0.1:5999/%2f,amqp://guest:pw2@127.0.0.1:5672/%2f";
-        assert_eq!(
-            redact(list),
-            "amqp://guest:***@127.0.0.1:5999/%2f,amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact("postgres://app@db/shop?sslmode=require&password=pw3"),
-            "postgres://app@db/shop?sslmode=require&password=***"
-        );
-        assert_eq!(
-            redact("postgres://app:pw4@db1:5432,db2:5432/shop?sslpassword=pw5"),
-            "postgres://app:***@db1:5432,db2:5432/shop?sslpassword=***"
-        );
-        assert_eq!(redact("postgres://app@db/shop"), "postgres://app@db/shop");
-        // Unencoded `/`, `?`, `#` and `@` in a password; no user; IPv6; key=value strings;
-        // a comma in a query value; any case.
-        assert_eq!(redact("amqp://u:pa/ss@h/v"), "amqp://u:***@h/v");
-        assert_eq!(redact("amqp://u:pa?s#s@h"), "amqp://u:***@h");
-        assert_eq!(redact("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
-        assert_eq!(
-            redact("amqp://:pw@[::1]:5672/v"),
-            "amqp://:***@[::1]:5672/v"
-        );
-        assert_eq!(
-            redact("host=db user=app password=pw6 dbname=shop"),
-            "host=db user=app password=*** dbname=shop"
-        );
-        assert_eq!(
-            redact("postgres://db/shop?PassWord=se,cret&x=1"),
-            "postgres://db/shop?PassWord=***&x=1"
-        );
-        assert_eq!(
-            redact("postgres://db/shop?mypassword=x"),
-            "postgres://db/shop?mypassword=x"
-        );
-        assert_eq!(
-            redact("ümlaut://ü:pw7@hö/ä?password=pw8"),
-            "ümlaut://ü:***@hö/ä?password=***"
-        );
-        for secret in ["pw1", "pw2", "pw3", "pw4", "pw5", "pw6"] {
-            for url in [
-                list,
-                "postgres://app@db/shop?sslmode=require&password=pw3",
-                "postgres://app:pw4@db1:5432,db2:5432/shop?sslpassword=pw5",
-                "host=db user=app password=pw6 dbname=shop",
-            ] {
-                assert!(!redact(url).contains(secret), "{url}");
-            }
-        }
-    }
-
-    #[test]
-    fn bad_values_name_the_variable() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        let err = AmqpConfig::from_lookup(env(&[("AMQP_PREFETCH", "lots")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid AMQP_PREFETCH: expected a number from 1 to 65535"
-        );
-        let err = AmqpConfig::from_lookup(env(&[("AMQP_URL", "http://x")])).unwrap_err();
-        assert_eq!(err.variable, "AMQP_URL");
-        let err = AmqpConfig::from_lookup(env(&[("AMQP_QUEUE_TYPE", "stream")])).unwrap_err();
-        assert_eq!(err.variable, "AMQP_QUEUE_TYPE");
-        let err = AmqpConfig::from_lookup(env(&[("AMQP_DECLARE", "no")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid AMQP_DECLARE: expected `true` or `false`"
-        );
-        assert!(
-            !AmqpConfig::from_lookup(env(&[("AMQP_DECLARE", "false")]))
-                .unwrap()
-                .declare
-        );
-        let ok = AmqpConfig::from_lookup(env(&[
-            ("AMQP_QUEUE_TYPE", "classic"),
-            ("AMQP_PREFIX", "t1"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (ok.queue_type, ok.queue(&saga_core::Destination::Results)),
-            (QueueType::Classic, "t1.results".into())
-        );
-        assert_eq!(
-            AmqpConfig::from_lookup(|_| None).unwrap().url,
-            AmqpConfig::DEFAULT_URL
-        );
-    }
-
-    #[test]
-    fn participant_permissions_name_only_its_own_resources() {
-        let mut config = AmqpConfig::new(AmqpConfig::DEFAULT_URL);
-        assert_eq!(
-            config.participant_permissions("inventory"),
-            [
-                "^$".to_owned(),
-                r"^saga\.(results|dead|requeue\.service\.inventory)$".to_owned(),
-                r"^saga\.service\.inventory$".to_owned(),
-            ]
-        );
-        config.prefix = "shop.v2".into();
-        assert_eq!(
-            config.participant_permissions("pay-ment")[2],
-            r"^shop\.v2\.service\.pay-ment$"
-        );
-    }
-}
+mod tests;

@@ -45,6 +45,9 @@ pub(crate) struct Link {
     role: Role,
     current: Mutex<Option<(Connection, Channel, ConnectionId)>>,
     connections: AtomicU64,
+    /// The node (of the configured URLs) tried first at the next connect: the one after
+    /// the node last connected to, so a node just lost is tried last.
+    next_node: std::sync::atomic::AtomicUsize,
     queueing: std::sync::Mutex<()>,
     returns: std::sync::Mutex<Returns<Envelope>>,
 }
@@ -56,6 +59,7 @@ impl Link {
             role,
             current: Mutex::new(None),
             connections: AtomicU64::new(0),
+            next_node: std::sync::atomic::AtomicUsize::new(0),
             queueing: std::sync::Mutex::new(()),
             returns: std::sync::Mutex::new(Returns::default()),
         }
@@ -187,12 +191,39 @@ impl Link {
         .await
     }
 
+    /// Connects to the first node that answers, from the one after the node last used.
     async fn connect(&self) -> Result<Connection, TransportError> {
+        let urls = self.config.urls();
+        if urls.is_empty() {
+            return Err(TransportError::new("no AMQP URL is configured".to_owned()));
+        }
+        let first = self.next_node.load(Ordering::Relaxed) % urls.len();
+        let mut failures = Vec::new();
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            match self.connect_to(urls[i]).await {
+                Ok(conn) => {
+                    self.next_node.store(i + 1, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(e) if urls.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(url = %redact(urls[i]), error = %e, "a RabbitMQ node did not answer; trying the next");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(TransportError::new(format!(
+            "no RabbitMQ node answered: {}",
+            failures.join("; ")
+        )))
+    }
+
+    async fn connect_to(&self, url: &str) -> Result<Connection, TransportError> {
         // The parser's message quotes the whole URL, password included: not shown.
-        let mut uri: AMQPUri = self.config.url.parse().map_err(|_: String| {
+        let mut uri: AMQPUri = url.parse().map_err(|_: String| {
             TransportError::new(format!(
                 "invalid AMQP URL {}: expected amqp://user:password@host:port/vhost",
-                redact(&self.config.url)
+                redact(url)
             ))
         })?;
         if uri.query.heartbeat.is_none() {
@@ -206,10 +237,10 @@ impl Link {
         let conn = Connection::connect_uri(uri, properties)
             .await
             .map_err(|e| {
-                let message = format!("cannot connect to {}: {e}", redact(&self.config.url));
+                let message = format!("cannot connect to {}: {e}", redact(url));
                 TransportError::with_source(message, e)
             })?;
-        info!(connection = %name, url = %redact(&self.config.url), "connected to RabbitMQ");
+        info!(connection = %name, url = %redact(url), "connected to RabbitMQ");
         Ok(conn)
     }
 

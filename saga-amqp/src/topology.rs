@@ -116,8 +116,8 @@ pub(crate) fn route(config: &AmqpConfig, destination: &Destination) -> (String, 
     }
 }
 
-/// Queue arguments: the queue type; for a source queue, its dead-letter route and (quorum)
-/// its delivery limit.
+/// Queue arguments: the queue type (for a quorum queue, its replicas if configured); for a
+/// source queue, its dead-letter route and (quorum) its delivery limit.
 fn queue_arguments(config: &AmqpConfig, dead_letter_key: Option<&str>) -> FieldTable {
     let mut args = FieldTable::default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
@@ -138,6 +138,12 @@ fn queue_arguments(config: &AmqpConfig, dead_letter_key: Option<&str>) -> FieldT
                 AMQPValue::LongInt(config.delivery_limit.min(i32::MAX as u32) as i32),
             );
         }
+    }
+    if let (QueueType::Quorum, Some(size)) = (config.queue_type, config.quorum_group_size) {
+        args.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(size.min(i32::MAX as u32) as i32),
+        );
     }
     args
 }

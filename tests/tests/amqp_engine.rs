@@ -25,6 +25,30 @@ async fn sagas_complete_and_compensate_over_rabbitmq() {
     db.drop_schema().await;
 }
 
+/// `AMQP_URL` as a list of a cluster's nodes: a node that does not answer is passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_nodes_connects_to_one_that_answers() {
+    let (db, broker) = (database().await, broker().await);
+    // Nothing listens on a port just freed; then the real node.
+    let dead = saga_tests::free_port();
+    let live = broker.config.url.clone();
+    let (_, vhost) = live.rsplit_once('/').expect("a vhost");
+    let mut nodes = broker.config.clone();
+    nodes.url = format!("amqp://guest:guest@127.0.0.1:{dead}/{vhost},{live}");
+    let running = harness::run(&db, || {
+        let config = nodes.clone();
+        async move { saga_amqp::AmqpTransport::connect(config).await.unwrap() }
+    })
+    .await;
+    let ids = running.start(10, 5).await;
+    let counts = running.settle(Duration::from_secs(60)).await;
+    assert_eq!(counts.get(&SagaStatus::Completed), Some(&8));
+    assert_effects(&db, &ids, 5).await;
+    running.stop().await;
+    broker.cleanup().await;
+    db.drop_schema().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_back_off_over_rabbitmq() {
     let (db, broker) = (database().await, broker().await);
