@@ -226,41 +226,52 @@ impl AmqpAcker {
         copy: Outgoing,
         fallback: Fallback,
     ) -> Result<(), TransportError> {
-        let settled = match publish_outgoing(
-            &self.sub.publish,
-            self.sub.config.confirm_timeout,
-            vec![copy],
-        )
-        .await
-        {
-            Ok(()) => acker.ack(BasicAckOptions::default()).await,
+        let limit = self.sub.config.confirm_timeout;
+        match publish_outgoing(&self.sub.publish, limit, vec![copy]).await {
+            Ok(()) => settle(limit, acker.ack(BasicAckOptions::default())).await,
             Err(e) => {
                 warn!(error = %e, "publishing a copy failed; settling the original without it");
                 match fallback {
                     Fallback::Requeue => {
-                        acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await
+                        let nack = acker.nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        });
+                        settle(limit, nack).await
                     }
-                    Fallback::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+                    Fallback::Reject => {
+                        settle(limit, acker.reject(BasicRejectOptions { requeue: false })).await
+                    }
                 }
             }
-        };
-        settled.map(drop).map_err(amqp_error)
+        }
+    }
+}
+
+/// Waits at most `limit` for an acknowledgement to be sent: one on a connection that stopped
+/// answering (a node stopping, say) fails rather than hold its command, and the process's
+/// shutdown, forever; the broker redelivers the message when the connection goes.
+async fn settle<T>(
+    limit: std::time::Duration,
+    acknowledgement: impl Future<Output = lapin::Result<T>>,
+) -> Result<(), TransportError> {
+    match tokio::time::timeout(limit, acknowledgement).await {
+        Ok(done) => done.map(drop).map_err(amqp_error),
+        Err(_) => Err(TransportError::new(format!(
+            "acknowledging the delivery took longer than {limit:?}"
+        ))),
     }
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), TransportError> {
-        self.take()
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(amqp_error)
+        let acker = self.take();
+        settle(
+            self.sub.config.confirm_timeout,
+            acker.ack(BasicAckOptions::default()),
+        )
+        .await
     }
 
     /// Publishes a copy to the tail of the same queue, then acks the original: a hand-back is

@@ -153,6 +153,16 @@ pub(crate) async fn publish_outgoing(
         ));
     }
     let returned = returned_ids(link, &batch, &mut outcomes, in_flight, false);
+    let nacked = outcomes
+        .iter()
+        .any(|o| matches!(o, Some(Ok(Confirmation::Nack(_)))));
+    if nacked {
+        // A channel that started publishing to a quorum queue while its leader was moving to
+        // another node may keep sending to the old one, its publishes nacked until it
+        // closes: the next publish opens a new channel, which asks for the leader afresh.
+        let closing = channel.close(200, "publishes nacked".into());
+        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+    }
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();
     for (envelope, outcome) in batch.into_iter().zip(outcomes) {

@@ -276,6 +276,7 @@ impl Worker {
         }
         drop(deliveries);
         tracker.close();
+        info!(service = %this.service, in_flight = tracker.len(), "stopping: the commands in flight finish first");
         tracker.wait().await;
         info!(service = %this.service, "worker stopped");
         Ok(())

@@ -5,9 +5,11 @@ pub mod amqp;
 pub mod browser;
 pub mod console;
 pub mod harness;
+pub mod invariants;
 pub mod logs;
 pub mod order;
 pub mod process;
+pub mod rabbit_node;
 
 use std::time::Duration;
 

@@ -222,9 +222,15 @@ impl Stack {
                 return status.success();
             }
             if tokio::time::Instant::now() >= deadline {
+                let command = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default();
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("process {pid} did not exit within {timeout:?}");
+                panic!(
+                    "process {pid} ({}) did not exit within {timeout:?}",
+                    command.trim()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -4,7 +4,6 @@
 //!
 //! These tests disturb shared services; nextest runs each alone (`.config/nextest.toml`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt as _;
@@ -14,60 +13,11 @@ use saga_core::{Destination, Envelope, Message, Reply, Transport};
 use saga_tests::amqp::{WatermarkGuard, drain_dead_letters, rabbitmqctl};
 use saga_tests::browser::http;
 use saga_tests::console::Console;
+use saga_tests::invariants::{assert_invariants, finished};
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
 
 const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
-
-/// Every saga has exactly the effects its outcome requires, in order, none twice.
-async fn assert_invariants(stack: &Stack, sagas: i64, fail_every: i64) {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT seq, count(*) FROM (SELECT saga_id, string_agg(action, ',' ORDER BY id) AS seq \
-         FROM example_effects GROUP BY saga_id) s GROUP BY seq",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    let sequences: BTreeMap<String, i64> = rows.into_iter().collect();
-    assert_eq!(
-        sequences,
-        BTreeMap::from([
-            ("reserve,charge,ship".to_owned(), sagas - sagas / fail_every),
-            (
-                "reserve,charge,refund,release".to_owned(),
-                sagas / fail_every
-            ),
-        ])
-    );
-    assert_outbox_drained(stack).await;
-}
-
-/// The outbox empties.
-async fn assert_outbox_drained(stack: &Stack) {
-    // Rows whose deletion a database crash undid are published again (and dropped by the
-    // verdicts) once their lease runs out: the outbox drains, if not at once.
-    let outbox = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM saga.outbox")
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap()
-    };
-    let drained = wait_until(Duration::from_secs(30), || async { outbox().await == 0 }).await;
-    assert!(
-        drained,
-        "the outbox is drained: {} rows left",
-        outbox().await
-    );
-}
-
-async fn finished(stack: &Stack) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM saga.instances WHERE status IN ('completed', 'compensated')",
-    )
-    .fetch_one(&stack.pool)
-    .await
-    .unwrap()
-}
 
 /// One orchestrator and each service, `count` sagas starting (in the background, so the run is
 /// surely under way when the fault comes), a tenth of them finished.

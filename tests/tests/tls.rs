@@ -5,12 +5,12 @@
 //! The shared RabbitMQ is left alone (the node is another one), but a node boot is heavy, so
 //! nextest runs this alone (`.config/nextest.toml`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
 use saga_tests::free_port;
 use saga_tests::process::Stack;
+use saga_tests::rabbit_node::{Node, TempDir};
 
 /// PostgreSQL's certificate on Debian (`ssl = on` with the snakeoil pair, `CN=localhost`).
 const PG_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
@@ -28,31 +28,14 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A folder removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A RabbitMQ node of the test's own, listening only for TLS on `port`.
-struct TlsNode {
-    node: String,
-    port: u16,
-    wrapper: Child,
-    // Dropped last: the node's files and keys.
-    dir: TempDir,
-}
+/// A RabbitMQ node of the test's own, listening only for TLS.
+struct TlsNode(Node);
 
 impl TlsNode {
     /// Makes a CA and a server certificate for `localhost`, and boots the node.
     async fn start() -> TlsNode {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let guard = TempDir(std::env::temp_dir().join(format!("saga-tls-{id}")));
+        let guard = TempDir::new("saga-tls");
         let dir = guard.0.clone();
-        std::fs::create_dir_all(&dir).unwrap();
         openssl(
             &dir,
             &[
@@ -113,100 +96,29 @@ impl TlsNode {
         );
         let port = free_port();
         let d = dir.display();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp = none\n\
+        let config = format!(
+            "listeners.tcp = none\n\
                  listeners.ssl.default = 127.0.0.1:{port}\n\
                  ssl_options.cacertfile = {d}/ca.pem\n\
                  ssl_options.certfile = {d}/server.pem\n\
                  ssl_options.keyfile = {d}/server.key\n\
                  ssl_options.verify = verify_none\n\
                  ssl_options.fail_if_no_peer_cert = false\n"
-            ),
-        )
-        .unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        // The broker runs as the rabbitmq user (the wrapper script switches to it).
-        let owned = Command::new("chown")
-            .args(["-R", "rabbitmq:", &dir.to_string_lossy()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            owned,
-            "this test runs as root, to hand its node's files to the rabbitmq user"
         );
-        let node = format!("saga_tls_{id}@localhost");
-        let wrapper = Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("out.txt")).unwrap())
-            .stderr(std::fs::File::create(dir.join("err.txt")).unwrap())
-            .spawn()
-            .expect("this test boots a RabbitMQ node of its own with rabbitmq-server, run as root");
-        let mut node = TlsNode {
-            node,
-            port,
-            wrapper,
-            dir: guard,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break node;
-            }
-            let exited = node.wrapper.try_wait().unwrap();
-            if exited.is_some() || tokio::time::Instant::now() >= deadline {
-                let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-                panic!(
-                    "the TLS node did not listen within 90 s ({exited:?}): {}{}",
-                    read("out.txt"),
-                    read("err.txt")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let name = format!("saga_tls_{}", uuid::Uuid::new_v4().simple());
+        TlsNode(Node::start(&name, guard, &config, port).await)
     }
 
     fn ca(&self) -> String {
-        self.dir.0.join("ca.pem").to_string_lossy().into_owned()
+        self.0.dir().join("ca.pem").to_string_lossy().into_owned()
     }
 
     fn url(&self) -> String {
-        format!("amqps://guest:guest@localhost:{}/%2f", self.port)
+        format!("amqps://guest:guest@localhost:{}/%2f", self.0.port)
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let output = Command::new("rabbitmqctl")
-            .args(["-n", &self.node])
-            .args(args)
-            .output()
-            .expect("run rabbitmqctl");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for TlsNode {
-    /// Stops this node only (by name, then by its PID if it is still there), pass or fail.
-    fn drop(&mut self) {
-        let stopped = Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !stopped && let Ok(pid) = std::fs::read_to_string(self.dir.0.join("pid")) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).output();
-        }
-        let _ = self.wrapper.kill();
-        let _ = self.wrapper.wait();
+        self.0.ctl(args)
     }
 }
 

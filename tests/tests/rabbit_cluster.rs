@@ -1,0 +1,175 @@
+//! A RabbitMQ cluster of three nodes of the test's own (their own names, ports and data
+//! directories, joined with `rabbitmqctl join_cluster`), with `order-saga` as processes given
+//! all three nodes in `AMQP_URL`: sagas run on while the node leading `saga.results` is killed
+//! and restarted, and then the node leading a service's queue is stopped. Every saga finishes
+//! with exactly the effects it requires.
+//!
+//! The shared broker is left alone, but three nodes take the machine: nextest runs this alone
+//! (`.config/nextest.toml`).
+
+use std::time::Duration;
+
+use saga_tests::free_port;
+use saga_tests::invariants::{assert_invariants, finished};
+use saga_tests::process::Stack;
+use saga_tests::rabbit_node::{Node, TempDir};
+use saga_tests::wait_until;
+
+const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
+const SAGAS: i64 = 1000;
+
+/// Three nodes: the first boots alone, the other two boot told to join it (RabbitMQ's
+/// `classic_config` peer discovery), which they do on their first boot.
+async fn cluster() -> Vec<Node> {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let name = |i: usize| format!("saga_c{id}_{i}");
+    let boot = |i: usize, seed: Option<String>| async move {
+        let port = free_port();
+        // guest may connect over 127.0.0.1 only, which is where the test connects.
+        let mut config = format!("listeners.tcp.default = 127.0.0.1:{port}\n");
+        if let Some(seed) = seed {
+            config.push_str(&format!(
+                "cluster_formation.peer_discovery_backend = classic_config\n\
+                 cluster_formation.classic_config.nodes.1 = {seed}@localhost\n"
+            ));
+        }
+        Node::start(&name(i), TempDir::new("saga-cluster"), &config, port).await
+    };
+    let first = boot(0, None).await;
+    let (second, third) = tokio::join!(boot(1, Some(name(0))), boot(2, Some(name(0))));
+    let nodes = vec![first, second, third];
+    let status = nodes[0].ctl(&["cluster_status", "--formatter", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("cluster_status as JSON");
+    let running = status["running_nodes"].as_array().map_or(0, Vec::len);
+    assert_eq!(running, 3, "three nodes run as one cluster: {status}");
+    nodes
+}
+
+/// The node that leads `queue` (asked of a node that runs), by its index.
+fn leader(nodes: &[Node], asked: usize, queue: &str) -> usize {
+    let listing = nodes[asked].ctl(&["list_queues", "-q", "--no-table-headers", "name", "leader"]);
+    let leader = listing
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .find(|(name, _)| *name == queue)
+        .map(|(_, leader)| leader.trim().to_owned())
+        .unwrap_or_else(|| panic!("no leader of {queue} in {listing}"));
+    nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .unwrap_or_else(|| panic!("{leader} is none of the cluster's nodes"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_finish_while_queue_leaders_are_killed_and_stopped() {
+    let mut nodes = cluster().await;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("amqp://guest:guest@127.0.0.1:{}/%2f", n.port))
+        .collect();
+    let urls = urls.join(",");
+    let env = [("AMQP_URL", urls.as_str()), ("AMQP_QUORUM_GROUP_SIZE", "3")];
+    let mut stack = Stack::new("order-saga").await;
+    stack.run_with(&["migrate"], &env).await;
+    // Each program logs to a file of its own, kept if the test fails.
+    let logs = std::env::temp_dir().join(format!(
+        "saga-cluster-logs-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&logs).unwrap();
+    eprintln!("the programs' logs: {}", logs.display());
+    let logged = [("RUST_LOG", "info"), env[0], env[1]];
+    stack.spawn_logged(&["orchestrator"], &logged, &logs.join("orchestrator.log"));
+    for service in SERVICES {
+        stack.spawn_logged(
+            &["service", service],
+            &logged,
+            &logs.join(format!("{service}.log")),
+        );
+    }
+    // Two waves of half the sagas each: one meets the kill, the other the stop.
+    let half = (SAGAS / 2).to_string();
+    let wave = ["start", "--count", half.as_str(), "--fail-every", "10"];
+    let starter = stack.spawn_with(&wave, &env);
+    assert!(
+        finished_at_least(&stack, SAGAS / 20).await,
+        "sagas finish on the cluster"
+    );
+    // Every queue is replicated on the three nodes.
+    let members = nodes[0].ctl(&["list_queues", "-q", "--no-table-headers", "name", "members"]);
+    assert!(
+        members
+            .lines()
+            .filter(|l| l.contains("saga."))
+            .all(|l| l.matches('@').count() == 3),
+        "{members}"
+    );
+
+    // The node leading the results queue dies without a goodbye, and later comes back.
+    let results = leader(&nodes, 0, "saga.results");
+    nodes[results].kill();
+    let alive = (results + 1) % nodes.len();
+    let before = finished(&stack).await;
+    assert!(
+        before < SAGAS / 2,
+        "the node died mid-wave ({before} finished)"
+    );
+    assert!(
+        finished_at_least(&stack, SAGAS / 2).await,
+        "the first wave finishes without the node: {}",
+        queues(&nodes[alive])
+    );
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(240)).await,
+        "the first wave was started"
+    );
+    nodes[results].boot().await;
+
+    // The node leading the payment queue is stopped (gracefully) mid-run and stays down.
+    let starter = stack.spawn_with(&wave, &env);
+    assert!(
+        finished_at_least(&stack, SAGAS / 2 + SAGAS / 20).await,
+        "the second wave runs: {}",
+        queues(&nodes[alive])
+    );
+    let payment = leader(&nodes, alive, "saga.service.payment");
+    nodes[payment].ctl(&["stop_app"]);
+    let at_stop = finished(&stack).await;
+    assert!(at_stop < SAGAS, "sagas were running when the node stopped");
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(240)).await,
+        "the second wave was started"
+    );
+    let (waited, _) = stack.run_with(&["wait", "--timeout", "600"], &env).await;
+    assert_eq!(
+        waited.trim(),
+        format!(
+            r#"{{"running":0,"completed":{},"compensated":{},"stuck":0}}"#,
+            SAGAS - SAGAS / 10,
+            SAGAS / 10
+        )
+    );
+    assert_invariants(&stack, SAGAS, 10).await;
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// The queues as a node sees them, for a failure's message.
+fn queues(node: &Node) -> String {
+    node.ctl(&[
+        "list_queues",
+        "-q",
+        "name",
+        "type",
+        "leader",
+        "online",
+        "messages",
+    ])
+}
+
+async fn finished_at_least(stack: &Stack, n: i64) -> bool {
+    wait_until(Duration::from_secs(180), || async {
+        finished(stack).await >= n
+    })
+    .await
+}
