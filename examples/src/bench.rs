@@ -41,6 +41,8 @@ pub struct BenchArgs {
     /// The orchestrator and each participant run as processes of their own (see
     /// [`bench_processes`](crate::bench_processes)).
     pub processes: bool,
+    /// With `processes`: how many orchestrator processes share the work.
+    pub orchestrators: usize,
 }
 
 /// When a saga was started, and whether it is meant to compensate.

@@ -89,7 +89,9 @@ async fn measure<E: Example>(
         ("AMQP_PREFIX", prefix.to_owned()),
         ("AMQP_PREFETCH", "256".to_owned()),
     ];
-    programs.spawn(&["orchestrator"], &env)?;
+    for _ in 0..args.orchestrators.max(1) {
+        programs.spawn(&["orchestrator"], &env)?;
+    }
     for service in E::services() {
         programs.spawn(&["service", service], &env)?;
     }
@@ -170,6 +172,16 @@ async fn measure<E: Example>(
     bar.finish_and_clear();
     starter.await?;
     let rss = programs.orchestrator_rss_mb();
+    // However many orchestrators shared the work, no participant applied an effect twice.
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM example_effects \
+         GROUP BY saga_id, service, action HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await?;
+    if doubled > 0 {
+        bail!("{doubled} effects were applied twice");
+    }
     if let Some(line) = CpuTimes::now().per_saga_since(&cpu_before, args.count) {
         let programs_us = (programs.cpu_us() - programs_before) / args.count.max(1) as f64;
         eprintln!("{line}, the programs {programs_us:.0} µs");

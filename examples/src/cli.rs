@@ -127,6 +127,10 @@ enum Command {
         /// the bench's own), as they are deployed; sagas are started from the bench process.
         #[arg(long, conflicts_with_all = ["at_least_once", "history", "remote_starts"])]
         processes: bool,
+        /// With `--processes`: how many orchestrator processes share the work (scale-out).
+        #[arg(long, value_name = "N", default_value_t = 1, requires = "processes",
+              value_parser = clap::value_parser!(u64).range(1..=16))]
+        orchestrators: u64,
     },
 }
 
@@ -361,11 +365,13 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             history,
             remote_starts,
             processes,
+            orchestrators,
         } => {
             let args = crate::bench::BenchArgs {
                 history,
                 remote_starts,
                 processes,
+                orchestrators: orchestrators as usize,
                 count,
                 in_flight,
                 fail_every,

@@ -267,12 +267,15 @@ async fn the_bench_of_processes_checks_every_outcome_and_stops_its_programs() {
                 "6",
                 "--fail-every",
                 "5",
+                "--orchestrators",
+                "2",
             ],
             &[],
         )
         .await;
     let last = stdout.lines().last().expect("a JSON line");
-    // The same line as `bench`.
+    // The same line as `bench` (whose checks include that no effect was applied twice,
+    // whichever of the two orchestrators handled a saga).
     let figures = bench_line(last);
     assert_eq!(figures["sagas"], 30);
     assert_eq!(figures["completed"], 24);
@@ -280,13 +283,21 @@ async fn the_bench_of_processes_checks_every_outcome_and_stops_its_programs() {
     for key in ["sagas_per_sec", "p50_ms", "orchestrator_rss_mb"] {
         assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {last}");
     }
-    // It ran the orchestrator and the three services as processes, and stopped them all.
+    // It ran two orchestrators and the three services as processes, and stopped them all.
     let started = stderr
         .lines()
         .find_map(|l| l.strip_prefix("processes: "))
         .unwrap_or_else(|| panic!("no processes line: {stderr}"));
     let parts: Vec<&str> = started.split(", ").collect();
-    assert_eq!(parts.len(), 4, "{started}");
+    assert_eq!(parts.len(), 5, "{started}");
+    assert_eq!(
+        parts
+            .iter()
+            .filter(|p| p.starts_with("orchestrator "))
+            .count(),
+        2,
+        "{started}"
+    );
     for part in parts {
         let pid = part.rsplit(' ').next().unwrap();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
