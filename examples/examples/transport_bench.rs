@@ -22,7 +22,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.prefetch = 500;
 
     let raw =
-        saga_examples::baseline::raw_publish_consume(&config.url, count, payload().len()).await?;
+        saga_examples::baseline::raw_publish_consume(config.urls()[0], count, payload().len())
+            .await?;
     let transport = through_transport(config.clone(), count).await?;
 
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
@@ -77,7 +78,7 @@ fn payload() -> Vec<u8> {
 }
 
 async fn cleanup(config: &AmqpConfig) -> Result<(), Box<dyn std::error::Error>> {
-    let conn = Connection::connect(&config.url, ConnectionProperties::default()).await?;
+    let conn = Connection::connect(config.urls()[0], ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let source = Destination::Service("bench".into());
     for queue in [config.queue(&source), config.dead_queue(&source)] {

@@ -108,7 +108,9 @@ impl AmqpConfig {
             Self::new(lookup("AMQP_URL").unwrap_or_else(|| Self::DEFAULT_URL.to_owned()));
         let mut parsed = Vec::new();
         for url in config.urls() {
-            let scheme_ok = url.starts_with("amqp://") || url.starts_with("amqps://");
+            // Another scheme inside is a list with a URL that is not AMQP's.
+            let scheme_ok = (url.starts_with("amqp://") || url.starts_with("amqps://"))
+                && !url[url.find("://").unwrap_or(0) + 3..].contains("://");
             match url.parse::<lapin::uri::AMQPUri>() {
                 Ok(uri) if scheme_ok => parsed.push(uri),
                 _ => {
@@ -119,13 +121,20 @@ impl AmqpConfig {
                 }
             }
         }
-        let one_place = parsed.windows(2).all(|w| {
-            (&w[0].vhost, &w[0].authority.userinfo) == (&w[1].vhost, &w[1].authority.userinfo)
-        });
-        if parsed.is_empty() || !one_place {
+        if parsed.is_empty() {
             return Err(ConfigError::new(
                 "AMQP_URL",
-                "URLs of one cluster: the same vhost and user in each",
+                "an amqp:// or amqps:// URL, or a comma-separated list of them",
+            ));
+        }
+        let one_place = parsed.windows(2).all(|w| {
+            (&w[0].scheme, &w[0].vhost, &w[0].authority.userinfo)
+                == (&w[1].scheme, &w[1].vhost, &w[1].authority.userinfo)
+        });
+        if !one_place {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                "URLs of one cluster: the same scheme, vhost and user in each",
             ));
         }
         if let Some(prefix) = lookup("AMQP_PREFIX") {
@@ -194,11 +203,31 @@ impl AmqpConfig {
     /// The URLs of the broker's nodes, in the order they are tried (one, unless `url` is a
     /// comma-separated list).
     pub fn urls(&self) -> Vec<&str> {
-        self.url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect()
+        // A comma starts another URL only before a scheme: a password may hold one.
+        let mut urls = Vec::new();
+        let mut rest = self.url.as_str();
+        loop {
+            let next = ["amqp://", "amqps://"]
+                .iter()
+                .filter_map(|scheme| {
+                    rest.match_indices(',')
+                        .find(|(i, _)| rest[i + 1..].trim_start().starts_with(scheme))
+                        .map(|(i, _)| i)
+                })
+                .min();
+            let (url, tail) = match next {
+                Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+                None => (rest, None),
+            };
+            let url = url.trim().trim_end_matches(',').trim();
+            if !url.is_empty() {
+                urls.push(url);
+            }
+            match tail {
+                Some(tail) => rest = tail,
+                None => return urls,
+            }
+        }
     }
 
     /// The name of the commands exchange.

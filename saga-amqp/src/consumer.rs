@@ -326,13 +326,13 @@ impl Drop for AmqpAcker {
         if let (Some(acker), Ok(handle)) =
             (self.acker.take(), tokio::runtime::Handle::try_current())
         {
+            let limit = self.sub.config.confirm_timeout;
             handle.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                let nack = acker.nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                });
+                let _ = settle(limit, nack).await;
             });
         }
     }

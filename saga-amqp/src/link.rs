@@ -45,6 +45,8 @@ pub(crate) struct Link {
     role: Role,
     current: Mutex<Option<(Connection, Channel, ConnectionId)>>,
     connections: AtomicU64,
+    /// When the link last replaced its channel after nacks (see [`Link::retire_channel`]).
+    retired_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// The node (of the configured URLs) tried first at the next connect: the one after
     /// the node last connected to, so a node just lost is tried last.
     next_node: std::sync::atomic::AtomicUsize,
@@ -59,6 +61,7 @@ impl Link {
             role,
             current: Mutex::new(None),
             connections: AtomicU64::new(0),
+            retired_at: std::sync::Mutex::new(None),
             next_node: std::sync::atomic::AtomicUsize::new(0),
             queueing: std::sync::Mutex::new(()),
             returns: std::sync::Mutex::new(Returns::default()),
@@ -165,6 +168,44 @@ impl Link {
         });
     }
 
+    /// Replaces the link's channel with a new one on the same connection, if it is still
+    /// `channel` and was not replaced in the last second; `channel` is closed after `linger`,
+    /// once the confirms of the publishes still on it have come (closing it at once would
+    /// fail them, and reach the broker before their messages).
+    pub(crate) async fn retire_channel(&self, channel: &Channel, linger: Duration) {
+        let mut current = self.current.lock().await;
+        let Some((conn, link_channel, _)) = current.as_mut() else {
+            return;
+        };
+        if link_channel.id() != channel.id() || !conn.status().connected() {
+            return;
+        }
+        {
+            let mut retired_at = self
+                .retired_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if retired_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *retired_at = Some(std::time::Instant::now());
+        }
+        let Ok(Ok(fresh)) = tokio::time::timeout(SETUP_TIMEOUT, self.setup(conn)).await else {
+            return;
+        };
+        let old = std::mem::replace(link_channel, fresh);
+        drop(current);
+        tracing::warn!(
+            channel = old.id(),
+            "replacing a publishing channel whose messages were nacked"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let closing = old.close(200, "publishes nacked".into());
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+        });
+    }
+
     /// A new channel on the link's connection, for one consumer or one task.
     pub(crate) async fn extra_channel(&self) -> Result<Channel, TransportError> {
         Ok(self.watched_channel().await?.0)
@@ -198,13 +239,22 @@ impl Link {
             return Err(TransportError::new("no AMQP URL is configured".to_owned()));
         }
         let first = self.next_node.load(Ordering::Relaxed) % urls.len();
+        // Each node gets its share of the setup time (lapin's own connect has no timeout: a
+        // host that drops packets would hold the connect for the system's TCP timeout).
+        let each = CONNECT_TIMEOUT.min(SETUP_TIMEOUT / urls.len() as u32);
         let mut failures = Vec::new();
         for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
-            match self.connect_to(urls[i]).await {
-                Ok(conn) => {
-                    self.next_node.store(i + 1, Ordering::Relaxed);
-                    return Ok(conn);
-                }
+            // The next connect starts after this node, whether it answers or not.
+            self.next_node.store(i + 1, Ordering::Relaxed);
+            let attempt = match tokio::time::timeout(each, self.connect_to(urls[i])).await {
+                Ok(attempt) => attempt,
+                Err(_) => Err(TransportError::new(format!(
+                    "cannot connect to {}: no answer within {each:?}",
+                    redact(urls[i])
+                ))),
+            };
+            match attempt {
+                Ok(conn) => return Ok(conn),
                 Err(e) if urls.len() == 1 => return Err(e),
                 Err(e) => {
                     tracing::warn!(url = %redact(urls[i]), error = %e, "a RabbitMQ node did not answer; trying the next");

@@ -159,9 +159,8 @@ pub(crate) async fn publish_outgoing(
     if nacked {
         // A channel that started publishing to a quorum queue while its leader was moving to
         // another node may keep sending to the old one, its publishes nacked until it
-        // closes: the next publish opens a new channel, which asks for the leader afresh.
-        let closing = channel.close(200, "publishes nacked".into());
-        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+        // closes: later publishes get a new channel, which asks for the leader afresh.
+        link.retire_channel(&channel, timeout).await;
     }
     let mut unconfirmed = Vec::new();
     let mut unroutable = Vec::new();

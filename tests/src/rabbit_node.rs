@@ -155,10 +155,12 @@ impl Node {
 }
 
 impl Drop for Node {
-    /// Stops this node only (by name, then by its PID if it is still there), pass or fail.
+    /// Stops this node only (by name, waiting for its VM to exit, then by its PID if it is
+    /// still there), pass or fail; its files go after.
     fn drop(&mut self) {
+        let pid_file = self.dir.0.join("pid");
         let stopped = Command::new("rabbitmqctl")
-            .args(["-n", &self.name, "stop"])
+            .args(["-n", &self.name, "stop", &pid_file.to_string_lossy()])
             .output()
             .is_ok_and(|o| o.status.success());
         if !stopped && let Some(pid) = self.pid() {

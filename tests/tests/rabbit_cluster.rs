@@ -120,7 +120,7 @@ async fn sagas_finish_while_queue_leaders_are_killed_and_stopped() {
         queues(&nodes[alive])
     );
     assert!(
-        stack.wait_exit(starter, Duration::from_secs(240)).await,
+        stack.wait_exit(starter, Duration::from_secs(120)).await,
         "the first wave was started"
     );
     nodes[results].boot().await;
@@ -137,10 +137,10 @@ async fn sagas_finish_while_queue_leaders_are_killed_and_stopped() {
     let at_stop = finished(&stack).await;
     assert!(at_stop < SAGAS, "sagas were running when the node stopped");
     assert!(
-        stack.wait_exit(starter, Duration::from_secs(240)).await,
+        stack.wait_exit(starter, Duration::from_secs(120)).await,
         "the second wave was started"
     );
-    let (waited, _) = stack.run_with(&["wait", "--timeout", "600"], &env).await;
+    let (waited, _) = stack.run_with(&["wait", "--timeout", "240"], &env).await;
     assert_eq!(
         waited.trim(),
         format!(
@@ -168,7 +168,7 @@ fn queues(node: &Node) -> String {
 }
 
 async fn finished_at_least(stack: &Stack, n: i64) -> bool {
-    wait_until(Duration::from_secs(180), || async {
+    wait_until(Duration::from_secs(120), || async {
         finished(stack).await >= n
     })
     .await

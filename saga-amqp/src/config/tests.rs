@@ -138,9 +138,13 @@ fn a_url_list_names_one_cluster() {
         nodes.urls(),
         ["amqp://app:pw@n1:5672/shop", "amqp://app:pw@n2:5673/shop"]
     );
+    // A comma inside a password does not split the URL.
+    let comma = config("amqp://app:p,w@n1/shop").unwrap();
+    assert_eq!(comma.urls(), ["amqp://app:p,w@n1/shop"]);
     for mixed in [
         "amqp://app:pw@n1/shop,amqp://app:pw@n2/other",
         "amqp://app:pw@n1/shop,amqp://ops:pw@n2/shop",
+        "amqps://app:pw@n1/shop,amqp://app:pw@n2/shop",
         "amqp://app:pw@n1/shop,http://n2",
         ",",
     ] {
