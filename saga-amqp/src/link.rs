@@ -235,8 +235,11 @@ impl Link {
     /// Connects to the first node that answers, from the one after the node last used.
     async fn connect(&self) -> Result<Connection, TransportError> {
         let urls = self.config.urls();
-        if urls.is_empty() {
-            return Err(TransportError::new("no AMQP URL is configured".to_owned()));
+        match urls.as_slice() {
+            [] => return Err(TransportError::new("no AMQP URL is configured".to_owned())),
+            // One node: bounded by the caller's setup time, as before lists existed.
+            [url] => return self.connect_to(url).await,
+            _ => {}
         }
         let first = self.next_node.load(Ordering::Relaxed) % urls.len();
         // Each node gets its share of the setup time (lapin's own connect has no timeout: a
@@ -255,7 +258,6 @@ impl Link {
             };
             match attempt {
                 Ok(conn) => return Ok(conn),
-                Err(e) if urls.len() == 1 => return Err(e),
                 Err(e) => {
                     tracing::warn!(url = %redact(urls[i]), error = %e, "a RabbitMQ node did not answer; trying the next");
                     failures.push(e.to_string());
