@@ -273,11 +273,13 @@ where
         self
     }
 
-    /// Runs this step only when `condition` holds, asked once, when the saga reaches the
-    /// step, over the saga's input and the outputs of earlier steps (a skipped step has none:
-    /// read those with [`StepContext::try_output`]). A step it skips is recorded in the log
-    /// as `skipped`, has no output, and is never compensated; the saga goes on to the next.
-    /// A condition that panics parks the saga as `stuck`, naming the step.
+    /// Runs this step only when `condition` holds, over the saga's input and the outputs of
+    /// earlier steps (a skipped step has none: read those with [`StepContext::try_output`]).
+    /// It is asked when the saga reaches the step, and again only if the step's first
+    /// command was held there (a pause) or an operator retries it, so it must depend on
+    /// nothing else. A step it skips is recorded in the log as `skipped` (replay reads that
+    /// and does not ask again), has no output, and is never compensated; the saga goes on to
+    /// the next. A condition that panics parks the saga as `stuck`, naming the step.
     ///
     /// ```
     /// # use saga_core::SagaDefinition;

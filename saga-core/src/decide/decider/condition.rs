@@ -1,4 +1,4 @@
-//! Conditional steps: asked once, when the saga first reaches them.
+//! Conditional steps: asked when the saga reaches them, until their first command is sent.
 
 use super::{Decider, Step, catch};
 use crate::definition::RawContext;
