@@ -219,15 +219,18 @@ impl AmqpAcker {
     }
 
     /// Publishes `copy` (confirmed), then acks the original; if the copy fails, settles the
-    /// original by `fallback` instead, so the message is never lost.
+    /// original by `fallback` instead, so the message is never lost. The original stays
+    /// unsettled in `self` until the copy's fate is known: if this is dropped meanwhile, the
+    /// drop requeues it.
     async fn publish_then_ack(
-        &self,
-        acker: lapin::Acker,
+        &mut self,
         copy: Outgoing,
         fallback: Fallback,
     ) -> Result<(), TransportError> {
         let limit = self.sub.config.confirm_timeout;
-        match publish_outgoing(&self.sub.publish, limit, vec![copy]).await {
+        let published = publish_outgoing(&self.sub.publish, limit, vec![copy]).await;
+        let acker = self.take();
+        match published {
             Ok(()) => settle(limit, acker.ack(BasicAckOptions::default())).await,
             Err(e) => {
                 warn!(error = %e, "publishing a copy failed; settling the original without it");
@@ -278,7 +281,6 @@ impl Acker for AmqpAcker {
     /// not a failed delivery, so it does not count against the queue's delivery limit (which is
     /// for messages whose consumer dies). Falls back to a plain requeue if the copy fails.
     async fn requeue(mut self: Box<Self>) -> Result<(), TransportError> {
-        let acker = self.take();
         let config = &self.sub.config;
         // Through the queue's own hand-back exchange: a participant may write to it without
         // being able to reach any other queue.
@@ -291,13 +293,12 @@ impl Acker for AmqpAcker {
                 message: message(&self.properties, std::mem::take(&mut self.body)),
             },
         };
-        self.publish_then_ack(acker, copy, Fallback::Requeue).await
+        self.publish_then_ack(copy, Fallback::Requeue).await
     }
 
     /// Publishes a copy with the reason to the dead-letter exchange, then acks the original;
     /// if that publish fails, rejects it so the queue's own dead-lettering keeps it.
     async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), TransportError> {
-        let acker = self.take();
         let config = &self.sub.config;
         let queue = config.queue(&self.sub.source);
         let mut original = message(&self.properties, std::mem::take(&mut self.body));
@@ -317,7 +318,7 @@ impl Acker for AmqpAcker {
                 message: original,
             },
         };
-        self.publish_then_ack(acker, copy, Fallback::Reject).await
+        self.publish_then_ack(copy, Fallback::Reject).await
     }
 }
 
