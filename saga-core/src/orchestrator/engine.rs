@@ -212,7 +212,7 @@ impl Engine {
                     }
                 };
                 if let Err(e) = settled {
-                    warn!(saga.id = %saga_id, error = %e, "settling a result failed; it will be redelivered");
+                    warn!(saga.id = %saga_id, error = %e, "settling a result failed; the broker redelivers it unless the ack still reaches it");
                 }
             });
         }

@@ -295,3 +295,56 @@ fn a_deadline_passing_while_stuck_stops_the_saga_once_it_runs() {
     assert_eq!(run.state.status, SagaStatus::Compensated);
     assert!(!run.dispatched().contains(&(2, F)), "never shipped");
 }
+
+/// A conditional step reached while the saga is paused is asked there, its first command held;
+/// asked again when the saga resumes and sends it; never asked by a replay.
+#[test]
+fn a_condition_met_during_a_pause_is_asked_again_on_resume_not_on_replay() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&asked);
+    let def = saga_core::SagaDefinition::<serde_json::Value>::builder("order", 1)
+        .step("reserve", |s| {
+            s.action("inventory", "reserve", |_| Ok(json!(1)))
+                .compensation("inventory", "release", |_| Ok(json!(1)))
+        })
+        .step("invoice", |s| {
+            s.action("billing", "invoice", |_| Ok(json!(1)))
+                .when(move |_| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    true
+                })
+        })
+        .build()
+        .unwrap();
+    let operator = |id: u128, action| {
+        Input::Timer(Timer::Operator {
+            id: uuid::Uuid::from_u128(id),
+            action,
+        })
+    };
+    let (mut run, _) = Run::start(def);
+    run.input(operator(
+        11,
+        saga_core::OperatorAction::Pause {
+            reason: "month end".into(),
+        },
+    ));
+    run.ok(json!("R-1"));
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(run.kinds().last(), Some(&"held"));
+    let d = run.input(operator(12, saga_core::OperatorAction::Resume));
+    assert_eq!(dispatch(&d).command, "invoice");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "asked again when it is sent"
+    );
+    run.ok(json!("I-1"));
+    assert_eq!(run.state.status, SagaStatus::Completed);
+    let replayed = saga_core::replay(run.def.definition(), &run.events).unwrap();
+    assert_eq!(replayed, run.state);
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "a replay does not ask");
+}

@@ -114,7 +114,7 @@ impl Worker {
             match transport.publish(vec![envelope]).await {
                 Ok(()) => {
                     if let Err(e) = delivery.ack().await {
-                        warn!(error = %e, "ack failed; the command will be redelivered");
+                        warn!(error = %e, "ack failed; the broker redelivers the command unless the ack still reaches it");
                     }
                 }
                 Err(e) => {
