@@ -207,14 +207,10 @@ impl AmqpConfig {
         let mut urls = Vec::new();
         let mut rest = self.url.as_str();
         loop {
-            let next = ["amqp://", "amqps://"]
-                .iter()
-                .filter_map(|scheme| {
-                    rest.match_indices(',')
-                        .find(|(i, _)| rest[i + 1..].trim_start().starts_with(scheme))
-                        .map(|(i, _)| i)
-                })
-                .min();
+            let next = rest.match_indices(',').map(|(i, _)| i).find(|&i| {
+                let after = rest[i + 1..].trim_start();
+                after.starts_with("amqp://") || after.starts_with("amqps://")
+            });
             let (url, tail) = match next {
                 Some(i) => (&rest[..i], Some(&rest[i + 1..])),
                 None => (rest, None),

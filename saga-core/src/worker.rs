@@ -229,10 +229,16 @@ impl Worker {
         self.inbox.as_ref()
     }
 
-    /// The commands it has handlers for, and how it encodes payloads (for the test kit).
+    /// The commands it has handlers for (for the test kit).
     #[cfg(feature = "testing")]
-    pub(crate) fn commands(&self) -> (impl Iterator<Item = &String>, &Payloads) {
-        (self.handlers.keys(), &self.payloads)
+    pub(crate) fn commands(&self) -> impl Iterator<Item = &String> {
+        self.handlers.keys()
+    }
+
+    /// How it encodes payloads (for the test kit).
+    #[cfg(feature = "testing")]
+    pub(crate) fn payloads(&self) -> &Payloads {
+        &self.payloads
     }
 
     /// The service whose commands it runs.

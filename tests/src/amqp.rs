@@ -146,3 +146,48 @@ impl Drop for WatermarkGuard {
             .output();
     }
 }
+
+/// A queue named `tap` that receives a copy of every message sent to `routes`: their
+/// topology is declared first (as the programs declare it), then the queue is bound to each
+/// route's exchange and key. Read it with `basic_get` on the returned channel.
+pub async fn tap(config: &AmqpConfig, routes: &[saga_core::Destination]) -> lapin::Channel {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use saga_core::Transport as _;
+    AmqpTransport::connect(config.clone())
+        .await
+        .expect("connect to the test vhost")
+        .declare(routes)
+        .await
+        .expect("declare the routes");
+    let url = config.urls()[0];
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect the tap");
+    let channel = conn.create_channel().await.expect("a channel for the tap");
+    channel
+        .queue_declare(
+            "tap".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the tap");
+    for route in routes {
+        let (exchange, key) = match route {
+            saga_core::Destination::Service(name) => (config.commands_exchange(), name.clone()),
+            saga_core::Destination::Results => (config.results_exchange(), "results".to_owned()),
+        };
+        channel
+            .queue_bind(
+                "tap".into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the tap");
+    }
+    channel
+}

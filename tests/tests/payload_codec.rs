@@ -7,11 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
 use saga_core::codec::{AesGcmCodec, Payloads};
-use saga_core::{Client, Destination, Orchestrator, PgStore, QueryStore, SagaStatus, Transport};
+use saga_core::{Client, Destination, Orchestrator, PgStore, QueryStore, SagaStatus};
 use saga_tests::amqp::broker;
 use saga_tests::harness::config;
 use saga_tests::order::{self, Order};
@@ -148,46 +147,14 @@ async fn rows(db: &TestDb, table: &str) -> Vec<String> {
         .unwrap()
 }
 
-/// A queue bound to every route the sagas' messages take, declared before any is sent.
+/// A tap on every route the sagas' messages take, declared before any is sent.
 async fn tap(broker: &saga_tests::amqp::Broker) -> lapin::Channel {
-    let transport = broker.transport().await;
     let mut routes: Vec<Destination> = SERVICES
         .iter()
         .map(|s| Destination::Service((*s).to_owned()))
         .collect();
     routes.push(Destination::Results);
-    transport.declare(&routes).await.unwrap();
-    let conn = Connection::connect(&broker.config.url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            "tap".into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let config = &broker.config;
-    let mut bindings: Vec<(String, String)> = SERVICES
-        .iter()
-        .map(|s| (config.commands_exchange(), (*s).to_owned()))
-        .collect();
-    bindings.push((config.results_exchange(), "results".to_owned()));
-    for (exchange, key) in bindings {
-        channel
-            .queue_bind(
-                "tap".into(),
-                exchange.into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    }
-    channel
+    saga_tests::amqp::tap(&broker.config, &routes).await
 }
 
 /// Every message the tap holds: its headers as text, and its body.

@@ -192,45 +192,17 @@ async fn the_python_payment_service_serves_the_order_saga_through_kills() {
     stack.shutdown().await;
 }
 
-/// A queue bound to the results exchange, so the test reads every result.
+/// A tap on the results, so the test reads every result, and a transport to send commands.
 async fn results_tap(stack: &Stack) -> (saga_amqp::AmqpTransport, lapin::Channel) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
     use saga_core::Transport as _;
     let config = stack.broker_config();
     let transport = saga_amqp::AmqpTransport::connect(config.clone())
         .await
         .unwrap();
-    transport
-        .declare(&[
-            saga_core::Destination::Service("payment".into()),
-            saga_core::Destination::Results,
-        ])
-        .await
-        .unwrap();
-    let conn = lapin::Connection::connect(&config.url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            "tap".into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            "tap".into(),
-            config.results_exchange().into(),
-            "results".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (transport, channel)
+    let payment = saga_core::Destination::Service("payment".into());
+    transport.declare(&[payment]).await.unwrap();
+    let tap = saga_tests::amqp::tap(&config, &[saga_core::Destination::Results]).await;
+    (transport, tap)
 }
 
 /// Sends `command` to the payment queue and returns the result that answers it (its body

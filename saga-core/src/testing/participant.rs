@@ -59,8 +59,7 @@ impl TestEnv {
     pub fn worker(&mut self, worker: &Worker) -> &mut Self {
         let worker = worker.shared();
         let service = worker.service().to_owned();
-        let (commands, _) = worker.commands();
-        for command in commands {
+        for command in worker.commands() {
             self.handlers.remove(&(service.clone(), command.clone()));
         }
         self.workers.insert(service, worker);
@@ -175,8 +174,7 @@ impl TestEnv {
             _ => run_on(&runtime, async move { shared.attempt(&owned, None).await }),
         };
         // The env's saga reads outputs as the orchestrator would after opening them.
-        let (_, payloads) = worker.commands();
-        payloads.open_in_if_possible(&mut outcome);
+        worker.payloads().open_in_if_possible(&mut outcome);
         (fault != Some(Fault::LoseResult)).then_some(outcome)
     }
 
