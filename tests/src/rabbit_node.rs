@@ -155,16 +155,24 @@ impl Node {
 }
 
 impl Drop for Node {
-    /// Stops this node only (by name, waiting for its VM to exit, then by its PID if it is
-    /// still there), pass or fail; its files go after.
+    /// Stops this node only, pass or fail, by its VM's PID: SIGTERM (Erlang's orderly stop),
+    /// then SIGKILL if it still runs after [`STOP_GRACE`] (a node whose quorum queues lost
+    /// their majority may never finish an orderly stop; `rabbitmqctl stop` would wait on it
+    /// for ever). Its files go after.
     fn drop(&mut self) {
-        let pid_file = self.dir.0.join("pid");
-        let stopped = Command::new("rabbitmqctl")
-            .args(["-n", &self.name, "stop", &pid_file.to_string_lossy()])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !stopped && let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        if let Some(pid) = self.pid() {
+            let signal = |s: &str| {
+                let _ = Command::new("kill").args([s, &pid.to_string()]).output();
+            };
+            let runs = || Path::new(&format!("/proc/{pid}")).exists();
+            signal("-TERM");
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            while runs() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if runs() {
+                signal("-KILL");
+            }
         }
         if let Some(mut wrapper) = self.wrapper.take() {
             let _ = wrapper.kill();
@@ -172,3 +180,6 @@ impl Drop for Node {
         }
     }
 }
+
+/// How long a dropped node is given to stop on its own before its VM is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);

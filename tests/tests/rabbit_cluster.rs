@@ -87,28 +87,40 @@ async fn sagas_finish_while_queue_leaders_are_killed_and_stopped() {
             &logs.join(format!("{service}.log")),
         );
     }
+    // Every queue is declared and replicated on the three nodes before any fault. The
+    // leaders are found before each wave starts, so each fault lands within milliseconds of
+    // the sagas it waits for (a `rabbitmqctl` call takes about a second, as long as a wave
+    // may take to finish on a fast machine).
+    let declared = wait_until(Duration::from_secs(60), || async {
+        let members = nodes[0].ctl(&["list_queues", "-q", "--no-table-headers", "name", "members"]);
+        let ours: Vec<&str> = members.lines().filter(|l| l.contains("saga.")).collect();
+        ours.iter().any(|l| l.starts_with("saga.results"))
+            && SERVICES.iter().all(|s| {
+                ours.iter()
+                    .any(|l| l.starts_with(&format!("saga.service.{s}")))
+            })
+            && ours.iter().all(|l| l.matches('@').count() == 3)
+    })
+    .await;
+    assert!(
+        declared,
+        "the queues are replicated on three nodes: {}",
+        queues(&nodes[0])
+    );
+
     // Two waves of half the sagas each: one meets the kill, the other the stop.
     let half = (SAGAS / 2).to_string();
     let wave = ["start", "--count", half.as_str(), "--fail-every", "10"];
-    let starter = stack.spawn_with(&wave, &env);
-    assert!(
-        finished_at_least(&stack, SAGAS / 20).await,
-        "sagas finish on the cluster"
-    );
-    // Every queue is replicated on the three nodes.
-    let members = nodes[0].ctl(&["list_queues", "-q", "--no-table-headers", "name", "members"]);
-    assert!(
-        members
-            .lines()
-            .filter(|l| l.contains("saga."))
-            .all(|l| l.matches('@').count() == 3),
-        "{members}"
-    );
 
     // The node leading the results queue dies without a goodbye, and later comes back.
     let results = leader(&nodes, 0, "saga.results");
-    nodes[results].kill();
     let alive = (results + 1) % nodes.len();
+    let starter = stack.spawn_with(&wave, &env);
+    assert!(
+        finished_at_least(&stack, SAGAS / 50).await,
+        "sagas finish on the cluster"
+    );
+    nodes[results].kill();
     let before = finished(&stack).await;
     assert!(
         before < SAGAS / 2,
@@ -126,16 +138,19 @@ async fn sagas_finish_while_queue_leaders_are_killed_and_stopped() {
     nodes[results].boot().await;
 
     // The node leading the payment queue is stopped (gracefully) mid-run and stays down.
+    let payment = leader(&nodes, alive, "saga.service.payment");
     let starter = stack.spawn_with(&wave, &env);
     assert!(
-        finished_at_least(&stack, SAGAS / 2 + SAGAS / 20).await,
+        finished_at_least(&stack, SAGAS / 2 + SAGAS / 50).await,
         "the second wave runs: {}",
         queues(&nodes[alive])
     );
-    let payment = leader(&nodes, alive, "saga.service.payment");
-    nodes[payment].ctl(&["stop_app"]);
     let at_stop = finished(&stack).await;
-    assert!(at_stop < SAGAS, "sagas were running when the node stopped");
+    assert!(
+        at_stop < SAGAS,
+        "sagas are running when the node is stopped"
+    );
+    nodes[payment].ctl(&["stop_app"]);
     assert!(
         stack.wait_exit(starter, Duration::from_secs(120)).await,
         "the second wave was started"
