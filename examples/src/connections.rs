@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use saga_amqp::{AmqpConfig, AmqpTransport, redact};
 use saga_core::codec::SAGA_PAYLOAD_KEYS;
-use saga_core::{Payloads, PgStore, QueryStore, SagaStatus};
+use saga_core::{Payloads, PgHosts, PgStore, QueryStore, SagaStatus};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -18,19 +18,23 @@ pub(crate) static PROCESS_NAME: std::sync::OnceLock<String> = std::sync::OnceLoc
 /// A pool of `max_connections` on `DATABASE_URL`, its sessions named for this process.
 pub(crate) async fn database(max_connections: u32) -> anyhow::Result<PgPool> {
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-    let options: sqlx::postgres::PgConnectOptions = url
+    // One host or several (libpq's `host1:port1,host2:port2`, with
+    // `target_session_attrs=read-write` the pool follows the primary through a failover).
+    let hosts: PgHosts = url
         .parse()
         .with_context(|| format!("DATABASE_URL is not a PostgreSQL URL ({})", redact(&url)))?;
     let name = PROCESS_NAME.get().map_or("saga-examples", String::as_str);
-    PgPoolOptions::new()
+    let options = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         // No ping round trip before each transaction (docs/PERFORMANCE.md): the long-running
         // commands retry what a connection broken by a database restart fails (the
         // orchestrator its batch, a participant's inbox handler its command), and the one-shot
         // commands start with fresh connections.
-        .test_before_acquire(false)
-        .connect_with(options.application_name(name))
+        .test_before_acquire(false);
+    hosts
+        .map(|host| host.application_name(name))
+        .connect(options)
         .await
         .with_context(|| {
             format!(

@@ -16,10 +16,12 @@ const PAUSE: Duration = Duration::from_millis(500);
 /// A pool on `url`, once the database answers.
 pub(crate) async fn connect(url: &str, deadline: Instant) -> anyhow::Result<PgPool> {
     retry(deadline, || async {
-        PgPoolOptions::new()
+        let hosts: saga_core::PgHosts = url.parse().context("DATABASE_URL")?;
+        let options = PgPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .acquire_timeout(Duration::from_secs(5));
+        hosts
+            .connect(options)
             .await
             .context("cannot connect to PostgreSQL at DATABASE_URL")
     })

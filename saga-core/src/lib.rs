@@ -90,7 +90,7 @@ pub use metrics::Metrics;
 pub use orchestrator::{Orchestrator, OrchestratorConfig};
 pub use registry::Registry;
 pub use state::{ReplayError, SagaState, SagaStatus, replay};
-pub use store::{MemoryStore, OutboxStore, PgStore, QueryStore, SagaStore, Store};
+pub use store::{MemoryStore, OutboxStore, PgHosts, PgStore, QueryStore, SagaStore, Store};
 pub use transport::{Delivery, InProcessTransport, Transport};
 pub use worker::{CommandContext, Handler, StepError, StepResultExt, Tx, Worker};
 

@@ -28,7 +28,7 @@ use crate::registry::Registry;
 use crate::state::SagaStatus;
 
 pub use memory::MemoryStore;
-pub use pg::{LocalClock, PgStore, PgStoreBuilder};
+pub use pg::{CHECK_EVERY, CHECK_TIMEOUT, LocalClock, PgHosts, PgStore, PgStoreBuilder, Target};
 
 /// How long the timers of a saga that cannot be applied wait before the next try.
 pub const TIMER_FAILURE_BACKOFF: Duration = Duration::from_secs(30);

@@ -8,6 +8,7 @@ pub mod harness;
 pub mod invariants;
 pub mod logs;
 pub mod order;
+pub mod pg_node;
 pub mod process;
 pub mod rabbit_node;
 

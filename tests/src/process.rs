@@ -52,6 +52,20 @@ impl Stack {
         }
     }
 
+    /// A fresh vhost for `program` on a database the test set up itself (a server of its
+    /// own): `database_url` for the processes, `pool` for the test's checks. The database is
+    /// the test's to remove.
+    pub async fn on_database(program: &str, database_url: &str, pool: PgPool) -> Stack {
+        Stack {
+            program: binary(program),
+            database_url: database_url.to_owned(),
+            pool,
+            db: None,
+            broker: Some(broker().await),
+            children: Vec::new(),
+        }
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         self.command_of(&self.program, args)
     }

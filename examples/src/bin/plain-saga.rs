@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use saga_amqp::{AmqpConfig, AmqpTransport};
 use saga_core::worker::{CommandContext, Handler, StepError, Worker};
 use saga_core::{
-    Client, Inbox, Orchestrator, PgStore, SagaDefinition, SagaStatus, contract, service,
+    Client, Inbox, Orchestrator, PgHosts, PgStore, SagaDefinition, SagaStatus, contract, service,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -236,9 +236,10 @@ async fn main() -> anyhow::Result<()> {
         None => 5,
     };
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
-    let pool = PgPoolOptions::new()
-        .max_connections(20)
-        .connect(&url)
+    // One host, or several with `target_session_attrs=read-write` to follow a failover.
+    let hosts: PgHosts = url.parse()?;
+    let pool = hosts
+        .connect(PgPoolOptions::new().max_connections(20))
         .await?;
     let store = Arc::new(PgStore::builder(pool.clone()).build()?);
     store.migrate().await?;

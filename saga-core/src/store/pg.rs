@@ -21,6 +21,7 @@ mod apply;
 mod cache;
 mod clock;
 mod columns;
+mod hosts;
 mod outbox;
 mod pools;
 mod queries;
@@ -38,6 +39,7 @@ use crate::schema;
 use cache::StateCache;
 use clock::DbClock;
 pub use clock::LocalClock;
+pub use hosts::{CHECK_EVERY, CHECK_TIMEOUT, PgHosts, Target};
 use start_queue::StartQueue;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
@@ -182,10 +184,12 @@ impl PgStore {
     }
 
     /// Connects a pool of `max_connections` to `url` and builds a store in the default schema.
+    /// The URL may name several hosts, as libpq takes them ([`PgHosts`]): the pool then
+    /// follows the primary through a failover.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .connect(url)
+        let hosts: PgHosts = url.parse()?;
+        let pool = hosts
+            .connect(PgPoolOptions::new().max_connections(max_connections))
             .await?;
         Self::builder(pool).build()
     }

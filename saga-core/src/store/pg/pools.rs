@@ -3,13 +3,22 @@
 use sqlx::PgPool;
 
 use super::PgStore;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Begins a transaction of the hot path, whose statements find rows by key only: their plans,
 /// cached per connection, must not scan a table that was small when they were made (it may
 /// hold millions of rows by the time autovacuum's `ANALYZE` has the plan made again). One
 /// simple query, so no extra round trip.
 const BEGIN_BY_KEY: &str = "BEGIN; SET LOCAL enable_seqscan = off";
+
+/// The sessions of [`PgStore::relaxed`].
+const RELAXED: &[(&str, &str)] = &[
+    ("synchronous_commit", "off"),
+    ("plan_cache_mode", "force_custom_plan"),
+];
+
+/// The sessions of [`PgStore::by_key`].
+const BY_KEY: &[(&str, &str)] = &[("enable_seqscan", "off")];
 
 impl PgStore {
     /// A small pool whose commits do not wait for the disk, for claiming and deleting outbox
@@ -18,18 +27,12 @@ impl PgStore {
     pub(super) async fn relaxed(&self) -> Result<&PgPool> {
         // No ping before each use: a claim or delete on a connection a restart broke fails, is
         // retried by the relay, and the pool drops the connection.
-        self.relaxed
-            .get_or_try_init(|| {
-                self.own_pool(
-                    4,
-                    &[
-                        ("synchronous_commit", "off"),
-                        ("plan_cache_mode", "force_custom_plan"),
-                    ],
-                )
-            })
-            .await
-            .map_err(Error::from)
+        let pool = self
+            .relaxed
+            .get_or_try_init(|| self.own_pool(4, RELAXED))
+            .await?;
+        self.follow(pool, RELAXED);
+        Ok(pool)
     }
 
     /// A pool of the store's own, of at most `max` connections opened on demand, with the
@@ -66,10 +69,22 @@ impl PgStore {
         // No ping before each use: a write on a connection a restart broke fails as transient,
         // its batch is applied again (deferred results come back after `defer_delay`), and the
         // pool drops the connection; each idle connection fails one batch that way.
-        self.by_key
-            .get_or_try_init(|| self.own_pool(8, &[("enable_seqscan", "off")]))
-            .await
-            .map_err(Error::from)
+        let pool = self
+            .by_key
+            .get_or_try_init(|| self.own_pool(8, BY_KEY))
+            .await?;
+        self.follow(pool, BY_KEY);
+        Ok(pool)
+    }
+
+    /// Points an own pool's new connections at the host of the given pool, if that moved (a
+    /// pool on several hosts follows the primary through a failover: [`super::PgHosts`]).
+    fn follow(&self, own: &PgPool, settings: &[(&str, &str)]) {
+        let main = self.pool.connect_options();
+        let theirs = own.connect_options();
+        if main.get_host() != theirs.get_host() || main.get_port() != theirs.get_port() {
+            own.set_connect_options(main.as_ref().clone().options(settings.iter().copied()));
+        }
     }
 
     /// Begins a transaction of the hot path. Its statements are prepared once per connection

@@ -1,0 +1,149 @@
+//! A PostgreSQL primary with a synchronous streaming standby, both of the test's own (`initdb`
+//! and `pg_basebackup` into temporary directories, other ports; the shared cluster is left
+//! alone), and `order-saga` as processes given both hosts in `DATABASE_URL` with
+//! `target_session_attrs=read-write`. A thousand sagas run while the primary is stopped
+//! immediately and the standby promoted: every saga finishes with exactly the effects it
+//! requires, nothing lost and nothing twice.
+//!
+//! Two servers and four programs take the machine: nextest runs this alone
+//! (`.config/nextest.toml`).
+
+use std::time::Duration;
+
+use saga_core::PgHosts;
+use saga_tests::invariants::{assert_invariants, finished};
+use saga_tests::pg_node::PgServer;
+use saga_tests::process::Stack;
+use saga_tests::wait_until;
+use sqlx::postgres::PgPoolOptions;
+
+const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
+const SAGAS: i64 = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_finish_while_the_primary_fails_over_to_its_synchronous_standby() {
+    let mut primary = PgServer::primary();
+    let standby = PgServer::standby_of(&primary);
+    let streaming = wait_until(Duration::from_secs(60), || async {
+        primary.streams_synchronously()
+    })
+    .await;
+    assert!(streaming, "the standby streams synchronously");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let hosts: PgHosts = url.parse().expect("the URL of both hosts");
+    // The test's own checks go through the same host walk as the programs'.
+    let pool = hosts
+        .connect(PgPoolOptions::new().max_connections(2))
+        .await
+        .expect("connect to the primary");
+    let mut stack = Stack::on_database("order-saga", &url, pool).await;
+    stack.run(&["migrate"]).await;
+
+    let logs = std::env::temp_dir().join(format!(
+        "saga-failover-logs-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&logs).unwrap();
+    eprintln!("the programs' logs: {}", logs.display());
+    let logged = [("RUST_LOG", "info")];
+    stack.spawn_logged(&["orchestrator"], &logged, &logs.join("orchestrator.log"));
+    for service in SERVICES {
+        stack.spawn_logged(
+            &["service", service],
+            &logged,
+            &logs.join(format!("{service}.log")),
+        );
+    }
+    let count = SAGAS.to_string();
+    stack
+        .run(&["start", "--count", &count, "--fail-every", "10"])
+        .await;
+    let running = wait_until(Duration::from_secs(120), || async {
+        finished(&stack).await >= SAGAS / 50
+    })
+    .await;
+    assert!(running, "sagas finish on the primary");
+
+    // The primary goes without a checkpoint or a goodbye; the standby takes over.
+    let before = finished(&stack).await;
+    assert!(before < SAGAS, "sagas are running when the primary stops");
+    eprintln!("{before} of {SAGAS} sagas had finished when the primary stopped");
+    primary.stop_immediately();
+    standby.promote();
+
+    let (waited, _) = stack.run_with(&["wait", "--timeout", "240"], &[]).await;
+    assert_eq!(
+        waited.trim(),
+        format!(
+            r#"{{"running":0,"completed":{},"compensated":{},"stuck":0}}"#,
+            SAGAS - SAGAS / 10,
+            SAGAS / 10
+        )
+    );
+    assert_invariants(&stack, SAGAS, 10).await;
+    let orchestrator = std::fs::read_to_string(logs.join("orchestrator.log")).unwrap();
+    assert!(
+        orchestrator.contains("another database host"),
+        "the orchestrator says it moved to the promoted standby: {orchestrator}"
+    );
+    stack.shutdown().await;
+    eprintln!(
+        "the orchestrator's log: {}",
+        orchestrator
+            .lines()
+            .filter(|l| l.contains("database host"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// With `target_session_attrs=read-write`, a pool skips a standby listed first, and a URL of
+/// standbys alone gives no session at all, saying why for each host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
+    let primary = PgServer::primary();
+    let standby = PgServer::standby_of(&primary);
+    let options = || {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(1))
+    };
+    let both: PgHosts = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        standby.port, primary.port
+    )
+    .parse()
+    .unwrap();
+    let pool = both.connect(options()).await.expect("the primary, second");
+    assert_eq!(pool.connect_options().get_port(), primary.port);
+    let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!recovering, "the pool's sessions are on the primary");
+
+    let alone: PgHosts = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=primary",
+        standby.port, standby.port
+    )
+    .parse()
+    .unwrap();
+    let refused = alone.connect(options()).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("no host of the database URL suits")
+            && refused.contains(&format!("127.0.0.1:{}: not primary", standby.port)),
+        "{refused}"
+    );
+    // Any server will do when the URL says so.
+    let any: PgHosts = standby.url().parse().unwrap();
+    let pool = any.connect(options()).await.expect("the standby");
+    let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(recovering);
+}
