@@ -79,16 +79,21 @@ pub(crate) async fn broker(program: &str, role: &str) -> anyhow::Result<AmqpTran
         .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ at AMQP_URL: {}", e.message()))
 }
 
-/// How long `status` rides out a database out of reach (a restart, say).
-pub(crate) const OUT_OF_REACH: Duration = Duration::from_secs(60);
-
 /// The checked store, once the database answers; while it is out of reach (a restart), tries
 /// again until `deadline`, saying so once. An answer that will not change (a wrong password, no
 /// such database, no saga tables) fails at once.
 pub(crate) async fn store_riding_out(deadline: tokio::time::Instant) -> anyhow::Result<PgStore> {
     let mut said = false;
     loop {
-        let attempt = async { ready_store(&database(2).await?).await };
+        let attempt = async {
+            let pool = database(2).await?;
+            let ready = ready_store(&pool).await;
+            if ready.is_err() {
+                // A pool on several hosts is held open by its check until closed.
+                pool.close().await;
+            }
+            ready
+        };
         match attempt.await {
             Ok(store) => return Ok(store),
             Err(e)

@@ -105,24 +105,28 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Whether the primary streams to the standby synchronously (asked of the primary).
+    /// Whether the primary streams to the standby synchronously (asked of the primary; `false`
+    /// while it does not answer).
     pub fn streams_synchronously(&self) -> bool {
-        let state = as_postgres(
-            "psql",
-            &[
+        let query = format!(
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'"
+        );
+        let port = self.port.to_string();
+        bin_command("psql")
+            .args([
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &self.port.to_string(),
+                &port,
                 "-U",
                 "postgres",
                 "-Atc",
-                &format!(
-                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{STANDBY_NAME}'"
-                ),
-            ],
-        );
-        state.trim() == "sync"
+                &query,
+            ])
+            .output()
+            .is_ok_and(|out| {
+                out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "sync"
+            })
     }
 
     /// Stops the server at once (`pg_ctl stop -m immediate`): no checkpoint, no goodbye.

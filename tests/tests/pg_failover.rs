@@ -15,6 +15,7 @@ use saga_tests::invariants::{assert_invariants, finished};
 use saga_tests::pg_node::PgServer;
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
+use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 
 const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
@@ -74,7 +75,7 @@ async fn sagas_finish_while_the_primary_fails_over_to_its_synchronous_standby() 
     primary.stop_immediately();
     standby.promote();
 
-    let (waited, _) = stack.run_with(&["wait", "--timeout", "240"], &[]).await;
+    let (waited, _) = stack.run_with(&["wait", "--timeout", "180"], &[]).await;
     assert_eq!(
         waited.trim(),
         format!(
@@ -101,8 +102,10 @@ async fn sagas_finish_while_the_primary_fails_over_to_its_synchronous_standby() 
     let _ = std::fs::remove_dir_all(&logs);
 }
 
-/// With `target_session_attrs=read-write`, a pool skips a standby listed first, and a URL of
-/// standbys alone gives no session at all, saying why for each host.
+/// A pool on several hosts skips a standby listed first, and a URL of standbys alone gives no
+/// session at all, saying why for each host. When its host turns read-only and the standby is
+/// promoted, the pool's connections opened before the move are retired: none stays on the
+/// host that no longer suits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
     let primary = PgServer::primary();
@@ -112,8 +115,9 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(1))
     };
+    // Several hosts want a read-write session by default.
     let both: PgHosts = format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
         standby.port, primary.port
     )
     .parse()
@@ -138,12 +142,41 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
             && refused.contains(&format!("127.0.0.1:{}: not primary", standby.port)),
         "{refused}"
     );
-    // Any server will do when the URL says so.
+    // Any server will do when the URL (of one host) says so.
     let any: PgHosts = standby.url().parse().unwrap();
-    let pool = any.connect(options()).await.expect("the standby");
+    let on_standby = any.connect(options()).await.expect("the standby");
     let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
-        .fetch_one(&pool)
+        .fetch_one(&on_standby)
         .await
         .unwrap();
     assert!(recovering);
+    on_standby.close().await;
+
+    // The primary turns read-only (its server stays up, its sessions open) and the standby is
+    // promoted: the pool moves, and its idle connection to the old host is not used again.
+    let port = || async {
+        sqlx::query_scalar::<_, i32>("SELECT inet_server_port()")
+            .fetch_one(&pool)
+            .await
+    };
+    assert_eq!(port().await.unwrap(), i32::from(primary.port));
+    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    sqlx::query("ALTER SYSTEM SET default_transaction_read_only = on")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    standby.promote();
+    let moved = wait_until(Duration::from_secs(30), || async {
+        port().await.is_ok_and(|p| p == i32::from(standby.port))
+    })
+    .await;
+    assert!(moved, "the pool's sessions moved to the promoted standby");
+    for _ in 0..10 {
+        assert_eq!(port().await.unwrap(), i32::from(standby.port));
+    }
+    pool.close().await;
 }

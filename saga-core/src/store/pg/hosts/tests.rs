@@ -4,6 +4,10 @@ fn parse(url: &str) -> PgHosts {
     url.parse().unwrap_or_else(|e| panic!("{url}: {e}"))
 }
 
+fn refused(url: &str) -> String {
+    url.parse::<PgHosts>().unwrap_err().to_string()
+}
+
 fn addresses(hosts: &PgHosts) -> Vec<String> {
     hosts.hosts().iter().map(address).collect()
 }
@@ -17,17 +21,24 @@ fn one_host_is_parsed_by_sqlx_as_before() {
 }
 
 #[test]
-fn several_hosts_share_the_rest_of_the_url_and_default_to_port_5432() {
+fn several_hosts_share_the_rest_of_the_url() {
     let hosts = parse(
-        "postgres://app:p%40ss@db-a,db-b:5433,[::1]:5434/orders?application_name=x&target_session_attrs=read-write",
+        "postgres://app:p%40ss@db-a:5432,db-b:5433,[::1]:5434/orders?application_name=x&target_session_attrs=primary",
     );
     assert_eq!(addresses(&hosts), ["db-a:5432", "db-b:5433", "[::1]:5434"]);
-    assert_eq!(hosts.target(), Target::ReadWrite);
+    assert_eq!(hosts.target(), Target::Primary);
     for host in hosts.hosts() {
         assert_eq!(host.get_database(), Some("orders"));
         assert_eq!(host.get_username(), "app");
         assert_eq!(host.get_application_name(), Some("x"));
     }
+}
+
+#[test]
+fn several_hosts_want_a_read_write_session_unless_told_primary() {
+    assert_eq!(parse("postgres://a,b/x").target(), Target::ReadWrite);
+    let any = refused("postgres://a,b/x?target_session_attrs=any");
+    assert!(any.contains("several hosts"), "{any}");
 }
 
 #[test]
@@ -46,18 +57,28 @@ fn target_session_attrs_takes_what_a_store_can_use() {
         parse("postgres://db/x?target_session_attrs=any").target(),
         Target::Any
     );
-    let refused = "postgres://a,b/x?target_session_attrs=standby"
-        .parse::<PgHosts>()
-        .unwrap_err();
-    assert!(refused.to_string().contains("read-write"), "{refused}");
+    let standby = refused("postgres://a,b/x?target_session_attrs=standby");
+    assert!(standby.contains("read-write"), "{standby}");
 }
 
 #[test]
 fn a_bad_host_in_a_list_is_named() {
-    let error = "postgres://a:1,b:port/x".parse::<PgHosts>().unwrap_err();
-    assert!(error.to_string().contains("`b:port`"), "{error}");
-    let error = "postgres://a:1,/x".parse::<PgHosts>().unwrap_err();
-    assert!(error.to_string().contains("host[:port]"), "{error}");
+    let error = refused("postgres://a:1,b:port/x");
+    assert!(error.contains("`b:port`"), "{error}");
+    let error = refused("postgres://a:1,/x");
+    assert!(error.contains("empty host"), "{error}");
+}
+
+#[test]
+fn a_list_in_a_parameter_is_refused_saying_where_it_goes() {
+    for url in [
+        "postgres:///x?host=a,b",
+        "postgres:///x?host=a%2Cb",
+        "postgres://db/x?port=5432,5433",
+    ] {
+        let error = refused(url);
+        assert!(error.contains("in the URL's authority"), "{url}: {error}");
+    }
 }
 
 #[test]
