@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Participants run with their inbox and apply a PostgreSQL effect in its transaction (as
     /// real services do); without, they run at least once and keep their effects in memory.
     pub inbox: bool,
+    /// Without `inbox`: participants write each effect to PostgreSQL in a transaction of their
+    /// own (at least once) instead of keeping it in memory.
+    pub effects: bool,
     /// Finished sagas put in the log before the run.
     pub history: u64,
     /// Sagas are started through a store of their own, not the orchestrator's.
@@ -204,7 +207,7 @@ where
             .build()?,
     );
     store.migrate().await?;
-    if args.inbox {
+    if args.inbox || args.effects {
         let names: Vec<&str> = service_schemas.iter().map(String::as_str).collect();
         migrate(&pool, &names).await?;
     }
@@ -216,6 +219,11 @@ where
     for (service, service_schema) in E::services().into_iter().zip(service_schemas) {
         let ledger = if args.inbox {
             Ledger::pg(pool.clone(), service_schema)?
+        } else if args.effects {
+            Ledger::PgAtLeastOnce {
+                pool: pool.clone(),
+                schema: service_schema.clone(),
+            }
         } else {
             memory.clone()
         };

@@ -14,7 +14,7 @@ use saga_core::{Client, Orchestrator, PgStore, SagaStatus};
 
 use crate::Example;
 use crate::connections::{
-    OUT_OF_REACH, PROCESS_NAME, broker, counts_riding_out, database, payloads, ready_store, store,
+    PROCESS_NAME, broker, counts_riding_out, database, payloads, ready_store, store,
     store_riding_out,
 };
 use crate::participant::{Ledger, migrate, worker_with};
@@ -93,7 +93,12 @@ enum Command {
         timeout: u64,
     },
     /// Prints the number of sagas per status as one JSON line.
-    Status,
+    Status {
+        /// How long to ride out a database out of reach (a restart), in seconds; 0 fails at
+        /// once.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Runs an orchestrator and the participants here, starts sagas, checks every outcome and
     /// prints one JSON line of figures (in a schema and queue prefix of its own).
     Bench {
@@ -111,6 +116,11 @@ enum Command {
         /// services do (the default).
         #[arg(long)]
         at_least_once: bool,
+        /// With `--at-least-once`: each participant writes its effect to PostgreSQL in a
+        /// transaction of its own, as a service without an inbox would (the baseline the
+        /// inbox's cost is measured against).
+        #[arg(long, requires = "at_least_once")]
+        effects: bool,
         /// The default (participants with their inbox); kept for scripts that pass it.
         #[arg(long, hide = true, conflicts_with = "at_least_once")]
         inbox: bool,
@@ -361,6 +371,7 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             in_flight,
             fail_every,
             at_least_once,
+            effects,
             inbox: _,
             history,
             remote_starts,
@@ -376,14 +387,16 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 in_flight,
                 fail_every,
                 inbox: !at_least_once,
+                effects,
             };
             outln!("{}", crate::bench::run::<E>(args).await?);
         }
-        Command::Status => {
-            // A database out of reach at the start is reported at once (a wrong URL, most
-            // often); one lost after, while counting, is waited for.
-            let store = ready_store(&database(2).await?).await?;
-            let deadline = tokio::time::Instant::now() + OUT_OF_REACH;
+        Command::Status { timeout } => {
+            // A database out of reach (a restart) is waited for until the timeout, saying so
+            // once; an answer that will not change (a wrong password, no saga tables) fails at
+            // once.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            let store = store_riding_out(deadline).await?;
             outln!(
                 "{}",
                 status_line(&counts_riding_out(&store, deadline).await?)

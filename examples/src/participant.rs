@@ -28,6 +28,15 @@ pub enum Ledger {
         /// The service's schema.
         schema: String,
     },
+    /// PostgreSQL without an inbox: each command writes its effect in a transaction of its
+    /// own, at least once, as a service without an inbox would (the bench's baseline for what
+    /// the inbox costs).
+    PgAtLeastOnce {
+        /// The pool.
+        pool: PgPool,
+        /// The service's schema.
+        schema: String,
+    },
     /// Memory, for the demo: `(saga, service, action)` in order.
     Memory(Arc<Mutex<Vec<MemoryEffect>>>),
 }
@@ -36,6 +45,7 @@ impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ledger::Pg { .. } => f.write_str("Ledger::Pg"),
+            Ledger::PgAtLeastOnce { .. } => f.write_str("Ledger::PgAtLeastOnce"),
             Ledger::Memory(_) => f.write_str("Ledger::Memory"),
         }
     }
@@ -108,29 +118,46 @@ impl Handler for EffectHandler {
                 Ok(receipt)
             }
             Ledger::Pg { schema, .. } => {
-                let operation = format!(
-                    "INSERT INTO \"{schema}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)"
-                );
                 // Committed with the command's inbox record: once per step, whatever happens.
                 let mut tx = ctx.transaction().await?;
-                sqlx::query(AssertSqlSafe(operation))
-                    .bind(ctx.saga_id)
-                    .bind(spec.command)
-                    .bind(sqlx::types::Json(&input))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO example_effects (saga_id, service, action) VALUES ($1, $2, $3)",
-                )
-                .bind(ctx.saga_id)
-                .bind(spec.service)
-                .bind(spec.command)
-                .execute(&mut *tx)
-                .await?;
+                write_effect(&mut tx, schema, ctx.saga_id, &spec, &input).await?;
+                Ok(receipt)
+            }
+            Ledger::PgAtLeastOnce { pool, schema } => {
+                // Committed on its own: a redelivery writes it again.
+                let mut tx = pool.begin().await?;
+                write_effect(&mut tx, schema, ctx.saga_id, &spec, &input).await?;
+                tx.commit().await?;
                 Ok(receipt)
             }
         }
     }
+}
+
+/// Writes a command's effect: a row in its service's `operations` and one in `example_effects`.
+async fn write_effect(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    saga_id: Uuid,
+    spec: &CommandSpec,
+    input: &Value,
+) -> Result<(), StepError> {
+    let operation = format!(
+        "INSERT INTO \"{schema}\".operations (saga_id, command, payload) VALUES ($1, $2, $3)"
+    );
+    sqlx::query(AssertSqlSafe(operation))
+        .bind(saga_id)
+        .bind(spec.command)
+        .bind(sqlx::types::Json(input))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO example_effects (saga_id, service, action) VALUES ($1, $2, $3)")
+        .bind(saga_id)
+        .bind(spec.service)
+        .bind(spec.command)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The worker of `service`, with a handler for each of its commands: with the service's inbox
@@ -153,7 +180,7 @@ pub fn worker_with<E: Example>(
 ) -> Worker {
     let builder = match ledger {
         Ledger::Pg { inbox, .. } => Worker::builder(service, inbox.clone()),
-        Ledger::Memory(_) => Worker::at_least_once(service),
+        Ledger::PgAtLeastOnce { .. } | Ledger::Memory(_) => Worker::at_least_once(service),
     };
     E::COMMANDS
         .iter()

@@ -331,19 +331,28 @@ async fn postgres_restarts_fast_and_immediate_are_ridden_out() {
     .await;
     assert!(serving, "the console serves again after the restarts");
     drop(console);
-    // `saga list`, started while the database is down, waits for it.
+    // `saga list` and `order-saga status`, started while the database is down, wait for it.
     pg_ctl(&["15", "main", "stop", "-m", "immediate"]).await;
-    let mut listing = tokio::process::Command::new(saga_tests::process::binary("saga"))
-        .args(["list", "--json", "--reconnect-for", "120s"])
-        .env("DATABASE_URL", &stack.database_url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = tokio::io::BufReader::new(listing.stderr.take().unwrap()).lines();
-    let said = stderr.next_line().await.unwrap().unwrap_or_default();
-    assert!(said.contains("out of reach"), "{said}");
+    let started_while_down = |program: &str, args: &[&str]| {
+        let mut child = tokio::process::Command::new(saga_tests::process::binary(program))
+            .args(args)
+            .env("DATABASE_URL", &stack.database_url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        (child, stderr)
+    };
+    let (listing, mut list_said) =
+        started_while_down("saga", &["list", "--json", "--reconnect-for", "120s"]);
+    let (counting, mut status_said) =
+        started_while_down("order-saga", &["status", "--timeout", "120"]);
+    for said in [&mut list_said, &mut status_said] {
+        let said = said.next_line().await.unwrap().unwrap_or_default();
+        assert!(said.contains("out of reach"), "{said}");
+    }
     pg_ctl(&["15", "main", "start"]).await;
     let listed = listing.wait_with_output().await.unwrap();
     assert!(
@@ -352,6 +361,13 @@ async fn postgres_restarts_fast_and_immediate_are_ridden_out() {
     );
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
     assert!(!listed.is_empty());
+    let counted = counting.wait_with_output().await.unwrap();
+    assert!(
+        counted.status.success(),
+        "`order-saga status` failed after the restart"
+    );
+    let counts: serde_json::Value = serde_json::from_slice(&counted.stdout).unwrap();
+    assert!(counts["running"].is_u64(), "{counts}");
     let waited = waiting.await.unwrap().unwrap();
     let stdout = String::from_utf8_lossy(&waited.stdout);
     assert!(

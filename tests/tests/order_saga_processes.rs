@@ -107,7 +107,7 @@ async fn bad_input_is_one_line_and_a_failure() {
         ),
         (&["launch"], &[], "unrecognized subcommand 'launch'"),
         (
-            &["status"],
+            &["status", "--timeout", "0"],
             &[("DATABASE_URL", "postgres://app:s3cret@127.0.0.1:1/none")],
             "cannot connect to PostgreSQL at DATABASE_URL (postgres://app:***@127.0.0.1:1/none)",
         ),

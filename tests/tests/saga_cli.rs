@@ -482,6 +482,32 @@ async fn list_pads_its_columns_survives_a_closed_pipe_and_errors_say_it_once() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");
 
+    // A URL naming a database that does not exist: at once, the cause once, on one line.
+    let (_, rest) = url.rsplit_once('/').expect("a database in DATABASE_URL");
+    let query = rest
+        .split_once('?')
+        .map_or(String::new(), |(_, q)| format!("?{q}"));
+    let wrong = format!(
+        "{}/no_such_database{query}",
+        url.rsplit_once('/').unwrap().0
+    );
+    let output = tokio::process::Command::new(binary("saga"))
+        .arg("list")
+        .env("DATABASE_URL", &wrong)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("\"no_such_database\" does not exist")
+            .count(),
+        1,
+        "{stderr}"
+    );
+
     // `show` explains its marks.
     let shown = ok(&db, &["show", &ids[0].to_string()]).await;
     assert!(

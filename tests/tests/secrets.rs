@@ -91,7 +91,7 @@ async fn passwords_never_reach_the_logs() {
         ("RUST_LOG", "trace".to_owned()),
     ];
     // The database out of reach, then the broker.
-    outputs.push(fails(&["status"], &unreachable));
+    outputs.push(fails(&["status", "--timeout", "1"], &unreachable));
     // Out of reach with a percent-encoded password, and with PGPASSWORD.
     let encoded = bare_url.replace("127.0.0.1:5432", "127.0.0.1:1").replacen(
         "://postgres@",
@@ -99,11 +99,11 @@ async fn passwords_never_reach_the_logs() {
         1,
     );
     outputs.push(fails(
-        &["status"],
+        &["status", "--timeout", "1"],
         &[("DATABASE_URL", encoded), ("RUST_LOG", "trace".to_owned())],
     ));
     outputs.push(fails(
-        &["status"],
+        &["status", "--timeout", "1"],
         &[
             (
                 "DATABASE_URL",
@@ -115,7 +115,7 @@ async fn passwords_never_reach_the_logs() {
     ));
     // Payload keys that are not valid: refused without echoing them.
     outputs.push(fails(
-        &["status"],
+        &["status", "--timeout", "1"],
         &[(
             "SAGA_PAYLOAD_KEYS",
             format!("k1:{PAYLOAD_KEY},{PAYLOAD_KEY}"),
