@@ -167,12 +167,19 @@ impl FreshDatabase {
     }
 }
 
-/// A TCP port free on 127.0.0.1 a moment ago, for a server a test starts.
+/// A TCP port free on 127.0.0.1 a moment ago, for a server a test starts: drawn at random
+/// below Linux's ephemeral range (32768 and up), so that no outgoing connection is handed it
+/// later, while the server is down between a stop and a restart on the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
-        .port()
+    const PORTS: std::ops::Range<u16> = 20_000..32_000;
+    for _ in 0..1000 {
+        let draw = u16::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..2].try_into().unwrap());
+        let port = PORTS.start + draw % (PORTS.end - PORTS.start);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?} on 127.0.0.1")
 }
 
 /// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
