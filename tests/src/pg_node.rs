@@ -142,8 +142,10 @@ impl PgServer {
 
     fn start(&mut self) {
         let log = self.dir.0.join("server.log");
-        self.pg_ctl(&["start", "-w", "-t", "60", "-l", &log.to_string_lossy()]);
+        // Before the start: a start that times out may leave a server running, which the
+        // drop then stops.
         self.running = true;
+        self.pg_ctl(&["start", "-w", "-t", "60", "-l", &log.to_string_lossy()]);
     }
 
     fn pg_ctl(&self, args: &[&str]) -> String {

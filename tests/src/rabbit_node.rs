@@ -156,7 +156,7 @@ impl Node {
 
 impl Drop for Node {
     /// Stops this node only, pass or fail, by its VM's PID: SIGTERM (Erlang's orderly stop),
-    /// then SIGKILL if it still runs after [`STOP_GRACE`] (a node whose quorum queues lost
+    /// then SIGKILL if it still runs after 20 s (a node whose quorum queues lost
     /// their majority may never finish an orderly stop; `rabbitmqctl stop` would wait on it
     /// for ever). Its files go after.
     fn drop(&mut self) {

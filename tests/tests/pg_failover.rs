@@ -10,7 +10,8 @@
 
 use std::time::Duration;
 
-use saga_core::PgHosts;
+use futures_util::StreamExt;
+use saga_core::{OutboxStore, PgHosts, PgStore};
 use saga_tests::invariants::{assert_invariants, finished};
 use saga_tests::pg_node::PgServer;
 use saga_tests::process::Stack;
@@ -105,24 +106,28 @@ async fn sagas_finish_while_the_primary_fails_over_to_its_synchronous_standby() 
 /// A pool on several hosts skips a standby listed first, and a URL of standbys alone gives no
 /// session at all, saying why for each host. When its host turns read-only and the standby is
 /// promoted, the pool's connections opened before the move are retired: none stays on the
-/// host that no longer suits.
+/// host that no longer suits, and a store's `LISTEN` session follows the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
     let primary = PgServer::primary();
     let standby = PgServer::standby_of(&primary);
-    let options = || {
+    let options = |wait: u64| {
         PgPoolOptions::new()
             .max_connections(2)
-            .acquire_timeout(Duration::from_secs(1))
+            .acquire_timeout(Duration::from_secs(wait))
     };
     // Several hosts want a read-write session by default.
     let both: PgHosts = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres",
         standby.port, primary.port
     )
-    .parse()
-    .unwrap();
-    let pool = both.connect(options()).await.expect("the primary, second");
+    .parse::<PgHosts>()
+    .unwrap()
+    .map(|host| host.application_name("saga-failover-test"));
+    let pool = both
+        .connect(options(10))
+        .await
+        .expect("the primary, second");
     assert_eq!(pool.connect_options().get_port(), primary.port);
     let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&pool)
@@ -136,7 +141,7 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
     )
     .parse()
     .unwrap();
-    let refused = alone.connect(options()).await.unwrap_err().to_string();
+    let refused = alone.connect(options(3)).await.unwrap_err().to_string();
     assert!(
         refused.contains("no host of the database URL suits")
             && refused.contains(&format!("127.0.0.1:{}: not primary", standby.port)),
@@ -144,7 +149,7 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
     );
     // Any server will do when the URL (of one host) says so.
     let any: PgHosts = standby.url().parse().unwrap();
-    let on_standby = any.connect(options()).await.expect("the standby");
+    let on_standby = any.connect(options(10)).await.expect("the standby");
     let recovering: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&on_standby)
         .await
@@ -160,6 +165,11 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
             .await
     };
     assert_eq!(port().await.unwrap(), i32::from(primary.port));
+    // A store on the pool listens for its outbox (a session of the pool, kept for it).
+    let store = PgStore::builder(pool.clone()).build().unwrap();
+    let mut woken = store.outbox_notifications().await.unwrap();
+    // Read, as the relay reads it.
+    let reader = tokio::spawn(async move { while woken.next().await.is_some() {} });
     let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
     sqlx::query("ALTER SYSTEM SET default_transaction_read_only = on")
         .execute(&mut admin)
@@ -178,5 +188,52 @@ async fn a_read_write_pool_never_opens_a_session_on_a_standby() {
     for _ in 0..10 {
         assert_eq!(port().await.unwrap(), i32::from(standby.port));
     }
+    // Its sessions there (the one it used, its check's, the store's LISTEN) end.
+    let sessions_on_old = || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'saga-failover-test'",
+        )
+    };
+    let mut left = -1;
+    for _ in 0..50 {
+        // The pool in use: each of its connections acquired (an idle one opened before the
+        // move, the store's former LISTEN session say, is retired then).
+        let (a, b) = tokio::join!(pool.acquire(), pool.acquire());
+        drop((a.unwrap(), b.unwrap()));
+        left = sessions_on_old().fetch_one(&mut admin).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let which: Option<String> = sqlx::query_scalar(
+        "SELECT string_agg(query || ' (' || state || ', since ' || backend_start::text || ')', '; ') \
+         FROM pg_stat_activity WHERE application_name = 'saga-failover-test'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        left, 0,
+        "no session of the pool is left on the old host: {which:?}"
+    );
+    // The store listens on the new host.
+    let mut on_new = sqlx::PgConnection::connect(&standby.url()).await.unwrap();
+    let mut listening = false;
+    for _ in 0..50 {
+        listening = sqlx::query_scalar::<_, bool>(
+            "SELECT count(*) > 0 FROM pg_stat_activity \
+             WHERE application_name = 'saga-failover-test' AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(&mut on_new)
+        .await
+        .unwrap();
+        if listening {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listening, "the store's LISTEN session followed the pool");
+    reader.abort();
     pool.close().await;
 }

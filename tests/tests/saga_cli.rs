@@ -483,14 +483,12 @@ async fn list_pads_its_columns_survives_a_closed_pipe_and_errors_say_it_once() {
     assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");
 
     // A URL naming a database that does not exist: at once, the cause once, on one line.
-    let (_, rest) = url.rsplit_once('/').expect("a database in DATABASE_URL");
-    let query = rest
-        .split_once('?')
-        .map_or(String::new(), |(_, q)| format!("?{q}"));
-    let wrong = format!(
-        "{}/no_such_database{query}",
-        url.rsplit_once('/').unwrap().0
-    );
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url.as_str(), String::new()),
+    };
+    let (server, _) = base.rsplit_once('/').expect("a database in DATABASE_URL");
+    let wrong = format!("{server}/no_such_database{query}");
     let output = tokio::process::Command::new(binary("saga"))
         .arg("list")
         .env("DATABASE_URL", &wrong)

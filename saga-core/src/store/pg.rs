@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
@@ -22,6 +21,7 @@ mod cache;
 mod clock;
 mod columns;
 mod hosts;
+mod notify;
 mod outbox;
 mod pools;
 mod queries;
@@ -40,6 +40,7 @@ use cache::StateCache;
 use clock::DbClock;
 pub use clock::LocalClock;
 pub use hosts::{CHECK_EVERY, CHECK_TIMEOUT, PgHosts, Target};
+use notify::listen;
 use start_queue::StartQueue;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/store");
@@ -256,13 +257,6 @@ impl Sql {
 fn sql(text: String) -> SqlStr {
     // Only the schema name is interpolated, and it was checked to be a plain identifier.
     AssertSqlSafe(text).into_sql_str()
-}
-
-/// A stream that yields at each notification on `channel`.
-async fn listen(pool: &PgPool, channel: &str) -> Result<BoxStream<'static, ()>> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(channel).await?;
-    Ok(listener.into_stream().map(|_| ()).boxed())
 }
 
 #[async_trait]

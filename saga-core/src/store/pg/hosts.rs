@@ -72,10 +72,20 @@ impl Target {
 /// assert_eq!(hosts.hosts()[1].get_port(), 5433);
 /// assert_eq!(hosts.target(), Target::ReadWrite);
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgHosts {
     hosts: Arc<[PgConnectOptions]>,
     target: Target,
+}
+
+impl std::fmt::Debug for PgHosts {
+    /// The hosts' addresses and the target; never the options' password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgHosts")
+            .field("hosts", &self.hosts.iter().map(address).collect::<Vec<_>>())
+            .field("target", &self.target)
+            .finish()
+    }
 }
 
 impl PgHosts {
@@ -172,7 +182,9 @@ impl PgHosts {
     }
 
     /// One walk of the hosts, `first` first and then the others in order: the first that suits
-    /// and a session on it. Each host gets [`CHECK_TIMEOUT`], or what is left until `deadline`.
+    /// and a session on it. Each host gets [`CHECK_TIMEOUT`], or what is left until `deadline`
+    /// (at least a second). A host whose answer will not change (a login refused there) is
+    /// passed over like one that is down; that answer is the walk's error if no host suits.
     async fn walk(
         &self,
         first: usize,
@@ -180,6 +192,7 @@ impl PgHosts {
     ) -> Result<(usize, PgConnection), Walked> {
         let order = std::iter::once(first).chain((0..self.hosts.len()).filter(|&i| i != first));
         let mut failures = Vec::new();
+        let mut lasting = None;
         for index in order {
             let host = &self.hosts[index];
             let attempt = async {
@@ -192,16 +205,24 @@ impl PgHosts {
                 }
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let limit = CHECK_TIMEOUT.min(left).max(Duration::from_millis(100));
+            let limit = CHECK_TIMEOUT.min(left).max(Duration::from_secs(1));
             let failure = match tokio::time::timeout(limit, attempt).await {
                 Ok(Ok(Some(conn))) => return Ok((index, conn)),
                 Ok(Ok(None)) => format!("not {} (target_session_attrs)", self.target),
                 Err(_) => format!("no answer within {limit:?}"),
-                // An answer that will not change (a wrong password, say), as it came.
-                Ok(Err(e)) if !passes(&e) => return Err(Walked::Lasting(e)),
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => {
+                    let text = e.to_string();
+                    if !passes(&e) && lasting.is_none() {
+                        lasting = Some(e);
+                    }
+                    text
+                }
             };
             failures.push(format!("{}: {failure}", address(host)));
+        }
+        // An answer that will not change (a wrong password, say), as it came.
+        if let Some(lasting) = lasting {
+            return Err(Walked::Lasting(lasting));
         }
         let text = if self.hosts.len() == 1 {
             failures.remove(0)
@@ -277,12 +298,14 @@ enum Walked {
 }
 
 /// Whether a failure to connect passes on its own: the server down or out of reach, shutting
-/// down or starting up.
+/// down or starting up, or short of resources (too many connections).
 fn passes(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "57P01" | "57P02" | "57P03")
         }),
         _ => false,
     }

@@ -91,3 +91,14 @@ fn names_can_be_given_to_every_host() {
             .all(|h| h.get_application_name() == Some("orchestrator"))
     );
 }
+
+#[test]
+fn debug_shows_the_hosts_never_the_password() {
+    let hosts = parse("postgres://app:hunter2@db-a,db-b:5433/x");
+    let shown = format!("{hosts:?}");
+    assert!(
+        shown.contains("db-a:5432") && shown.contains("db-b:5433"),
+        "{shown}"
+    );
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
