@@ -481,9 +481,15 @@ fn csrf_of(page: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_records_them() {
+async fn resolve_pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_records_them()
+{
     let db = database().await;
     let services = services(&db).await;
+    // A compensation that failed for good, to be resolved by hand.
+    let by_hand = services
+        .start(json!({"sku": "E-5", "fail": "card declined"}), None)
+        .await;
+    services.settle(by_hand, SagaStatus::Stuck).await;
     services.release_down.store(false, Ordering::SeqCst);
     let client = &services.client;
     let approved = client
@@ -506,6 +512,24 @@ async fn pause_resume_signal_and_cancel_from_the_page_are_recorded_as_the_cli_re
 
     let console = Console::start(&db.schema, "127.0.0.1:0", &[], &[]).await;
     let browser = Browser::start().await;
+
+    // Resolve: the stuck compensation is recorded as done by hand, and the saga ends.
+    browser
+        .goto(&format!("{}/sagas/{by_hand}", console.base()))
+        .await;
+    browser
+        .find("form[action$='/resolve'] input[name=reason]")
+        .await
+        .type_text("released in the warehouse UI")
+        .await;
+    browser.find("button[value=resolve]").await.click().await;
+    assert_eq!(
+        browser.wait_text("#flash").await,
+        "compensation of `reserve` resolved by hand"
+    );
+    services.settle(by_hand, SagaStatus::Compensated).await;
+    assert!(kinds(client, by_hand).await.contains(&"resolved"));
+
     let page = format!("{}/sagas/{approved}", console.base());
     browser.goto(&page).await;
     // Waiting: the wait's bar is drawn, and the actions of a running saga are offered.
