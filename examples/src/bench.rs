@@ -331,6 +331,12 @@ where
     while let Some(task) = tasks.join_next().await {
         task??;
     }
+    if args.inbox || args.effects {
+        let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM example_effects")
+            .fetch_one(&pool)
+            .await?;
+        eprintln!("effects: {effects} in PostgreSQL");
+    }
     figures::<E>(
         args.count,
         &started,

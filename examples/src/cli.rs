@@ -94,7 +94,7 @@ enum Command {
     },
     /// Prints the number of sagas per status as one JSON line.
     Status {
-        /// How long to ride out a database out of reach (a restart), in seconds; 0 fails at
+        /// How long to ride out a database out of reach (a restart), in seconds; 0 tries
         /// once.
         #[arg(long, default_value_t = 30)]
         timeout: u64,

@@ -1,5 +1,7 @@
 //! The participants of the examples: every command records its effect, once, in the service's
-//! own table and in `example_effects`, in the transaction its worker's inbox runs it in.
+//! own table and in `example_effects`, in the transaction its worker's inbox runs it in (or,
+//! for the bench's baseline, at least once in a transaction of its own; or in memory for the
+//! demo).
 
 use std::sync::{Arc, Mutex};
 
@@ -161,7 +163,8 @@ async fn write_effect(
 }
 
 /// The worker of `service`, with a handler for each of its commands: with the service's inbox
-/// in PostgreSQL, or at least once in memory (the demo). Payloads are not encrypted.
+/// in PostgreSQL, or at least once (the bench's baseline, and the demo in memory). Payloads are
+/// not encrypted.
 pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
     worker_with::<E>(
         service,

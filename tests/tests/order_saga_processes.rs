@@ -177,6 +177,35 @@ fn bench_line(last: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_baseline_without_an_inbox_writes_every_effect() {
+    let stack = Stack::new("order-saga").await;
+    let (stdout, stderr) = stack
+        .run_with(
+            &[
+                "bench",
+                "--count",
+                "20",
+                "--in-flight",
+                "4",
+                "--fail-every",
+                "5",
+                "--at-least-once",
+                "--effects",
+            ],
+            &[],
+        )
+        .await;
+    let figures = bench_line(stdout.lines().last().expect("a JSON line"));
+    assert_eq!(
+        (figures["completed"].clone(), figures["compensated"].clone()),
+        (16.into(), 4.into())
+    );
+    // reserve, charge, ship for each completed saga; reserve, charge, refund, release for each
+    // compensated one: written to PostgreSQL, none twice (nothing is redelivered here).
+    assert!(stderr.contains("effects: 64 in PostgreSQL"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bench_checks_every_outcome_and_prints_its_figures() {
     let stack = Stack::new("order-saga").await;
     let (stdout, stderr) = stack

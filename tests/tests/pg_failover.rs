@@ -3,7 +3,8 @@
 //! alone), and `order-saga` as processes given both hosts in `DATABASE_URL` with
 //! `target_session_attrs=read-write`. A thousand sagas run while the primary is stopped
 //! immediately and the standby promoted: every saga finishes with exactly the effects it
-//! requires, nothing lost and nothing twice.
+//! requires, nothing lost and nothing twice. And a pool on both hosts: it opens sessions on
+//! the primary only, and leaves none on a host that stopped suiting.
 //!
 //! Two servers and four programs take the machine: nextest runs this alone
 //! (`.config/nextest.toml`).
