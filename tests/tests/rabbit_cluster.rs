@@ -18,26 +18,24 @@ use saga_tests::wait_until;
 const SERVICES: [&str; 3] = ["inventory", "payment", "shipping"];
 const SAGAS: i64 = 1000;
 
-/// Three nodes: the first boots alone, the other two boot told to join it (RabbitMQ's
-/// `classic_config` peer discovery), which they do on their first boot.
+/// Three nodes, each booted alone; the second and third then join the first with
+/// `rabbitmqctl join_cluster` (after `stop_app`, and `start_app` again).
 async fn cluster() -> Vec<Node> {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let name = |i: usize| format!("saga_c{id}_{i}");
-    let boot = |i: usize, seed: Option<String>| async move {
+    let boot = |i: usize| async move {
         let port = free_port();
         // guest may connect over 127.0.0.1 only, which is where the test connects.
-        let mut config = format!("listeners.tcp.default = 127.0.0.1:{port}\n");
-        if let Some(seed) = seed {
-            config.push_str(&format!(
-                "cluster_formation.peer_discovery_backend = classic_config\n\
-                 cluster_formation.classic_config.nodes.1 = {seed}@localhost\n"
-            ));
-        }
-        Node::start(&name(i), TempDir::new("saga-cluster"), &config, port).await
+        let config = format!("listeners.tcp.default = 127.0.0.1:{port}\n");
+        let name = format!("saga_c{id}_{i}");
+        Node::start(&name, TempDir::new("saga-cluster"), &config, port).await
     };
-    let first = boot(0, None).await;
-    let (second, third) = tokio::join!(boot(1, Some(name(0))), boot(2, Some(name(0))));
+    let (first, second, third) = tokio::join!(boot(0), boot(1), boot(2));
     let nodes = vec![first, second, third];
+    for joining in &nodes[1..] {
+        joining.ctl(&["stop_app"]);
+        joining.ctl(&["join_cluster", &nodes[0].name]);
+        joining.ctl(&["start_app"]);
+    }
     let status = nodes[0].ctl(&["cluster_status", "--formatter", "json"]);
     let status: serde_json::Value = serde_json::from_str(&status).expect("cluster_status as JSON");
     let running = status["running_nodes"].as_array().map_or(0, Vec::len);
