@@ -6,6 +6,29 @@ use std::time::Duration;
 use crate::process::Stack;
 use crate::wait_until;
 
+/// `order-saga wait` (with the extra environment `env`, within `timeout_secs`) sees every saga
+/// ended: every `fail_every`-th compensated, the rest completed, none stuck; and their effects
+/// are exactly what [`assert_invariants`] requires.
+pub async fn assert_all_ended(
+    stack: &Stack,
+    env: &[(&str, &str)],
+    timeout_secs: u64,
+    sagas: i64,
+    fail_every: i64,
+) {
+    let timeout = timeout_secs.to_string();
+    let (waited, _) = stack.run_with(&["wait", "--timeout", &timeout], env).await;
+    assert_eq!(
+        waited.trim(),
+        format!(
+            r#"{{"running":0,"completed":{},"compensated":{},"stuck":0}}"#,
+            sagas - sagas / fail_every,
+            sagas / fail_every
+        )
+    );
+    assert_invariants(stack, sagas, fail_every).await;
+}
+
 /// Every saga has exactly the effects its outcome requires, in order, none twice.
 pub async fn assert_invariants(stack: &Stack, sagas: i64, fail_every: i64) {
     let rows: Vec<(String, i64)> = sqlx::query_as(

@@ -26,9 +26,7 @@ impl PgServer {
     /// A fresh primary whose commits wait until the standby of [`PgServer::standby_of`] has
     /// them (`synchronous_standby_names`), running.
     pub fn primary() -> PgServer {
-        let dir = TempDir::new("saga-pg");
-        own(&dir.0);
-        let data = data(&dir.0);
+        let (dir, data) = folder();
         as_postgres(
             "initdb",
             &[
@@ -51,21 +49,13 @@ impl PgServer {
                  synchronous_commit = on\n"
             ),
         );
-        let mut server = PgServer {
-            port,
-            running: false,
-            dir,
-        };
-        server.start();
-        server
+        PgServer::run(dir, port)
     }
 
     /// A streaming standby of `primary` (`pg_basebackup -R`), running. Its own
     /// `synchronous_standby_names` is empty, so once promoted its commits wait for nobody.
     pub fn standby_of(primary: &PgServer) -> PgServer {
-        let dir = TempDir::new("saga-pg");
-        own(&dir.0);
-        let data = data(&dir.0);
+        let (dir, data) = folder();
         as_postgres(
             "pg_basebackup",
             &[
@@ -91,6 +81,11 @@ impl PgServer {
             port,
             &format!("cluster_name = '{STANDBY_NAME}'\nsynchronous_standby_names = ''\n"),
         );
+        PgServer::run(dir, port)
+    }
+
+    /// Starts the server whose data directory is in `dir`, on `port`.
+    fn run(dir: TempDir, port: u16) -> PgServer {
         let mut server = PgServer {
             port,
             running: false,
@@ -190,6 +185,14 @@ impl Drop for PgServer {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
         }
     }
+}
+
+/// A fresh folder for a server, handed to the postgres user, and its data directory's path.
+fn folder() -> (TempDir, PathBuf) {
+    let dir = TempDir::new("saga-pg");
+    own(&dir.0);
+    let data = data(&dir.0);
+    (dir, data)
 }
 
 /// The data directory inside a server's folder.
