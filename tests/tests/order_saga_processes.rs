@@ -179,22 +179,9 @@ fn bench_line(last: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bench_baseline_without_an_inbox_writes_every_effect() {
     let stack = Stack::new("order-saga").await;
-    let (stdout, stderr) = stack
-        .run_with(
-            &[
-                "bench",
-                "--count",
-                "20",
-                "--in-flight",
-                "4",
-                "--fail-every",
-                "5",
-                "--at-least-once",
-                "--effects",
-            ],
-            &[],
-        )
-        .await;
+    let args = "bench --count 20 --in-flight 4 --fail-every 5 --at-least-once --effects";
+    let args: Vec<&str> = args.split(' ').collect();
+    let (stdout, stderr) = stack.run_with(&args, &[]).await;
     let figures = bench_line(stdout.lines().last().expect("a JSON line"));
     assert_eq!(
         (figures["completed"].clone(), figures["compensated"].clone()),
