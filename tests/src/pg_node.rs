@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::free_port;
+use crate::process::stdout_of;
 use crate::rabbit_node::TempDir;
 
 /// The application name the standby streams under, which the primary waits for.
@@ -242,17 +243,12 @@ fn bin_command(program: &str) -> Command {
 
 /// Runs a PostgreSQL binary as the postgres user; returns its stdout, or panics with its output.
 fn as_postgres(program: &str, args: &[&str]) -> String {
-    let output = bin_command(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program} as postgres with runuser: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    let mut command = bin_command(program);
+    command.args(args);
+    stdout_of(
+        &mut command,
+        &format!("{program} {args:?} as postgres (runuser)"),
+    )
 }
 
 /// The folder of the machine's PostgreSQL binaries (`pg_config --bindir`, else the newest

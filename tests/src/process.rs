@@ -26,6 +26,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `command` to its end; returns its stdout, or panics naming it (`what`) with its output.
+pub fn stdout_of(command: &mut Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// A database and a vhost of the test's own, and the processes started on them.
 pub struct Stack {
     program: PathBuf,

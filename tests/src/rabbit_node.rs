@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::free_port;
+use crate::process::stdout_of;
 
 /// A folder removed when dropped.
 #[derive(Debug)]
@@ -117,19 +118,12 @@ impl Node {
 
     /// Runs `rabbitmqctl -n NODE args`; returns its standard output, or panics with its output.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let output = Command::new("rabbitmqctl")
-            .args(["-n", &self.name])
-            .args(args)
-            .output()
-            .expect("run rabbitmqctl");
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "rabbitmqctl -n {} {args:?}: {text}{}",
-            self.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        text
+        let mut command = Command::new("rabbitmqctl");
+        command.args(["-n", &self.name]).args(args);
+        stdout_of(
+            &mut command,
+            &format!("rabbitmqctl -n {} {args:?}", self.name),
+        )
     }
 
     /// The PID of the node's Erlang VM, from its PID file.

@@ -27,11 +27,21 @@ impl PgStore {
     pub(super) async fn relaxed(&self) -> Result<&PgPool> {
         // No ping before each use: a claim or delete on a connection a restart broke fails, is
         // retried by the relay, and the pool drops the connection.
-        let pool = self
-            .relaxed
-            .get_or_try_init(|| self.own_pool(4, RELAXED))
+        self.own(&self.relaxed, 4, RELAXED).await
+    }
+
+    /// The own pool in `cell` (opened on first use, see [`Self::own_pool`]), its new
+    /// connections on the given pool's host now.
+    async fn own<'a>(
+        &'a self,
+        cell: &'a tokio::sync::OnceCell<PgPool>,
+        max: u32,
+        settings: &[(&str, &str)],
+    ) -> Result<&'a PgPool> {
+        let pool = cell
+            .get_or_try_init(|| self.own_pool(max, settings))
             .await?;
-        self.follow(pool, RELAXED);
+        self.follow(pool, settings);
         Ok(pool)
     }
 
@@ -39,11 +49,7 @@ impl PgStore {
     /// given pool's connection options and settings (its `after_connect` hook, timeouts and
     /// lifetimes) and the session `settings` on top, sent as startup options. Connections are
     /// not pinged before use.
-    pub(super) async fn own_pool(
-        &self,
-        max: u32,
-        settings: &[(&str, &str)],
-    ) -> sqlx::Result<PgPool> {
+    async fn own_pool(&self, max: u32, settings: &[(&str, &str)]) -> sqlx::Result<PgPool> {
         let options = self
             .pool
             .connect_options()
@@ -69,12 +75,7 @@ impl PgStore {
         // No ping before each use: a write on a connection a restart broke fails as transient,
         // its batch is applied again (deferred results come back after `defer_delay`), and the
         // pool drops the connection; each idle connection fails one batch that way.
-        let pool = self
-            .by_key
-            .get_or_try_init(|| self.own_pool(8, BY_KEY))
-            .await?;
-        self.follow(pool, BY_KEY);
-        Ok(pool)
+        self.own(&self.by_key, 8, BY_KEY).await
     }
 
     /// Points an own pool's new connections at the host of the given pool, if that moved (a
