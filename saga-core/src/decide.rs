@@ -353,7 +353,7 @@ fn concerned_step(state: &SagaState, input: &Input) -> (u32, Direction) {
         _ => None,
     };
     named
-        .or(state.current.map(|c| (c.at.step, c.at.direction)))
+        .or(state.first_current().map(|c| (c.at.step, c.at.direction)))
         .or(state.stuck_at)
         .or(state
             .failure

@@ -8,6 +8,7 @@
 mod builder;
 mod contracted;
 mod error;
+mod group;
 mod retry;
 
 use std::fmt;
@@ -21,6 +22,7 @@ use serde_json::Value;
 pub use builder::{DEFAULT_STEP_TIMEOUT, SagaBuilder, StepBuilder};
 pub use contracted::ContractStep;
 pub use error::{DefinitionError, InputError};
+pub use group::{GroupBuilder, GroupRecord, StepGroup};
 pub use retry::RetryPolicy;
 
 /// Where a step stands relative to the pivot, which decides what happens when it fails.
@@ -153,6 +155,7 @@ pub struct Definition {
     name: String,
     version: u32,
     steps: Vec<Step>,
+    groups: Vec<StepGroup>,
     deadline: Option<Duration>,
 }
 
@@ -185,6 +188,30 @@ impl Definition {
     /// The position of the step with this name.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The parallel groups, in order.
+    pub fn groups(&self) -> &[StepGroup] {
+        &self.groups
+    }
+
+    /// The parallel group the step at `index` belongs to, if any.
+    pub fn group_of(&self, index: usize) -> Option<&StepGroup> {
+        self.groups.iter().find(|g| g.members().contains(&index))
+    }
+
+    /// The groups as the log's `started` event records them.
+    pub fn group_records(&self) -> Vec<GroupRecord> {
+        self.groups
+            .iter()
+            .map(|g| GroupRecord {
+                name: g.name.clone(),
+                steps: self.steps[g.members()]
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The steps' names, in order, as the log's `started` event records them.

@@ -142,6 +142,10 @@ pub enum Event {
         /// steps differ. Empty in logs written before the names were recorded.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         steps: Vec<String>,
+        /// The definition's parallel groups, checked on replay like the step names. Absent
+        /// when it has none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<crate::definition::GroupRecord>,
     },
     /// A command was written to the outbox.
     Dispatched {

@@ -80,7 +80,8 @@ pub use contract::{Contract, Service};
 pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
     ContractStep, DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy,
-    SagaBuilder, SagaDefinition, SignalWait, Step, StepBuilder, StepContext, StepKind, Work,
+    GroupBuilder, SagaBuilder, SagaDefinition, SignalWait, Step, StepBuilder, StepContext,
+    StepGroup, StepKind, Work,
 };
 pub use error::{DatabaseError, Error, MigrateError, Result};
 pub use event::{Direction, Event, RecordedEvent, StepAttempt};

@@ -5,7 +5,7 @@
 mod apply;
 mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -105,8 +105,9 @@ pub struct SagaState {
     pub(crate) outputs: Vec<Option<Value>>,
     /// Which steps have been compensated.
     pub(crate) compensated: Vec<bool>,
-    /// What the saga is working on.
-    pub(crate) current: Option<Current>,
+    /// What the saga is working on, per step: one step at a time, or the members of a
+    /// parallel group.
+    pub(crate) current: BTreeMap<u32, Current>,
     /// The step whose failure started compensation, and why.
     pub(crate) failure: Option<(u32, String)>,
     /// Why the saga is stuck.
@@ -119,21 +120,21 @@ pub struct SagaState {
     pub(crate) stop: Option<Stop>,
     /// Paused by an operator: no new commands are sent.
     pub(crate) paused: bool,
-    /// The command held back while paused, sent on resume.
-    pub(crate) held: Option<Current>,
+    /// The commands held back while paused, per step, sent on resume.
+    pub(crate) held: BTreeMap<u32, Current>,
     /// The step and direction that got the saga stuck.
     pub(crate) stuck_at: Option<(u32, Direction)>,
     /// Per step: an attempt of its action ended without a definitive answer (it timed out,
     /// or failed retryably, and another delivery may still apply it), so giving up on the
     /// step needs a fence first.
     pub(crate) doubt: Vec<bool>,
-    /// The step being fenced, if any.
-    pub(crate) fencing: Option<Fencing>,
+    /// The steps being fenced.
+    pub(crate) fencing: BTreeMap<u32, Fencing>,
     /// Operator retries under a fresh idempotency key, per step and direction.
     pub(crate) generations: HashMap<(u32, Direction), u32>,
-    /// The step and direction being retried, and when its first failure was (for
+    /// The steps and directions being retried, with when their first failure was (for
     /// [`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed)).
-    pub(crate) retrying: Option<(u32, Direction, DateTime<Utc>)>,
+    pub(crate) retrying: HashMap<(u32, Direction), DateTime<Utc>>,
     /// Attempts sent before an operator's last retry, per step and direction: the retry
     /// policy counts the attempts after it.
     pub(crate) attempts_before_retry: HashMap<(u32, Direction), u32>,
@@ -190,7 +191,7 @@ impl ReplayError {
 /// # let def = SagaDefinition::<u32>::builder("demo", 1)
 /// #     .step("a", |s| s.action("svc", "a", |ctx| Ok(*ctx.input())))
 /// #     .build().unwrap();
-/// let events = [Event::Started { saga: "demo".into(), version: 1, input: 7.into(), business_key: None, steps: vec!["a".into()] }];
+/// let events = [Event::Started { saga: "demo".into(), version: 1, input: 7.into(), business_key: None, steps: vec!["a".into()], groups: vec![] }];
 /// let state = replay(def.definition(), &events).unwrap();
 /// assert_eq!(state.status(), SagaStatus::Running);
 /// ```
@@ -253,6 +254,7 @@ impl SagaState {
             input,
             business_key,
             steps: names,
+            groups,
         } = event
         else {
             return Err(ReplayError::new(
@@ -279,6 +281,17 @@ impl SagaState {
                 ),
             ));
         }
+        if !names.is_empty() && *groups != definition.group_records() {
+            return Err(ReplayError::new(
+                definition,
+                ReplayError::RENAMED,
+                format!(
+                    "the saga started with the parallel groups {groups:?}, the definition has \
+                     {:?}; a definition whose groups change needs a new version",
+                    definition.group_records()
+                ),
+            ));
+        }
         let steps = definition.steps().len();
         Ok(Self {
             input: input.clone(),
@@ -287,19 +300,19 @@ impl SagaState {
             progress: vec![StepProgress::Pending; steps],
             outputs: vec![None; steps],
             compensated: vec![false; steps],
-            current: None,
+            current: BTreeMap::new(),
             failure: None,
             stuck_reason: None,
             sent: HashMap::new(),
             signals: Vec::new(),
             stop: None,
             paused: false,
-            held: None,
+            held: BTreeMap::new(),
             stuck_at: None,
             doubt: vec![false; steps],
-            fencing: None,
+            fencing: BTreeMap::new(),
             generations: HashMap::new(),
-            retrying: None,
+            retrying: HashMap::new(),
             attempts_before_retry: HashMap::new(),
             events: 1,
         })
@@ -341,6 +354,26 @@ impl SagaState {
             .get(&(step, direction))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The saga's work on `step`, if any.
+    pub(crate) fn current_of(&self, step: u32) -> Option<Current> {
+        self.current.get(&step).copied()
+    }
+
+    /// The saga's work on its lowest step in progress (its only one, outside a group).
+    pub(crate) fn first_current(&self) -> Option<Current> {
+        self.current.values().next().copied()
+    }
+
+    /// The fence running on `step`, if any.
+    pub(crate) fn fencing_of(&self, step: u32) -> Option<&Fencing> {
+        self.fencing.get(&step)
+    }
+
+    /// Whether anything is outstanding: a command, a backoff, a wait or a fence.
+    pub(crate) fn busy(&self) -> bool {
+        !self.current.is_empty() || !self.fencing.is_empty()
     }
 
     /// The oldest unused signal named `name`.

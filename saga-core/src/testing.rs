@@ -213,6 +213,7 @@ impl TestEnv {
             input: serde_json::to_value(input).expect("the input serializes"),
             business_key: None,
             steps: def.step_names(),
+            groups: def.group_records(),
         };
         let state = replay(&def, [&started]).expect("a fresh log replays");
         let record = RecordedEvent {

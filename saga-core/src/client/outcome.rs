@@ -156,6 +156,7 @@ mod tests {
                 input: json!(1),
                 business_key: None,
                 steps: vec!["reserve".into(), "charge".into(), "ship".into()],
+                groups: Vec::new(),
             },
             succeeded(0, Direction::Forward, json!("r-1")),
             Event::FenceStarted {

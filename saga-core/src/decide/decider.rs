@@ -2,6 +2,7 @@
 
 mod condition;
 mod fence;
+mod group;
 mod operator;
 mod reply;
 mod timer;
@@ -51,7 +52,7 @@ impl Decider<'_, '_> {
                 due_at,
             });
         }
-        self.dispatch(StepAttempt::new(0, Direction::Forward, 1))?;
+        self.enter(0)?;
         Ok(Verdict::Applied)
     }
 
@@ -99,7 +100,8 @@ impl Decider<'_, '_> {
         let held = self
             .state
             .held
-            .filter(|h| (h.at.step, h.at.direction) == (step, direction))
+            .get(&step)
+            .filter(|h| h.at.direction == direction)
             .map(|h| h.at.attempt);
         self.state
             .last_attempt(step, direction)
@@ -110,7 +112,7 @@ impl Decider<'_, '_> {
     /// Drops the timer the saga's current work on `step` holds (an attempt's timeout, a
     /// retry's backoff): a late answer settled the step.
     fn drop_current_timer(&mut self, step: u32) {
-        let Some(c) = self.state.current.filter(|c| c.at.step == step) else {
+        let Some(c) = self.state.current_of(step) else {
             return;
         };
         let timer = if c.command_id.is_some() {
@@ -332,11 +334,16 @@ impl Decider<'_, '_> {
     }
 
     fn after_success(&mut self, step: u32, direction: Direction) -> Step {
+        if direction == Direction::Forward
+            && let Some(group) = self.group_of(step)
+        {
+            return self.pump(group);
+        }
         match direction {
             // A cancel or a deadline waited for this step: undo it too.
             Direction::Forward if self.state.stop.is_some() => self.stop_at(step),
             Direction::Forward if (step as usize) + 1 < self.definition.steps().len() => {
-                self.dispatch(StepAttempt::new(step + 1, Direction::Forward, 1))
+                self.enter(step + 1)
             }
             Direction::Forward => self.emit(Event::Completed),
             Direction::Compensation => self.compensate_below(step),
@@ -412,11 +419,9 @@ impl Decider<'_, '_> {
 
     /// How long `step` has been retried in `direction`, from its first failure.
     fn retrying_for(&self, step: u32, direction: Direction) -> std::time::Duration {
-        match self.state.retrying {
-            Some((s, d, since)) if (s, d) == (step, direction) => {
-                (self.env.now - since).to_std().unwrap_or_default()
-            }
-            _ => std::time::Duration::ZERO,
+        match self.state.retrying.get(&(step, direction)) {
+            Some(since) => (self.env.now - *since).to_std().unwrap_or_default(),
+            None => std::time::Duration::ZERO,
         }
     }
 

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use serde_json::Value;
 
+use super::group::{GroupBuilder, check_groups};
 use super::{
     Action, BuildFn, CheckFn, ConditionFn, Definition, DefinitionError, InputError, RawContext,
     RetryPolicy, SagaDefinition, SignalWait, Step, StepContext, StepKind, Work,
@@ -20,6 +21,8 @@ pub struct SagaBuilder<I> {
     name: String,
     version: u32,
     steps: Vec<StepBuilder<I>>,
+    /// Parallel groups: name, first member, member count.
+    groups: Vec<(String, usize, usize)>,
     deadline: Option<Duration>,
     default_timeout: Duration,
 }
@@ -37,6 +40,7 @@ where
             name,
             version,
             steps: Vec::new(),
+            groups: Vec::new(),
             deadline: None,
             default_timeout: DEFAULT_STEP_TIMEOUT,
         }
@@ -67,6 +71,40 @@ where
     ) -> Self {
         self.steps
             .push(configure(StepBuilder::new(name.into())).into());
+        self
+    }
+
+    /// Appends a parallel group named `name`: its members, added by `members` with
+    /// [`GroupBuilder::step`], are dispatched together, and the saga goes on once every one
+    /// succeeded. When a member fails for good, the members still in flight are fenced, then
+    /// every member that applied compensates (one at a time, in reverse declaration order),
+    /// then the earlier steps. Members are compensatable command steps (no pivot, no waits),
+    /// and read the outputs of steps before the group, not each other's; later steps read
+    /// each member's output by its step name.
+    ///
+    /// ```
+    /// # use saga_core::SagaDefinition;
+    /// let trip = SagaDefinition::<u64>::builder("trip", 1)
+    ///     .parallel("book", |g| {
+    ///         g.step("flight", |s| s.action("flights", "book", |ctx| Ok(*ctx.input()))
+    ///             .compensation("flights", "cancel", |ctx| Ok(*ctx.input())))
+    ///         .step("hotel", |s| s.action("hotels", "book", |ctx| Ok(*ctx.input()))
+    ///             .compensation("hotels", "cancel", |ctx| Ok(*ctx.input())))
+    ///     })
+    ///     .step("confirm", |s| s.pivot().action("booking", "confirm", |ctx| Ok(*ctx.input())))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(trip.definition().groups()[0].members(), 0..2);
+    /// ```
+    pub fn parallel(
+        mut self,
+        name: impl Into<String>,
+        members: impl FnOnce(GroupBuilder<I>) -> GroupBuilder<I>,
+    ) -> Self {
+        let group = members(GroupBuilder::new());
+        let first = self.steps.len();
+        self.groups.push((name.into(), first, group.steps.len()));
+        self.steps.extend(group.steps);
         self
     }
 
@@ -174,11 +212,13 @@ where
                 condition: b.condition,
             });
         }
+        let groups = check_groups(&saga, self.groups, &steps)?;
         Ok(SagaDefinition {
             inner: Arc::new(Definition {
                 name: saga,
                 version: self.version,
                 steps,
+                groups,
                 deadline: self.deadline,
             }),
             _input: PhantomData,
@@ -204,7 +244,7 @@ impl<I> StepBuilder<I>
 where
     I: Serialize + DeserializeOwned + 'static,
 {
-    fn new(name: String) -> Self {
+    pub(super) fn new(name: String) -> Self {
         Self {
             name,
             kind: StepKind::Compensatable,

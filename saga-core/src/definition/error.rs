@@ -121,6 +121,26 @@ pub enum DefinitionError {
         /// The saga's name.
         saga: String,
     },
+    /// A pivot step stands inside a parallel group.
+    #[error("saga `{saga}`: pivot step `{step}` cannot be inside parallel group `{group}`")]
+    PivotInGroup {
+        /// The saga's name.
+        saga: String,
+        /// The group.
+        group: String,
+        /// The pivot.
+        step: String,
+    },
+    /// A parallel group that cannot run as declared.
+    #[error("saga `{saga}`: parallel group `{group}`: {reason}")]
+    InvalidGroup {
+        /// The saga's name.
+        saga: String,
+        /// The group.
+        group: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A timeout of zero.
     #[error("saga `{saga}`: step `{step}` has a zero timeout")]
     ZeroTimeout {

@@ -40,11 +40,14 @@ impl SagaState {
                 ..
             } => {
                 let i = self.check_step(definition, *step, *direction)?;
-                self.current = Some(Current {
-                    at: StepAttempt::new(*step, *direction, *attempt),
-                    command_id: Some(*command_id),
-                    waiting: false,
-                });
+                self.current.insert(
+                    *step,
+                    Current {
+                        at: StepAttempt::new(*step, *direction, *attempt),
+                        command_id: Some(*command_id),
+                        waiting: false,
+                    },
+                );
                 let keyed = match direction {
                     Direction::Fence => self.fence_target(*step),
                     other => *other,
@@ -68,7 +71,7 @@ impl SagaState {
                 ..
             } => {
                 let i = self.check_step(definition, *step, *direction)?;
-                self.revive();
+                self.revive(*step);
                 self.settled(*step);
                 // A fence found its command applied: the action's or the compensation's.
                 let done = match direction {
@@ -92,7 +95,7 @@ impl SagaState {
                 ..
             } => {
                 let i = self.check_step(definition, *step, *direction)?;
-                self.current = None;
+                self.current.remove(step);
                 match (direction, retryable) {
                     // Another delivery may still apply it: the outcome is unknown.
                     (Direction::Forward, true) => self.doubt[i] = true,
@@ -103,7 +106,7 @@ impl SagaState {
                     }
                     // The service cannot fence: a forward step given up on counts as applied.
                     (Direction::Fence, false) => {
-                        self.revive();
+                        self.revive(*step);
                         if self.fence_target(*step) == Direction::Forward {
                             self.progress[i] = StepProgress::PossiblyApplied;
                         }
@@ -118,7 +121,7 @@ impl SagaState {
                 step, direction, ..
             } => {
                 let i = self.check_step(definition, *step, *direction)?;
-                self.current = None;
+                self.current.remove(step);
                 if *direction == Direction::Forward {
                     // A command that timed out may yet apply; a wait has no effect.
                     match definition.steps()[i].work {
@@ -142,20 +145,23 @@ impl SagaState {
                     _ => Direction::Fence,
                 };
                 let i = self.check_step(definition, *step, check)?;
-                self.revive();
+                self.revive(*step);
                 // A fence's retry policy counts this fence's attempts, from now.
                 self.restart_retries(*step, Direction::Fence);
-                self.fencing = Some(Fencing {
-                    step: *step,
-                    name: definition.steps()[i].name.clone(),
-                    reason: reason.clone(),
-                    target,
-                    then: *then,
-                });
+                self.fencing.insert(
+                    *step,
+                    Fencing {
+                        step: *step,
+                        name: definition.steps()[i].name.clone(),
+                        reason: reason.clone(),
+                        target,
+                        then: *then,
+                    },
+                );
             }
             Event::Fenced { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Fence)?;
-                self.revive();
+                self.revive(*step);
                 self.settled(*step);
                 let target = self.fence_target(*step);
                 if target == Direction::Forward {
@@ -163,9 +169,8 @@ impl SagaState {
                 }
                 // An operator's retry runs under a fresh key: the old one holds the tombstone.
                 if self
-                    .fencing
-                    .as_ref()
-                    .is_some_and(|f| f.step == *step && f.then == FenceThen::Retry)
+                    .fencing_of(*step)
+                    .is_some_and(|f| f.then == FenceThen::Retry)
                 {
                     *self.generations.entry((*step, target)).or_default() += 1;
                 }
@@ -177,11 +182,14 @@ impl SagaState {
             }
             Event::Waiting { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;
-                self.current = Some(Current {
-                    at: StepAttempt::new(*step, Direction::Forward, 1),
-                    command_id: None,
-                    waiting: true,
-                });
+                self.current.insert(
+                    *step,
+                    Current {
+                        at: StepAttempt::new(*step, Direction::Forward, 1),
+                        command_id: None,
+                        waiting: true,
+                    },
+                );
                 self.progress[i] = StepProgress::InFlight;
             }
             Event::SignalReceived { name, payload } => self.signals.push(ReceivedSignal {
@@ -208,7 +216,7 @@ impl SagaState {
                 step, direction, ..
             } => {
                 self.check_step(definition, *step, *direction)?;
-                self.revive();
+                self.revive(*step);
                 self.restart_retries(*step, *direction);
             }
             Event::Resolved { step, .. } => {
@@ -221,7 +229,7 @@ impl SagaState {
             Event::Paused { .. } => self.paused = true,
             Event::Resumed { .. } => {
                 self.paused = false;
-                self.held = None;
+                self.held.clear();
             }
             Event::Held {
                 step,
@@ -234,8 +242,8 @@ impl SagaState {
                     command_id: None,
                     waiting: false,
                 };
-                self.held = Some(held);
-                self.current = Some(held);
+                self.held.insert(*step, held);
+                self.current.insert(*step, held);
             }
             Event::ActionRefused { .. } => {}
             Event::RetryScheduled {
@@ -246,20 +254,29 @@ impl SagaState {
                 due_at,
             } => {
                 self.check_step(definition, *step, *direction)?;
-                self.current = Some(Current {
-                    at: StepAttempt::new(*step, *direction, *attempt),
-                    command_id: None,
-                    waiting: false,
-                });
-                if !matches!(self.retrying, Some((s, d, _)) if (s, d) == (*step, *direction)) {
-                    let failed_at = *due_at - chrono::Duration::milliseconds(*delay_ms as i64);
-                    self.retrying = Some((*step, *direction, failed_at));
-                }
+                self.current.insert(
+                    *step,
+                    Current {
+                        at: StepAttempt::new(*step, *direction, *attempt),
+                        command_id: None,
+                        waiting: false,
+                    },
+                );
+                let failed_at = *due_at - chrono::Duration::milliseconds(*delay_ms as i64);
+                self.retrying
+                    .entry((*step, *direction))
+                    .or_insert(failed_at);
             }
             Event::CompensationStarted { step, reason } => {
                 self.check_step(definition, *step, Direction::Forward)?;
-                self.status = SagaStatus::Compensating;
+                // A group member stuck meanwhile keeps the saga stuck until it is answered.
+                if self.status != SagaStatus::Stuck {
+                    self.status = SagaStatus::Compensating;
+                }
                 self.failure = Some((*step, reason.clone()));
+                // The step given up on is no longer worked on (a backoff, a held command).
+                self.current.remove(step);
+                self.held.remove(step);
             }
             Event::Completed => self.finish(SagaStatus::Completed),
             Event::Compensated => self.finish(SagaStatus::Compensated),
@@ -269,7 +286,12 @@ impl SagaState {
                 reason,
             } => {
                 self.check_step(definition, *step, *direction)?;
-                self.finish(SagaStatus::Stuck);
+                self.status = SagaStatus::Stuck;
+                // Only the step's own work stops: other members of its group still settle.
+                match definition.group_of(*step as usize) {
+                    Some(_) => _ = self.current.remove(step),
+                    None => self.current.clear(),
+                }
                 self.stuck_reason = Some(reason.clone());
                 self.stuck_at = Some((*step, *direction));
             }
@@ -281,16 +303,15 @@ impl SagaState {
     /// The retry policy of `step` in `direction` starts again: it counts the attempts from
     /// now, and its patience from the next failure.
     fn restart_retries(&mut self, step: u32, direction: Direction) {
-        if matches!(self.retrying, Some((s, d, _)) if (s, d) == (step, direction)) {
-            self.retrying = None;
-        }
+        self.retrying.remove(&(step, direction));
         let sent = self.last_attempt(step, direction);
         self.attempts_before_retry.insert((step, direction), sent);
     }
 
-    /// A stuck saga that an answer (or an operator) moves on is active again.
-    fn revive(&mut self) {
-        if self.status == SagaStatus::Stuck {
+    /// A stuck saga that an answer about the step it is stuck at (or an operator) moves on
+    /// is active again.
+    fn revive(&mut self, step: u32) {
+        if self.status == SagaStatus::Stuck && self.stuck_at.is_some_and(|(s, _)| s == step) {
             self.status = if self.failure.is_some() || self.stop.is_some() {
                 SagaStatus::Compensating
             } else {
@@ -303,29 +324,20 @@ impl SagaState {
 
     /// The saga's work on `step` has its answer: nothing is outstanding or held for it.
     fn settled(&mut self, step: u32) {
-        self.current = None;
-        if self.held.is_some_and(|h| h.at.step == step) {
-            self.held = None;
-        }
+        self.current.remove(&step);
+        self.held.remove(&step);
     }
 
     /// The command a fence of `step` targets (the action, unless the fence running says the
     /// compensation).
     pub(crate) fn fence_target(&self, step: u32) -> Direction {
-        self.fencing
-            .as_ref()
-            .filter(|f| f.step == step)
-            .map_or(Direction::Forward, |f| f.target)
+        self.fencing_of(step).map_or(Direction::Forward, |f| f.target)
     }
 
     /// The fence of `step`'s `target` command, if one runs, has its answer.
     fn end_fence(&mut self, step: u32, target: Direction) {
-        if self
-            .fencing
-            .as_ref()
-            .is_some_and(|f| f.step == step && f.target == target)
-        {
-            self.fencing = None;
+        if self.fencing_of(step).is_some_and(|f| f.target == target) {
+            self.fencing.remove(&step);
         }
     }
 
@@ -343,7 +355,7 @@ impl SagaState {
 
     fn finish(&mut self, status: SagaStatus) {
         self.status = status;
-        self.current = None;
+        self.current.clear();
     }
 
     fn check_step(

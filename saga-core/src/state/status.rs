@@ -31,7 +31,7 @@ impl SagaStatus {
         if let Some(reason) = &state.stuck_reason {
             return Some(reason.clone());
         }
-        if let Some(f) = &state.fencing {
+        if let Some(f) = state.fencing.values().next() {
             return Some(format!("fencing step {}: {}", f.name, f.reason));
         }
         state.failure.as_ref().map(|(_, reason)| reason.clone())

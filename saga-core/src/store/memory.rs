@@ -233,6 +233,7 @@ impl SagaStore for MemoryStore {
             input: request.input,
             business_key: request.business_key.clone(),
             steps: definition.step_names(),
+            groups: definition.group_records(),
         };
         let state: SagaState = replay(&definition, [&started])?;
         inner.instances.insert(

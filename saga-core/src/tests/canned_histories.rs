@@ -147,7 +147,7 @@ fn retryable_failure_backs_off_then_succeeds() {
     }));
     assert!(matches!(again.verdict, Verdict::Ignored(_)) && again.events.is_empty());
     run.ok(json!("R-1"));
-    assert_eq!(run.state.current.unwrap().at.step, 1);
+    assert_eq!(run.state.first_current().unwrap().at.step, 1);
 }
 
 /// A late result for a timed-out attempt and a duplicate result are ignored; a result with a
@@ -155,7 +155,7 @@ fn retryable_failure_backs_off_then_succeeds() {
 #[test]
 fn stale_duplicate_and_forged_results() {
     let (mut run, _) = Run::start(order());
-    let first = run.state.current.unwrap();
+    let first = run.state.first_current().unwrap();
     run.ok(json!("R-1"));
     let duplicate = Reply {
         saga_id: run.saga_id,
@@ -273,6 +273,7 @@ fn replay_errors_carry_codes() {
         input: json!({}),
         business_key: None,
         steps: Vec::new(),
+        groups: Vec::new(),
     };
     assert_eq!(
         replay(def.definition(), [&started]).unwrap_err().code,
@@ -284,6 +285,7 @@ fn replay_errors_carry_codes() {
         input: json!({}),
         business_key: None,
         steps: Vec::new(),
+        groups: Vec::new(),
     };
     let bad = Event::Succeeded {
         step: 9,
@@ -316,6 +318,7 @@ fn a_renamed_step_fails_replay_loudly() {
         input: json!({}),
         business_key: None,
         steps: steps.iter().map(|s| (*s).to_owned()).collect(),
+        groups: Vec::new(),
     };
     let err = replay(def.definition(), [&started(&["reserve", "pay", "ship"])]).unwrap_err();
     assert_eq!(err.code, ReplayError::RENAMED);

@@ -37,7 +37,7 @@ fn a_timed_out_step_that_applied_is_compensated() {
         run.kinds()[run.kinds().len() - 3..],
         ["timed_out", "fence_started", "dispatched"]
     );
-    let fence = run.state.current.unwrap();
+    let fence = run.state.first_current().unwrap();
     assert_eq!(fence.at, StepAttempt::new(1, X, 1));
     assert_eq!(run.state.status, SagaStatus::Running);
     let d = run.ok(json!("C-9"));
@@ -131,7 +131,7 @@ fn a_pivot_whose_outcome_was_unknown_goes_forward_if_it_applied() {
         run.ok(json!("R-1"));
         run.ok(json!("C-1"));
         run.time_out_attempts(3);
-        assert_eq!(run.state.current.unwrap().at.direction, X);
+        assert_eq!(run.state.first_current().unwrap().at.direction, X);
         run
     };
     let mut run = ship_times_out();
@@ -174,7 +174,7 @@ fn a_refused_fence_is_tried_again() {
 fn a_late_success_settles_its_step() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
-    let first = run.state.current.unwrap().command_id.unwrap();
+    let first = run.state.first_current().unwrap().command_id.unwrap();
     run.time_out();
     let d = run.late(
         first,
@@ -209,7 +209,7 @@ fn a_late_success_answers_the_fence() {
         .find(|(_, s)| s.at == StepAttempt::new(1, F, 2))
         .map(|(id, _)| *id)
         .unwrap();
-    let fence = run.state.current.unwrap().command_id.unwrap();
+    let fence = run.state.first_current().unwrap().command_id.unwrap();
     let d = run.late(
         attempt_two,
         Outcome::Success {
@@ -229,7 +229,7 @@ fn a_late_success_answers_the_fence() {
         },
     );
     assert!(stale.events.is_empty());
-    assert_eq!(run.state.current.unwrap().at.direction, C);
+    assert_eq!(run.state.first_current().unwrap().at.direction, C);
 }
 
 /// A fence nobody answers is retried by the step's fence policy (three attempts here), then
@@ -309,7 +309,7 @@ fn a_cancel_while_fencing_is_refused() {
 fn a_terminal_failure_of_the_only_attempt_settles_a_cancel_fence() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
-    let charge = run.state.current.unwrap().command_id.unwrap();
+    let charge = run.state.first_current().unwrap().command_id.unwrap();
     run.input(Input::Timer(Timer::Cancel {
         id: uuid::Uuid::from_u128(5),
         reason: "changed mind".into(),

@@ -134,7 +134,7 @@ fn a_late_compensation_success_settles_a_stuck_saga() {
     run.ok(json!("R-1"));
     run.ok(json!("C-1"));
     run.fail(false);
-    let refund_one = run.state.current.unwrap().command_id.unwrap();
+    let refund_one = run.state.first_current().unwrap().command_id.unwrap();
     run.time_out();
     run.retry_now();
     run.fail(true);
@@ -194,7 +194,7 @@ fn an_earlier_fences_answer_does_not_answer_the_fence_running_now() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
     run.time_out_attempts(3);
-    let first_fence = run.state.current.unwrap().command_id.unwrap();
+    let first_fence = run.state.first_current().unwrap().command_id.unwrap();
     run.time_out();
     run.retry_now();
     // The second fence attempt answers: charge applied; its refund then fails for good.
@@ -202,7 +202,7 @@ fn an_earlier_fences_answer_does_not_answer_the_fence_running_now() {
     run.fail(false);
     assert_eq!(run.state.stuck_at, Some((1, C)));
     run.input(operator_retry());
-    assert_eq!(run.state.fencing.as_ref().unwrap().target, C);
+    assert_eq!(run.state.fencing.values().next().unwrap().target, C);
     // The first fence attempt's answer, about the charge, comes now.
     let d = run.late(
         first_fence,
@@ -221,18 +221,18 @@ fn a_fenced_answer_of_an_earlier_key_does_not_settle_the_fence_of_this_one() {
     let (mut run, _) = Run::start(order());
     run.ok(json!("R-1"));
     run.fail(false);
-    let release_one = run.state.current.unwrap().command_id.unwrap();
+    let release_one = run.state.first_current().unwrap().command_id.unwrap();
     run.fail(false);
     run.input(operator_retry());
     run.reply(fenced());
     // Generation 1 of release runs, fails for good again; a second retry fences generation 1.
     run.fail(false);
     run.input(operator_retry());
-    let fence = run.state.current.unwrap();
+    let fence = run.state.first_current().unwrap();
     assert_eq!(fence.at.direction, X);
     let d = run.late(release_one, fenced());
     assert!(d.events.is_empty(), "{:?}", d.events);
-    assert_eq!(run.state.current, Some(fence));
+    assert_eq!(run.state.first_current(), Some(fence));
 }
 
 /// A stuck saga whose fence's late answer is `unfenceable` runs again: the command the retry
@@ -245,7 +245,7 @@ fn a_late_unfenceable_answer_revives_a_stuck_saga() {
     run.fail(false);
     run.time_out_attempts(3);
     run.input(operator_retry());
-    let fence = run.state.current.unwrap().command_id.unwrap();
+    let fence = run.state.first_current().unwrap().command_id.unwrap();
     run.time_out_attempts(3);
     assert_eq!(run.state.stuck_at, Some((1, X)));
     run.late(
@@ -255,7 +255,7 @@ fn a_late_unfenceable_answer_revives_a_stuck_saga() {
         },
     );
     assert_eq!(run.state.status, SagaStatus::Compensating);
-    assert_eq!(run.state.current.unwrap().at.direction, C);
+    assert_eq!(run.state.first_current().unwrap().at.direction, C);
 }
 
 /// A deadline that passes while the saga is stuck is recorded: once an operator's retry runs

@@ -308,6 +308,7 @@ fn run(shape: &Shape, choices: &[u8]) -> World {
         input: json!(null),
         business_key: None,
         steps: def.definition().step_names(),
+        groups: def.definition().group_records(),
     };
     let state = replay(def.definition(), [&started]).unwrap();
     let mut world = World {

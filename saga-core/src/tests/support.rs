@@ -81,6 +81,7 @@ impl Run {
             input: json!({"sku": "A-1", "amount": 30}),
             business_key: None,
             steps: def.definition().step_names(),
+            groups: def.definition().group_records(),
         };
         let state = replay(def.definition(), [&started]).unwrap();
         let mut run = Run {
@@ -119,7 +120,7 @@ impl Run {
     }
 
     pub fn reply(&mut self, outcome: Outcome) -> Decision {
-        let current = self.state.current.expect("a command is outstanding");
+        let current = self.state.first_current().expect("a command is outstanding");
         let reply = Reply {
             saga_id: self.saga_id,
             step: current.at.step,
@@ -144,7 +145,7 @@ impl Run {
 
     /// The outstanding attempt's timeout fires.
     pub fn time_out(&mut self) -> Decision {
-        let c = self.state.current.expect("a command is outstanding");
+        let c = self.state.first_current().expect("a command is outstanding");
         self.input(Input::Timer(saga_core::Timer::Timeout {
             step: c.at.step,
             direction: c.at.direction,
@@ -174,7 +175,7 @@ impl Run {
 
     /// The pending retry's backoff ends.
     pub fn retry_now(&mut self) -> Decision {
-        let c = self.state.current.expect("a retry is pending");
+        let c = self.state.first_current().expect("a retry is pending");
         assert!(c.command_id.is_none(), "a retry is pending: {c:?}");
         self.input(Input::Timer(saga_core::Timer::Retry {
             step: c.at.step,

@@ -45,6 +45,9 @@ impl Decider<'_, '_> {
 
     /// The step's outcome is known (not applied, or applied and to be undone): compensate.
     fn settle(&mut self, step: u32, reason: String) -> Step {
+        if let Some(group) = self.group_of(step) {
+            return self.settle_member(step, group, reason);
+        }
         if self.state.stop.is_some() {
             return self.stop_at(step);
         }
@@ -105,7 +108,7 @@ impl Decider<'_, '_> {
 
     /// The fence running on `step`, if any.
     pub(super) fn fencing_of(&self, step: u32) -> Option<Fencing> {
-        self.state.fencing.clone().filter(|f| f.step == step)
+        self.state.fencing_of(step).cloned()
     }
 
     /// `fencing` is settled (by its answer, or by a late answer of the command it fenced,

@@ -107,9 +107,12 @@ impl Decider<'_, '_> {
                 } else if !self.state.paused {
                     refuse("the saga is not paused".to_owned())
                 } else {
-                    let held = self.state.held.filter(|_| status.is_active());
+                    let held: Vec<_> = match status.is_active() {
+                        true => self.state.held.values().copied().collect(),
+                        false => Vec::new(),
+                    };
                     self.emit(Event::Resumed { request })?;
-                    if let Some(h) = held {
+                    for h in held {
                         self.dispatch(h.at)?;
                     }
                     return Ok(Verdict::Applied);

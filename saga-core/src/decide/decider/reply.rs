@@ -25,7 +25,10 @@ impl Decider<'_, '_> {
                 sent.at
             )));
         }
-        let outstanding = self.state.current.and_then(|c| c.command_id);
+        let outstanding = self
+            .state
+            .current_of(reply.step)
+            .and_then(|c| c.command_id);
         if outstanding != Some(reply.command_id) {
             return self.late_reply(reply, sent);
         }
@@ -141,7 +144,7 @@ impl Decider<'_, '_> {
                 return Ok(Verdict::Applied);
             }
             (_, Outcome::Fenced { detail }, Some(_)) if this_key => {
-                let attempt = self.state.current.map_or(0, |c| c.at.attempt);
+                let attempt = self.state.current_of(step).map_or(0, |c| c.at.attempt);
                 (attempt, Answer::NotApplied(detail.clone()))
             }
             (
@@ -152,7 +155,7 @@ impl Decider<'_, '_> {
                 },
                 Some(f),
             ) if f.then == FenceThen::GiveUp && !self.state.doubt[step as usize] && this_key => {
-                let attempt = self.state.current.map_or(0, |c| c.at.attempt);
+                let attempt = self.state.current_of(step).map_or(0, |c| c.at.attempt);
                 let detail = format!("its attempt {} failed: {error}", reply.attempt);
                 (attempt, Answer::NotApplied(detail))
             }
@@ -174,8 +177,8 @@ impl Decider<'_, '_> {
         };
         let current = self
             .state
-            .current
-            .is_some_and(|c| c.at.step == step && !c.waiting && at(c.at.direction));
+            .current_of(step)
+            .is_some_and(|c| !c.waiting && at(c.at.direction));
         let stuck = self.state.status == SagaStatus::Stuck
             && self.state.stuck_at.is_some_and(|(s, d)| s == step && at(d));
         current || stuck

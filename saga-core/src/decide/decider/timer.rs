@@ -32,10 +32,13 @@ impl Decider<'_, '_> {
                 _ => {}
             }
         }
-        if let Some(verdict) = self.inactive() {
+        // A group member's retry or timeout still runs while another member is stuck.
+        let member_due = timer
+            .step_attempt()
+            .is_some_and(|at| self.state.current_of(at.step).is_some());
+        if let Some(verdict) = self.inactive().filter(|_| !member_due) {
             return Ok(verdict);
         }
-        let current = self.state.current;
         let stale = || Ok(Verdict::Ignored(format!("stale timer {}", timer.key())));
         match timer.clone() {
             Timer::Retry {
@@ -48,7 +51,9 @@ impl Decider<'_, '_> {
                     command_id: None,
                     waiting: false,
                 };
-                if current != Some(due) || self.state.held == Some(due) {
+                if self.state.current_of(step) != Some(due)
+                    || self.state.held.get(&step) == Some(&due)
+                {
                     return stale();
                 }
                 self.dispatch(StepAttempt::new(step, direction, attempt))?;
@@ -58,7 +63,7 @@ impl Decider<'_, '_> {
                 direction,
                 attempt,
             } => {
-                let Some(c) = current.filter(|c| {
+                let Some(c) = self.state.current_of(step).filter(|c| {
                     c.at == StepAttempt::new(step, direction, attempt)
                         && (c.command_id.is_some() || c.waiting)
                 }) else {
@@ -88,7 +93,7 @@ impl Decider<'_, '_> {
                 }
             }
             Timer::Delay { step } => {
-                if !current.is_some_and(|c| c.at.step == step && c.waiting) {
+                if !self.state.current_of(step).is_some_and(|c| c.waiting) {
                     return stale();
                 }
                 self.emit(Event::Succeeded {
@@ -117,7 +122,7 @@ impl Decider<'_, '_> {
                     name: name.clone(),
                     payload: payload.clone(),
                 })?;
-                if let Some(c) = current.filter(|c| c.waiting)
+                if let Some(c) = self.state.current.values().copied().find(|c| c.waiting)
                     && matches!(&self.definition.steps()[c.at.step as usize].work, Work::Signal(w) if w.name == name)
                 {
                     self.take_signal(c.at.step, payload)?;
@@ -128,7 +133,7 @@ impl Decider<'_, '_> {
                 let why =
                     if self.state.stop.is_some() || self.state.status == SagaStatus::Compensating {
                         Some("the saga is already compensating".to_owned())
-                    } else if let Some(f) = &self.state.fencing {
+                    } else if let Some(f) = self.state.fencing.values().next() {
                         Some(format!(
                             "the saga is already giving up on step `{}`",
                             f.name
@@ -158,8 +163,8 @@ impl Decider<'_, '_> {
     fn giving_up(&self) -> bool {
         self.state
             .fencing
-            .as_ref()
-            .is_some_and(|f| f.then == crate::event::FenceThen::GiveUp)
+            .values()
+            .any(|f| f.then == crate::event::FenceThen::GiveUp)
     }
 
     /// Why the saga can no longer be stopped, if its pivot has started.
@@ -177,10 +182,16 @@ impl Decider<'_, '_> {
     /// one whose earlier attempts may yet apply) is fenced first; then the steps that applied
     /// compensate.
     fn stop_now(&mut self) -> Step {
-        let Some(c) = self.state.current else {
+        let Some(c) = self.state.first_current() else {
             return Ok(());
         };
         let reason = self.stop_reason();
+        if let Some(group) = self.group_of(c.at.step)
+            && c.at.direction == Direction::Forward
+        {
+            self.wind_down(group.clone(), &reason)?;
+            return self.pump(group);
+        }
         if c.waiting {
             let timer = match self.definition.steps()[c.at.step as usize].work {
                 Work::Delay(_) => Timer::Delay { step: c.at.step },

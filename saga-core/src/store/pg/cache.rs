@@ -125,6 +125,7 @@ mod tests {
             input: serde_json::json!(1),
             business_key: None,
             steps: Vec::new(),
+            groups: Vec::new(),
         };
         let mut state = SagaState::started(saga.definition(), &started).unwrap();
         state.status = status;

@@ -45,6 +45,7 @@ pub(super) fn prepare_start(
         input: request.input,
         business_key: request.business_key,
         steps: definition.step_names(),
+        groups: definition.group_records(),
     };
     // Decided first, so the instance row is inserted once with its final status.
     let mut loaded = Loaded {

@@ -1,0 +1,109 @@
+//! Parallel groups: the members are dispatched together; once none is outstanding, the saga
+//! goes past the group (every member succeeded or was skipped) or compensates (a member
+//! failed for good, or a cancel or deadline came).
+//!
+//! Every decision here is made from the members' state, not from the event that arrived, so
+//! any order of their results gives the same outcome, and calling [`Decider::pump`] again
+//! does nothing new.
+
+use std::ops::Range;
+
+use super::{Decider, Step};
+use crate::SagaStatus;
+use crate::event::{Direction, Event, StepAttempt};
+use crate::state::StepProgress;
+
+impl Decider<'_, '_> {
+    /// The members of the group `step` belongs to, if it is in one.
+    pub(super) fn group_of(&self, step: u32) -> Option<Range<u32>> {
+        let group = self.definition.group_of(step as usize)?;
+        Some(group.first as u32..(group.first + group.len) as u32)
+    }
+
+    /// Goes forward to `step`: dispatches it, or every member of the group it starts.
+    pub(super) fn enter(&mut self, step: u32) -> Step {
+        match self.group_of(step) {
+            Some(group) => self.pump(group),
+            None => self.dispatch(StepAttempt::new(step, Direction::Forward, 1)),
+        }
+    }
+
+    /// Drives `group` on: while the saga goes forward, dispatches the members not sent yet;
+    /// once nothing is outstanding, goes past the group when every member succeeded or was
+    /// skipped, or compensates, from the last member down, when the saga stops.
+    pub(super) fn pump(&mut self, group: Range<u32>) -> Step {
+        for k in group.clone() {
+            if !self.going_forward() {
+                break;
+            }
+            let pending = self.state.progress[k as usize] == StepProgress::Pending;
+            if pending && self.state.current_of(k).is_none() {
+                self.dispatch(StepAttempt::new(k, Direction::Forward, 1))?;
+            }
+        }
+        if !self.state.status.is_active() || self.state.busy() {
+            return Ok(());
+        }
+        if self.state.failure.is_none() && self.state.stop.is_some() {
+            let reason = self.stop_reason();
+            self.emit(Event::CompensationStarted {
+                step: group.end - 1,
+                reason,
+            })?;
+        }
+        if self.state.failure.is_some() {
+            return self.compensate_below(group.end);
+        }
+        let done = group.clone().all(|k| {
+            matches!(
+                self.state.progress[k as usize],
+                StepProgress::Succeeded | StepProgress::Skipped
+            )
+        });
+        match done {
+            true if (group.end as usize) < self.definition.steps().len() => self.enter(group.end),
+            true => self.emit(Event::Completed),
+            false => Ok(()),
+        }
+    }
+
+    /// A member's outcome is known and the saga gives up on the group (the member did not
+    /// apply, or applied and is to be undone): the first such member starts compensation,
+    /// the members still in flight are fenced, and the group compensates once they settle.
+    pub(super) fn settle_member(&mut self, step: u32, group: Range<u32>, reason: String) -> Step {
+        if self.state.failure.is_none() && self.state.stop.is_none() {
+            self.emit(Event::CompensationStarted {
+                step,
+                reason: reason.clone(),
+            })?;
+        }
+        self.wind_down(group.clone(), &reason)?;
+        self.pump(group)
+    }
+
+    /// No member of `group` goes on: each one still outstanding (in flight, in a backoff, or
+    /// held by a pause) is fenced, so that it settles as applied or never applies.
+    pub(super) fn wind_down(&mut self, group: Range<u32>, reason: &str) -> Step {
+        for k in group {
+            if self.state.fencing_of(k).is_some() {
+                continue;
+            }
+            let Some(c) = self.state.current_of(k) else {
+                continue;
+            };
+            if c.at.direction != Direction::Forward {
+                continue;
+            }
+            self.drop_current_timer(k);
+            self.start_fence(k, reason.to_owned())?;
+        }
+        Ok(())
+    }
+
+    /// Whether the saga still goes forward: running, with no failure, cancel or deadline.
+    fn going_forward(&self) -> bool {
+        self.state.status == SagaStatus::Running
+            && self.state.failure.is_none()
+            && self.state.stop.is_none()
+    }
+}
