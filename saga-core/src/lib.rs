@@ -79,8 +79,8 @@ pub use codec::{PayloadCodec, Payloads};
 pub use contract::{Contract, Service};
 pub use decide::{Input, OperatorAction, Timer, Verdict};
 pub use definition::{
-    ContractStep, DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, InputError, RetryPolicy,
-    GroupBuilder, SagaBuilder, SagaDefinition, SignalWait, Step, StepBuilder, StepContext,
+    ContractStep, DEFAULT_STEP_TIMEOUT, Definition, DefinitionError, GroupBuilder, InputError,
+    RetryPolicy, SagaBuilder, SagaDefinition, SignalWait, Step, StepBuilder, StepContext,
     StepGroup, StepKind, Work,
 };
 pub use error::{DatabaseError, Error, MigrateError, Result};

@@ -331,7 +331,8 @@ impl SagaState {
     /// The command a fence of `step` targets (the action, unless the fence running says the
     /// compensation).
     pub(crate) fn fence_target(&self, step: u32) -> Direction {
-        self.fencing_of(step).map_or(Direction::Forward, |f| f.target)
+        self.fencing_of(step)
+            .map_or(Direction::Forward, |f| f.target)
     }
 
     /// The fence of `step`'s `target` command, if one runs, has its answer.

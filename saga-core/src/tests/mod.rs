@@ -7,6 +7,7 @@ mod canned_histories;
 #[cfg(feature = "testing")]
 mod contracts;
 mod fencing;
+mod groups;
 mod operators;
 mod properties;
 mod support;

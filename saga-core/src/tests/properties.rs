@@ -1,8 +1,8 @@
 //! Property tests of the pure core: random definitions run against participants that keep an
 //! inbox, with any interleaving of deliveries, redeliveries, lost commands, late, duplicate
 //! and lost results, timeouts, fences, cancels, pauses and resumes, and operators retrying
-//! stuck sagas. Whatever happens, the saga ends, and the effects that applied match its
-//! status.
+//! stuck sagas. Some definitions have a parallel group. Whatever happens, the saga ends, and
+//! the effects that applied match its status.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -25,6 +25,15 @@ struct Shape {
     attempts: Vec<u32>,
     /// A step's condition, if it has one: `Some(false)` skips it.
     condition: Vec<Option<bool>>,
+    /// A parallel group: its first member and how many (all before the pivot).
+    group: Option<(usize, usize)>,
+}
+
+impl Shape {
+    /// The group's members, if it has one.
+    fn members(&self) -> std::ops::Range<usize> {
+        self.group.map_or(0..0, |(first, len)| first..first + len)
+    }
 }
 
 fn shapes() -> impl Strategy<Value = Shape> {
@@ -38,20 +47,50 @@ fn shapes() -> impl Strategy<Value = Shape> {
                 prop_oneof![6 => Just(None), 1 => Just(Some(true)), 2 => Just(Some(false))],
                 steps,
             ),
+            prop::option::weighted(0.5, (0..steps, 2usize..4)),
         )
-            .prop_map(|(steps, pivot, compensated, attempts, condition)| Shape {
-                steps,
-                pivot,
-                compensated,
-                attempts,
-                condition,
+            .prop_map(|(steps, pivot, compensated, attempts, condition, group)| {
+                // A group stands before the pivot.
+                let limit = pivot.unwrap_or(steps);
+                let group = group.filter(|(first, len)| first + len <= limit);
+                Shape {
+                    steps,
+                    pivot,
+                    compensated,
+                    attempts,
+                    condition,
+                    group,
+                }
             })
     })
 }
 
 fn definition(shape: &Shape) -> SagaDefinition<Value> {
     let mut b = SagaDefinition::<Value>::builder("prop", 1);
-    for i in 0..shape.steps {
+    let mut i = 0;
+    while i < shape.steps {
+        if shape.group.is_some() && shape.members().start == i {
+            b = b.parallel("group", |mut g| {
+                for m in shape.members() {
+                    g = g.step(format!("s{m}"), configure(shape, m));
+                }
+                g
+            });
+            i = shape.members().end;
+            continue;
+        }
+        b = b.step(format!("s{i}"), configure(shape, i));
+        i += 1;
+    }
+    b.build().unwrap()
+}
+
+/// Step `i` of `shape`.
+fn configure(
+    shape: &Shape,
+    i: usize,
+) -> impl FnOnce(saga_core::StepBuilder<Value>) -> saga_core::StepBuilder<Value> {
+    {
         let kind = match shape.pivot {
             Some(p) if i == p => StepKind::Pivot,
             Some(p) if i > p => StepKind::Retriable,
@@ -67,7 +106,7 @@ fn definition(shape: &Shape) -> SagaDefinition<Value> {
         };
         let compensated = shape.compensated[i] && kind == StepKind::Compensatable;
         let condition = shape.condition[i];
-        b = b.step(format!("s{i}"), move |s| {
+        move |s| {
             let mut s = s
                 .action("svc", &format!("do{i}"), move |_| Ok(i))
                 .retry(retry.clone())
@@ -92,9 +131,8 @@ fn definition(shape: &Shape) -> SagaDefinition<Value> {
                 s = s.when(move |_| holds);
             }
             s
-        });
+        }
     }
-    b.build().unwrap()
 }
 
 /// A participant's inbox entry under a key.
@@ -361,6 +399,27 @@ proptest! {
             prop_assert!(forward(step) <= 1, "step {step} applied twice: {:?}", world.effects);
             prop_assert!(undone(step) <= forward(step), "step {step} undone but never applied: {:?}", world.effects);
         }
+        // A group's members are all sent before any is answered, and the saga goes past the
+        // group only once each member succeeded or was skipped.
+        let members = shape.members();
+        let index = |found: &dyn Fn(&Event) -> bool| world.events.iter().position(found);
+        let answered = index(&|e| matches!(e, Event::Succeeded { step, .. } | Event::Failed { step, .. } | Event::TimedOut { step, .. } if members.contains(&(*step as usize))));
+        for m in members.clone() {
+            let sent = index(&|e| matches!(e, Event::Dispatched { step, .. } | Event::Held { step, .. } | Event::Skipped { step } if *step as usize == m));
+            if let (Some(sent), Some(answered)) = (sent, answered) {
+                prop_assert!(sent < answered, "member {m} was sent after a member was answered: {:?}", world.events);
+            }
+        }
+        if !members.is_empty() && members.end < shape.steps {
+            let past = index(&|e| matches!(e, Event::Dispatched { step, direction: Direction::Forward, .. } | Event::Skipped { step } if *step as usize == members.end));
+            if let Some(past) = past {
+                for m in members.clone() {
+                    let done = world.events[..past].iter().any(|e| matches!(e, Event::Succeeded { step, direction: Direction::Forward | Direction::Fence, .. } | Event::Skipped { step } if *step as usize == m));
+                    prop_assert!(done, "the saga went past the group before member {m} succeeded: {:?}", world.events);
+                }
+            }
+        }
+
         // Compensations run in reverse order of their steps.
         let compensations: Vec<u32> = world.effects.iter().filter(|e| e.1 == Direction::Compensation).map(|e| e.0).collect();
         prop_assert!(compensations.windows(2).all(|w| w[0] > w[1]), "{compensations:?}");

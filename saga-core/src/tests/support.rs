@@ -120,7 +120,10 @@ impl Run {
     }
 
     pub fn reply(&mut self, outcome: Outcome) -> Decision {
-        let current = self.state.first_current().expect("a command is outstanding");
+        let current = self
+            .state
+            .first_current()
+            .expect("a command is outstanding");
         let reply = Reply {
             saga_id: self.saga_id,
             step: current.at.step,
@@ -145,7 +148,10 @@ impl Run {
 
     /// The outstanding attempt's timeout fires.
     pub fn time_out(&mut self) -> Decision {
-        let c = self.state.first_current().expect("a command is outstanding");
+        let c = self
+            .state
+            .first_current()
+            .expect("a command is outstanding");
         self.input(Input::Timer(saga_core::Timer::Timeout {
             step: c.at.step,
             direction: c.at.direction,

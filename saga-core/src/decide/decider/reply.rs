@@ -25,10 +25,7 @@ impl Decider<'_, '_> {
                 sent.at
             )));
         }
-        let outstanding = self
-            .state
-            .current_of(reply.step)
-            .and_then(|c| c.command_id);
+        let outstanding = self.state.current_of(reply.step).and_then(|c| c.command_id);
         if outstanding != Some(reply.command_id) {
             return self.late_reply(reply, sent);
         }

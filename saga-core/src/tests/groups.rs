@@ -1,0 +1,384 @@
+//! Parallel groups: canned histories of a trip whose flight, hotel and car are booked
+//! together, and a check that any order of the members' results ends the same way.
+
+use super::support::Run;
+
+use std::time::Duration;
+
+use saga_core::decide::{Decision, Effect};
+use saga_core::{
+    Command, DefinitionError, Direction, Event, Input, Outcome, ReplayError, Reply, RetryPolicy,
+    SagaDefinition, SagaStatus, Timer, replay,
+};
+use serde_json::{Value, json};
+
+use Direction::{Compensation as C, Fence as X, Forward as F};
+
+/// hold (release) -> book: [flight, hotel, car] (each cancelled) -> confirm (pivot).
+fn trip() -> SagaDefinition<Value> {
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_elapsed: None,
+    };
+    let member = |service: &'static str, retry: RetryPolicy| {
+        move |s: saga_core::StepBuilder<Value>| {
+            s.action(service, "book", |_| Ok(json!({})))
+                .compensation(service, "cancel", |_| Ok(json!({})))
+                .retry(retry.clone())
+                .fence_retry(retry)
+                .timeout(Duration::from_secs(5))
+        }
+    };
+    SagaDefinition::<Value>::builder("order", 1)
+        .step("hold", |s| {
+            s.action("wallet", "hold", |_| Ok(json!({})))
+                .compensation("wallet", "release", |_| Ok(json!({})))
+        })
+        .parallel("book", |g| {
+            g.step("flight", member("flights", retry.clone()))
+                .step("hotel", member("hotels", retry.clone()))
+                .step("car", member("cars", retry.clone()))
+        })
+        .step("confirm", |s| {
+            s.pivot().action("booking", "confirm", |ctx| {
+                Ok(json!([
+                    ctx.output::<Value>("flight")?,
+                    ctx.output::<Value>("car")?
+                ]))
+            })
+        })
+        .build()
+        .unwrap()
+}
+
+/// The commands a decision dispatched, as (step, direction).
+fn sent(d: &Decision) -> Vec<(u32, Direction)> {
+    commands(d).iter().map(|c| (c.step, c.direction)).collect()
+}
+
+fn commands(d: &Decision) -> Vec<Command> {
+    d.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Run {
+    /// The reply to the command outstanding at `step`.
+    fn answer(&mut self, step: u32, outcome: Outcome) -> Decision {
+        let c = self
+            .state
+            .current_of(step)
+            .expect("a command is outstanding");
+        self.input(Input::Reply(Reply {
+            saga_id: self.saga_id,
+            step,
+            direction: c.at.direction,
+            attempt: c.at.attempt,
+            command_id: c.command_id.expect("dispatched"),
+            outcome,
+        }))
+    }
+
+    /// The saga is in the group: `hold` succeeded.
+    fn in_group() -> (Self, Decision) {
+        let (mut run, _) = Run::start(trip());
+        let d = run.ok(json!("H-1"));
+        (run, d)
+    }
+}
+
+fn ok(output: &str) -> Outcome {
+    Outcome::Success {
+        output: json!(output),
+    }
+}
+
+fn declined() -> Outcome {
+    Outcome::Failure {
+        error: "no car left".into(),
+        retryable: false,
+    }
+}
+
+fn fenced() -> Outcome {
+    Outcome::Fenced {
+        detail: "never ran".into(),
+    }
+}
+
+#[test]
+fn the_members_are_sent_together_and_the_saga_goes_on_once_all_succeeded() {
+    let (mut run, entered) = Run::in_group();
+    assert_eq!(sent(&entered), [(1, F), (2, F), (3, F)]);
+    assert!(sent(&run.answer(3, ok("C-1"))).is_empty());
+    assert!(sent(&run.answer(1, ok("F-1"))).is_empty());
+    let last = run.answer(2, ok("H-1"));
+    let confirm = &commands(&last)[0];
+    assert_eq!((confirm.step, confirm.direction), (4, F));
+    // A later step reads each member's output by its name.
+    assert_eq!(confirm.payload, json!(["F-1", "C-1"]));
+    run.ok(json!("OK"));
+    assert_eq!(run.state.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn a_member_failing_fences_the_members_in_flight_then_compensates_what_applied() {
+    let (mut run, _) = Run::in_group();
+    run.answer(1, ok("F-1"));
+    // The car fails for good: the hotel, still in flight, is fenced; nothing else starts.
+    let failed = run.answer(3, declined());
+    assert_eq!(sent(&failed), [(2, X)]);
+    assert_eq!(run.state.status(), SagaStatus::Compensating);
+    // The hotel never ran: the flight, then the hold, are undone.
+    let after = run.answer(2, fenced());
+    assert_eq!(sent(&after), [(1, C)]);
+    run.answer(1, ok("cancelled"));
+    run.answer(0, ok("released"));
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+    assert_eq!(run.dispatched().iter().filter(|d| d.1 == C).count(), 2);
+}
+
+#[test]
+fn a_fenced_member_that_applied_is_compensated_in_reverse_declaration_order() {
+    let (mut run, _) = Run::in_group();
+    let failed = run.answer(3, declined());
+    assert_eq!(sent(&failed), [(1, X), (2, X)]);
+    // Both had applied: the fences say so, in any order; a member's own late success
+    // afterwards changes nothing.
+    assert!(sent(&run.answer(2, ok("H-1"))).is_empty());
+    let flight_first = run
+        .state
+        .sent
+        .iter()
+        .find(|(_, s)| s.at == saga_core::StepAttempt::new(1, F, 1))
+        .map(|(id, _)| *id)
+        .unwrap();
+    let fenced_flight = run.answer(1, ok("F-1"));
+    assert_eq!(sent(&fenced_flight), [(2, C)], "the hotel is undone first");
+    let (verdict, events) = {
+        let d = run.late(flight_first, ok("F-1"));
+        (d.verdict, d.events.len())
+    };
+    assert!(
+        matches!(verdict, saga_core::Verdict::Ignored(_)),
+        "{verdict:?}"
+    );
+    assert_eq!(events, 0);
+    assert_eq!(sent(&run.answer(2, ok("cancelled"))), [(1, C)]);
+    assert_eq!(sent(&run.answer(1, ok("cancelled"))), [(0, C)]);
+    run.answer(0, ok("released"));
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn a_member_timing_out_is_retried_alone() {
+    let (mut run, _) = Run::in_group();
+    let c = run.state.current_of(2).unwrap();
+    let timed_out = run.input(Input::Timer(Timer::Timeout {
+        step: 2,
+        direction: F,
+        attempt: c.at.attempt,
+    }));
+    assert!(sent(&timed_out).is_empty());
+    assert_eq!(
+        run.state.current_of(2).unwrap().command_id,
+        None,
+        "a backoff"
+    );
+    assert!(run.state.current_of(1).unwrap().command_id.is_some());
+    let retried = run.input(Input::Timer(Timer::Retry {
+        step: 2,
+        direction: F,
+        attempt: 2,
+    }));
+    assert_eq!(sent(&retried), [(2, F)]);
+    run.answer(1, ok("F-1"));
+    run.answer(3, ok("C-1"));
+    let last = run.answer(2, ok("H-1"));
+    assert_eq!(sent(&last), [(4, F)]);
+}
+
+#[test]
+fn a_cancel_during_a_group_fences_every_member_in_flight_then_compensates() {
+    let (mut run, _) = Run::in_group();
+    run.answer(1, ok("F-1"));
+    let cancel = run.input(Input::Timer(Timer::Cancel {
+        id: uuid::Uuid::from_u128(1),
+        reason: "changed plans".into(),
+    }));
+    assert_eq!(sent(&cancel), [(2, X), (3, X)]);
+    assert!(sent(&run.answer(2, fenced())).is_empty());
+    let last_fence = run.answer(3, ok("C-1"));
+    assert_eq!(sent(&last_fence), [(3, C)]);
+    run.answer(3, ok("cancelled"));
+    run.answer(1, ok("cancelled"));
+    run.answer(0, ok("released"));
+    assert_eq!(run.state.status(), SagaStatus::Cancelled);
+    let undone: Vec<u32> = run
+        .dispatched()
+        .iter()
+        .filter(|d| d.1 == C)
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(undone, [3, 1, 0]);
+}
+
+/// Every order of the members' results (all three applied, the car then declined by its
+/// service on a second look, each result delivered once and one of them twice) ends the same:
+/// the same status, the same compensations, the same log after the group.
+#[test]
+fn any_order_of_the_members_results_ends_the_same() {
+    let orders = [
+        [1, 2, 3],
+        [1, 3, 2],
+        [2, 1, 3],
+        [2, 3, 1],
+        [3, 1, 2],
+        [3, 2, 1],
+    ];
+    for outcomes in [
+        [true, true, true],
+        [true, false, true],
+        [false, false, true],
+    ] {
+        let mut ends = Vec::new();
+        for order in orders {
+            for twice in [None, Some(order[0]), Some(order[2])] {
+                ends.push(run_in_order(outcomes, order, twice));
+            }
+        }
+        assert!(
+            ends.windows(2).all(|w| w[0] == w[1]),
+            "{outcomes:?}: {ends:#?}"
+        );
+        let (status, undone, _) = &ends[0];
+        match outcomes.iter().all(|ok| *ok) {
+            true => assert_eq!(*status, SagaStatus::Completed),
+            false => {
+                assert_eq!(*status, SagaStatus::Compensated);
+                let applied: Vec<u32> = (1..=3u32)
+                    .rev()
+                    .filter(|m| outcomes[*m as usize - 1])
+                    .chain([0])
+                    .collect();
+                assert_eq!(*undone, applied);
+            }
+        }
+    }
+}
+
+/// Runs the trip with each member's result known up front (`outcomes[m - 1]`: applied or
+/// declined), delivered in `order` (a fence is answered from what its member did), `twice`
+/// delivered a second time; returns the end and the compensations in order.
+fn run_in_order(
+    outcomes: [bool; 3],
+    order: [u32; 3],
+    twice: Option<u32>,
+) -> (SagaStatus, Vec<u32>, usize) {
+    let (mut run, entered) = Run::in_group();
+    let mut first: Vec<Reply> = commands(&entered)
+        .iter()
+        .map(|c| {
+            let outcome = match outcomes[c.step as usize - 1] {
+                true => ok("done"),
+                false => declined(),
+            };
+            Reply::to(c, outcome)
+        })
+        .collect();
+    first.sort_by_key(|r| order.iter().position(|s| *s == r.step));
+    if let Some(step) = twice {
+        let copy = first.iter().find(|r| r.step == step).unwrap().clone();
+        first.push(copy);
+    }
+    for reply in first {
+        run.input(Input::Reply(reply));
+    }
+    // What is left: fences (answered from what the member did), compensations, confirm.
+    while run.state.status().is_active() {
+        let (step, c) = run
+            .state
+            .current
+            .iter()
+            .next()
+            .map(|(s, c)| (*s, *c))
+            .unwrap();
+        let outcome = match c.at.direction {
+            X if outcomes[step as usize - 1] => ok("done"),
+            X => fenced(),
+            _ => ok("done"),
+        };
+        run.answer(step, outcome);
+    }
+    let undone = run
+        .dispatched()
+        .iter()
+        .filter(|d| d.1 == C)
+        .map(|d| d.0)
+        .collect();
+    let after_group = run
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Dispatched { step: 4, .. } | Event::Completed | Event::Compensated
+            )
+        })
+        .count();
+    (run.state.status(), undone, after_group)
+}
+
+#[test]
+fn a_group_may_not_hold_a_pivot_a_wait_or_a_single_step() {
+    let build = |members: fn(saga_core::GroupBuilder<Value>) -> saga_core::GroupBuilder<Value>| {
+        SagaDefinition::<Value>::builder("g", 1)
+            .parallel("book", members)
+            .build()
+            .unwrap_err()
+    };
+    let pivot = build(|g| {
+        g.step("a", |s| s.action("x", "a", |_| Ok(1)))
+            .step("b", |s| s.pivot().action("x", "b", |_| Ok(1)))
+    });
+    assert!(
+        matches!(pivot, DefinitionError::PivotInGroup { ref step, .. } if step == "b"),
+        "{pivot}"
+    );
+    let wait = build(|g| {
+        g.step("a", |s| s.action("x", "a", |_| Ok(1)))
+            .step("b", |s| s.delay(Duration::from_secs(1)))
+    });
+    assert!(wait.to_string().contains("member `b` waits"), "{wait}");
+    let single = build(|g| g.step("a", |s| s.action("x", "a", |_| Ok(1))));
+    assert!(single.to_string().contains("two or more"), "{single}");
+    let clash = build(|g| {
+        g.step("book", |s| s.action("x", "a", |_| Ok(1)))
+            .step("b", |s| s.action("x", "b", |_| Ok(1)))
+    });
+    assert!(clash.to_string().contains("already a step's"), "{clash}");
+}
+
+#[test]
+fn a_log_started_with_other_groups_does_not_replay() {
+    let def = trip();
+    let started = Event::Started {
+        saga: "order".into(),
+        version: 1,
+        input: json!({}),
+        business_key: None,
+        steps: def.definition().step_names(),
+        groups: Vec::new(),
+    };
+    let err = replay(def.definition(), [&started]).unwrap_err();
+    assert_eq!(err.code, ReplayError::RENAMED);
+    assert!(err.message.contains("parallel groups"), "{err}");
+}
