@@ -11,7 +11,9 @@ use anyhow::{Context, bail};
 use saga_amqp::{AmqpConfig, AmqpTransport};
 use saga_core::orchestrator::OrchestratorConfig;
 use saga_core::transport::Source;
-use saga_core::{Client, Destination, Metrics, Orchestrator, PgStore, SagaStatus, Transport};
+use saga_core::{
+    Client, Destination, Metrics, Orchestrator, PgStore, SagaDefinition, SagaStatus, Transport,
+};
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::{Semaphore, mpsc};
@@ -46,6 +48,20 @@ pub struct BenchArgs {
     pub processes: bool,
     /// With `processes`: how many orchestrator processes share the work.
     pub orchestrators: usize,
+    /// Runs the example's parallel groups as the same steps one after another.
+    pub sequential: bool,
+    /// How long each participant's handler works before it answers (a service's own work).
+    pub work: Duration,
+}
+
+impl BenchArgs {
+    /// The definition the bench runs: the example's, or its steps in sequence.
+    pub(crate) fn definition<E: Example>(&self) -> SagaDefinition<E::Input> {
+        match self.sequential {
+            true => E::sequential().expect("checked when the bench starts"),
+            false => E::definition(),
+        }
+    }
 }
 
 /// When a saga was started, and whether it is meant to compensate.
@@ -124,6 +140,12 @@ async fn fill_history(pool: &sqlx::PgPool, model: Uuid, count: u64) -> anyhow::R
 
 /// Runs the bench and returns its JSON line.
 pub async fn run<E: Example>(args: BenchArgs) -> anyhow::Result<String> {
+    if args.sequential && E::sequential().is_none() {
+        bail!(
+            "--sequential needs an example with a parallel group; {} has none",
+            E::PROGRAM
+        );
+    }
     let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
     let mut amqp = AmqpConfig::from_env()?;
     let id = Uuid::new_v4().simple().to_string();
@@ -227,11 +249,17 @@ where
         } else {
             memory.clone()
         };
-        let worker = worker_with::<E>(service, &ledger, Metrics::new(), payloads.clone());
+        let worker = worker_with::<E>(
+            service,
+            &ledger,
+            Metrics::new(),
+            payloads.clone(),
+            args.work,
+        );
         tasks.spawn(worker.run(Arc::clone(&participants), shutdown.clone()));
     }
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel();
-    let def = E::definition();
+    let def = args.definition::<E>();
     let orchestrator = Orchestrator::builder(store.clone(), Arc::new(connect().await?))
         .register(&def)
         .config(OrchestratorConfig {
@@ -360,7 +388,7 @@ pub(crate) fn spawn_starts<E: Example>(
     permits: Arc<Semaphore>,
     started: mpsc::UnboundedSender<StartSent>,
 ) -> tokio::task::JoinHandle<()> {
-    let def = E::definition();
+    let def = args.definition::<E>();
     tokio::spawn(async move {
         for n in 1..=args.count {
             permits.acquire().await.expect("open").forget();

@@ -37,7 +37,8 @@ enum Command {
         /// How many sagas to run.
         #[arg(long, default_value_t = 10)]
         count: u64,
-        /// Every K-th saga fails terminally at its pivot, so it compensates.
+        /// Every K-th saga fails for good (at its pivot; the travel saga's car rental), so it
+        /// compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
         /// Prints one JSON line per saga instead of the timelines and the counts:
@@ -59,7 +60,8 @@ enum Command {
         /// How many sagas to start.
         #[arg(long)]
         count: u64,
-        /// Every K-th saga fails terminally at its pivot, so it compensates.
+        /// Every K-th saga fails for good (at its pivot; the travel saga's car rental), so it
+        /// compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
         /// How many starts may wait for their commit at once (starts waiting together share
@@ -108,7 +110,8 @@ enum Command {
         /// At most this many sagas in flight.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
         in_flight: u64,
-        /// Every K-th saga fails at its pivot, so it compensates.
+        /// Every K-th saga fails for good (at its pivot; the travel saga's car rental), so it
+        /// compensates.
         #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         fail_every: Option<u64>,
         /// Participants run without an inbox and keep their effects in memory (at least once),
@@ -141,6 +144,19 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 1, requires = "processes",
               value_parser = clap::value_parser!(u64).range(1..=16))]
         orchestrators: u64,
+        /// Runs the example's parallel group as the same steps one after another (travel-saga),
+        /// to compare the two.
+        #[arg(long, conflicts_with = "processes")]
+        sequential: bool,
+        /// Each participant's handler works this long before it answers (a service's own
+        /// work), in milliseconds.
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = 0,
+            conflicts_with = "processes"
+        )]
+        work_ms: u64,
     },
 }
 
@@ -278,8 +294,14 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let ledger = Ledger::pg(pool, service)?;
             let transport = broker(E::PROGRAM, service).await?;
             ops.serve(None::<Arc<PgStore>>).await?;
-            let run = worker_with::<E>(service, &ledger, ops.metrics().clone(), payloads()?)
-                .run(Arc::new(transport), ops.shutdown());
+            let run = worker_with::<E>(
+                service,
+                &ledger,
+                ops.metrics().clone(),
+                payloads()?,
+                std::time::Duration::ZERO,
+            )
+            .run(Arc::new(transport), ops.shutdown());
             ops.run_until_shutdown(run).await?;
         }
         Command::Start {
@@ -377,6 +399,8 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             remote_starts,
             processes,
             orchestrators,
+            sequential,
+            work_ms,
         } => {
             let args = crate::bench::BenchArgs {
                 history,
@@ -388,6 +412,8 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
                 fail_every,
                 inbox: !at_least_once,
                 effects,
+                sequential,
+                work: std::time::Duration::from_millis(work_ms),
             };
             outln!("{}", crate::bench::run::<E>(args).await?);
         }

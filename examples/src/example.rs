@@ -36,6 +36,12 @@ pub trait Example: Send + Sync + 'static {
     /// The definition.
     fn definition() -> SagaDefinition<Self::Input>;
 
+    /// The same steps one after another, for a definition with parallel groups (`bench
+    /// --sequential` compares the two); `None` when it has none.
+    fn sequential() -> Option<SagaDefinition<Self::Input>> {
+        None
+    }
+
     /// The `n`-th input of a run (from 1); `fail` makes it compensate.
     fn input(n: u64, fail: bool) -> Self::Input;
 

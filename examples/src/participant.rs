@@ -91,6 +91,8 @@ pub async fn migrate(pool: &PgPool, schemas: &[&str]) -> anyhow::Result<()> {
 pub struct EffectHandler {
     spec: CommandSpec,
     ledger: Ledger,
+    /// How long the handler works before it acts.
+    work: std::time::Duration,
 }
 
 impl Handler for EffectHandler {
@@ -99,6 +101,9 @@ impl Handler for EffectHandler {
 
     async fn handle(&self, input: Value, ctx: CommandContext) -> Result<Receipt, StepError> {
         let spec = self.spec;
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
         if let Some(flag) = spec.fails_when
             && input.get(flag) == Some(&Value::Bool(true))
         {
@@ -171,15 +176,18 @@ pub fn worker<E: Example>(service: &str, ledger: &Ledger) -> Worker {
         ledger,
         saga_core::Metrics::new(),
         saga_core::Payloads::plain(),
+        std::time::Duration::ZERO,
     )
 }
 
-/// Like [`worker`], counting into `metrics`, its payloads encoded by `payloads`.
+/// Like [`worker`], counting into `metrics`, its payloads encoded by `payloads`; each handler
+/// works for `work` (a service's own work, for the bench) before it acts.
 pub fn worker_with<E: Example>(
     service: &str,
     ledger: &Ledger,
     metrics: saga_core::Metrics,
     payloads: saga_core::Payloads,
+    work: std::time::Duration,
 ) -> Worker {
     let builder = match ledger {
         Ledger::Pg { inbox, .. } => Worker::builder(service, inbox.clone()),
@@ -194,6 +202,7 @@ pub fn worker_with<E: Example>(
                 EffectHandler {
                     spec: *spec,
                     ledger: ledger.clone(),
+                    work,
                 },
             )
         })

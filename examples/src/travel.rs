@@ -1,4 +1,5 @@
-//! The travel saga: book a flight (cancel), a hotel (cancel), a car (cancel), then confirm.
+//! The travel saga: book a flight, a hotel and a car at once (a parallel group, each cancelled
+//! if the trip is not booked), then confirm (the pivot).
 
 use saga_core::{SagaDefinition, StepContext};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,49 @@ fn booking(
     }
 }
 
+/// The flight, hotel and car steps: (name, service, command, compensation).
+const BOOKINGS: [(&str, &str, &str, &str); 3] = [
+    ("flight", "flights", "book_flight", "cancel_flight"),
+    ("hotel", "hotels", "book_hotel", "cancel_hotel"),
+    ("car", "cars", "rent_car", "cancel_car"),
+];
+
+/// The travel saga: `travel` v2, flight, hotel and car as the parallel group `book`; or, not
+/// `grouped`, `travel-sequential` v1 with the same steps one after another (the bench's
+/// comparison).
+fn definition(grouped: bool) -> SagaDefinition<Trip> {
+    let step = |step: &'static str, service: &'static str, book, cancel| {
+        move |s: saga_core::StepBuilder<Trip>| {
+            s.action(service, book, booking(None))
+                .compensation(service, cancel, booking(Some(step)))
+                .retry(retry())
+                .timeout(step_timeout())
+        }
+    };
+    let b = if grouped {
+        SagaDefinition::<Trip>::builder("travel", 2).parallel("book", |mut g| {
+            for (name, service, book, cancel) in BOOKINGS {
+                g = g.step(name, step(name, service, book, cancel));
+            }
+            g
+        })
+    } else {
+        let mut b = SagaDefinition::<Trip>::builder("travel-sequential", 1);
+        for (name, service, book, cancel) in BOOKINGS {
+            b = b.step(name, step(name, service, book, cancel));
+        }
+        b
+    };
+    b.step("confirm", |s| {
+        s.pivot()
+            .action("booking", "confirm", booking(None))
+            .retry(retry())
+            .timeout(step_timeout())
+    })
+    .build()
+    .expect("the travel saga is valid")
+}
+
 impl Example for TravelSaga {
     type Input = Trip;
 
@@ -99,27 +143,11 @@ impl Example for TravelSaga {
     ];
 
     fn definition() -> SagaDefinition<Trip> {
-        let mut b = SagaDefinition::<Trip>::builder("travel", 1);
-        for (step, service, book, cancel) in [
-            ("flight", "flights", "book_flight", "cancel_flight"),
-            ("hotel", "hotels", "book_hotel", "cancel_hotel"),
-            ("car", "cars", "rent_car", "cancel_car"),
-        ] {
-            b = b.step(step, move |s| {
-                s.action(service, book, booking(None))
-                    .compensation(service, cancel, booking(Some(step)))
-                    .retry(retry())
-                    .timeout(step_timeout())
-            });
-        }
-        b.step("confirm", |s| {
-            s.pivot()
-                .action("booking", "confirm", booking(None))
-                .retry(retry())
-                .timeout(step_timeout())
-        })
-        .build()
-        .expect("the travel saga is valid")
+        definition(true)
+    }
+
+    fn sequential() -> Option<SagaDefinition<Trip>> {
+        Some(definition(false))
     }
 
     fn input(n: u64, fail: bool) -> Trip {

@@ -16,6 +16,19 @@ pub async fn assert_all_ended(
     sagas: i64,
     fail_every: i64,
 ) {
+    assert_waited(stack, env, timeout_secs, sagas, fail_every).await;
+    assert_invariants(stack, sagas, fail_every).await;
+}
+
+/// The program's `wait` sees every saga ended: every `fail_every`-th compensated, the rest
+/// completed, none stuck.
+pub async fn assert_waited(
+    stack: &Stack,
+    env: &[(&str, &str)],
+    timeout_secs: u64,
+    sagas: i64,
+    fail_every: i64,
+) {
     let timeout = timeout_secs.to_string();
     let (waited, _) = stack.run_with(&["wait", "--timeout", &timeout], env).await;
     assert_eq!(
@@ -26,7 +39,71 @@ pub async fn assert_all_ended(
             sagas / fail_every
         )
     );
-    assert_invariants(stack, sagas, fail_every).await;
+}
+
+/// Every trip of a `travel-saga` run has exactly the effects its end requires: a completed
+/// one booked flight, hotel and car (in any order, the group runs them together) and then
+/// confirmed; a compensated one rented no car, confirmed nothing, and cancelled exactly what
+/// it booked, after booking it. Nothing happened twice.
+pub async fn assert_travel_invariants(stack: &Stack, sagas: i64, fail_every: i64) {
+    let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT i.status, array_agg(e.action ORDER BY e.id) FROM saga.instances i \
+         JOIN example_effects e ON e.saga_id = i.id GROUP BY i.id, i.status",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    let (mut completed, mut compensated) = (0, 0);
+    for (status, actions) in rows {
+        let count = |a: &str| actions.iter().filter(|x| *x == a).count();
+        let at = |a: &str| actions.iter().position(|x| x == a);
+        for action in actions.iter() {
+            assert_eq!(count(action), 1, "{action} twice: {actions:?}");
+        }
+        match status.as_str() {
+            "completed" => {
+                completed += 1;
+                assert_eq!(actions.len(), 4, "{actions:?}");
+                let mut booked = actions[..3].to_vec();
+                booked.sort();
+                assert_eq!(
+                    booked,
+                    ["book_flight", "book_hotel", "rent_car"],
+                    "{actions:?}"
+                );
+                assert_eq!(actions[3..], ["confirm"], "{actions:?}");
+            }
+            "compensated" => {
+                compensated += 1;
+                assert_eq!(
+                    count("rent_car") + count("confirm") + count("cancel_car"),
+                    0,
+                    "{actions:?}"
+                );
+                for (book, cancel) in [
+                    ("book_flight", "cancel_flight"),
+                    ("book_hotel", "cancel_hotel"),
+                ] {
+                    assert_eq!(count(book), count(cancel), "{actions:?}");
+                    assert!(
+                        at(cancel) >= at(book),
+                        "{cancel} before {book}: {actions:?}"
+                    );
+                }
+            }
+            other => panic!("a trip ended {other}: {actions:?}"),
+        }
+    }
+    assert_eq!(
+        completed,
+        sagas - sagas / fail_every,
+        "completed trips with effects"
+    );
+    // A compensated trip whose flight and hotel were fenced before they ran has no effect;
+    // the others undid what they booked.
+    assert!(compensated <= sagas / fail_every);
+    assert!(compensated > 0, "no compensated trip had booked anything");
+    assert_outbox_drained(stack).await;
 }
 
 /// Every saga has exactly the effects its outcome requires, in order, none twice.

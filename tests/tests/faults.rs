@@ -1,5 +1,5 @@
-//! The fault suite (CI-sized): `order-saga` as processes on the real services while processes
-//! are killed, database sessions are terminated, the saga tables are locked, the broker raises a
+//! The fault suite (CI-sized): `order-saga` (and `travel-saga`, whose parallel group books
+//! three things at once) as processes on the real services while processes are killed, database sessions are terminated, the saga tables are locked, the broker raises a
 //! memory alarm, and bad messages are injected. Invariants are checked in SQL afterwards.
 //!
 //! These tests disturb shared services; nextest runs each alone (`.config/nextest.toml`).
@@ -13,7 +13,9 @@ use saga_core::{Destination, Envelope, Message, Reply, Transport};
 use saga_tests::amqp::{WatermarkGuard, drain_dead_letters, rabbitmqctl};
 use saga_tests::browser::http;
 use saga_tests::console::Console;
-use saga_tests::invariants::{assert_all_ended, assert_invariants, finished};
+use saga_tests::invariants::{
+    assert_all_ended, assert_invariants, assert_travel_invariants, assert_waited, finished,
+};
 use saga_tests::process::Stack;
 use saga_tests::wait_until;
 
@@ -191,6 +193,43 @@ async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
             "no `{expected}` in {reasons:?}"
         );
     }
+    stack.shutdown().await;
+}
+
+/// `travel-saga` as processes (two of each), a random one killed every 250 ms and started
+/// again: every trip ends as it must, with exactly its effects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_during_parallel_groups_lose_nothing_and_double_nothing() {
+    let sagas = 400;
+    let mut stack = Stack::new("travel-saga").await;
+    stack.run(&["migrate"]).await;
+    let mut roles: Vec<(Vec<&str>, u32)> = Vec::new();
+    for _ in 0..2 {
+        roles.push((vec!["orchestrator"], stack.spawn(&["orchestrator"])));
+        for service in ["flights", "hotels", "cars", "booking"] {
+            roles.push((vec!["service", service], stack.spawn(&["service", service])));
+        }
+    }
+    let count = sagas.to_string();
+    let starter = stack.spawn(&["start", "--count", &count, "--fail-every", "10"]);
+    let mut rng = Lcg(0x7a1e);
+    let mut kills = 0;
+    while kills < 10 && finished(&stack).await < sagas * 95 / 100 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let i = rng.next(roles.len());
+        let (args, pid) = roles[i].clone();
+        stack.signal(pid, "KILL");
+        assert!(!stack.wait_exit(pid, Duration::from_secs(10)).await);
+        roles[i].1 = stack.spawn(&args);
+        kills += 1;
+    }
+    assert!(kills >= 4, "faults were injected mid-run ({kills} kills)");
+    assert!(
+        stack.wait_exit(starter, Duration::from_secs(120)).await,
+        "all trips were started"
+    );
+    assert_waited(&stack, &[], 900, sagas, 10).await;
+    assert_travel_invariants(&stack, sagas, 10).await;
     stack.shutdown().await;
 }
 
