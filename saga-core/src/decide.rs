@@ -354,7 +354,7 @@ fn concerned_step(state: &SagaState, input: &Input) -> (u32, Direction) {
     };
     named
         .or(state.first_current().map(|c| (c.at.step, c.at.direction)))
-        .or(state.stuck_at)
+        .or(state.stuck_at())
         .or(state
             .failure
             .as_ref()

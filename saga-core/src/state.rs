@@ -122,8 +122,9 @@ pub struct SagaState {
     pub(crate) paused: bool,
     /// The commands held back while paused, per step, sent on resume.
     pub(crate) held: BTreeMap<u32, Current>,
-    /// The step and direction that got the saga stuck.
-    pub(crate) stuck_at: Option<(u32, Direction)>,
+    /// The steps, with their direction, that got the saga stuck: one, or several members of
+    /// a parallel group. The saga is active again once none is left.
+    pub(crate) stuck: BTreeMap<u32, (Direction, String)>,
     /// Per step: an attempt of its action ended without a definitive answer (it timed out,
     /// or failed retryably, and another delivery may still apply it), so giving up on the
     /// step needs a fence first.
@@ -308,7 +309,7 @@ impl SagaState {
             stop: None,
             paused: false,
             held: BTreeMap::new(),
-            stuck_at: None,
+            stuck: BTreeMap::new(),
             doubt: vec![false; steps],
             fencing: BTreeMap::new(),
             generations: HashMap::new(),
@@ -354,6 +355,11 @@ impl SagaState {
             .get(&(step, direction))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The (first) step and direction the saga is stuck at.
+    pub(crate) fn stuck_at(&self) -> Option<(u32, Direction)> {
+        self.stuck.iter().next().map(|(s, (d, _))| (*s, *d))
     }
 
     /// The saga's work on `step`, if any.

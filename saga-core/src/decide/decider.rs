@@ -366,7 +366,8 @@ impl Decider<'_, '_> {
             Direction::Compensation => (&def.compensation_retry, false),
             Direction::Fence => (&def.fence_retry, false),
         };
-        let stopping = direction == Direction::Forward && self.state.stop.is_some();
+        let stopping = direction == Direction::Forward
+            && (self.state.stop.is_some() || self.member_given_up(step));
         let elapsed = self.retrying_for(step, direction);
         // After an operator's retry, the policy counts afresh.
         let before = self.state.attempts_before_retry(step, direction);
@@ -395,7 +396,7 @@ impl Decider<'_, '_> {
             return Ok(());
         }
         if stopping {
-            let reason = self.stop_reason();
+            let reason = self.giving_up_reason().unwrap_or_default();
             return self.give_up(step, reason);
         }
         let what = match direction {

@@ -224,7 +224,7 @@ impl SagaState {
                 self.compensated[i] = true;
                 self.status = SagaStatus::Compensating;
                 self.stuck_reason = None;
-                self.stuck_at = None;
+                self.stuck.clear();
             }
             Event::Paused { .. } => self.paused = true,
             Event::Resumed { .. } => {
@@ -287,13 +287,18 @@ impl SagaState {
             } => {
                 self.check_step(definition, *step, *direction)?;
                 self.status = SagaStatus::Stuck;
-                // Only the step's own work stops: other members of its group still settle.
-                match definition.group_of(*step as usize) {
-                    Some(_) => _ = self.current.remove(step),
-                    None => self.current.clear(),
+                // Only the step's own work stops while a group is under way: the other
+                // members still settle.
+                let in_group = |s: u32| definition.group_of(s as usize).is_some();
+                match in_group(*step) || self.current.keys().any(|s| in_group(*s)) {
+                    true => _ = self.current.remove(step),
+                    false => {
+                        self.current.clear();
+                        self.stuck.clear();
+                    }
                 }
                 self.stuck_reason = Some(reason.clone());
-                self.stuck_at = Some((*step, *direction));
+                self.stuck.insert(*step, (*direction, reason.clone()));
             }
         }
         self.events += 1;
@@ -311,14 +316,18 @@ impl SagaState {
     /// A stuck saga that an answer about the step it is stuck at (or an operator) moves on
     /// is active again.
     fn revive(&mut self, step: u32) {
-        if self.status == SagaStatus::Stuck && self.stuck_at.is_some_and(|(s, _)| s == step) {
+        if self.status == SagaStatus::Stuck && self.stuck.remove(&step).is_some() {
+            if let Some((_, why)) = self.stuck.values().next() {
+                // Another member of its group is still stuck.
+                self.stuck_reason = Some(why.clone());
+                return;
+            }
             self.status = if self.failure.is_some() || self.stop.is_some() {
                 SagaStatus::Compensating
             } else {
                 SagaStatus::Running
             };
             self.stuck_reason = None;
-            self.stuck_at = None;
         }
     }
 

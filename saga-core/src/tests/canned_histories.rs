@@ -385,7 +385,7 @@ fn a_panic_in_the_definition_parks_the_saga() {
     assert!(matches!(d.verdict, Verdict::Applied));
     assert_eq!(run.kinds()[run.kinds().len() - 2..], ["succeeded", "stuck"]);
     assert_eq!(run.state.status, SagaStatus::Stuck);
-    assert_eq!(run.state.stuck_at, Some((1, F)));
+    assert_eq!(run.state.stuck_at(), Some((1, F)));
     let reason = run.state.stuck_reason.clone().unwrap();
     assert!(
         reason.contains("failed at step `charge` (forward): its input builder panicked: an amount"),
@@ -405,7 +405,7 @@ fn a_duration_that_overflows_the_date_parks_the_saga() {
     let (run, first) = Run::start(def);
     assert!(first.effects.is_empty());
     assert_eq!(run.state.status, SagaStatus::Stuck);
-    assert_eq!(run.state.stuck_at, Some((0, F)));
+    assert_eq!(run.state.stuck_at(), Some((0, F)));
 }
 
 /// A wait step's `accept` that panics parks the saga, and the signal is kept: an operator's

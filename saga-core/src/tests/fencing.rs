@@ -240,7 +240,7 @@ fn an_unanswered_fence_parks_the_saga_until_answered() {
     let mut run = charge_timed_out_three_times();
     run.time_out_attempts(3);
     assert_eq!(run.state.status, SagaStatus::Stuck);
-    assert_eq!(run.state.stuck_at, Some((1, X)));
+    assert_eq!(run.state.stuck_at(), Some((1, X)));
     let reason = SagaStatus::reason(&run.state).unwrap();
     assert!(
         reason.starts_with("fencing step `charge` gave up after 3 attempts"),

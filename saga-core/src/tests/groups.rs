@@ -14,8 +14,24 @@ use serde_json::{Value, json};
 
 use Direction::{Compensation as C, Fence as X, Forward as F};
 
+/// What goes wrong in the definition's own code.
+#[derive(Default)]
+struct Faults {
+    /// The flight's input builder fails.
+    flight_fails: bool,
+    /// The hotel's input builder panics the first time it runs.
+    hotel_panics_once: bool,
+    /// The saga's deadline.
+    deadline: Option<Duration>,
+}
+
 /// hold (release) -> book: [flight, hotel, car] (each cancelled) -> confirm (pivot).
 fn trip() -> SagaDefinition<Value> {
+    trip_with(Faults::default())
+}
+
+/// [`trip`], with `faults`.
+fn trip_with(faults: Faults) -> SagaDefinition<Value> {
     let retry = RetryPolicy {
         max_attempts: 3,
         initial_backoff: Duration::from_millis(100),
@@ -33,15 +49,36 @@ fn trip() -> SagaDefinition<Value> {
                 .timeout(Duration::from_secs(5))
         }
     };
-    SagaDefinition::<Value>::builder("order", 1)
+    let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flight_fails = faults.flight_fails;
+    let mut builder = SagaDefinition::<Value>::builder("order", 1);
+    if let Some(deadline) = faults.deadline {
+        builder = builder.deadline(deadline);
+    }
+    let hotel_panics = faults.hotel_panics_once;
+    builder
         .step("hold", |s| {
             s.action("wallet", "hold", |_| Ok(json!({})))
                 .compensation("wallet", "release", |_| Ok(json!({})))
         })
         .parallel("book", |g| {
-            g.step("flight", member("flights", retry.clone()))
-                .step("hotel", member("hotels", retry.clone()))
-                .step("car", member("cars", retry.clone()))
+            g.step("flight", |s| {
+                member("flights", retry.clone())(s).action("flights", "book", move |_| {
+                    match flight_fails {
+                        true => Err(saga_core::InputError::new("no passport number")),
+                        false => Ok(json!({})),
+                    }
+                })
+            })
+            .step("hotel", |s| {
+                member("hotels", retry.clone())(s).action("hotels", "book", move |_| {
+                    if hotel_panics && !panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        panic!("the hotel's builder broke");
+                    }
+                    Ok(json!({}))
+                })
+            })
+            .step("car", member("cars", retry.clone()))
         })
         .step("confirm", |s| {
             s.pivot().action("booking", "confirm", |ctx| {
@@ -381,4 +418,182 @@ fn a_log_started_with_other_groups_does_not_replay() {
     let err = replay(def.definition(), [&started]).unwrap_err();
     assert_eq!(err.code, ReplayError::RENAMED);
     assert!(err.message.contains("parallel groups"), "{err}");
+}
+
+/// The events of kind `kind` about `step` in `direction` in a decision.
+fn count(run: &Run, step: u32, direction: Direction) -> usize {
+    run.dispatched()
+        .iter()
+        .filter(|d| **d == (step, direction))
+        .count()
+}
+
+fn pause(run: &mut Run) -> Decision {
+    run.input(Input::Timer(Timer::Operator {
+        id: uuid::Uuid::from_u128(900),
+        action: saga_core::OperatorAction::Pause {
+            reason: "look".into(),
+        },
+    }))
+}
+
+fn operator(run: &mut Run, n: u128, action: saga_core::OperatorAction) -> Decision {
+    run.input(Input::Timer(Timer::Operator {
+        id: uuid::Uuid::from_u128(n),
+        action,
+    }))
+}
+
+/// Answers whatever is outstanding with `outcome` for fences and success otherwise, until the
+/// saga ends.
+fn settle(run: &mut Run, fence: impl Fn() -> Outcome) {
+    while run.state.status().is_active() {
+        let (step, c) = run
+            .state
+            .current
+            .iter()
+            .next()
+            .map(|(s, c)| (*s, *c))
+            .unwrap();
+        let outcome = match c.at.direction {
+            X => fence(),
+            _ => ok("done"),
+        };
+        run.answer(step, outcome);
+    }
+}
+
+#[test]
+fn members_held_by_a_pause_are_fenced_not_sent_when_one_fails_on_resume() {
+    let (mut run, _) = Run::start(trip_with(Faults {
+        flight_fails: true,
+        ..Faults::default()
+    }));
+    pause(&mut run);
+    assert!(sent(&run.ok(json!("H-1"))).is_empty(), "held while paused");
+    assert_eq!(run.state.held.len(), 3);
+    // On resume the flight cannot be built: the hotel and car, never sent, are fenced instead.
+    let resumed = operator(&mut run, 901, saga_core::OperatorAction::Resume);
+    assert_eq!(sent(&resumed), [(2, X), (3, X)]);
+    settle(&mut run, fenced);
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+    assert_eq!(count(&run, 2, F) + count(&run, 3, F), 0);
+    assert_eq!(
+        run.dispatched()
+            .iter()
+            .filter(|d| d.1 == C)
+            .collect::<Vec<_>>(),
+        [&(0, C)]
+    );
+}
+
+#[test]
+fn a_stuck_member_does_not_hold_back_the_others_and_resume_sends_them() {
+    let (mut run, _) = Run::start(trip_with(Faults {
+        hotel_panics_once: true,
+        ..Faults::default()
+    }));
+    pause(&mut run);
+    run.ok(json!("H-1"));
+    assert_eq!(run.state.held.len(), 3);
+    // On resume the hotel's builder panics: the hotel is stuck, the flight and car still go.
+    let resumed = operator(&mut run, 901, saga_core::OperatorAction::Resume);
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at(), Some((2, F)));
+    assert_eq!(sent(&resumed), [(1, F), (3, F)]);
+    run.answer(1, ok("F-1"));
+    run.answer(3, ok("C-1"));
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
+    assert_eq!(sent(&retried), [(2, F)]);
+    assert_eq!(sent(&run.answer(2, ok("H-1"))), [(4, F)]);
+    run.answer(4, ok("OK"));
+    assert_eq!(run.state.status(), SagaStatus::Completed);
+}
+
+#[test]
+fn two_members_whose_fences_give_up_are_both_retried_by_the_operator() {
+    let (mut run, _) = Run::in_group();
+    run.answer(3, declined());
+    let fence_times_out = |run: &mut Run, step: u32| {
+        let c = run.state.current_of(step).unwrap();
+        run.input(Input::Timer(Timer::Timeout {
+            step,
+            direction: X,
+            attempt: c.at.attempt,
+        }));
+        if let Some(c) = run.state.current_of(step) {
+            run.input(Input::Timer(Timer::Retry {
+                step,
+                direction: X,
+                attempt: c.at.attempt,
+            }));
+        }
+    };
+    for _ in 0..3 {
+        fence_times_out(&mut run, 1);
+        fence_times_out(&mut run, 2);
+    }
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    assert_eq!(
+        run.state.stuck.len(),
+        2,
+        "both members are stuck: {:?}",
+        run.state.stuck
+    );
+    // A late answer about one does not revive the saga while the other is stuck.
+    let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
+    assert_eq!(sent(&retried), [(1, X), (2, X)]);
+    run.answer(1, fenced());
+    assert_eq!(run.state.status(), SagaStatus::Compensating);
+    settle(&mut run, fenced);
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn an_operator_retry_after_compensation_began_does_not_send_a_member_forward() {
+    let (mut run, _) = Run::start(trip_with(Faults {
+        hotel_panics_once: true,
+        ..Faults::default()
+    }));
+    let entered = run.ok(json!("H-1"));
+    assert_eq!(
+        sent(&entered),
+        [(1, F), (3, F)],
+        "the car is sent though the hotel is stuck"
+    );
+    run.answer(1, declined());
+    run.answer(3, ok("C-1"));
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
+    assert_eq!(sent(&retried), [(3, C)]);
+    settle(&mut run, fenced);
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
+    assert_eq!(count(&run, 2, F), 0, "the hotel never went out");
+}
+
+#[test]
+fn a_deadline_that_passed_while_a_member_was_stuck_stops_the_other_members_retries() {
+    let (mut run, _) = Run::start(trip_with(Faults {
+        hotel_panics_once: true,
+        deadline: Some(Duration::from_secs(60)),
+        ..Faults::default()
+    }));
+    run.ok(json!("H-1"));
+    let c = run.state.current_of(1).unwrap();
+    run.input(Input::Timer(Timer::Timeout {
+        step: 1,
+        direction: F,
+        attempt: c.at.attempt,
+    }));
+    run.input(Input::Timer(Timer::Deadline));
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    // The flight's backoff ends: it is fenced, not sent again.
+    let due = run.input(Input::Timer(Timer::Retry {
+        step: 1,
+        direction: F,
+        attempt: 2,
+    }));
+    assert_eq!(sent(&due), [(1, X)]);
+    assert_eq!(count(&run, 1, F), 1);
 }

@@ -27,6 +27,11 @@ struct Shape {
     condition: Vec<Option<bool>>,
     /// A parallel group: its first member and how many (all before the pivot).
     group: Option<(usize, usize)>,
+    /// A step whose input builder fails the first time it runs: with an error (a terminal
+    /// failure), or a panic (the saga parks until an operator retries).
+    faulty: Option<(usize, bool)>,
+    /// The saga has a deadline.
+    deadline: bool,
 }
 
 impl Shape {
@@ -48,25 +53,34 @@ fn shapes() -> impl Strategy<Value = Shape> {
                 steps,
             ),
             prop::option::weighted(0.5, (0..steps, 2usize..4)),
+            prop::option::weighted(0.2, (0..steps, any::<bool>())),
+            any::<bool>(),
         )
-            .prop_map(|(steps, pivot, compensated, attempts, condition, group)| {
-                // A group stands before the pivot.
-                let limit = pivot.unwrap_or(steps);
-                let group = group.filter(|(first, len)| first + len <= limit);
-                Shape {
-                    steps,
-                    pivot,
-                    compensated,
-                    attempts,
-                    condition,
-                    group,
-                }
-            })
+            .prop_map(
+                |(steps, pivot, compensated, attempts, condition, group, faulty, deadline)| {
+                    // A group stands before the pivot.
+                    let limit = pivot.unwrap_or(steps);
+                    let group = group.filter(|(first, len)| first + len <= limit);
+                    Shape {
+                        steps,
+                        pivot,
+                        compensated,
+                        attempts,
+                        condition,
+                        group,
+                        faulty,
+                        deadline,
+                    }
+                },
+            )
     })
 }
 
 fn definition(shape: &Shape) -> SagaDefinition<Value> {
     let mut b = SagaDefinition::<Value>::builder("prop", 1);
+    if shape.deadline {
+        b = b.deadline(Duration::from_secs(40));
+    }
     let mut i = 0;
     while i < shape.steps {
         if shape.group.is_some() && shape.members().start == i {
@@ -106,9 +120,21 @@ fn configure(
         };
         let compensated = shape.compensated[i] && kind == StepKind::Compensatable;
         let condition = shape.condition[i];
+        let faulty = shape
+            .faulty
+            .filter(|(step, _)| *step == i)
+            .map(|(_, panics)| panics);
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         move |s| {
             let mut s = s
-                .action("svc", &format!("do{i}"), move |_| Ok(i))
+                .action("svc", &format!("do{i}"), move |_| {
+                    let first = !failed.swap(true, std::sync::atomic::Ordering::SeqCst);
+                    match faulty {
+                        Some(true) if first => panic!("the builder of s{i} broke"),
+                        Some(false) if first => Err(saga_core::InputError::new("bad input")),
+                        _ => Ok(i),
+                    }
+                })
                 .retry(retry.clone())
                 .compensation_retry(RetryPolicy {
                     max_attempts: 6,
@@ -284,6 +310,7 @@ impl World {
                 reason: "look".into(),
             }),
             8 if b % 4 == 2 => self.operator(OperatorAction::Resume),
+            8 => self.operator(OperatorAction::Retry),
             _ if !self.timers.is_empty() => {
                 let keys: Vec<String> = self.timers.keys().cloned().collect();
                 let timer = self.timers.remove(&keys[b as usize % keys.len()]).unwrap();
@@ -306,15 +333,18 @@ impl World {
 
     /// Everything is delivered and answered from now on, in order, until the saga settles; an
     /// operator resumes a paused saga and retries a stuck one (a few times).
-    fn calm_down(&mut self) {
+    fn calm_down(&mut self, retry_first: bool) {
         let mut retries = 0;
         for _ in 0..10_000 {
-            if self.state.paused {
+            if self.state.paused && !retry_first {
                 self.operator(OperatorAction::Resume);
             }
             if self.state.status == SagaStatus::Stuck && retries < 3 {
                 retries += 1;
                 self.operator(OperatorAction::Retry);
+            }
+            if self.state.paused {
+                self.operator(OperatorAction::Resume);
             }
             if !self.state.status.is_active() {
                 return;
@@ -366,7 +396,7 @@ fn run(shape: &Shape, choices: &[u8]) -> World {
     for pair in choices.chunks(2) {
         world.happen(pair[0], *pair.get(1).unwrap_or(&0));
     }
-    world.calm_down();
+    world.calm_down(choices.len() % 2 == 1);
     world
 }
 
@@ -406,7 +436,9 @@ proptest! {
         let answered = index(&|e| matches!(e, Event::Succeeded { step, .. } | Event::Failed { step, .. } | Event::TimedOut { step, .. } if members.contains(&(*step as usize))));
         for m in members.clone() {
             let sent = index(&|e| matches!(e, Event::Dispatched { step, .. } | Event::Held { step, .. } | Event::Skipped { step } if *step as usize == m));
-            if let (Some(sent), Some(answered)) = (sent, answered) {
+            // (A member whose builder panicked waits for the operator.)
+            let parked = world.events.iter().any(|e| matches!(e, Event::Stuck { step, .. } if *step as usize == m));
+            if let (Some(sent), Some(answered), false) = (sent, answered, parked) {
                 prop_assert!(sent < answered, "member {m} was sent after a member was answered: {:?}", world.events);
             }
         }
@@ -418,6 +450,12 @@ proptest! {
                     prop_assert!(done, "the saga went past the group before member {m} succeeded: {:?}", world.events);
                 }
             }
+        }
+
+        // No member goes forward once the saga gives up on the group.
+        if let Some(stop) = index(&|e| matches!(e, Event::CompensationStarted { .. } | Event::CancelRequested { .. } | Event::DeadlineExceeded)) {
+            let late = world.events[stop..].iter().find(|e| matches!(e, Event::Dispatched { step, direction: Direction::Forward, .. } if members.contains(&(*step as usize))));
+            prop_assert!(late.is_none(), "{late:?} after {:?}: {:?}", world.events[stop], world.events);
         }
 
         // Compensations run in reverse order of their steps.

@@ -119,7 +119,8 @@ impl Decider<'_, '_> {
         // stops rather than run it again.
         let then = match fencing.then {
             FenceThen::Retry
-                if self.state.stop.is_some() && fencing.target == Direction::Forward =>
+                if (self.state.stop.is_some() || self.member_given_up(step))
+                    && fencing.target == Direction::Forward =>
             {
                 FenceThen::GiveUp
             }

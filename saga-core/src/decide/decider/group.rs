@@ -36,7 +36,9 @@ impl Decider<'_, '_> {
             if !self.going_forward() {
                 break;
             }
-            let pending = self.state.progress[k as usize] == StepProgress::Pending;
+            // Not a member waiting for an operator (its definition code failed).
+            let pending = self.state.progress[k as usize] == StepProgress::Pending
+                && !self.state.stuck.contains_key(&k);
             if pending && self.state.current_of(k).is_none() {
                 self.dispatch(StepAttempt::new(k, Direction::Forward, 1))?;
             }
@@ -100,10 +102,25 @@ impl Decider<'_, '_> {
         Ok(())
     }
 
-    /// Whether the saga still goes forward: running, with no failure, cancel or deadline.
+    /// Whether the saga still goes forward: no failure, cancel or deadline (a stuck member
+    /// does not keep the others from being sent).
     fn going_forward(&self) -> bool {
-        self.state.status == SagaStatus::Running
-            && self.state.failure.is_none()
-            && self.state.stop.is_none()
+        matches!(self.state.status, SagaStatus::Running | SagaStatus::Stuck)
+            && self.giving_up_reason().is_none()
+    }
+
+    /// Why the saga gives up going forward, if it does: the failure that started
+    /// compensation, or a cancel or deadline.
+    pub(super) fn giving_up_reason(&self) -> Option<String> {
+        match (&self.state.failure, &self.state.stop) {
+            (Some((_, why)), _) => Some(why.clone()),
+            (None, Some(stop)) => Some(stop.reason.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether `step` is a member of a group the saga gives up on: it must not go forward.
+    pub(super) fn member_given_up(&self, step: u32) -> bool {
+        self.group_of(step).is_some() && self.giving_up_reason().is_some()
     }
 }

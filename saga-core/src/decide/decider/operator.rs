@@ -2,17 +2,51 @@
 
 use uuid::Uuid;
 
-use super::Decider;
+use super::{Decider, Step};
 use crate::SagaStatus;
 use crate::decide::{OperatorAction, Verdict};
 use crate::event::{Direction, Event, FenceThen, StepAttempt};
-use crate::state::ReplayError;
+use crate::state::{Current, ReplayError};
 
 impl Decider<'_, '_> {
     /// Whether a command of `step` in `direction` was ever sent (a command step's).
     fn was_sent(&self, step: u32, direction: Direction) -> bool {
         let is_command = self.definition.steps()[step as usize].action().is_some();
         is_command && self.state.last_attempt(step, direction) > 0
+    }
+
+    /// Runs the stuck `step` again in `direction`. A command sent before is fenced first: its
+    /// last delivery may yet apply, or its key hold a recorded failure; what did not apply runs
+    /// again under a fresh key. A member of a group the saga gives up on is not run forward
+    /// again: it is fenced (if it was sent) and the group settles.
+    fn retry_stuck(&mut self, step: u32, direction: Direction) -> Step {
+        if direction == Direction::Forward
+            && let Some(group) = self.group_of(step)
+            && let Some(reason) = self.giving_up_reason()
+        {
+            if self.was_sent(step, direction) {
+                return self.start_fence(step, reason);
+            }
+            return self.pump(group);
+        }
+        if direction == Direction::Forward
+            && self.state.stop.is_some()
+            && !self.was_sent(step, direction)
+        {
+            // A cancel or deadline came while it was stuck before it ever ran: it never runs.
+            let reason = self.stop_reason();
+            return self.give_up(step, reason);
+        }
+        if self.was_sent(step, direction) && direction != Direction::Fence {
+            return self.fence(
+                step,
+                direction,
+                FenceThen::Retry,
+                "an operator's retry".to_owned(),
+            );
+        }
+        let attempt = self.next_attempt(step, direction);
+        self.dispatch(StepAttempt::new(step, direction, attempt))
     }
 
     pub(super) fn operator(
@@ -27,35 +61,30 @@ impl Decider<'_, '_> {
             why,
         };
         let event = match action {
-            OperatorAction::Retry => match self.state.stuck_at {
-                Some((step, direction)) if status == SagaStatus::Stuck => {
+            OperatorAction::Retry if status == SagaStatus::Stuck => {
+                // Every stuck point: one, or several members of a group.
+                let stuck: Vec<(u32, Direction)> = self
+                    .state
+                    .stuck
+                    .iter()
+                    .map(|(s, (d, _))| (*s, *d))
+                    .collect();
+                for (step, direction) in stuck {
                     self.emit(Event::RetryRequested {
                         request,
                         step,
                         direction,
                     })?;
-                    if self.was_sent(step, direction) && direction != Direction::Fence {
-                        // Its last delivery may yet apply, or its key hold a recorded failure:
-                        // fence it; what did not apply runs again under a fresh key.
-                        self.fence(
-                            step,
-                            direction,
-                            FenceThen::Retry,
-                            "an operator's retry".to_owned(),
-                        )?;
-                    } else {
-                        let attempt = self.next_attempt(step, direction);
-                        self.dispatch(StepAttempt::new(step, direction, attempt))?;
-                    }
-                    return Ok(Verdict::Applied);
+                    self.retry_stuck(step, direction)?;
                 }
-                _ => refuse(format!(
-                    "only a stuck saga can be retried; this one is {status}"
-                )),
-            },
+                return Ok(Verdict::Applied);
+            }
+            OperatorAction::Retry => refuse(format!(
+                "only a stuck saga can be retried; this one is {status}"
+            )),
             OperatorAction::Resolve { step, reason } => {
                 let index = self.definition.step_index(step);
-                match (index, self.state.stuck_at) {
+                match (index, self.state.stuck_at()) {
                     (None, _) => refuse(format!("the saga has no step `{step}`")),
                     (Some(i), Some((at, Direction::Compensation)))
                         if status == SagaStatus::Stuck && at as usize == i =>
@@ -107,13 +136,18 @@ impl Decider<'_, '_> {
                 } else if !self.state.paused {
                     refuse("the saga is not paused".to_owned())
                 } else {
-                    let held: Vec<_> = match status.is_active() {
-                        true => self.state.held.values().copied().collect(),
-                        false => Vec::new(),
-                    };
+                    let held: Vec<Current> = self.state.held.values().copied().collect();
                     self.emit(Event::Resumed { request })?;
                     for h in held {
-                        self.dispatch(h.at)?;
+                        // A group's members are sent even while another member is stuck; a
+                        // single step only once the saga is active.
+                        let member = self.group_of(h.at.step).is_some();
+                        // Not one that sending an earlier one settled (a member fenced when
+                        // another failed).
+                        let unchanged = self.state.current_of(h.at.step) == Some(h);
+                        if unchanged && (member || status.is_active()) {
+                            self.dispatch(h.at)?;
+                        }
                     }
                     return Ok(Verdict::Applied);
                 }

@@ -177,7 +177,7 @@ impl Decider<'_, '_> {
             .current_of(step)
             .is_some_and(|c| !c.waiting && at(c.at.direction));
         let stuck = self.state.status == SagaStatus::Stuck
-            && self.state.stuck_at.is_some_and(|(s, d)| s == step && at(d));
+            && self.state.stuck.get(&step).is_some_and(|(d, _)| at(*d));
         current || stuck
     }
 }

@@ -56,6 +56,12 @@ impl Decider<'_, '_> {
                 {
                     return stale();
                 }
+                if direction == Direction::Forward && self.member_given_up(step) {
+                    // A deadline passed while another member was stuck: no new attempt.
+                    let reason = self.giving_up_reason().unwrap_or_default();
+                    self.give_up(step, reason)?;
+                    return Ok(Verdict::Applied);
+                }
                 self.dispatch(StepAttempt::new(step, direction, attempt))?;
             }
             Timer::Timeout {
@@ -186,9 +192,7 @@ impl Decider<'_, '_> {
             return Ok(());
         };
         let reason = self.stop_reason();
-        if let Some(group) = self.group_of(c.at.step)
-            && c.at.direction == Direction::Forward
-        {
+        if let Some(group) = self.group_of(c.at.step) {
             self.wind_down(group.clone(), &reason)?;
             return self.pump(group);
         }
