@@ -99,7 +99,12 @@ async fn an_orchestrator_killed_mid_run_is_replaced() {
 async fn bad_input_is_one_line_and_a_failure() {
     let program = saga_tests::process::binary("order-saga");
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 6] = [
+    let cases: [Case<'_>; 7] = [
+        (
+            &["bench", "--sequential"],
+            &[],
+            "--sequential needs an example with a parallel group; order-saga has none",
+        ),
         (
             &["start", "--count", "x"],
             &[],
@@ -190,6 +195,24 @@ async fn the_bench_baseline_without_an_inbox_writes_every_effect() {
     // reserve, charge, ship for each completed saga; reserve, charge, refund, release for each
     // compensated one: written to PostgreSQL, none twice (nothing is redelivered here).
     assert!(stderr.contains("effects: 64 in PostgreSQL"), "{stderr}");
+}
+
+/// `travel-saga bench` runs its parallel group, and with `--sequential` the same steps one
+/// after another; each handler working 5 ms (`--work-ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_travel_bench_runs_its_group_and_the_same_steps_in_sequence() {
+    let stack = Stack::new("travel-saga").await;
+    for shape in ["", " --sequential"] {
+        let args = format!("bench --count 20 --in-flight 4 --fail-every 5 --work-ms 5{shape}");
+        let args: Vec<&str> = args.split(' ').collect();
+        let (stdout, _) = stack.run_with(&args, &[]).await;
+        let figures = bench_line(stdout.lines().last().expect("a JSON line"));
+        assert_eq!(
+            (figures["completed"].clone(), figures["compensated"].clone()),
+            (16.into(), 4.into()),
+            "{args:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
