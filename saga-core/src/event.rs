@@ -245,8 +245,9 @@ pub enum Event {
         /// Why it failed.
         reason: String,
     },
-    /// The step's condition did not hold: it did not run, has no output, and is never
-    /// compensated.
+    /// The step did not run, has no output, and is never compensated: its condition did not
+    /// hold, or it was a group member held by a pause, never sent, when the saga gave up on
+    /// the group.
     Skipped {
         /// The step's position.
         step: u32,

@@ -179,6 +179,9 @@ impl SagaState {
             Event::Skipped { step } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;
                 self.progress[i] = StepProgress::Skipped;
+                // A group member held by a pause and never sent, withdrawn.
+                self.current.remove(step);
+                self.held.remove(step);
             }
             Event::Waiting { step, .. } => {
                 let i = self.check_step(definition, *step, Direction::Forward)?;

@@ -464,7 +464,7 @@ fn settle(run: &mut Run, fence: impl Fn() -> Outcome) {
 }
 
 #[test]
-fn members_held_by_a_pause_are_fenced_not_sent_when_one_fails_on_resume() {
+fn members_held_by_a_pause_are_withdrawn_not_sent_when_one_fails_on_resume() {
     let (mut run, _) = Run::start(trip_with(Faults {
         flight_fails: true,
         ..Faults::default()
@@ -472,9 +472,19 @@ fn members_held_by_a_pause_are_fenced_not_sent_when_one_fails_on_resume() {
     pause(&mut run);
     assert!(sent(&run.ok(json!("H-1"))).is_empty(), "held while paused");
     assert_eq!(run.state.held.len(), 3);
-    // On resume the flight cannot be built: the hotel and car, never sent, are fenced instead.
+    // On resume the flight cannot be built: the hotel and car, never sent, are withdrawn
+    // (recorded as skipped), and the hold is released.
     let resumed = operator(&mut run, 901, saga_core::OperatorAction::Resume);
-    assert_eq!(sent(&resumed), [(2, X), (3, X)]);
+    assert_eq!(sent(&resumed), [(0, C)]);
+    let skipped: Vec<u32> = resumed
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Skipped { step } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped, [2, 3]);
     settle(&mut run, fenced);
     assert_eq!(run.state.status(), SagaStatus::Compensated);
     assert_eq!(count(&run, 2, F) + count(&run, 3, F), 0);
@@ -573,7 +583,7 @@ fn an_operator_retry_after_compensation_began_does_not_send_a_member_forward() {
 }
 
 #[test]
-fn a_deadline_that_passed_while_a_member_was_stuck_stops_the_other_members_retries() {
+fn a_deadline_that_passed_while_a_member_was_stuck_fences_the_other_members() {
     let (mut run, _) = Run::start(trip_with(Faults {
         hotel_panics_once: true,
         deadline: Some(Duration::from_secs(60)),
@@ -586,14 +596,15 @@ fn a_deadline_that_passed_while_a_member_was_stuck_stops_the_other_members_retri
         direction: F,
         attempt: c.at.attempt,
     }));
-    run.input(Input::Timer(Timer::Deadline));
+    let deadline = run.input(Input::Timer(Timer::Deadline));
     assert_eq!(run.state.status(), SagaStatus::Stuck);
-    // The flight's backoff ends: it is fenced, not sent again.
+    // The members still outstanding are fenced at once; the flight's backoff is over.
+    assert_eq!(sent(&deadline), [(1, X), (3, X)]);
     let due = run.input(Input::Timer(Timer::Retry {
         step: 1,
         direction: F,
         attempt: 2,
     }));
-    assert_eq!(sent(&due), [(1, X)]);
+    assert!(sent(&due).is_empty());
     assert_eq!(count(&run, 1, F), 1);
 }

@@ -38,7 +38,12 @@ impl Decider<'_, '_> {
     pub(super) fn give_up(&mut self, step: u32, reason: String) -> Step {
         let is_command = self.definition.steps()[step as usize].action().is_some();
         if is_command && self.state.doubt[step as usize] {
-            return self.start_fence(step, reason);
+            self.start_fence(step, reason.clone())?;
+            // The saga gives up on a group: its other members stop now, not at the answer.
+            if let Some(group) = self.group_of(step) {
+                self.wind_down(group, &reason)?;
+            }
+            return Ok(());
         }
         self.settle(step, reason)
     }

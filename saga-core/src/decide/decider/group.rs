@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use super::{Decider, Step};
 use crate::SagaStatus;
-use crate::event::{Direction, Event, StepAttempt};
+use crate::event::{Direction, Event, FenceThen, StepAttempt};
 use crate::state::StepProgress;
 
 impl Decider<'_, '_> {
@@ -84,7 +84,8 @@ impl Decider<'_, '_> {
     }
 
     /// No member of `group` goes on: each one still outstanding (in flight, in a backoff, or
-    /// held by a pause) is fenced, so that it settles as applied or never applies.
+    /// a retry held by a pause) is fenced, so that it settles as applied or never applies; one
+    /// held by a pause and never sent is withdrawn (recorded as skipped).
     pub(super) fn wind_down(&mut self, group: Range<u32>, reason: &str) -> Step {
         for k in group {
             if self.state.fencing_of(k).is_some() {
@@ -96,10 +97,24 @@ impl Decider<'_, '_> {
             if c.at.direction != Direction::Forward {
                 continue;
             }
+            let never_sent = self.state.last_attempt(k, Direction::Forward) == 0;
+            if never_sent && !self.state.doubt[k as usize] {
+                self.emit(Event::Skipped { step: k })?;
+                continue;
+            }
             self.drop_current_timer(k);
             self.start_fence(k, reason.to_owned())?;
         }
         Ok(())
+    }
+
+    /// The group of the members the saga works on, if it works on a group.
+    pub(super) fn current_group(&self) -> Option<Range<u32>> {
+        self.state
+            .current
+            .keys()
+            .chain(self.state.fencing.keys())
+            .find_map(|step| self.group_of(*step))
     }
 
     /// Whether the saga still goes forward: no failure, cancel or deadline (a stuck member
@@ -115,7 +130,13 @@ impl Decider<'_, '_> {
         match (&self.state.failure, &self.state.stop) {
             (Some((_, why)), _) => Some(why.clone()),
             (None, Some(stop)) => Some(stop.reason.clone()),
-            (None, None) => None,
+            // A member given up on is being fenced: compensation follows whatever it says.
+            (None, None) => self
+                .state
+                .fencing
+                .values()
+                .find(|f| f.then == FenceThen::GiveUp && self.group_of(f.step).is_some())
+                .map(|f| f.reason.clone()),
         }
     }
 

@@ -25,8 +25,9 @@ impl Decider<'_, '_> {
             && let Some(reason) = self.giving_up_reason()
         {
             if self.was_sent(step, direction) {
-                return self.start_fence(step, reason);
+                self.start_fence(step, reason.clone())?;
             }
+            self.wind_down(group.clone(), &reason)?;
             return self.pump(group);
         }
         if direction == Direction::Forward
@@ -138,6 +139,14 @@ impl Decider<'_, '_> {
                 } else {
                     let held: Vec<Current> = self.state.held.values().copied().collect();
                     self.emit(Event::Resumed { request })?;
+                    // Members held before the saga gave up on their group (a deadline while
+                    // another member was stuck) do not go forward now.
+                    if let Some(group) = self.current_group()
+                        && let Some(reason) = self.giving_up_reason()
+                    {
+                        self.wind_down(group.clone(), &reason)?;
+                        self.pump(group)?;
+                    }
                     for h in held {
                         // A group's members are sent even while another member is stuck; a
                         // single step only once the saga is active.

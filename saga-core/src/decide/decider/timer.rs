@@ -27,6 +27,11 @@ impl Decider<'_, '_> {
                 }
                 Timer::Deadline if self.state.stop.is_none() && self.past_pivot().is_none() => {
                     self.emit(Event::DeadlineExceeded)?;
+                    // A group's members still outstanding stop now.
+                    if let Some(group) = self.current_group() {
+                        let reason = self.stop_reason();
+                        self.wind_down(group, &reason)?;
+                    }
                     return Ok(Verdict::Applied);
                 }
                 _ => {}
