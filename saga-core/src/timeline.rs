@@ -72,10 +72,20 @@ pub fn describe(definition: Option<&Definition>, history: &[RecordedEvent]) -> V
             format!("{:<8} {}", step_name(step), arrow(direction))
         };
         let line = match &record.event {
-            Event::Started { business_key, .. } => match business_key {
-                Some(key) => format!("started (key {key})"),
-                None => "started".to_owned(),
-            },
+            Event::Started {
+                business_key,
+                groups,
+                ..
+            } => {
+                let mut line = match business_key {
+                    Some(key) => format!("started (key {key})"),
+                    None => "started".to_owned(),
+                };
+                for group in groups {
+                    let _ = write!(line, "; group {}: {}", group.name, group.steps.join(", "));
+                }
+                line
+            }
             Event::Dispatched {
                 step,
                 direction,

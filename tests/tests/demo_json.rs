@@ -81,3 +81,29 @@ fn every_example_prints_one_json_line_per_saga() {
         }
     }
 }
+
+/// The travel saga's text timeline names its parallel group, and its members are all sent
+/// before any answers.
+#[test]
+fn the_travel_timeline_shows_its_group_sent_together() {
+    let out = std::process::Command::new(binary("travel-saga"))
+        .args(["demo", "--count", "1"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the demo runs");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    assert!(
+        text.contains("started; group book: flight, hotel, car"),
+        "{text}"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let sent = |what: &str| lines.iter().position(|l| l.contains(what)).expect(what);
+    let first_answer = lines
+        .iter()
+        .position(|l| l.contains(">> ok"))
+        .expect("an answer");
+    for command in ["flights.book_flight", "hotels.book_hotel", "cars.rent_car"] {
+        assert!(sent(command) < first_answer, "{command} sent late: {text}");
+    }
+}
