@@ -274,8 +274,11 @@ async fn run<E: Example>(command: Command) -> anyhow::Result<()> {
             let store = Arc::new(ready_store(&pool).await?);
             let transport = broker(E::PROGRAM, "orchestrator").await?;
             ops.serve(Some(store.clone())).await?;
-            let run = Orchestrator::builder(store, Arc::new(transport))
-                .register(&E::definition())
+            let orchestrator = E::previous().iter().fold(
+                Orchestrator::builder(store, Arc::new(transport)).register(&E::definition()),
+                |builder, earlier| builder.register(earlier),
+            );
+            let run = orchestrator
                 .metrics(ops.metrics().clone())
                 .build()
                 .run(ops.shutdown());

@@ -42,6 +42,12 @@ pub trait Example: Send + Sync + 'static {
         None
     }
 
+    /// Earlier versions of the definition, still registered by the orchestrator so that the
+    /// sagas started under them end under them.
+    fn previous() -> Vec<SagaDefinition<Self::Input>> {
+        Vec::new()
+    }
+
     /// The `n`-th input of a run (from 1); `fail` makes it compensate.
     fn input(n: u64, fail: bool) -> Self::Input;
 

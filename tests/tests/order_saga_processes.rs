@@ -373,3 +373,50 @@ async fn start_shows_its_progress_on_a_terminal_and_nothing_when_piped() {
     assert!(shown.trim_end().ends_with("started 300"), "{shown:?}");
     stack.shutdown().await;
 }
+
+/// A trip started under `travel` v1 (its steps one after another), as before the parallel
+/// group, still ends under v1 once the orchestrator runs v2; a new trip runs v2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trips_started_under_the_version_before_the_group_end_under_it() {
+    use saga_examples::Example as _;
+    use saga_examples::travel::TravelSaga;
+
+    let mut stack = Stack::new("travel-saga").await;
+    stack.run(&["migrate"]).await;
+    stack.spawn(&["orchestrator"]);
+    for service in ["flights", "hotels", "cars", "booking"] {
+        stack.spawn(&["service", service]);
+    }
+    let store = saga_core::PgStore::builder(stack.pool.clone())
+        .build()
+        .unwrap();
+    let client = saga_core::Client::new(std::sync::Arc::new(store));
+    let v1 = TravelSaga::previous().remove(0);
+    assert_eq!((v1.name(), v1.version()), ("travel", 1));
+    let old = client
+        .start(&v1, &TravelSaga::input(1, false))
+        .await
+        .unwrap();
+    let new = client
+        .start(&TravelSaga::definition(), &TravelSaga::input(2, false))
+        .await
+        .unwrap();
+    for (started, version) in [(old, 1), (new, 2)] {
+        let outcome = client
+            .outcome(started.saga_id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome.status,
+            saga_core::SagaStatus::Completed,
+            "v{version}"
+        );
+    }
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM saga.instances ORDER BY version")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2]);
+    stack.shutdown().await;
+}
