@@ -101,6 +101,31 @@ fn bad_messages(stack: &Stack) -> Vec<Envelope> {
     ]
 }
 
+/// Kills a random one of `roles` (its arguments and PID) every 250 ms with SIGKILL and starts
+/// it again, `max_kills` times or until 95% of `sagas` finished; at least 4 kills, so the
+/// faults surely came mid-run. Returns how many.
+async fn kill_at_random(
+    stack: &mut Stack,
+    roles: &mut [(Vec<&str>, u32)],
+    seed: u64,
+    max_kills: i64,
+    sagas: i64,
+) -> i64 {
+    let mut rng = Lcg(seed);
+    let mut kills = 0;
+    while kills < max_kills && finished(stack).await < sagas * 95 / 100 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let i = rng.next(roles.len());
+        let (args, pid) = roles[i].clone();
+        stack.signal(pid, "KILL");
+        assert!(!stack.wait_exit(pid, Duration::from_secs(10)).await);
+        roles[i].1 = stack.spawn(&args);
+        kills += 1;
+    }
+    assert!(kills >= 4, "faults were injected mid-run ({kills} kills)");
+    kills
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
     let sagas = soak_sagas();
@@ -135,18 +160,7 @@ async fn kills_and_bad_messages_lose_nothing_and_double_nothing() {
     }
 
     // SIGKILL a random process every 250 ms, and start it again, 16 times.
-    let mut rng = Lcg(0x5eed);
-    let mut kills = 0;
-    while kills < max_kills && finished(&stack).await < sagas * 95 / 100 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let i = rng.next(roles.len());
-        let (args, pid) = roles[i].clone();
-        stack.signal(pid, "KILL");
-        assert!(!stack.wait_exit(pid, Duration::from_secs(10)).await);
-        roles[i].1 = stack.spawn(&args);
-        kills += 1;
-    }
-    assert!(kills >= 4, "faults were injected mid-run ({kills} kills)");
+    let kills = kill_at_random(&mut stack, &mut roles, 0x5eed, max_kills, sagas).await;
     assert!(
         stack.wait_exit(starter, Duration::from_secs(120)).await,
         "all 1000 sagas were started"
@@ -212,18 +226,7 @@ async fn kills_during_parallel_groups_lose_nothing_and_double_nothing() {
     }
     let count = sagas.to_string();
     let starter = stack.spawn(&["start", "--count", &count, "--fail-every", "10"]);
-    let mut rng = Lcg(0x7a1e);
-    let mut kills = 0;
-    while kills < 10 && finished(&stack).await < sagas * 95 / 100 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let i = rng.next(roles.len());
-        let (args, pid) = roles[i].clone();
-        stack.signal(pid, "KILL");
-        assert!(!stack.wait_exit(pid, Duration::from_secs(10)).await);
-        roles[i].1 = stack.spawn(&args);
-        kills += 1;
-    }
-    assert!(kills >= 4, "faults were injected mid-run ({kills} kills)");
+    kill_at_random(&mut stack, &mut roles, 0x7a1e, 10, sagas).await;
     assert!(
         stack.wait_exit(starter, Duration::from_secs(120)).await,
         "all trips were started"

@@ -69,8 +69,7 @@ where
         name: impl Into<String>,
         configure: impl FnOnce(StepBuilder<I>) -> S,
     ) -> Self {
-        self.steps
-            .push(configure(StepBuilder::new(name.into())).into());
+        self.steps.push(StepBuilder::configured(name, configure));
         self
     }
 
@@ -244,7 +243,15 @@ impl<I> StepBuilder<I>
 where
     I: Serialize + DeserializeOwned + 'static,
 {
-    pub(super) fn new(name: String) -> Self {
+    /// The step named `name`, as `configure` leaves it.
+    pub(super) fn configured<S: Into<StepBuilder<I>>>(
+        name: impl Into<String>,
+        configure: impl FnOnce(StepBuilder<I>) -> S,
+    ) -> Self {
+        configure(Self::new(name.into())).into()
+    }
+
+    fn new(name: String) -> Self {
         Self {
             name,
             kind: StepKind::Compensatable,

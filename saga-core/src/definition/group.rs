@@ -56,8 +56,7 @@ where
         name: impl Into<String>,
         configure: impl FnOnce(StepBuilder<I>) -> S,
     ) -> Self {
-        self.steps
-            .push(configure(StepBuilder::new(name.into())).into());
+        self.steps.push(StepBuilder::configured(name, configure));
         self
     }
 }

@@ -32,14 +32,7 @@ fn trip() -> SagaDefinition<Value> {
 
 /// [`trip`], with `faults`.
 fn trip_with(faults: Faults) -> SagaDefinition<Value> {
-    let retry = RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        multiplier: 2.0,
-        jitter: 0.0,
-        max_elapsed: None,
-    };
+    let retry = super::support::retry();
     let member = |service: &'static str, retry: RetryPolicy| {
         move |s: saga_core::StepBuilder<Value>| {
             s.action(service, "book", |_| Ok(json!({})))
@@ -340,21 +333,10 @@ fn run_in_order(
         run.input(Input::Reply(reply));
     }
     // What is left: fences (answered from what the member did), compensations, confirm.
-    while run.state.status().is_active() {
-        let (step, c) = run
-            .state
-            .current
-            .iter()
-            .next()
-            .map(|(s, c)| (*s, *c))
-            .unwrap();
-        let outcome = match c.at.direction {
-            X if outcomes[step as usize - 1] => ok("done"),
-            X => fenced(),
-            _ => ok("done"),
-        };
-        run.answer(step, outcome);
-    }
+    settle(&mut run, |step| match outcomes[step as usize - 1] {
+        true => ok("done"),
+        false => fenced(),
+    });
     let undone = run
         .dispatched()
         .iter()
@@ -444,9 +426,9 @@ fn operator(run: &mut Run, n: u128, action: saga_core::OperatorAction) -> Decisi
     }))
 }
 
-/// Answers whatever is outstanding with `outcome` for fences and success otherwise, until the
-/// saga ends.
-fn settle(run: &mut Run, fence: impl Fn() -> Outcome) {
+/// Answers whatever is outstanding until the saga ends: a fence of a step with `fence(step)`,
+/// anything else with a success.
+fn settle(run: &mut Run, fence: impl Fn(u32) -> Outcome) {
     while run.state.status().is_active() {
         let (step, c) = run
             .state
@@ -456,7 +438,7 @@ fn settle(run: &mut Run, fence: impl Fn() -> Outcome) {
             .map(|(s, c)| (*s, *c))
             .unwrap();
         let outcome = match c.at.direction {
-            X => fence(),
+            X => fence(step),
             _ => ok("done"),
         };
         run.answer(step, outcome);
@@ -485,7 +467,7 @@ fn members_held_by_a_pause_are_withdrawn_not_sent_when_one_fails_on_resume() {
         })
         .collect();
     assert_eq!(skipped, [2, 3]);
-    settle(&mut run, fenced);
+    settle(&mut run, |_| fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensated);
     assert_eq!(count(&run, 2, F) + count(&run, 3, F), 0);
     assert_eq!(
@@ -556,7 +538,7 @@ fn two_members_whose_fences_give_up_are_both_retried_by_the_operator() {
     assert_eq!(sent(&retried), [(1, X), (2, X)]);
     run.answer(1, fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensating);
-    settle(&mut run, fenced);
+    settle(&mut run, |_| fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensated);
 }
 
@@ -577,7 +559,7 @@ fn an_operator_retry_after_compensation_began_does_not_send_a_member_forward() {
     assert_eq!(run.state.status(), SagaStatus::Stuck);
     let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
     assert_eq!(sent(&retried), [(3, C)]);
-    settle(&mut run, fenced);
+    settle(&mut run, |_| fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensated);
     assert_eq!(count(&run, 2, F), 0, "the hotel never went out");
 }

@@ -27,14 +27,7 @@ pub fn order_with(deadline: Option<Duration>) -> SagaDefinition<Value> {
     if let Some(deadline) = deadline {
         builder = builder.deadline(deadline);
     }
-    let retry = RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        multiplier: 2.0,
-        jitter: 0.0,
-        max_elapsed: None,
-    };
+    let retry = retry();
     builder
         .step("reserve", |s| {
             s.action("inventory", "reserve", |ctx| Ok(ctx.input()["sku"].clone()))
@@ -61,6 +54,18 @@ pub fn order_with(deadline: Option<Duration>) -> SagaDefinition<Value> {
         })
         .build()
         .unwrap()
+}
+
+/// 3 attempts, 100 ms backoff doubling to 1 s, no jitter.
+pub fn retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_elapsed: None,
+    }
 }
 
 /// A saga driven input by input, keeping its whole log.
