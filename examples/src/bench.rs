@@ -260,6 +260,8 @@ where
     }
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel();
     let def = args.definition::<E>();
+    let (name, version, work) = (def.name(), def.version(), args.work.as_millis());
+    eprintln!("definition: {name} v{version}, work {work} ms a command");
     let orchestrator = Orchestrator::builder(store.clone(), Arc::new(connect().await?))
         .register(&def)
         .config(OrchestratorConfig {

@@ -171,8 +171,8 @@ impl ReplayError {
     /// The log holds more or fewer events than the saga's row counts (events deleted or
     /// written around the store).
     pub const MISCOUNTED: &'static str = "SAGA-R005";
-    /// The log names other steps than the definition (a step renamed, added, removed or
-    /// moved without a new version).
+    /// The log names other steps or parallel groups than the definition (a step renamed,
+    /// added, removed, moved or grouped differently without a new version).
     pub const RENAMED: &'static str = "SAGA-R006";
 
     fn new(def: &Definition, code: &'static str, message: String) -> Self {

@@ -1,6 +1,7 @@
 //! The fault suite (CI-sized): `order-saga` (and `travel-saga`, whose parallel group books
-//! three things at once) as processes on the real services while processes are killed, database sessions are terminated, the saga tables are locked, the broker raises a
-//! memory alarm, and bad messages are injected. Invariants are checked in SQL afterwards.
+//! three things at once) as processes on the real services while processes are killed,
+//! database sessions are terminated, the saga tables are locked, the broker raises a memory
+//! alarm, and bad messages are injected. Invariants are checked in SQL afterwards.
 //!
 //! These tests disturb shared services; nextest runs each alone (`.config/nextest.toml`).
 

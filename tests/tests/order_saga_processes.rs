@@ -197,15 +197,17 @@ async fn the_bench_baseline_without_an_inbox_writes_every_effect() {
     assert!(stderr.contains("effects: 64 in PostgreSQL"), "{stderr}");
 }
 
-/// `travel-saga bench` runs its parallel group, and with `--sequential` the same steps one
-/// after another; each handler working 5 ms (`--work-ms`).
+/// `travel-saga bench` runs its parallel group (`travel` v2), and with `--sequential` the same
+/// steps one after another (`travel` v1); each handler working 5 ms (`--work-ms`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_travel_bench_runs_its_group_and_the_same_steps_in_sequence() {
     let stack = Stack::new("travel-saga").await;
-    for shape in ["", " --sequential"] {
+    for (shape, version) in [("", 2), (" --sequential", 1)] {
         let args = format!("bench --count 20 --in-flight 4 --fail-every 5 --work-ms 5{shape}");
         let args: Vec<&str> = args.split(' ').collect();
-        let (stdout, _) = stack.run_with(&args, &[]).await;
+        let (stdout, stderr) = stack.run_with(&args, &[]).await;
+        let ran = format!("definition: travel v{version}, work 5 ms a command");
+        assert!(stderr.contains(&ran), "{args:?}: {stderr}");
         let figures = bench_line(stdout.lines().last().expect("a JSON line"));
         assert_eq!(
             (figures["completed"].clone(), figures["compensated"].clone()),
@@ -374,8 +376,8 @@ async fn start_shows_its_progress_on_a_terminal_and_nothing_when_piped() {
     stack.shutdown().await;
 }
 
-/// A trip started under `travel` v1 (its steps one after another), as before the parallel
-/// group, still ends under v1 once the orchestrator runs v2; a new trip runs v2.
+/// A trip started under `travel` v1 (its steps one after another) before the orchestrator
+/// that runs v2 starts still ends under v1; a new trip runs v2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trips_started_under_the_version_before_the_group_end_under_it() {
     use saga_examples::Example as _;
@@ -383,10 +385,6 @@ async fn trips_started_under_the_version_before_the_group_end_under_it() {
 
     let mut stack = Stack::new("travel-saga").await;
     stack.run(&["migrate"]).await;
-    stack.spawn(&["orchestrator"]);
-    for service in ["flights", "hotels", "cars", "booking"] {
-        stack.spawn(&["service", service]);
-    }
     let store = saga_core::PgStore::builder(stack.pool.clone())
         .build()
         .unwrap();
@@ -397,6 +395,10 @@ async fn trips_started_under_the_version_before_the_group_end_under_it() {
         .start(&v1, &TravelSaga::input(1, false))
         .await
         .unwrap();
+    stack.spawn(&["orchestrator"]);
+    for service in ["flights", "hotels", "cars", "booking"] {
+        stack.spawn(&["service", service]);
+    }
     let new = client
         .start(&TravelSaga::definition(), &TravelSaga::input(2, false))
         .await

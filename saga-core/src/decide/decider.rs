@@ -7,6 +7,8 @@ mod operator;
 mod reply;
 mod timer;
 
+use timer::humantime;
+
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -208,10 +210,11 @@ impl Decider<'_, '_> {
         let payload = if direction == Direction::Fence {
             Value::Null
         } else {
+            let outputs = self.outputs_for(step, direction);
             let ctx = RawContext {
                 definition: self.definition,
                 input: &self.state.input,
-                outputs: &self.state.outputs,
+                outputs: &outputs,
             };
             match catch(|| action.build_input(&ctx)) {
                 Err(panic) => {
@@ -487,14 +490,4 @@ fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 fn unit_draw(id: Uuid) -> f64 {
     let bits = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
     (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A duration for people: `90s`, `25m`, `3h`.
-fn humantime(d: std::time::Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        0..120 => format!("{secs}s"),
-        120..7200 => format!("{}m", secs / 60),
-        _ => format!("{}h", secs / 3600),
-    }
 }

@@ -181,7 +181,7 @@ fn a_fenced_member_that_applied_is_compensated_in_reverse_declaration_order() {
     let (mut run, _) = Run::in_group();
     let failed = run.answer(3, declined());
     assert_eq!(sent(&failed), [(1, X), (2, X)]);
-    // Both had applied: the fences say so, in any order; a member's own late success
+    // Both had applied: the fences say so (the hotel's first); a member's own late success
     // afterwards changes nothing.
     assert!(sent(&run.answer(2, ok("H-1"))).is_empty());
     let flight_first = run
@@ -261,9 +261,10 @@ fn a_cancel_during_a_group_fences_every_member_in_flight_then_compensates() {
     assert_eq!(undone, [3, 1, 0]);
 }
 
-/// Every order of the members' results (all three applied, the car then declined by its
-/// service on a second look, each result delivered once and one of them twice) ends the same:
-/// the same status, the same compensations, the same log after the group.
+/// Every order of the members' results (fixed up front: all three applied, the hotel declined,
+/// or the flight and hotel declined; each delivered once, one of them twice) ends the same:
+/// the same status, the same compensations, the same events from the first compensation (or
+/// the confirm) on.
 #[test]
 fn any_order_of_the_members_results_ends_the_same() {
     let orders = [
@@ -312,7 +313,7 @@ fn run_in_order(
     outcomes: [bool; 3],
     order: [u32; 3],
     twice: Option<u32>,
-) -> (SagaStatus, Vec<u32>, usize) {
+) -> (SagaStatus, Vec<u32>, Vec<&'static str>) {
     let (mut run, entered) = Run::in_group();
     let mut first: Vec<Reply> = commands(&entered)
         .iter()
@@ -343,16 +344,17 @@ fn run_in_order(
         .filter(|d| d.1 == C)
         .map(|d| d.0)
         .collect();
-    let after_group = run
+    let from = run
         .events
         .iter()
-        .filter(|e| {
+        .position(|e| {
             matches!(
                 e,
-                Event::Dispatched { step: 4, .. } | Event::Completed | Event::Compensated
+                Event::Dispatched { step: 4, .. } | Event::Dispatched { direction: C, .. }
             )
         })
-        .count();
+        .unwrap();
+    let after_group = run.events[from..].iter().map(Event::kind).collect();
     (run.state.status(), undone, after_group)
 }
 
@@ -379,6 +381,29 @@ fn a_group_may_not_hold_a_pivot_a_wait_or_a_single_step() {
     assert!(wait.to_string().contains("member `b` waits"), "{wait}");
     let single = build(|g| g.step("a", |s| s.action("x", "a", |_| Ok(1))));
     assert!(single.to_string().contains("two or more"), "{single}");
+    let retriable = SagaDefinition::<Value>::builder("g", 1)
+        .step("ship", |s| s.pivot().action("x", "ship", |_| Ok(1)))
+        .parallel("notify", |g| {
+            g.step("mail", |s| s.retriable().action("x", "mail", |_| Ok(1)))
+                .step("sms", |s| s.retriable().action("x", "sms", |_| Ok(1)))
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        retriable.to_string().contains("member `mail` is retriable"),
+        "{retriable}"
+    );
+    let nameless = SagaDefinition::<Value>::builder("g", 1)
+        .parallel(" ", |g| {
+            g.step("a", |s| s.action("x", "a", |_| Ok(1)))
+                .step("b", |s| s.action("x", "b", |_| Ok(1)))
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        nameless.to_string().contains("its name is empty"),
+        "{nameless}"
+    );
     let clash = build(|g| {
         g.step("book", |s| s.action("x", "a", |_| Ok(1)))
             .step("b", |s| s.action("x", "b", |_| Ok(1)))
@@ -402,7 +427,7 @@ fn a_log_started_with_other_groups_does_not_replay() {
     assert!(err.message.contains("parallel groups"), "{err}");
 }
 
-/// The events of kind `kind` about `step` in `direction` in a decision.
+/// How many commands of `step` in `direction` the saga sent in its whole run.
 fn count(run: &Run, step: u32, direction: Direction) -> usize {
     run.dispatched()
         .iter()
@@ -534,9 +559,19 @@ fn two_members_whose_fences_give_up_are_both_retried_by_the_operator() {
         run.state.stuck
     );
     // A late answer about one does not revive the saga while the other is stuck.
+    let flight_fence = run
+        .state
+        .sent
+        .iter()
+        .find(|(_, s)| s.at == saga_core::StepAttempt::new(1, X, 3))
+        .map(|(id, _)| *id)
+        .unwrap();
+    run.late(flight_fence, fenced());
+    assert_eq!(run.state.status(), SagaStatus::Stuck);
+    assert_eq!(run.state.stuck_at(), Some((2, X)));
     let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
-    assert_eq!(sent(&retried), [(1, X), (2, X)]);
-    run.answer(1, fenced());
+    assert_eq!(sent(&retried), [(2, X)]);
+    run.answer(2, fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensating);
     settle(&mut run, |_| fenced());
     assert_eq!(run.state.status(), SagaStatus::Compensated);
@@ -589,4 +624,61 @@ fn a_deadline_that_passed_while_a_member_was_stuck_fences_the_other_members() {
     }));
     assert!(sent(&due).is_empty());
     assert_eq!(count(&run, 1, F), 1);
+}
+
+/// A member's code never sees a sibling's output, even once the sibling succeeded (on a
+/// retry): what it builds does not depend on the order the members answer in. A later step
+/// and a compensation see every member's output.
+#[test]
+fn a_member_never_reads_a_siblings_output() {
+    let def = SagaDefinition::<Value>::builder("order", 1)
+        .parallel("book", |g| {
+            g.step("flight", |s| {
+                s.action("flights", "book", |_| Ok(json!("F")))
+                    .compensation("flights", "cancel", |ctx| {
+                        Ok(json!(ctx.try_output::<Value>("hotel")?))
+                    })
+            })
+            .step("hotel", |s| {
+                s.action("hotels", "book", |ctx| {
+                    Ok(json!(ctx.try_output::<Value>("flight")?))
+                })
+                .retry(super::support::retry())
+            })
+        })
+        .step("pay", |s| {
+            s.action("payment", "pay", |ctx| {
+                Ok(json!(ctx.try_output::<Value>("hotel")?))
+            })
+        })
+        .build()
+        .unwrap();
+    let (mut run, entered) = Run::start(def);
+    assert_eq!(commands(&entered)[1].payload, Value::Null);
+    run.answer(0, ok("F-1"));
+    run.answer(
+        1,
+        Outcome::Failure {
+            error: "busy".into(),
+            retryable: true,
+        },
+    );
+    let retried = run.input(Input::Timer(Timer::Retry {
+        step: 1,
+        direction: F,
+        attempt: 2,
+    }));
+    assert_eq!(
+        commands(&retried)[0].payload,
+        Value::Null,
+        "not the flight's output"
+    );
+    let pay = run.answer(1, ok("H-1"));
+    assert_eq!(commands(&pay)[0].payload, json!("H-1"));
+    let undo = run.answer(2, declined());
+    assert_eq!(
+        commands(&undo)[0].payload,
+        json!("H-1"),
+        "the flight's cancel reads the hotel"
+    );
 }

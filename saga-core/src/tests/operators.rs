@@ -261,7 +261,7 @@ fn a_late_unfenceable_answer_revives_a_stuck_saga() {
 /// A deadline that passes while the saga is stuck is recorded: an operator's retry does not
 /// run the step that never ran, the saga stops and compensates.
 #[test]
-fn a_deadline_passing_while_stuck_stops_the_saga_once_it_runs() {
+fn a_deadline_passing_while_stuck_stops_the_saga_without_running_the_step() {
     static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let def = saga_core::SagaDefinition::<serde_json::Value>::builder("order", 1)
         .deadline(std::time::Duration::from_secs(3600))

@@ -20,10 +20,11 @@ impl Decider<'_, '_> {
         if self.state.progress[step as usize] != StepProgress::Pending {
             return Ok(false);
         }
+        let outputs = self.outputs_for(step, Direction::Forward);
         let ctx = RawContext {
             definition: self.definition,
             input: &self.state.input,
-            outputs: &self.state.outputs,
+            outputs: &outputs,
         };
         let done: Step = match catch(|| (condition.0)(&ctx)) {
             Ok(Ok(true)) => return Ok(false),

@@ -6,7 +6,10 @@
 //! any order of their results gives the same outcome, and calling [`Decider::pump`] again
 //! does nothing new.
 
+use std::borrow::Cow;
 use std::ops::Range;
+
+use serde_json::Value;
 
 use super::{Decider, Step};
 use crate::SagaStatus;
@@ -18,6 +21,22 @@ impl Decider<'_, '_> {
     pub(super) fn group_of(&self, step: u32) -> Option<Range<u32>> {
         let group = self.definition.group_of(step as usize)?;
         Some(group.first as u32..(group.first + group.len) as u32)
+    }
+
+    /// The outputs `step`'s code sees in `direction`: a member going forward sees those of the
+    /// steps before its group, never its siblings' (which may or may not have arrived); a
+    /// compensation sees every output.
+    pub(super) fn outputs_for(&self, step: u32, direction: Direction) -> Cow<'_, [Option<Value>]> {
+        match self.group_of(step) {
+            Some(group) if direction == Direction::Forward => {
+                let mut outputs = self.state.outputs.clone();
+                for k in group {
+                    outputs[k as usize] = None;
+                }
+                Cow::Owned(outputs)
+            }
+            _ => Cow::Borrowed(&self.state.outputs),
+        }
     }
 
     /// Goes forward to `step`: dispatches it, or every member of the group it starts.

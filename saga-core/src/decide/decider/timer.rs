@@ -224,3 +224,13 @@ impl Decider<'_, '_> {
         self.give_up(c.at.step, reason)
     }
 }
+
+/// A duration for people: `90s`, `25m`, `3h`.
+pub(super) fn humantime(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    }
+}
