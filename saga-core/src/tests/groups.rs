@@ -21,6 +21,8 @@ struct Faults {
     flight_fails: bool,
     /// The hotel's input builder panics the first time it runs.
     hotel_panics_once: bool,
+    /// The hotel's input builder panics the second time it runs (its first retry).
+    hotel_panics_on_retry: bool,
     /// The saga's deadline.
     deadline: Option<Duration>,
 }
@@ -42,13 +44,13 @@ fn trip_with(faults: Faults) -> SagaDefinition<Value> {
                 .timeout(Duration::from_secs(5))
         }
     };
-    let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let flight_fails = faults.flight_fails;
     let mut builder = SagaDefinition::<Value>::builder("order", 1);
     if let Some(deadline) = faults.deadline {
         builder = builder.deadline(deadline);
     }
-    let hotel_panics = faults.hotel_panics_once;
+    let (panics_once, panics_on_retry) = (faults.hotel_panics_once, faults.hotel_panics_on_retry);
     builder
         .step("hold", |s| {
             s.action("wallet", "hold", |_| Ok(json!({})))
@@ -65,7 +67,8 @@ fn trip_with(faults: Faults) -> SagaDefinition<Value> {
             })
             .step("hotel", |s| {
                 member("hotels", retry.clone())(s).action("hotels", "book", move |_| {
-                    if hotel_panics && !panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    if (panics_once && call == 1) || (panics_on_retry && call == 2) {
                         panic!("the hotel's builder broke");
                     }
                     Ok(json!({}))
@@ -681,4 +684,56 @@ fn a_member_never_reads_a_siblings_output() {
         json!("H-1"),
         "the flight's cancel reads the hotel"
     );
+}
+
+/// A member an operator's retry fences gives up with the others once another member is given
+/// up on; the compensation says why (the other member), not "an operator's retry".
+#[test]
+fn compensation_started_by_a_retried_member_says_why_the_saga_gave_up() {
+    let (mut run, _) = Run::start(trip_with(Faults {
+        hotel_panics_on_retry: true,
+        ..Faults::default()
+    }));
+    run.ok(json!("H-1"));
+    run.answer(1, ok("F-1"));
+    run.input(Input::Timer(Timer::Timeout {
+        step: 2,
+        direction: F,
+        attempt: 1,
+    }));
+    run.input(Input::Timer(Timer::Retry {
+        step: 2,
+        direction: F,
+        attempt: 2,
+    }));
+    assert_eq!(run.state.stuck_at(), Some((2, F)));
+    let retried = operator(&mut run, 902, saga_core::OperatorAction::Retry);
+    assert_eq!(
+        sent(&retried),
+        [(2, X)],
+        "the hotel's command is fenced first"
+    );
+    for attempt in 1..=3 {
+        run.input(Input::Timer(Timer::Timeout {
+            step: 3,
+            direction: F,
+            attempt,
+        }));
+        if attempt < 3 {
+            run.input(Input::Timer(Timer::Retry {
+                step: 3,
+                direction: F,
+                attempt: attempt + 1,
+            }));
+        }
+    }
+    assert!(
+        run.state.fencing.contains_key(&3),
+        "the car is given up on and fenced"
+    );
+    run.answer(2, fenced());
+    let reason = run.state.failure().unwrap_or_default().to_owned();
+    assert!(reason.contains("`car`"), "{reason}");
+    settle(&mut run, |_| fenced());
+    assert_eq!(run.state.status(), SagaStatus::Compensated);
 }

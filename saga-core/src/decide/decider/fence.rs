@@ -122,14 +122,16 @@ impl Decider<'_, '_> {
         let pivot = self.definition.steps()[step as usize].kind == StepKind::Pivot;
         // A cancel or a deadline that came during an operator's retry of an action: the saga
         // stops rather than run it again.
-        let then = match fencing.then {
+        let (then, reason) = match fencing.then {
             FenceThen::Retry
                 if (self.state.stop.is_some() || self.member_given_up(step))
                     && fencing.target == Direction::Forward =>
             {
-                FenceThen::GiveUp
+                // Compensation, if it starts here, says why the saga gave up, not "a retry".
+                let why = self.giving_up_reason().unwrap_or(fencing.reason.clone());
+                (FenceThen::GiveUp, why)
             }
-            then => then,
+            then => (then, fencing.reason.clone()),
         };
         match (then, answer) {
             (FenceThen::GiveUp, Answer::Unfenceable(detail)) if pivot => {
@@ -148,7 +150,7 @@ impl Decider<'_, '_> {
             (FenceThen::GiveUp, Answer::Applied(_)) if pivot && self.state.stop.is_none() => {
                 self.after_success(step, Direction::Forward)
             }
-            (FenceThen::GiveUp, _) => self.settle(step, fencing.reason),
+            (FenceThen::GiveUp, _) => self.settle(step, reason),
             (FenceThen::Retry, Answer::Applied(_)) => self.after_success(step, fencing.target),
             (FenceThen::Retry, _) => {
                 let attempt = self.next_attempt(step, fencing.target);
