@@ -156,3 +156,34 @@ fn names_and_reasons_from_the_log_are_escaped_in_the_picture() {
     assert!(svg.contains("&lt;b&gt;charge&lt;/b&gt;"), "{svg}");
     assert!(svg.contains(r#"class="bar failed""#), "{svg}");
 }
+
+/// A parallel group's members run side by side: one bar each, over the same time, each ending
+/// when its own answer came.
+#[test]
+fn a_groups_members_are_bars_side_by_side() {
+    let ok = |step: u32| json!({"type": "succeeded", "step": step, "direction": "forward", "attempt": 1, "output": 1});
+    let history = log(&[
+        (
+            0,
+            json!({"type": "started", "saga": "travel", "version": 2, "input": {}, "business_key": null,
+                   "steps": ["flight", "hotel", "car"],
+                   "groups": [{"name": "book", "steps": ["flight", "hotel", "car"]}]}),
+        ),
+        (1, dispatched(0, "forward", 1)),
+        (1, dispatched(1, "forward", 1)),
+        (1, dispatched(2, "forward", 1)),
+        (10, ok(2)),
+        (20, ok(0)),
+        (30, ok(1)),
+    ]);
+    let bars = bars(&history);
+    let spans: Vec<(u32, i64, i64)> = bars
+        .iter()
+        .map(|b| {
+            let ms = |t: DateTime<Utc>| (t - history[0].at).num_milliseconds();
+            (b.step, ms(b.from), ms(b.to.expect("ended")))
+        })
+        .collect();
+    assert_eq!(spans, [(0, 1, 20), (1, 1, 30), (2, 1, 10)]);
+    assert!(bars.iter().all(|b| matches!(b.outcome, Outcome::Ok)));
+}
