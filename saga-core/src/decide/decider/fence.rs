@@ -85,7 +85,7 @@ impl Decider<'_, '_> {
 
     /// Records a fence's definitive answer (from any of its attempts), then goes on.
     pub(super) fn after_fence(&mut self, step: u32, attempt: u32, answer: Answer) -> Step {
-        let Some(fencing) = self.fencing_of(step) else {
+        let Some(fencing) = self.state.fencing_of(step).cloned() else {
             return Ok(());
         };
         self.emit(match &answer {
@@ -109,11 +109,6 @@ impl Decider<'_, '_> {
             },
         })?;
         self.go_on(step, fencing, &answer)
-    }
-
-    /// The fence running on `step`, if any.
-    pub(super) fn fencing_of(&self, step: u32) -> Option<Fencing> {
-        self.state.fencing_of(step).cloned()
     }
 
     /// `fencing` is settled (by its answer, or by a late answer of the command it fenced,

@@ -116,8 +116,8 @@ impl Decider<'_, '_> {
             if c.at.direction != Direction::Forward {
                 continue;
             }
-            let never_sent = self.state.last_attempt(k, Direction::Forward) == 0;
-            if never_sent && !self.state.doubt[k as usize] {
+            // Held before it was ever sent: nothing of it can apply.
+            if self.state.last_attempt(k, Direction::Forward) == 0 {
                 self.emit(Event::Skipped { step: k })?;
                 continue;
             }

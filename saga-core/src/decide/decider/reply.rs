@@ -108,7 +108,9 @@ impl Decider<'_, '_> {
             return Ok(stale);
         }
         let fencing = self
+            .state
             .fencing_of(step)
+            .cloned()
             .filter(|f| reply.direction == Direction::Fence || f.target == reply.direction);
         // Only the fence running now answers for itself (not an earlier fence of the step,
         // perhaps of its other command), and "not applied" holds only for the key it fences
@@ -166,7 +168,7 @@ impl Decider<'_, '_> {
     /// Whether the saga still waits to learn how `step` went in `direction`: it works on it
     /// (another attempt, a backoff, a fence of that command), or is stuck there.
     fn working_on(&self, step: u32, direction: Direction) -> bool {
-        let fenced = self.fencing_of(step).map(|f| f.target);
+        let fenced = self.state.fencing_of(step).map(|f| f.target);
         let at = |d: Direction| {
             d == direction
                 || (d == Direction::Fence && fenced == Some(direction))
